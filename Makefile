@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make run` (the whole portal) and `make test` (the whole suite).
+# Both create .venv/ and install the pinned requirements.lock the first time; a stamp file makes
+# later runs skip installation until requirements.lock or pyproject.toml change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 5000
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lock migrate clean-instance
+
+help:
+	@echo "make run [PORT=5000]   start Redis, the Celery worker and the web server (Ctrl-C stops all)"
+	@echo "make test              run the whole test suite"
+	@echo "make test-fast         the suite without the end-to-end tests"
+	@echo "make lock              re-pin requirements.lock from what is installed in .venv"
+	@echo "make migrate           apply database migrations to instance/portal.db (or DATABASE_URL)"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...).")'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.lock pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.lock
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) scripts/run_portal.py --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+migrate: $(STAMP)
+	$(VENV)/bin/flask --app webapp db upgrade
+
+# Pins exactly what is installed (pip, and the editable project itself, left out).
+lock:
+	@echo "# Pinned by 'make lock' (pip freeze of .venv; Linux x86_64, Python 3.11). Install: make install" > requirements.lock
+	$(PY) -m pip freeze --all --exclude-editable --disable-pip-version-check | grep -v -E '^(pip|dermportal)==' >> requirements.lock
+
+clean-instance:
+	rm -rf instance/

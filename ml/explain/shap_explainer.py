@@ -1,0 +1,218 @@
+"""SHAP attributions with shap's Partition explainer and a blurring Image masker.
+
+The Partition explainer estimates Owen values over a hierarchy of axis-aligned image regions:
+hidden regions are replaced by a blurred copy of the image (`shap.maskers.Image("blur(kx,ky)")`,
+which calls OpenCV), and the model is evaluated on batches of such masked images. The cost is
+`max_evals` model evaluations per image, so the model function is a compiled `tf.function` with a
+fixed input signature, fed batches of `batch_size` images at the model's input size.
+
+Typical use::
+
+    f = probability_function(model, temperature=1.3)
+    result = shap_values(f, image_at_input_size, top_k=3, max_evals=500)
+    results = explain_shap(predictor, [uint8_rgb_image])      # maps at the original size
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, NamedTuple, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ml.explain.gradcam import _head_logits, _softmax_head, class_indices_from_names, resize_map
+
+# model -> {temperature: compiled function}, so a long-lived worker traces each model once.
+_FUNCTION_CACHE: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+class ShapExplanation(NamedTuple):
+    """SHAP values of one image for a few classes.
+
+    Attributes:
+        class_indices: (k,) int, the explained classes, most probable first (or as requested).
+        values: (k, H, W) float32, per-pixel SHAP values (summed over the colour channels).
+        base_values: (k,) float32, the model's output on the fully blurred image.
+        probs: (C,) float32, the (calibrated) probabilities on the unmasked image.
+    """
+
+    class_indices: np.ndarray
+    values: np.ndarray
+    base_values: np.ndarray
+    probs: np.ndarray
+
+
+def probability_function(model: keras.Model, temperature: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled `images -> calibrated probabilities` function for shap.
+
+    Args:
+        model: Keras classifier taking (N, H, W, 3) float images (0-255 for our models).
+        temperature: calibration temperature; probabilities are softmax(logits / temperature).
+
+    Returns:
+        A function taking (N, H, W, 3) uint8 or float images at the model's input size and returning
+        an (N, C) float32 NumPy array.
+
+    Raises:
+        ValueError: if the temperature is not positive.
+    """
+    if not temperature > 0:
+        raise ValueError(f"Temperature must be positive, got {temperature}.")
+    per_model = _FUNCTION_CACHE.setdefault(model, {})
+    if float(temperature) not in per_model:
+        per_model[float(temperature)] = _build_probability_function(model, float(temperature))
+    return per_model[float(temperature)]
+
+
+def _build_probability_function(model: keras.Model, temperature: float):
+    height, width = (int(d) for d in model.input_shape[1:3])
+    head = _softmax_head(model)
+    calibrated = float(temperature) != 1.0
+    logit_model = keras.Model(model.inputs, head.input) if (calibrated and head is not None) else None
+
+    @tf.function(input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32, name="images")])
+    def probabilities(images):
+        if not calibrated:
+            return tf.cast(model(images, training=False), tf.float32)
+        if logit_model is not None:
+            logits = _head_logits(head, logit_model(images, training=False))
+        else:
+            logits = tf.math.log(tf.cast(model(images, training=False), tf.float32) + 1e-12)
+        return tf.nn.softmax(logits / temperature, axis=-1)
+
+    def call(images: np.ndarray) -> np.ndarray:
+        batch = np.asarray(images, dtype=np.float32).reshape(-1, height, width, 3)
+        return probabilities(tf.constant(batch)).numpy()
+
+    return call
+
+
+def default_blur(height: int, width: int) -> str:
+    """The masker's blur kernel: a box of about a quarter of each side (shap's examples use 32 px
+    on 224 px images), so a hidden region loses its fine structure but keeps its colour."""
+    return f"blur({max(width // 4, 3)},{max(height // 4, 3)})"
+
+
+def _top_classes(probs: np.ndarray, top_k: int, class_indices) -> np.ndarray:
+    if class_indices is not None:
+        chosen = np.atleast_1d(np.asarray(class_indices, dtype=np.int64))
+        bad = chosen[(chosen < 0) | (chosen >= probs.size)]
+        if bad.size:
+            raise ValueError(f"Class index {int(bad[0])} is out of range for a model with {probs.size} classes.")
+        return chosen
+    if not 1 <= top_k <= probs.size:
+        raise ValueError(f"top_k must be between 1 and the number of classes ({probs.size}), got {top_k}.")
+    return np.argsort(-probs, kind="stable")[:top_k]
+
+
+def _check_shap_args(image: np.ndarray, max_evals: int, batch_size: int) -> None:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"The image must be an HxWx3 RGB array at the model's input size, got {image.shape}.")
+    if max_evals < 10:
+        raise ValueError(f"max_evals must be at least 10 for a meaningful partition, got {max_evals}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+
+
+def shap_values(
+    model_fn: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    top_k: int = 3,
+    max_evals: int = 500,
+    batch_size: int = 64,
+    class_indices=None,
+    blur: str | None = None,
+    seed: int | None = 0,
+) -> ShapExplanation:
+    """Partition-SHAP values of one image for its top-k classes.
+
+    Args:
+        model_fn: `images (N, H, W, 3) -> probabilities (N, C)`, e.g. `probability_function(model)`.
+        image: (H, W, 3) uint8 or float image at the model's input size.
+        top_k: how many of the most probable classes to explain (ignored if class_indices given).
+        max_evals: model evaluations spent on the explanation (time grows linearly with it).
+        batch_size: masked images per model call.
+        class_indices: explicit classes to explain instead of the top k.
+        blur: shap masker spec such as "blur(32,32)"; None picks `default_blur`.
+        seed: seeds NumPy's global generator for shap's tie-breaking (restored afterwards), so
+            results repeat; None leaves it alone.
+
+    Returns:
+        A `ShapExplanation` with (k, H, W) values summed over the colour channels.
+
+    Raises:
+        ValueError: for a non-RGB image, too few evaluations, or out-of-range classes.
+    """
+    import shap  # slow to import (numba); only the explain path needs it
+
+    image = np.asarray(image, dtype=np.float32)
+    _check_shap_args(image, max_evals, batch_size)
+    probs = np.asarray(model_fn(image[np.newaxis]))[0]
+    chosen = _top_classes(probs, top_k, class_indices)
+    masker = shap.maskers.Image(blur or default_blur(*image.shape[:2]), image.shape)
+    explainer = shap.PartitionExplainer(model_fn, masker)
+    state = np.random.get_state()
+    if seed is not None:
+        np.random.seed(seed)
+    try:
+        explanation = explainer(
+            image[np.newaxis], max_evals=max_evals, batch_size=batch_size, outputs=chosen, silent=True
+        )
+    finally:
+        np.random.set_state(state)
+    values = np.moveaxis(np.asarray(explanation.values[0]).sum(axis=2), -1, 0).astype(np.float32)
+    base = np.atleast_1d(np.asarray(explanation.base_values[0], dtype=np.float32))
+    return ShapExplanation(chosen, values, base, probs.astype(np.float32))
+
+
+def resize_values(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize per-pixel SHAP values to `size` = (H, W), scaled so that their sum is unchanged
+    (each pixel's share of the additive attribution is spread over the pixels it becomes)."""
+    h0, w0 = values.shape
+    h, w = size
+    return resize_map(values, size) * np.float32((h0 * w0) / (h * w))
+
+
+def explain_shap(
+    predictor,
+    images: Sequence[np.ndarray],
+    top_k: int = 3,
+    max_evals: int = 500,
+    batch_size: int = 64,
+    class_names=None,
+    blur: str | None = None,
+) -> list[ShapExplanation]:
+    """Calibrated SHAP explanations of uint8 images, with maps at each image's original size.
+
+    Args:
+        predictor: an `ml.Predictor` (uses `.model`, `.preprocess`, `.class_names` and
+            `.manifest['temperature']`).
+        images: list of HxWx3 uint8 RGB arrays of any size.
+        top_k: how many of the most probable classes to explain.
+        max_evals: model evaluations per image.
+        batch_size: masked images per model call.
+        class_names: None for the top k, one class name for all images, or one name per image.
+        blur: shap masker spec; None picks `default_blur` for the model's input size.
+
+    Returns:
+        One `ShapExplanation` per image; values are (k, H0, W0) at the image's own size, their sum
+        kept equal to the sum at the model's input size.
+
+    Raises:
+        ValueError: for an empty list, unknown class names or bad evaluation settings.
+    """
+    if len(images) == 0:
+        raise ValueError("explain_shap needs at least one image.")
+    requested = class_indices_from_names(predictor.class_names, class_names, len(images))
+    model_fn = probability_function(predictor.model, float(predictor.manifest.get("temperature", 1.0) or 1.0))
+    results = []
+    for i, image in enumerate(images):
+        chosen = None if requested is None or requested[i] < 0 else [requested[i]]
+        result = shap_values(
+            model_fn, predictor.preprocess(image), top_k, max_evals, batch_size, class_indices=chosen, blur=blur
+        )
+        resized = np.stack([resize_values(v, np.shape(image)[:2]) for v in result.values])
+        results.append(result._replace(values=resized))
+    return results

@@ -1,0 +1,206 @@
+"""`Predictor`: a model artifact folder turned into calibrated probabilities for RGB arrays.
+
+The worker builds one Predictor per process (after the fork) and calls `predict` per job; the
+explanations code reaches the Keras model and its Grad-CAM layer through `model` and
+`gradcam_layer`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ml.artifact import WEIGHTS, build_manifest, read_manifest, weights_dtype, convert_weights_file
+from ml.calibration import apply_temperature
+from ml.data import resize_image
+from ml.model import ModelConfig, build_model
+
+DEFAULT_UNTRAINED_SIZE = (120, 160)
+UNTRAINED_SEED = 1234
+
+
+class Predictor:
+    """Calibrated class probabilities from a model artifact.
+
+    Build one with `Predictor.load(folder)`, `Predictor.untrained(...)` or
+    `Predictor.load_default(folder)`, not with the constructor.
+
+    Attributes:
+        manifest: the artifact's manifest dict.
+        model: the Keras model (float32 softmax output, 0-255 RGB input).
+        class_names: class names in output order.
+        input_size: (H, W) the model expects.
+        temperature: the calibration temperature applied to every prediction.
+        gradcam_layer: name of the layer whose feature map Grad-CAM uses.
+    """
+
+    def __init__(self, model, manifest: dict, batch_size: int = 16):
+        import tensorflow as tf
+
+        self.model = model
+        self.manifest = manifest
+        self.class_names = list(manifest["class_names"])
+        self.input_size = (int(manifest["input_size"][0]), int(manifest["input_size"][1]))
+        self.temperature = float(manifest["temperature"])
+        self.gradcam_layer = manifest["gradcam_layer"]
+        self.batch_size = batch_size
+        h, w = self.input_size
+        # One traced graph for every batch size: retracing per call would cost seconds each job.
+        self._forward = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)],
+            reduce_retracing=True,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Construction
+    # ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, batch_size: int = 16) -> "Predictor":
+        """Rebuilds the model described by `folder/manifest.json` and loads its weights.
+
+        Args:
+            folder: an artifact or finished training-run folder.
+            batch_size: images per forward pass inside `predict`.
+
+        Returns:
+            The Predictor.
+
+        Raises:
+            FileNotFoundError: if the folder, manifest or weights are missing.
+            ValueError: if the manifest is invalid or the weights do not fit the architecture.
+        """
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        weights = folder / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"Model folder {str(folder)!r} has no {WEIGHTS}.")
+        config = ModelConfig.from_dict(manifest["architecture"])
+        # The weights file holds the trained backbone: never fetch or read the backbone's own.
+        config.weights = "none"
+        model = build_model(config)
+        _load_weights(model, weights)
+        return cls(model, manifest, batch_size)
+
+    @classmethod
+    def untrained(cls, input_size: tuple[int, int] = DEFAULT_UNTRAINED_SIZE, seed: int = UNTRAINED_SEED) -> "Predictor":
+        """EfficientNetB3+CBAM with random (seeded) weights, for development without a trained model.
+
+        Raises:
+            ValueError: for an input size the model cannot take.
+        """
+        config = ModelConfig(input_size=tuple(int(s) for s in input_size), weights="none", seed=seed)
+        model = build_model(config)
+        manifest = build_manifest(config, version="untrained", trained=False)
+        return cls(model, manifest)
+
+    @classmethod
+    def load_default(cls, model_dir: str | os.PathLike | None) -> "Predictor":
+        """`load(model_dir)` when it has a manifest.json, else `untrained()`.
+
+        The untrained input size comes from UNTRAINED_INPUT_SIZE ("H,W") when set.
+
+        Raises:
+            ValueError: for a malformed UNTRAINED_INPUT_SIZE, or as `load`.
+        """
+        if model_dir and (Path(model_dir) / "manifest.json").is_file():
+            return cls.load(model_dir)
+        return cls.untrained(input_size=untrained_input_size())
+
+    # ----------------------------------------------------------------------------------------
+    # Inference
+    # ----------------------------------------------------------------------------------------
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """One HxWx3 uint8 RGB array -> float32 (H, W, 3) in 0-255 at the model's input size.
+
+        Raises:
+            ValueError: if the array is not HxWx3 uint8.
+        """
+        return resize_image(_as_rgb_uint8(image), self.input_size).astype(np.float32)
+
+    def predict(self, images, tta: bool = False) -> np.ndarray:
+        """Calibrated probabilities, softmax(log p / T), for a list of RGB uint8 arrays.
+
+        Args:
+            images: list of HxWx3 uint8 RGB arrays of any size (or one (N, H, W, 3) array).
+            tta: also predict the horizontally, vertically and doubly flipped images and average
+                the (uncalibrated) probabilities before temperature scaling.
+
+        Returns:
+            (N, C) float32 array; rows sum to one.
+
+        Raises:
+            ValueError: if an image is not HxWx3 uint8.
+        """
+        batch = np.stack([self.preprocess(im) for im in images]) if len(images) else None
+        if batch is None:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return apply_temperature(self.predict_raw(batch, tta=tta), self.temperature)
+
+    def predict_raw(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Uncalibrated softmax output for already preprocessed (N, H, W, 3) float32 images."""
+        views = [batch]
+        if tta:
+            views += [batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1]]
+        return np.mean([self._forward_batched(np.ascontiguousarray(v)) for v in views], axis=0)
+
+    def _forward_batched(self, batch: np.ndarray) -> np.ndarray:
+        out = [
+            self._forward(batch[i : i + self.batch_size]).numpy()
+            for i in range(0, len(batch), self.batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Predictor(name={m['name']!r}, version={m['version']!r}, input_size={self.input_size})"
+
+
+def untrained_input_size() -> tuple[int, int]:
+    """(H, W) from the environment variable UNTRAINED_INPUT_SIZE, default 120,160.
+
+    Raises:
+        ValueError: if the variable is not "H,W" with two integers.
+    """
+    raw = os.environ.get("UNTRAINED_INPUT_SIZE", "").strip()
+    if not raw:
+        return DEFAULT_UNTRAINED_SIZE
+    try:
+        h, w = (int(part) for part in raw.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"UNTRAINED_INPUT_SIZE must look like 'H,W' (e.g. '120,160'), got {raw!r}.") from None
+    return h, w
+
+
+def _as_rgb_uint8(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        raise ValueError(f"Expected an HxWx3 RGB image, got a grayscale array of shape {image.shape}.")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]  # RGBA from a PNG: the alpha channel carries no lesion information
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"Expected an HxWx3 RGB image, got shape {image.shape}.")
+    if image.dtype != np.uint8:
+        raise ValueError(f"Expected a uint8 image with values 0-255, got dtype {image.dtype}.")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"Image has no pixels (shape {image.shape}).")
+    return image
+
+
+def _load_weights(model, path: Path) -> None:
+    """load_weights, converting float16-stored weights to float32 first."""
+    try:
+        if weights_dtype(path) == "float32":
+            model.load_weights(path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            f32 = Path(tmp) / WEIGHTS
+            convert_weights_file(path, f32, "float32")
+            model.load_weights(f32)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"Weights {str(path)!r} do not match the architecture in the manifest: {exc}") from exc

@@ -1,0 +1,693 @@
+"""Training: `python -m ml.train --data DIR --out runs/NAME [options]`.
+
+The run folder (`--out`) holds everything about one run and is itself a model artifact at the end:
+
+    args.json, versions.json   exact arguments and library versions
+    split.csv                  the lesion-grouped split (image_id, lesion_id, dx, split)
+    train.log, history.csv     log and one row of metrics per epoch
+    checkpoints/epoch-NNNN/    last epochs: model + optimizer weights and the training state
+    best.weights.h5            weights of the best epoch (by --monitor on validation)
+    model.weights.h5, manifest.json, calibration.json, eval_test/   written when training ends
+
+Interrupted runs continue with `--resume` (same --out): the newest complete checkpoint gives the
+weights, optimizer moments, epoch, learning rate, best metric and early-stopping counters, so a
+kill loses at most the epoch in progress.
+
+With pretrained weights there are two stages: the backbone frozen for --warmup-epochs, then the
+blocks from --unfreeze-from-block on trainable with BatchNorm kept frozen. From scratch
+(--weights none) a frozen random backbone would learn nothing, so everything trains in one stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ml.train")
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+# Changing these on --resume would make the checkpoint meaningless; --epochs may grow.
+FIXED_ON_RESUME = ("data", "img_size", "weights", "cbam", "cbam_stages", "dropout", "seed", "split")
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ml.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="dataset: HAM10000 folder, class folders, or ISIC 2019 ground-truth CSV")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--epochs", type=int, default=40, help="total epochs over both stages")
+    p.add_argument("--img-size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--weights", default="none", help="backbone init: none | imagenet | PATH to .h5")
+    p.add_argument("--loss", choices=["focal", "ce"], default="focal")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal-loss focusing parameter")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument(
+        "--balance",
+        choices=["class_weight", "sampling", "none"],
+        default="class_weight",
+        help="class_weight: per-class loss weights (focal alpha); sampling: every class drawn equally often",
+    )
+    p.add_argument("--class-weight-power", type=float, default=0.5, help="weights (n/(k n_c))**power; 1 = fully balanced")
+    p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (from scratch, or stage 1)")
+    p.add_argument("--fine-tune-lr", type=float, default=1e-4, help="stage-2 learning rate (pretrained only)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-epochs", type=int, default=3, help="stage-1 epochs with a frozen pretrained backbone")
+    p.add_argument("--unfreeze-from-block", type=int, default=5, help="stage 2 trains blocks >= this (1-7) and the top")
+    p.add_argument("--monitor", choices=["balanced_accuracy", "macro_auc"], default="balanced_accuracy")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
+    p.add_argument("--lr-patience", type=int, default=3, help="ReduceLROnPlateau patience in epochs")
+    p.add_argument("--lr-factor", type=float, default=0.5)
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--cbam", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cbam-stages", type=int, nargs="*", default=[], help="also put CBAM after these backbone stages")
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split", type=float, nargs=3, default=[0.70, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--malignant-sensitivity", type=float, default=None, help="malignant threshold rule (default Youden)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="off", help="XLA for the train step")
+    p.add_argument("--no-test-eval", action="store_true", help="skip evaluating the test split at the end")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the final test evaluation")
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--model-version", default=None, help="default: YYYY.MM.DD of the end of training")
+    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras fit verbosity (default: bar on a terminal)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line; with --resume, the run's args.json wins over everything but --epochs.
+
+    Raises:
+        ValueError: for impossible values, a missing --data, or --resume without a run to resume.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {a.dest for a in parser._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
+    if args.resume:
+        args = _merge_saved_args(args, explicit)
+    _validate_args(args)
+    return args
+
+
+def _merge_saved_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+    saved_path = Path(args.out) / "args.json"
+    if not saved_path.is_file():
+        raise ValueError(f"--resume was given but {str(saved_path)!r} does not exist; start the run without --resume.")
+    saved = json.loads(saved_path.read_text())
+    merged = argparse.Namespace(**{**vars(args), **saved})
+    merged.resume, merged.out = True, args.out
+    for key in explicit - {"resume", "out"}:
+        new, old = getattr(args, key), saved.get(key)
+        if key in FIXED_ON_RESUME and new != old and not (key == "data" and _same_path(new, old)):
+            raise ValueError(f"--{key.replace('_', '-')} {new!r} differs from the run's {old!r}; it cannot change on --resume.")
+        setattr(merged, key, new)  # e.g. --epochs to extend, --verbose
+    return merged
+
+
+def _same_path(a, b) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _validate_args(args) -> None:
+    if not args.data:
+        raise ValueError("--data is required (the dataset folder or ISIC 2019 CSV).")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if min(args.img_size) < 32:
+        raise ValueError(f"--img-size must be at least 32 32, got {args.img_size}.")
+    if args.lr <= 0 or args.fine_tune_lr <= 0:
+        raise ValueError("Learning rates must be positive.")
+    if not 1 <= args.unfreeze_from_block <= 7:
+        raise ValueError(f"--unfreeze-from-block must be between 1 and 7, got {args.unfreeze_from_block}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder bookkeeping
+# ------------------------------------------------------------------------------------------------
+
+
+def setup_logging(run_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger("ml")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def library_versions() -> dict:
+    import keras
+    import pandas
+    import sklearn
+    import tensorflow as tf
+
+    import cv2
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pandas.__version__,
+        "scikit-learn": sklearn.__version__,
+        "opencv": cv2.__version__,
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable.")
+
+
+def configure_hardware() -> str:
+    """mixed_float16 on a GPU (tensor cores gain from it); float32 on CPU, where it only slows."""
+    import keras
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        return "mixed_float16"
+    keras.mixed_precision.set_global_policy("float32")
+    return "float32"
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+class RunCheckpoints:
+    """Per-epoch checkpoints in `checkpoints/epoch-NNNN/`, state.json written last.
+
+    A checkpoint without state.json (killed while writing) is ignored, so the newest complete
+    one is always consistent.
+    """
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.dir = run_dir / CHECKPOINTS
+        self.keep = max(1, keep)
+
+    def save(self, model, state: dict) -> Path:
+        target = self.dir / f"epoch-{state['epoch']:04d}"
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        model.save_weights(target / "model.weights.h5")
+        store: dict = {}
+        model.optimizer.save_own_variables(store)
+        np.savez(target / "optimizer.npz", **store)
+        write_json(target / STATE_FILE, state)
+        self._prune()
+        return target
+
+    def latest(self) -> Path | None:
+        complete = sorted(p for p in self.dir.glob("epoch-*") if (p / STATE_FILE).is_file())
+        return complete[-1] if complete else None
+
+    @staticmethod
+    def read_state(path: Path) -> dict:
+        return json.loads((path / STATE_FILE).read_text())
+
+    @staticmethod
+    def restore_model(model, path: Path) -> None:
+        model.load_weights(path / "model.weights.h5")
+
+    @staticmethod
+    def restore_optimizer(model, path: Path) -> None:
+        """Builds the optimizer on the current trainable variables, then loads its saved moments."""
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        with np.load(path / "optimizer.npz") as saved:
+            store = {k: saved[k] for k in saved.files}
+        if len(store) != len(optimizer.variables):
+            raise ValueError(
+                f"Checkpoint {str(path)!r} has {len(store)} optimizer variables but the optimizer has "
+                f"{len(optimizer.variables)}; the trainable layers differ from the interrupted run."
+            )
+        optimizer.load_own_variables(store)
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.dir.glob("epoch-*") if (p / STATE_FILE).is_file())
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Callbacks
+# ------------------------------------------------------------------------------------------------
+
+
+def _make_callbacks():
+    """Callback classes, defined once keras is imported (keeps `import ml.train` light)."""
+    import keras
+
+    from ml import metrics as M
+
+    class ValidationMetrics(keras.callbacks.Callback):
+        """Predicts the validation set once per epoch and adds val_* metrics to the logs."""
+
+        def __init__(self, val_ds, val_labels, loss_fn):
+            super().__init__()
+            self.val_ds, self.val_labels, self.loss_fn = val_ds, np.asarray(val_labels), loss_fn
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            probs = self.model.predict(self.val_ds, verbose=0)
+            onehot = np.eye(probs.shape[1], dtype=np.float32)[self.val_labels]
+            logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss_fn(onehot, probs))))
+            logs["val_nll"] = M.negative_log_likelihood(self.val_labels, probs)
+            logs["val_accuracy"] = float(np.mean(probs.argmax(1) == self.val_labels))
+            logs["val_balanced_accuracy"] = M.balanced_accuracy(self.val_labels, probs.argmax(1))
+            auc = M.macro_auc(self.val_labels, probs)
+            logs["val_macro_auc"] = float("nan") if auc is None else auc
+
+    class TrainingController(keras.callbacks.Callback):
+        """ReduceLROnPlateau + EarlyStopping + best checkpoint + history.csv + resumable state.
+
+        One object holds all counters so that they are saved and restored together with the
+        weights; Keras' own callbacks reset theirs in on_train_begin, which breaks --resume.
+        """
+
+        def __init__(self, run_dir: Path, checkpoints: RunCheckpoints, state: dict, args):
+            super().__init__()
+            self.run_dir, self.checkpoints, self.state, self.args = run_dir, checkpoints, state, args
+            self.monitor = f"val_{args.monitor}"
+            self.early_stopping = True
+            self._epoch_start = time.time()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch_start = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            s = self.state
+            value = logs.get(self.monitor, float("nan"))
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            improved = math.isfinite(value) and (s["best"] is None or value > s["best"] + 1e-4)
+            if improved:
+                s.update(best=float(value), best_epoch=epoch + 1, es_wait=0, lr_wait=0)
+                self.model.save_weights(self.run_dir / "best.weights.h5")
+            else:
+                s["es_wait"] += 1
+                s["lr_wait"] += 1
+                lr = self._maybe_reduce_lr(lr)
+            if self.early_stopping and s["es_wait"] >= self.args.patience:
+                s["stopped_early"] = True
+                self.model.stop_training = True
+            row = {"epoch": epoch + 1, "stage": s["stage"], "lr": lr, "seconds": round(time.time() - self._epoch_start, 1)}
+            row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+            self._append_history(row)
+            s.update(epoch=epoch + 1, lr=lr)
+            self.checkpoints.save(self.model, s)
+            log.info(
+                "epoch %d/%d %s: %s%s",
+                epoch + 1,
+                self.args.epochs,
+                s["stage"],
+                " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "stage")),
+                " (best)" if improved else "",
+            )
+
+        def _maybe_reduce_lr(self, lr: float) -> float:
+            s = self.state
+            if s["lr_wait"] >= self.args.lr_patience and lr > self.args.min_lr * (1 + 1e-6):
+                new = max(lr * self.args.lr_factor, self.args.min_lr)
+                self.model.optimizer.learning_rate = new
+                s["lr_wait"] = 0
+                log.info("validation %s has not improved for %d epochs: learning rate %.3g -> %.3g", self.monitor, self.args.lr_patience, lr, new)
+                return new
+            return lr
+
+        def _append_history(self, row: dict) -> None:
+            path = self.run_dir / "history.csv"
+            rows = _read_history(path)
+            rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
+            _write_history(path, rows)
+
+    return ValidationMetrics, TrainingController
+
+
+def _read_history(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages, model and loss
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    end_epoch: int  # exclusive: the stage covers epochs [previous end, end_epoch)
+    lr: float
+    trainable: str  # "all", "head" or "top_blocks"
+
+
+def plan_stages(args) -> list[Stage]:
+    """One stage from scratch; warm-up with the backbone frozen, then fine-tuning when pretrained."""
+    if args.weights in ("none", "", None):
+        return [Stage("scratch", args.epochs, args.lr, "all")]
+    warmup = min(args.warmup_epochs, args.epochs)
+    stages = [Stage("warmup", warmup, args.lr, "head")] if warmup > 0 else []
+    if args.epochs > warmup:
+        stages.append(Stage("finetune", args.epochs, args.fine_tune_lr, "top_blocks"))
+    return stages
+
+
+def set_trainable(model, mode: str, unfreeze_from_block: int = 5) -> None:
+    """Chooses which layers train: all; only ours (head, CBAM); or ours + the top backbone blocks.
+
+    BatchNorm stays frozen while fine-tuning a pretrained backbone: with batches of 32 its
+    statistics would drift from the ones the pretrained weights were learned with.
+    """
+    import keras
+
+    model.trainable = True
+    if mode == "all":
+        return
+    top_prefixes = tuple(f"block{b}" for b in range(unfreeze_from_block, 8)) + ("top_",)
+    for layer in model.layers:
+        ours = layer.name.startswith(("cbam", "avg_pool", "top_dropout", "predictions"))
+        in_top = layer.name.startswith(top_prefixes) and mode == "top_blocks"
+        layer.trainable = ours or (in_top and not isinstance(layer, keras.layers.BatchNormalization))
+
+
+def make_loss(args, class_weight_vector: np.ndarray):
+    """Focal loss with per-class alpha; with --loss ce it is the gamma=0 case (weighted cross-entropy).
+
+    With balanced sampling the classes are already balanced, so alpha is uniform.
+    """
+    import keras
+
+    alpha = class_weight_vector.tolist() if args.balance == "class_weight" else [1.0] * len(class_weight_vector)
+    gamma = args.gamma if args.loss == "focal" else 0.0
+    return keras.losses.CategoricalFocalCrossentropy(
+        alpha=alpha, gamma=gamma, label_smoothing=args.label_smoothing, name=f"{args.loss}_loss"
+    )
+
+
+def make_optimizer(args, lr: float):
+    import keras
+
+    if args.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def model_config(args):
+    from ml.model import ModelConfig
+
+    return ModelConfig(
+        input_size=tuple(args.img_size),
+        cbam=args.cbam,
+        cbam_stages=tuple(args.cbam_stages),
+        dropout=args.dropout,
+        weights=args.weights,
+        seed=args.seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_split(args, run_dir: Path):
+    """Reads the data and the run's split (made and saved on the first start)."""
+    from ml import data as D
+
+    table = D.read_dataset(args.data)
+    split_csv = run_dir / "split.csv"
+    if split_csv.is_file():
+        table = D.apply_split(table, split_csv)
+    else:
+        table = D.split_by_lesion(table, tuple(args.split), seed=args.seed)
+        D.save_split(table, split_csv)
+    for name in D.SPLITS:
+        part = table[table["split"] == name]
+        log.info("%s: %d images, %d lesions, %s", name, len(part), part["lesion_id"].nunique(), part["dx"].value_counts().to_dict())
+    if not (table["split"] == "train").any() or not (table["split"] == "val").any():
+        raise ValueError("The split left no training or no validation images; the dataset is too small.")
+    return table
+
+
+def train(args) -> Path:
+    """Runs (or resumes) training and finalises the run folder as a model artifact.
+
+    Args:
+        args: parsed arguments (see `build_parser`).
+
+    Returns:
+        The run folder.
+    """
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    checkpoints = RunCheckpoints(run_dir, args.keep_checkpoints)
+    latest = checkpoints.latest() if args.resume else None
+    if not args.resume and (checkpoints.latest() or (run_dir / "manifest.json").exists()):
+        raise ValueError(f"Run folder {str(run_dir)!r} already holds a run; pass --resume or choose another --out.")
+    if not args.resume:
+        write_json(run_dir / "args.json", vars(args) | {"resume": False})
+        write_json(run_dir / "versions.json", library_versions())
+    elif args.epochs != json.loads((run_dir / "args.json").read_text())["epochs"]:
+        write_json(run_dir / "args.json", json.loads((run_dir / "args.json").read_text()) | {"epochs": args.epochs})
+    log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
+
+    import keras
+
+    from ml import data as D
+    from ml.model import build_model
+
+    policy = configure_hardware()
+    log.info("precision policy %s", policy)
+    table = prepare_split(args, run_dir)
+    train_rows, val_rows = table[table["split"] == "train"], table[table["split"] == "val"]
+    size = tuple(args.img_size)
+    x_train = D.load_images(train_rows["path"], size)
+    y_train = D.labels_to_indices(train_rows["dx"])
+    x_val = D.load_images(val_rows["path"], size)
+    y_val = D.labels_to_indices(val_rows["dx"])
+    weights = D.class_weights(y_train, power=args.class_weight_power)
+    log.info("class weights (power %s): %s", args.class_weight_power, dict(zip(D.CLASS_NAMES, np.round(weights, 3).tolist())))
+
+    augmenter = None if args.no_augment else D.build_augmenter(D.AugmentConfig(), seed=args.seed)
+    train_ds = D.make_dataset(x_train, y_train, args.batch_size, training=True, augmenter=augmenter, balance=args.balance, seed=args.seed)
+    val_ds = D.make_dataset(x_val, y_val, args.batch_size)
+    steps = math.ceil(len(x_train) / args.batch_size)
+
+    model = build_model(model_config(args))
+    loss_fn = make_loss(args, weights)
+    stages = plan_stages(args)
+    if args.weights in ("none", "", None):
+        log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
+    state = _initial_state(stages[0], args)
+    if latest is not None:
+        state = checkpoints.read_state(latest)
+        checkpoints.restore_model(model, latest)
+        log.info("restored %s (epoch %d, best %s=%s at epoch %s)", latest.name, state["epoch"], args.monitor, state["best"], state["best_epoch"])
+
+    ValidationMetrics, TrainingController = _make_callbacks()
+    controller = TrainingController(run_dir, checkpoints, state, args)
+    callbacks = [ValidationMetrics(val_ds, y_val, loss_fn), controller]
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    start = 0
+    for stage in stages:
+        begin, start = start, stage.end_epoch
+        if state.get("stopped_early") or state["epoch"] >= stage.end_epoch:
+            continue
+        resuming_stage = latest is not None and state["stage"] == stage.name and state["epoch"] > begin
+        set_trainable(model, stage.trainable, args.unfreeze_from_block)
+        lr = state["lr"] if resuming_stage else stage.lr
+        model.compile(optimizer=make_optimizer(args, lr), loss=loss_fn, metrics=["accuracy"], jit_compile=_jit(args))
+        if resuming_stage:
+            checkpoints.restore_optimizer(model, latest)
+            model.optimizer.learning_rate = lr
+        else:
+            state.update(stage=stage.name, lr=lr, lr_wait=0)
+        controller.early_stopping = stage is stages[-1]
+        log.info(
+            "stage %s: epochs %d-%d, lr %.3g, %d trainable weights of %d",
+            stage.name, max(begin, state["epoch"]) + 1, stage.end_epoch, lr,
+            len(model.trainable_weights), len(model.weights),
+        )
+        model.fit(
+            train_ds,
+            epochs=stage.end_epoch,
+            initial_epoch=max(begin, state["epoch"]),
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        if state.get("stopped_early"):
+            log.info("early stopping: no improvement of %s for %d epochs", controller.monitor, args.patience)
+    state["finished_training"] = True
+    write_json(run_dir / "state.json", state)
+    finalize_run(args, run_dir, model, table, x_val, y_val, state)
+    return run_dir
+
+
+def _initial_state(stage: Stage, args) -> dict:
+    return {
+        "epoch": 0, "stage": stage.name, "lr": stage.lr, "best": None, "best_epoch": None,
+        "es_wait": 0, "lr_wait": 0, "stopped_early": False, "monitor": args.monitor,
+    }
+
+
+def _jit(args):
+    return {"auto": "auto", "on": True, "off": False}[args.jit_compile]
+
+
+# ------------------------------------------------------------------------------------------------
+# Finalisation: calibration, thresholds, manifest, test evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -> dict:
+    """Loads the best weights, calibrates on validation, writes the artifact files, evaluates test."""
+    from ml import calibration as C
+    from ml import data as D
+    from ml import metrics as M
+    from ml.artifact import WEIGHTS, build_manifest, write_manifest
+
+    best = run_dir / "best.weights.h5"
+    if best.is_file():
+        model.load_weights(best)
+    else:  # no epoch had a finite monitor value (tiny data): ship the last weights
+        model.save_weights(best)
+    shutil.copyfile(best, run_dir / WEIGHTS)
+    probs = model.predict(D.make_dataset(x_val, y_val, args.batch_size), verbose=0)
+    temperature = C.fit_temperature(y_val, probs)
+    calibrated = C.apply_temperature(probs, temperature["temperature"])
+    thresholds = _fit_thresholds_or_default(y_val, calibrated, args)
+    val_metrics = M.classification_metrics(y_val, calibrated)
+    val_metrics["ece"] = M.expected_calibration_error(y_val, calibrated)
+    val_metrics["ece_uncalibrated"] = M.expected_calibration_error(y_val, probs)
+    write_json(run_dir / "calibration.json", {**temperature, "thresholds": thresholds})
+    log.info("temperature %.3f (val NLL %.4f -> %.4f); thresholds %s", temperature["temperature"], temperature["nll_before"], temperature["nll_after"], thresholds)
+
+    train_rows = table[table["split"] == "train"]
+    manifest = build_manifest(
+        model_config(args),
+        name=args.model_name,
+        version=args.model_version or datetime.now(timezone.utc).strftime("%Y.%m.%d"),
+        trained=True,
+        trained_on=_describe_data(args, table),
+        temperature=temperature["temperature"],
+        thresholds={"malignant": thresholds["malignant"], "melanoma": thresholds["melanoma"]},
+        data_fingerprint=D.data_fingerprint(train_rows),
+        split={"seed": args.seed, "fractions": list(args.split), "grouped_by": "lesion_id", "stratified_by": "dx", **D.split_summary(table)},
+        metrics={"validation": _summary(val_metrics)},
+        extra={
+            "threshold_rules": thresholds.get("rules"),
+            "training": {
+                "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "monitor": f"val_{args.monitor}",
+                "best_value": state["best"], "stopped_early": bool(state.get("stopped_early")),
+                "loss": args.loss, "balance": args.balance, "weights_init": args.weights,
+            },
+            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    write_manifest(run_dir, manifest)
+    if not args.no_test_eval and (table["split"] == "test").any():
+        from ml.evaluate import evaluate
+
+        test = evaluate(run_dir, args.data, run_dir / "eval_test", split="test", n_boot=args.bootstrap)
+        manifest["metrics"]["test"] = _summary(test)
+        write_manifest(run_dir, manifest)
+    log.info("run folder %s is a model artifact (manifest.json + %s)", run_dir, WEIGHTS)
+    return manifest
+
+
+def _fit_thresholds_or_default(y_val, calibrated, args) -> dict:
+    from ml import calibration as C
+
+    try:
+        return C.fit_thresholds(y_val, calibrated, malignant_sensitivity=args.malignant_sensitivity)
+    except ValueError as exc:
+        # Tiny or synthetic validation sets may lack a class; a 0.5 rule is then stated, not fitted.
+        log.warning("thresholds could not be fitted (%s); using 0.5", exc)
+        return {"malignant": 0.5, "melanoma": 0.5, "rules": {"malignant": "default 0.5", "melanoma": "default 0.5"}}
+
+
+def _summary(m: dict) -> dict:
+    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "nll", "ece", "ece_uncalibrated",
+            "balanced_accuracy_ci", "macro_auc_ci", "melanoma", "malignant")
+    return {k: m[k] for k in keep if k in m}
+
+
+def _describe_data(args, table) -> str:
+    name = Path(args.data).name
+    return (
+        f"{name} ({len(table)} images, {table['lesion_id'].nunique()} lesions), lesion-grouped "
+        f"class-stratified split {'/'.join(str(round(f * 100)) for f in args.split)}, seed {args.seed}, "
+        f"input {args.img_size[0]}x{args.img_size[1]}"
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

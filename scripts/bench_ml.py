@@ -1,0 +1,106 @@
+"""Training and inference throughput (images/s) of EfficientNetB3+CBAM on this machine.
+
+    python scripts/bench_ml.py [--img-size 120 160] [--batch-size 32] [--train-steps 6] [--jit]
+
+Training runs the same compiled train step as `ml.train` (AdamW, focal loss, tf.data with
+augmentation) on random images; inference goes through `Predictor.predict` (resize + forward +
+calibration). The first steps (graph tracing) are excluded. The last line of output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def bench_training(size, batch_size, steps, jit) -> dict:
+    import keras
+    import numpy as np
+
+    from ml import data as D
+    from ml.model import ModelConfig, build_model
+
+    rng = np.random.default_rng(0)
+    n = batch_size * (steps + 2)
+    images = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 7, n)
+    ds = D.make_dataset(images, labels, batch_size, training=True, augmenter=D.build_augmenter())
+    model = build_model(ModelConfig(input_size=size))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
+        loss=keras.losses.CategoricalFocalCrossentropy(alpha=[1.0] * 7),
+        jit_compile=jit,
+    )
+    warmup = ds.take(2)
+    t0 = time.perf_counter()
+    model.fit(warmup, epochs=1, verbose=0)
+    first = time.perf_counter() - t0
+    timed = ds.skip(2).take(steps)
+    t0 = time.perf_counter()
+    model.fit(timed, epochs=1, verbose=0)
+    seconds = time.perf_counter() - t0
+    return {
+        "train_images_per_s": round(steps * batch_size / seconds, 2),
+        "train_seconds_per_step": round(seconds / steps, 3),
+        "train_first_two_steps_s": round(first, 1),
+    }
+
+
+def bench_inference(size, batch_size, n_images) -> dict:
+    import numpy as np
+
+    from ml.predictor import Predictor
+
+    predictor = Predictor.untrained(input_size=size)
+    predictor.batch_size = batch_size
+    rng = np.random.default_rng(1)
+    # Uploads arrive at the dataset's 150x200 (or larger); resizing is part of the cost.
+    images = [rng.integers(0, 256, (150, 200, 3), dtype=np.uint8) for _ in range(n_images)]
+    predictor.predict(images[:batch_size])  # trace
+    t0 = time.perf_counter()
+    predictor.predict(images)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    predictor.predict(images[:1])
+    single = time.perf_counter() - t0
+    return {
+        "inference_images_per_s": round(n_images / seconds, 2),
+        "inference_single_image_ms": round(single * 1000, 1),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--img-size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument("--inference-images", type=int, default=128)
+    p.add_argument("--jit", action="store_true", help="XLA-compile the train step")
+    p.add_argument("--skip-train", action="store_true")
+    args = p.parse_args(argv)
+    import tensorflow as tf
+
+    size = tuple(args.img_size)
+    result = {
+        "input_size": list(size),
+        "batch_size": args.batch_size,
+        "jit_compile": args.jit,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+    }
+    if not args.skip_train:
+        result.update(bench_training(size, args.batch_size, args.train_steps, args.jit))
+    result.update(bench_inference(size, args.batch_size, args.inference_images))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Shared fixtures: a fresh app per test (tmp SQLite + tmp storage), a client, users and tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal_helpers import ENV_VARS, login, make_token, make_user
+
+# webapp is imported inside the fixtures, not at module level: tests/ml/ may check that ml/ runs
+# without Flask.
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """Tests configure the app through overrides only, whatever the developer's shell exports.
+
+    PORTAL_ENV=testing and a temporary INSTANCE_DIR keep anything that loads the settings from
+    the environment (worker.celery_app on import) away from the developer's instance/ folder.
+    """
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PORTAL_ENV", "testing")
+    monkeypatch.setenv("INSTANCE_DIR", str(tmp_path / "env-instance"))
+
+
+@pytest.fixture
+def app(tmp_path):
+    from webapp import create_app
+    from webapp.db import db
+
+    app = create_app({
+        "TESTING": True,
+        "INSTANCE_DIR": tmp_path / "instance",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'test.db'}",
+        "STORAGE_DIR": tmp_path / "storage",
+        "MODEL_DIR": tmp_path / "no-model",
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there: the broker is "down"
+        "BROKER_TIMEOUT": 0.5,
+    })
+    with app.app_context():
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch):
+    """Records the tasks the web app sends instead of publishing them."""
+    calls: list[tuple] = []
+
+    def fake_send(name, *args, queue):
+        calls.append((name, args, queue))
+        return f"task-{len(calls)}"
+
+    monkeypatch.setattr("webapp.cases.send", fake_send)
+    return calls
+
+
+@pytest.fixture
+def researcher(app):
+    make_user(app)
+    return "researcher@example.org"
+
+
+@pytest.fixture
+def auth_headers(app, researcher):
+    return {"Authorization": f"Bearer {make_token(app, researcher)}"}
+
+
+@pytest.fixture
+def logged_in(client, researcher):
+    response = login(client, researcher)
+    assert response.status_code == 302
+    return client

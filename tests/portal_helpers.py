@@ -1,0 +1,55 @@
+"""Constants and helpers shared by the portal tests (imported by conftest and test modules)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IMAGES = FIXTURES / "images"
+SMALL_IMAGES = ["ISIC_0025964.jpg", "ISIC_0024698.jpg", "ISIC_0028155.jpg", "ISIC_0027419.jpg"]
+FULLRES_IMAGE = "ISIC_0024318.jpg"  # 600x450, as a dermatoscope exports it
+PASSWORD = "correct horse battery"
+ENV_VARS = (
+    "PORTAL_ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL", "STORAGE_DIR", "MODEL_DIR", "INSTANCE_DIR",
+    "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "UNTRAINED_INPUT_SIZE", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT",
+)
+
+
+def image_bytes(name: str = SMALL_IMAGES[0]) -> bytes:
+    return (IMAGES / name).read_bytes()
+
+
+def make_user(app, email="researcher@example.org", role="researcher", password=PASSWORD, active=True) -> int:
+    from webapp.db import db
+    from webapp.models import User
+
+    with app.app_context():
+        user = User(email=email, role=role, active=active)
+        user.set_password(password)
+        db.session.add(user)
+        db.session.commit()
+        return user.id
+
+
+def make_token(app, email) -> str:
+    from webapp.db import db
+    from webapp.models import ApiToken, User
+
+    with app.app_context():
+        user = db.session.scalar(db.select(User).where(User.email == email))
+        row, plain = ApiToken.issue(user)
+        db.session.add(row)
+        db.session.commit()
+        return plain
+
+
+def csrf_from(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def login(client, email, password=PASSWORD):
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"email": email, "password": password, "csrf_token": token})

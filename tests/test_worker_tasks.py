@@ -1,0 +1,137 @@
+"""worker.tasks.analyse with a fake predictor (no TensorFlow): success, failure, idempotence."""
+
+import io
+
+import numpy as np
+import pytest
+
+from portal_helpers import image_bytes, make_user
+from webapp.db import db
+from webapp.models import Analysis, Job, ModelVersion
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+MANIFEST = {
+    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
+    "class_names": CLASSES, "class_long_names": {c: c.upper() for c in CLASSES},
+    "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64], "temperature": 1.0,
+}
+
+
+class FakePredictor:
+    manifest = MANIFEST
+    class_names = CLASSES
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.seen = []
+
+    def predict(self, images):
+        if self.fail:
+            raise RuntimeError("out of cheese")
+        self.seen.extend(im.shape for im in images)
+        p = np.arange(1, 8, dtype=np.float32)
+        return (p / p.sum())[None, :]
+
+
+@pytest.fixture
+def tasks(app, monkeypatch):
+    import worker.tasks as tasks
+
+    monkeypatch.setitem(tasks._state, "flask_app", app)
+    monkeypatch.setitem(tasks._state, "predictor", FakePredictor())
+    monkeypatch.setitem(tasks._state, "predictor_error", None)
+    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
+    return tasks
+
+
+@pytest.fixture
+def job_id(app, client, sent_tasks):
+    from portal_helpers import make_token
+
+    make_user(app, "u@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
+    response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes()), "x.jpg")}, headers=headers)
+    return sent_tasks[0][1][0]
+
+
+def test_analyse_stores_probabilities_per_model_version(app, tasks, job_id):
+    assert tasks.analyse.run(job_id) == "succeeded"
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job.status == "succeeded" and job.attempts == 1 and job.started_at <= job.finished_at
+        analysis = job.analysis
+        assert analysis.status == "succeeded" and analysis.top_class == "vasc"
+        assert sum(analysis.probabilities.values()) == pytest.approx(1.0)
+        assert set(analysis.timings) == {"load_image_ms", "predict_ms"}
+        mv = db.session.scalars(db.select(ModelVersion)).one()
+        assert (mv.name, mv.version, mv.trained, mv.class_names) == ("efficientnetb3-cbam", "untrained", False, CLASSES)
+        assert mv.manifest["class_long_names"]["mel"] == "MEL"
+    assert tasks._state["predictor"].seen == [(150, 200, 3)]
+
+
+def test_redelivered_or_repeated_work_is_not_redone(app, tasks, job_id):
+    tasks.analyse.run(job_id)
+    assert tasks.analyse.run(job_id) == "succeeded"  # same message again
+    with app.app_context():
+        image_id = db.session.get(Job, job_id).image_id
+        second = Job(image_id=image_id, kind="analyse")
+        db.session.add(second)
+        db.session.commit()
+        second_id = second.id
+    tasks.analyse.run(second_id)
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Analysis.id))) == 1
+        assert db.session.get(Job, second_id).analysis_id == db.session.get(Job, job_id).analysis_id
+    assert len(tasks._state["predictor"].seen) == 1
+
+
+def test_a_failure_ends_in_failed_with_its_reason(app, tasks, job_id):
+    tasks._state["predictor"] = FakePredictor(fail=True)
+    assert tasks.analyse.run(job_id) == "failed"
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        assert job.status == "failed" and "RuntimeError: out of cheese" in job.error and job.finished_at
+        assert job.analysis.status == "failed"
+    tasks._state["predictor"] = FakePredictor()  # a retry may still succeed: failed results are not kept
+    with app.app_context():
+        db.session.get(Job, job_id).status = "queued"
+        db.session.commit()
+    assert tasks.analyse.run(job_id) == "succeeded"
+
+
+def test_model_that_could_not_load(app, tasks, job_id):
+    tasks._state.update(predictor=None, predictor_error="Model could not be loaded: FileNotFoundError: x")
+    assert tasks.analyse.run(job_id) == "failed"
+    with app.app_context():
+        assert "Model could not be loaded" in db.session.get(Job, job_id).error
+
+
+def test_soft_time_limit_marks_the_job_failed(app, tasks, job_id, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def slow(images):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(tasks._state["predictor"], "predict", slow)
+    assert tasks.analyse.run(job_id) == "failed"
+    with app.app_context():
+        assert "Timed out" in db.session.get(Job, job_id).error
+
+
+def test_stuck_job_gives_up_after_max_attempts(app, tasks, job_id):
+    with app.app_context():
+        job = db.session.get(Job, job_id)
+        job.status, job.attempts = "running", tasks.MAX_ATTEMPTS
+        db.session.commit()
+    assert tasks.analyse.run(job_id) == "failed"
+    assert tasks.analyse.run(424242) == "missing"
+
+
+def test_celery_settings():
+    from worker.celery_app import app
+
+    conf = app.conf
+    assert conf.task_acks_late and conf.worker_prefetch_multiplier == 1
+    assert 0 < conf.task_soft_time_limit < conf.task_time_limit
+    assert conf.task_routes["worker.tasks.analyse"]["queue"] == "predict"
+    assert "worker.tasks.analyse" in app.tasks or app.loader.import_default_modules() or "worker.tasks.analyse" in app.tasks

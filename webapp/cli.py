@@ -1,0 +1,54 @@
+"""`flask --app webapp users ...`: create accounts and issue API tokens from the command line."""
+
+from __future__ import annotations
+
+import click
+from flask import Blueprint
+
+from .auth import find_user
+from .db import db
+from .models import ROLES, ApiToken, User
+
+bp = Blueprint("users", __name__, cli_group="users")
+
+
+@bp.cli.command("create")
+@click.argument("email")
+@click.option("--role", type=click.Choice(ROLES), default="researcher", show_default=True)
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True, help="Prompted for when not given.")
+def create_user(email: str, role: str, password: str) -> None:
+    """Create a user with EMAIL and a password."""
+    email = email.strip().lower()
+    if "@" not in email:
+        raise click.BadParameter(f"{email!r} is not an email address.", param_hint="EMAIL")
+    if len(password) < 8:
+        raise click.BadParameter("use at least 8 characters.", param_hint="--password")
+    if find_user(email) is not None:
+        raise click.ClickException(f"A user with email {email} already exists.")
+    user = User(email=email, role=role)
+    user.set_password(password)
+    db.session.add(user)
+    db.session.commit()
+    click.echo(f"Created {role} {email}.")
+
+
+@bp.cli.command("token")
+@click.argument("email")
+@click.option("--label", default=None, help="A note on what the token is for.")
+def create_token(email: str, label: str | None) -> None:
+    """Print a new API token for EMAIL (the last line of the output; only its hash is stored)."""
+    user = find_user(email)
+    if user is None:
+        raise click.ClickException(f"No user with email {email}.")
+    row, plain = ApiToken.issue(user, label)
+    db.session.add(row)
+    db.session.commit()
+    click.echo(f"New API token for {user.email} (shown once; send as 'Authorization: Bearer <token>'):")
+    click.echo(plain)
+
+
+@bp.cli.command("list")
+def list_users() -> None:
+    """List users and their roles."""
+    for user in db.session.scalars(db.select(User).order_by(User.id)):
+        click.echo(f"{user.id}\t{user.email}\t{user.role}\t{'active' if user.active else 'inactive'}")

@@ -1,0 +1,174 @@
+"""One settings object for the web app and the worker: defaults, then environment, then overrides.
+
+`Settings.load()` is the only place that reads configuration from the environment (flaskr and
+microblog habits). The web app turns it into Flask config keys; the worker reads it directly.
+Secrets have no default outside development: in development a random `SECRET_KEY` is generated
+once into `instance/secret_key`; with `PORTAL_ENV=production` a missing `SECRET_KEY` is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENVIRONMENTS = ("development", "production", "testing")
+DISCLAIMER = "Research use only — not a diagnostic device."
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+def _parse_size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(part) for part in value.replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(f"UNTRAINED_INPUT_SIZE must look like 'H,W' (e.g. '150,200'), got {value!r}.") from None
+    if h < 32 or w < 32:
+        raise ConfigError(f"UNTRAINED_INPUT_SIZE must be at least 32,32 for EfficientNetB3, got {value!r}.")
+    return h, w
+
+
+def _parse_positive(name: str, value: str, kind=int):
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}.") from None
+    if number <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}.")
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the portal can be configured with. Field names match the environment variables."""
+
+    PORTAL_ENV: str = "development"
+    INSTANCE_DIR: Path = REPO_ROOT / "instance"
+    SECRET_KEY: str | None = None
+    DATABASE_URL: str | None = None  # default: sqlite file under INSTANCE_DIR
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    STORAGE_DIR: Path | None = None  # default: INSTANCE_DIR / "storage"
+    MODEL_DIR: Path = REPO_ROOT / "models" / "default"
+    MAX_UPLOAD_MB: float = 20
+    MAX_IMAGE_PIXELS: int = 40_000_000
+    UNTRAINED_INPUT_SIZE: tuple[int, int] = (150, 200)
+    # Seconds; soft raises inside the task (job -> failed), hard kills the worker child.
+    TASK_SOFT_TIME_LIMIT: int = 300
+    TASK_TIME_LIMIT: int = 360
+    BROKER_TIMEOUT: float = 2.0  # publishing and health checks give up after this many seconds
+    CSRF_ENABLED: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Builds the settings from defaults, then `environ` (default `os.environ`), then `overrides`.
+
+        Raises:
+            ConfigError: a value is malformed, or `SECRET_KEY` is missing in production.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in ("PORTAL_ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL"):
+            if environ.get(name):
+                values[name] = environ[name]
+        for name in ("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR"):
+            if environ.get(name):
+                values[name] = Path(environ[name])
+        if environ.get("MAX_UPLOAD_MB"):
+            values["MAX_UPLOAD_MB"] = _parse_positive("MAX_UPLOAD_MB", environ["MAX_UPLOAD_MB"], float)
+        for name in ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT"):
+            if environ.get(name):
+                values[name] = _parse_positive(name, environ[name])
+        if environ.get("UNTRAINED_INPUT_SIZE"):
+            values["UNTRAINED_INPUT_SIZE"] = _parse_size(environ["UNTRAINED_INPUT_SIZE"])
+
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            if key in known:
+                values[key] = Path(value) if key in ("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR") and value else value
+            elif key == "TESTING" and value:
+                values.setdefault("PORTAL_ENV", "testing")
+                extra[key] = value
+            else:
+                extra[key] = value
+        settings = cls(**values, extra=extra)
+        return settings._finish()
+
+    def _finish(self) -> "Settings":
+        if self.PORTAL_ENV not in ENVIRONMENTS:
+            raise ConfigError(f"PORTAL_ENV must be one of {ENVIRONMENTS}, got {self.PORTAL_ENV!r}.")
+        instance = Path(self.INSTANCE_DIR)
+        changes: dict[str, Any] = {"INSTANCE_DIR": instance}
+        if not self.DATABASE_URL:
+            changes["DATABASE_URL"] = f"sqlite:///{instance / 'portal.db'}"
+        changes["STORAGE_DIR"] = Path(self.STORAGE_DIR) if self.STORAGE_DIR else instance / "storage"
+        changes["MODEL_DIR"] = Path(self.MODEL_DIR)
+        if self.TASK_TIME_LIMIT <= self.TASK_SOFT_TIME_LIMIT:
+            raise ConfigError("TASK_TIME_LIMIT (hard) must be larger than TASK_SOFT_TIME_LIMIT (soft).")
+        if not self.SECRET_KEY:
+            if self.PORTAL_ENV == "production":
+                raise ConfigError(
+                    "SECRET_KEY is not set. In production set it to a long random string, e.g. "
+                    "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')."
+                )
+            if self.PORTAL_ENV == "testing":
+                changes["SECRET_KEY"] = "testing-secret-key"
+            else:
+                changes["SECRET_KEY"] = development_secret_key(instance)
+        return replace(self, **changes)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.MAX_UPLOAD_MB * 1024 * 1024)
+
+    def flask_config(self) -> dict[str, Any]:
+        """The Flask config keys derived from these settings (plus any extra overrides)."""
+        config = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        config.update(
+            SQLALCHEMY_DATABASE_URI=self.DATABASE_URL,
+            SQLALCHEMY_ENGINE_OPTIONS=engine_options(self.DATABASE_URL),
+            # The multipart envelope adds a little to the file itself; the exact limit on the
+            # image bytes is checked in webapp.imaging.
+            MAX_CONTENT_LENGTH=self.max_upload_bytes + 1024 * 1024,
+            SESSION_COOKIE_HTTPONLY=True,
+            SESSION_COOKIE_SAMESITE="Lax",
+            SESSION_COOKIE_SECURE=self.PORTAL_ENV == "production",
+            JSON_SORT_KEYS=False,
+        )
+        config.update(self.extra)
+        return config
+
+
+def engine_options(database_url: str) -> dict[str, Any]:
+    if database_url.startswith("sqlite"):
+        # Waiting on a lock is done by the busy_timeout pragma (webapp.db); `timeout` is the same for
+        # the sqlite3 module itself.
+        return {"connect_args": {"timeout": 15}}
+    return {"pool_pre_ping": True}
+
+
+def development_secret_key(instance_dir: Path) -> str:
+    """Reads `instance/secret_key`, creating it once with a random key (race-safe with O_EXCL)."""
+    path = Path(instance_dir) / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    for _ in range(50):  # another process may be between create and write
+        key = path.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.01)
+    raise ConfigError(f"{path} is empty; delete it to have a new development key generated.")

@@ -1,0 +1,232 @@
+"""The portal's tables as typed SQLAlchemy 2.0 models.
+
+Created by the one Alembic migration in `migrations/versions/`; a test checks that the migration and
+these models agree. The web app and the worker both import this module, so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .db import db
+
+ROLES = ("admin", "researcher", "reviewer")
+UPLOAD_ROLES = ("admin", "researcher")
+SEXES = ("male", "female", "unknown")
+# The HAM10000 `localization` vocabulary.
+SITES = (
+    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
+    "lower extremity", "neck", "scalp", "trunk", "upper extremity", "unknown",
+)
+JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+JOB_KINDS = ("analyse", "explain")
+ANALYSIS_STATUSES = ("running", "succeeded", "failed")
+TOKEN_PREFIX = "dp_"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            raise ValueError("Store timezone-aware datetimes (use webapp.models.utcnow()).")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class User(db.Model):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(20), default="researcher")
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return check_password_hash(self.password_hash, password)
+
+    @property
+    def can_upload(self) -> bool:
+        return self.role in UPLOAD_ROLES
+
+    def __repr__(self) -> str:
+        return f"<User {self.email} {self.role}>"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiToken(db.Model):
+    """An API token; only its SHA-256 is stored, the token itself is shown once when created."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+    @classmethod
+    def issue(cls, user: User, label: str | None = None) -> tuple["ApiToken", str]:
+        """A new token row for `user` and the plain token (which is not stored anywhere)."""
+        plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        return cls(user=user, token_hash=hash_token(plain), label=label), plain
+
+
+class Case(db.Model):
+    __tablename__ = "cases"
+    __table_args__ = (
+        CheckConstraint("age IS NULL OR (age >= 0 AND age <= 120)", name="age_range"),
+        CheckConstraint(f"sex IS NULL OR {_in('sex', SEXES)}", name="sex"),
+        CheckConstraint(f"site IS NULL OR {_in('site', SITES)}", name="site"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_ref: Mapped[str | None] = mapped_column(String(64))
+    lesion_ref: Mapped[str | None] = mapped_column(String(64))
+    age: Mapped[int | None] = mapped_column(Integer)
+    sex: Mapped[str | None] = mapped_column(String(10))
+    site: Mapped[str | None] = mapped_column(String(32))
+    uploader_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    uploader: Mapped[User | None] = relationship()
+    images: Mapped[list["Image"]] = relationship(back_populates="case", order_by="Image.id", cascade="all, delete-orphan")
+
+
+class Image(db.Model):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the stored bytes
+    storage_key: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int]
+    height: Mapped[int]
+    original_filename: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="images")
+    analyses: Mapped[list["Analysis"]] = relationship(back_populates="image", order_by="Analysis.id")
+    jobs: Mapped[list["Job"]] = relationship(back_populates="image", order_by="Job.id")
+
+
+class ModelVersion(db.Model):
+    """One model artifact, registered by the worker from the predictor's manifest."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(50))
+    trained: Mapped[bool]
+    trained_on: Mapped[str | None] = mapped_column(Text)
+    class_names: Mapped[list[str]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def class_long_names(self) -> dict[str, str]:
+        names = self.manifest.get("class_long_names") or {}
+        return {c: names.get(c, c) for c in self.class_names}
+
+    @property
+    def malignant_classes(self) -> list[str]:
+        return list(self.manifest.get("malignant_classes") or [])
+
+
+class Analysis(db.Model):
+    """The result of one model version on one image; kept once succeeded, never overwritten."""
+
+    __tablename__ = "analyses"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id"),
+        CheckConstraint(_in("status", ANALYSIS_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    top_class: Mapped[str | None] = mapped_column(String(20))
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)  # milliseconds per step
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    image: Mapped[Image] = relationship(back_populates="analyses")
+    model_version: Mapped[ModelVersion] = relationship()
+
+    @property
+    def malignant_probability(self) -> float | None:
+        if not self.probabilities:
+            return None
+        return float(sum(self.probabilities.get(c, 0.0) for c in self.model_version.malignant_classes))
+
+
+class Job(db.Model):
+    """A unit of background work; committed (queued) before its task is sent to the broker."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="analyse")
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    analysis_id: Mapped[int | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    image: Mapped[Image] = relationship(back_populates="jobs")
+    model_version: Mapped[ModelVersion | None] = relationship()
+    analysis: Mapped[Analysis | None] = relationship()
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed")

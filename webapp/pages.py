@@ -1,0 +1,85 @@
+"""HTML pages: the case list, the upload form, the case page and its JSON status for polling."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, send_file, url_for
+from sqlalchemy import select
+
+from .auth import login_required
+from .cases import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
+from .db import db
+from .models import SEXES, SITES, Case
+from .presenters import case_dict
+from .storage import StorageError, storage_from_settings
+
+bp = Blueprint("cases", __name__)
+
+
+@bp.get("/")
+def home():
+    return redirect(url_for("cases.index"))
+
+
+@bp.get("/cases")
+@login_required
+def index():
+    cases = db.session.scalars(select(Case).order_by(Case.id.desc()).limit(100)).all()
+    return render_template("cases/index.html", cases=[case_dict(c) for c in cases])
+
+
+@bp.route("/cases/new", methods=("GET", "POST"))
+@login_required
+def new():
+    if not g.user.can_upload:
+        abort(403, description=f"Role {g.user.role!r} may not upload cases.")
+    form = request.form if request.method == "POST" else {}
+    if request.method == "POST":
+        file = request.files.get("image")
+        try:
+            if file is None or not file.filename:
+                raise UploadError("Choose a JPEG or PNG image to upload.")
+            case, _ = create_case(file.read(), file.filename, parse_case_fields(request.form), g.user)
+        except (FieldError, UploadError) as exc:
+            flash(exc.message, "error")
+            return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES), getattr(exc, "status", 400)
+        except DuplicateImage as exc:
+            flash(exc.message, "info")
+            return redirect(url_for("cases.show", case_id=exc.case_id))
+        return redirect(url_for("cases.show", case_id=case.id))
+    return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES)
+
+
+def _case_or_404(case_id: int) -> Case:
+    case = db.session.get(Case, case_id)
+    if case is None:
+        abort(404, description=f"No case with id {case_id}.")
+    return case
+
+
+@bp.get("/cases/<int:case_id>")
+@login_required
+def show(case_id: int):
+    case = _case_or_404(case_id)
+    return render_template("cases/show.html", case=case, data=case_dict(case))
+
+
+@bp.get("/cases/<int:case_id>/status.json")
+@login_required
+def status(case_id: int):
+    """Polled by static/case.js: the case as the API gives it, plus the rendered results block."""
+    case = _case_or_404(case_id)
+    data = case_dict(case)
+    data["html"] = render_template("cases/_results.html", data=data)
+    data["done"] = data["status"] in ("succeeded", "failed")
+    return jsonify(data)
+
+
+@bp.get("/files/<path:key>")
+@login_required
+def stored_file(key: str):
+    storage = storage_from_settings(current_app.extensions["settings"])
+    try:
+        handle = storage.open(key)
+    except StorageError:
+        abort(404)
+    return send_file(handle, mimetype="image/png" if key.endswith(".png") else None, max_age=3600)

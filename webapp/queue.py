@@ -1,0 +1,83 @@
+"""Sending tasks to the worker by name, and asking the broker and worker how they are.
+
+The web process never imports `worker/` (nor TensorFlow through it): it holds a bare Celery client
+that only publishes messages. Celery is imported on first use, so `create_app()` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, current_app
+
+log = logging.getLogger(__name__)
+
+ANALYSE_TASK = "worker.tasks.analyse"
+PREDICT_QUEUE = "predict"
+EXPLAIN_QUEUE = "explain"
+
+
+def broker_options(timeout: float) -> dict[str, Any]:
+    """Celery settings shared by the web client and the worker: give up quickly when Redis is down."""
+    return {
+        "broker_connection_timeout": timeout,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": max(timeout, 5.0),
+            "visibility_timeout": 3600,
+        },
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        "task_ignore_result": True,
+    }
+
+
+def celery_client(app: Flask | None = None):
+    """The web process's Celery client (one per app), created on first use."""
+    app = app or current_app
+    client = app.extensions.get("celery_client")
+    if client is None:
+        from celery import Celery
+
+        client = Celery("dermportal-web", broker=app.config["REDIS_URL"], set_as_current=False)
+        client.conf.update(broker_options(app.config["BROKER_TIMEOUT"]))
+        app.extensions["celery_client"] = client
+    return client
+
+
+def send(task_name: str, *args: Any, queue: str) -> str | None:
+    """Publishes `task_name(*args)` on `queue`; returns the task id, or None when the broker is down.
+
+    The caller has already committed the job row, so a failed publish loses nothing: the job stays
+    `queued` in the database (a periodic sweep re-sends such jobs).
+    """
+    try:
+        result = celery_client().send_task(task_name, args=list(args), queue=queue)
+    except Exception as exc:  # kombu raises several connection error types
+        log.warning("Could not send %s%s to queue %s: %s", task_name, args, queue, exc)
+        return None
+    return result.id
+
+
+def broker_status(app: Flask | None = None) -> dict[str, Any]:
+    """Pings Redis directly with a short timeout."""
+    app = app or current_app
+    import redis
+
+    timeout = app.config["BROKER_TIMEOUT"]
+    try:
+        client = redis.Redis.from_url(app.config["REDIS_URL"], socket_connect_timeout=timeout, socket_timeout=timeout)
+        client.ping()
+    except Exception as exc:
+        return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
+    return {"ok": True}
+
+
+def worker_status(app: Flask | None = None, timeout: float = 1.0) -> dict[str, Any]:
+    """Asks the workers to answer a ping within `timeout` seconds (never hangs longer)."""
+    try:
+        replies = celery_client(app).control.inspect(timeout=timeout).ping() or {}
+    except Exception as exc:
+        return {"ok": False, "workers": [], "error": f"{exc.__class__.__name__}: {exc}"}
+    return {"ok": bool(replies), "workers": sorted(replies)}

@@ -1,0 +1,38 @@
+"""The worker's Celery app: `celery -A worker.celery_app worker -Q predict,explain`.
+
+Importing this module is light (no TensorFlow): the model is loaded in each pool process after the
+fork, by the `worker_process_init` handler in worker.tasks.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from webapp.config import Settings
+from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, PREDICT_QUEUE, broker_options
+
+settings = Settings.load()
+
+app = Celery("dermportal", broker=settings.REDIS_URL, include=["worker.tasks"])
+app.conf.update(broker_options(settings.BROKER_TIMEOUT))
+app.conf.update(
+    task_default_queue=PREDICT_QUEUE,
+    task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE}},
+    task_create_missing_queues=True,
+    # A task is acknowledged after it ran, so a worker that dies mid-task does not lose it;
+    # one message at a time per process, since a prediction holds the CPU for seconds.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.TASK_SOFT_TIME_LIMIT,
+    task_time_limit=settings.TASK_TIME_LIMIT,
+    # Building the model in worker_process_init takes longer than Celery's default 4 s.
+    worker_proc_alive_timeout=300,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    task_serializer="json",
+    accept_content=["json"],
+)
+celery = app
+
+__all__ = ["app", "celery", "settings", "EXPLAIN_QUEUE"]

@@ -1,0 +1,225 @@
+"""Tasks. Each takes ids, loads rows itself, and ends its job in `succeeded` or `failed`.
+
+The predictor is loaded once per pool process in `worker_process_init` (after the fork: forking a
+process with a loaded TensorFlow runtime hangs), never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_failure, worker_process_init
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from .celery_app import app, settings
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+_state: dict[str, Any] = {"flask_app": None, "predictor": None, "predictor_error": None}
+
+
+def flask_app():
+    """The Flask app of this process, for database access (created on first use, after the fork)."""
+    if _state["flask_app"] is None:
+        from webapp import create_app
+
+        _state["flask_app"] = create_app()
+    return _state["flask_app"]
+
+
+def load_predictor():
+    """The model artifact in MODEL_DIR when it has a manifest, else an untrained model (labelled so)."""
+    try:
+        from ml import Predictor
+    except ImportError:  # ml/__init__.py does not re-export it (yet)
+        from ml.predictor import Predictor
+
+    model_dir = Path(settings.MODEL_DIR)
+    if (model_dir / "manifest.json").is_file():
+        return Predictor.load(str(model_dir))
+    log.warning("No model artifact at %s; using an UNTRAINED model of input size %s.", model_dir, settings.UNTRAINED_INPUT_SIZE)
+    return Predictor.untrained(input_size=tuple(settings.UNTRAINED_INPUT_SIZE))
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    flask_app()
+    try:
+        started = time.monotonic()
+        _state["predictor"] = load_predictor()
+        log.info("Predictor loaded in %.1f s (pid %d).", time.monotonic() - started, os.getpid())
+    except Exception as exc:  # keep the process alive: each job then fails with this reason
+        log.exception("Could not load the predictor.")
+        _state["predictor_error"] = f"Model could not be loaded: {exc.__class__.__name__}: {exc}"
+
+
+def predictor():
+    if _state["predictor"] is None:
+        if _state["predictor_error"]:
+            raise RuntimeError(_state["predictor_error"])
+        _init_process()  # solo pool or tests: no worker_process_init was sent
+        if _state["predictor"] is None:
+            raise RuntimeError(_state["predictor_error"] or "Model could not be loaded.")
+    return _state["predictor"]
+
+
+def register_model_version(manifest: dict):
+    """The ModelVersion row for the manifest's (name, version), created on first sight."""
+    from webapp.db import db
+    from webapp.models import ModelVersion
+
+    name, version = str(manifest["name"]), str(manifest["version"])
+    query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    row = db.session.scalar(query)
+    if row is not None:
+        return row
+    row = ModelVersion(
+        name=name,
+        version=version,
+        trained=bool(manifest.get("trained")),
+        trained_on=manifest.get("trained_on"),
+        class_names=list(manifest["class_names"]),
+        manifest=_jsonable(manifest),
+    )
+    db.session.add(row)
+    try:
+        db.session.commit()
+    except IntegrityError:  # another process registered it first
+        db.session.rollback()
+        row = db.session.scalar(query)
+    return row
+
+
+def _jsonable(value):
+    import json
+
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _read_rgb(storage_key: str):
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from webapp.storage import storage_from_settings
+
+    with storage_from_settings(settings).open(storage_key) as f:
+        return np.asarray(PILImage.open(f).convert("RGB"), dtype=np.uint8)
+
+
+def _now():
+    from webapp.models import utcnow
+
+    return utcnow()
+
+
+def _fail(job_id: int, message: str) -> None:
+    from webapp.db import db
+    from webapp.models import Analysis, Job
+
+    db.session.rollback()
+    job = db.session.get(Job, job_id)
+    if job is None:
+        return
+    job.status, job.error, job.finished_at = "failed", message[:4000], _now()
+    if job.analysis_id is not None:
+        analysis = db.session.get(Analysis, job.analysis_id)
+        if analysis is not None and analysis.status != "succeeded":
+            analysis.status, analysis.error, analysis.finished_at = "failed", message[:4000], _now()
+    db.session.commit()
+
+
+@app.task(name="worker.tasks.analyse", bind=True)
+def analyse(self, job_id: int) -> str:
+    """Runs the predictor on the job's image and stores an Analysis per (image, model version).
+
+    Returns the job's final status. Never leaves the job `running`: every error ends in `failed`
+    with its reason (the soft time limit included).
+    """
+    from webapp.db import db
+    from webapp.models import Job
+
+    with flask_app().app_context():
+        job = db.session.get(Job, job_id)
+        if job is None:
+            log.warning("Job %s does not exist; nothing to do.", job_id)
+            return "missing"
+        if job.finished:
+            return job.status  # a redelivered message: the work is done
+        if job.attempts >= MAX_ATTEMPTS:
+            _fail(job_id, f"Gave up after {job.attempts} attempts (the worker stopped during each).")
+            return "failed"
+        job.status, job.started_at, job.attempts, job.error = "running", _now(), job.attempts + 1, None
+        db.session.commit()
+        try:
+            _run_analysis(job)
+        except SoftTimeLimitExceeded:
+            _fail(job_id, f"Timed out after {settings.TASK_SOFT_TIME_LIMIT} s.")
+        except Exception as exc:
+            log.error("Job %s failed:\n%s", job_id, traceback.format_exc())
+            _fail(job_id, f"{exc.__class__.__name__}: {exc}")
+        finally:
+            db.session.remove()
+        return db.session.get(Job, job_id).status
+
+
+def _run_analysis(job) -> None:
+    from webapp.db import db
+    from webapp.models import Analysis
+
+    model = predictor()
+    model_version = register_model_version(model.manifest)
+    job.model_version = model_version
+    analysis = db.session.scalar(
+        select(Analysis).where(Analysis.image_id == job.image_id, Analysis.model_version_id == model_version.id)
+    )
+    if analysis is not None and analysis.status == "succeeded":  # results are never overwritten
+        job.analysis, job.status, job.finished_at = analysis, "succeeded", _now()
+        db.session.commit()
+        return
+    if analysis is None:
+        analysis = Analysis(image_id=job.image_id, model_version=model_version)
+        db.session.add(analysis)
+    analysis.status, analysis.error = "running", None
+    job.analysis = analysis
+    db.session.commit()
+
+    t0 = time.perf_counter()
+    pixels = _read_rgb(job.image.storage_key)
+    t1 = time.perf_counter()
+    probs = model.predict([pixels])[0]
+    t2 = time.perf_counter()
+
+    class_names = list(model_version.class_names)
+    if len(probs) != len(class_names):
+        raise ValueError(f"The model returned {len(probs)} probabilities for {len(class_names)} classes.")
+    probabilities = {c: float(p) for c, p in zip(class_names, probs)}
+    analysis.probabilities = probabilities
+    analysis.top_class = max(probabilities, key=probabilities.get)
+    analysis.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "predict_ms": round((t2 - t1) * 1000, 1)}
+    analysis.status, analysis.finished_at = "succeeded", _now()
+    job.status, job.finished_at = "succeeded", _now()
+    db.session.commit()
+
+
+@task_failure.connect
+def _mark_failed(sender=None, task_id=None, exception=None, args=None, **_: Any) -> None:
+    """Backstop for failures outside the task body (e.g. the hard time limit killed the process)."""
+    if getattr(sender, "name", None) != analyse.name or not args:
+        return
+    try:
+        from webapp.db import db
+        from webapp.models import Job
+
+        with flask_app().app_context():
+            job = db.session.get(Job, int(args[0]))
+            if job is not None and not job.finished:
+                _fail(job.id, f"{exception.__class__.__name__}: {exception}")
+    except Exception:
+        log.exception("Could not mark job %s failed.", args)
