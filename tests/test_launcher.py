@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import signal
 import sys
 import time
 from pathlib import Path

@@ -1,5 +1,3 @@
-from datetime import timezone
-
 import pytest
 from sqlalchemy.exc import IntegrityError
 
@@ -122,4 +120,3 @@ def test_naming_convention_names_constraints():
     names = {c.name for t in db.metadata.tables.values() for c in t.constraints}
     assert {"pk_users", "uq_users_email", "ck_cases_age_range", "uq_analyses_image_id_model_version_id",
             "fk_images_case_id_cases", "uq_model_versions_name_version"} <= names
-    assert timezone.utc  # keep the import honest

@@ -2,9 +2,9 @@ import io
 
 import pytest
 
-from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes, make_user, login
+from portal_helpers import csrf_from, image_bytes, login, make_user
 from webapp.db import db
-from webapp.models import Analysis, Case, Image, Job, ModelVersion, utcnow
+from webapp.models import Analysis, Case, Image, ModelVersion, utcnow
 
 pytestmark = pytest.mark.usefixtures("sent_tasks")
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

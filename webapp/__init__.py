@@ -30,6 +30,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         static_folder=str(REPO_ROOT / "static"),
     )
     app.config.from_mapping(settings.flask_config())
+    app.json.sort_keys = False  # keep "id" and "status" first, as the presenters order them
     app.extensions["settings"] = settings
 
     from flask_migrate import Migrate

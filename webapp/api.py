@@ -5,17 +5,17 @@ from __future__ import annotations
 import functools
 import time
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
+from .auth import user_from_bearer
 from .cases import CaseFields, DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from .config import DISCLAIMER
 from .db import db
 from .models import Case
 from .presenters import case_dict
 from .queue import broker_status, worker_status
-from .auth import user_from_bearer
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

@@ -140,7 +140,6 @@ class Settings:
             SESSION_COOKIE_HTTPONLY=True,
             SESSION_COOKIE_SAMESITE="Lax",
             SESSION_COOKIE_SECURE=self.PORTAL_ENV == "production",
-            JSON_SORT_KEYS=False,
         )
         config.update(self.extra)
         return config

@@ -9,8 +9,8 @@ from .config import DISCLAIMER
 from .models import Analysis, Case, Job, ModelVersion
 
 UNTRAINED_WARNING = (
-    "Untrained model: these probabilities come from randomly initialised weights and mean nothing. "
-    "Not a diagnosis."
+    "Untrained model — not a diagnosis: these probabilities come from randomly initialised weights "
+    "and mean nothing; they only show that the pipeline runs."
 )
 STATUS_ORDER = ("running", "queued", "failed", "succeeded")
 

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure, worker_process_init
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from .celery_app import app, settings
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # create_app() loads Flask-Migrate; its INFO lines are noise here
 MAX_ATTEMPTS = 3
 _state: dict[str, Any] = {"flask_app": None, "predictor": None, "predictor_error": None}
 
@@ -50,7 +51,14 @@ def load_predictor():
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
-    flask_app()
+    from webapp.db import db
+
+    with flask_app().app_context():
+        db.engine.dispose(close=False)  # never share connections inherited from the parent over the fork
+    _load_predictor_once()
+
+
+def _load_predictor_once() -> None:
     try:
         started = time.monotonic()
         _state["predictor"] = load_predictor()
@@ -61,12 +69,11 @@ def _init_process(**_: Any) -> None:
 
 
 def predictor():
+    """This process's predictor; loaded on first use where no worker_process_init was sent (solo pool)."""
+    if _state["predictor"] is None and not _state["predictor_error"]:
+        _load_predictor_once()
     if _state["predictor"] is None:
-        if _state["predictor_error"]:
-            raise RuntimeError(_state["predictor_error"])
-        _init_process()  # solo pool or tests: no worker_process_init was sent
-        if _state["predictor"] is None:
-            raise RuntimeError(_state["predictor_error"] or "Model could not be loaded.")
+        raise RuntimeError(_state["predictor_error"] or "Model could not be loaded.")
     return _state["predictor"]
 
 
@@ -220,6 +227,10 @@ def _mark_failed(sender=None, task_id=None, exception=None, args=None, **_: Any)
         with flask_app().app_context():
             job = db.session.get(Job, int(args[0]))
             if job is not None and not job.finished:
-                _fail(job.id, f"{exception.__class__.__name__}: {exception}")
+                if isinstance(exception, TimeLimitExceeded):
+                    message = f"TimeLimitExceeded: stopped by the hard time limit of {settings.TASK_TIME_LIMIT} s."
+                else:
+                    message = f"{exception.__class__.__name__}: {exception}"
+                _fail(job.id, message)
     except Exception:
         log.exception("Could not mark job %s failed.", args)

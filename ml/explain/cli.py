@@ -127,7 +127,7 @@ def explain_folder(predictor, paths: list[Path], args) -> list[dict]:
         rows.append({
             "image": path.name,
             "explained_class": names[class_index],
-            "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
+            "probabilities": {n: float(p) for n, p in zip(names, probs)},
         })
         print(f"{path.name}: {args.method} for {names[class_index]} -> {args.out / path.stem}.png", flush=True)
     return rows

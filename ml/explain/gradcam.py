@@ -306,6 +306,14 @@ def class_indices_from_names(class_names, requested, n: int):
     return indices
 
 
+def predictor_temperature(predictor) -> float:
+    """The calibration temperature a Predictor applies (attribute first, then its manifest)."""
+    temperature = getattr(predictor, "temperature", None)
+    if temperature is None:
+        temperature = predictor.manifest.get("temperature", 1.0)
+    return float(temperature)
+
+
 def predictor_layer(predictor) -> str | None:
     """The Grad-CAM layer a Predictor declares (attribute first, then its manifest)."""
     return getattr(predictor, "gradcam_layer", None) or predictor.manifest.get("gradcam_layer")
@@ -322,7 +330,7 @@ def explain_gradcam(
 
     Args:
         predictor: an `ml.Predictor` (uses `.model`, `.preprocess`, `.class_names`,
-            `.gradcam_layer` and `.manifest['temperature']`).
+            `.gradcam_layer` and its temperature, `.temperature` or `.manifest['temperature']`).
         images: list of HxWx3 uint8 RGB arrays of any size.
         class_names: None for each image's predicted class, one class name for all images, or a
             list with one name (or None) per image.
@@ -346,6 +354,6 @@ def explain_gradcam(
     _, logits, targets, maps = _run_gradcam(
         predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size
     )
-    probs = calibrate(logits, float(predictor.manifest.get("temperature", 1.0) or 1.0))
+    probs = calibrate(logits, predictor_temperature(predictor))
     resized = [np.clip(resize_map(m, np.shape(img)[:2]), 0.0, 1.0) for m, img in zip(maps, images)]
     return GradCamExplanation(probs, targets.astype(np.int64), resized)

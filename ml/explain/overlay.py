@@ -72,8 +72,11 @@ def colorize(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: flo
     values = _check_map(values)
     if not vmax > vmin:
         raise ValueError(f"The colour scale needs vmax > vmin, got vmin={vmin} and vmax={vmax}.")
+    colormap = _colormap(cmap)
     scaled = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
-    rgba = _colormap(cmap)(scaled, bytes=True)
+    # Index the lookup table by rounding, so that +v and -v land on mirrored entries of a
+    # diverging map (matplotlib's own float lookup floors, shifting positives by one entry).
+    rgba = colormap(np.rint(scaled * (colormap.N - 1)).astype(np.int64), bytes=True)
     return np.ascontiguousarray(rgba[..., :3])
 
 

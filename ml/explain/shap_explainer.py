@@ -22,7 +22,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ml.explain.gradcam import _head_logits, _softmax_head, class_indices_from_names, resize_map
+from ml.explain.gradcam import (
+    _head_logits,
+    _softmax_head,
+    class_indices_from_names,
+    predictor_temperature,
+    resize_map,
+)
 
 # model -> {temperature: compiled function}, so a long-lived worker traces each model once.
 _FUNCTION_CACHE: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
@@ -187,8 +193,8 @@ def explain_shap(
     """Calibrated SHAP explanations of uint8 images, with maps at each image's original size.
 
     Args:
-        predictor: an `ml.Predictor` (uses `.model`, `.preprocess`, `.class_names` and
-            `.manifest['temperature']`).
+        predictor: an `ml.Predictor` (uses `.model`, `.preprocess`, `.class_names` and its
+            temperature, `.temperature` or `.manifest['temperature']`).
         images: list of HxWx3 uint8 RGB arrays of any size.
         top_k: how many of the most probable classes to explain.
         max_evals: model evaluations per image.
@@ -206,7 +212,7 @@ def explain_shap(
     if len(images) == 0:
         raise ValueError("explain_shap needs at least one image.")
     requested = class_indices_from_names(predictor.class_names, class_names, len(images))
-    model_fn = probability_function(predictor.model, float(predictor.manifest.get("temperature", 1.0) or 1.0))
+    model_fn = probability_function(predictor.model, predictor_temperature(predictor))
     results = []
     for i, image in enumerate(images):
         chosen = None if requested is None or requested[i] < 0 else [requested[i]]

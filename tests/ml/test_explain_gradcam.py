@@ -1,0 +1,188 @@
+"""Grad-CAM(++) in one pass: shapes, ranges, class selection, bad inputs, and the real model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+from ml.explain import calibrate, explain_gradcam, gradcam_function, last_feature_layer, predict_with_gradcam
+
+H, W = 24, 40
+
+
+def red_detector_model() -> keras.Model:
+    """relu(R/255 - 0.5) -> 2x2 pooling -> GAP -> softmax over 3 classes, weights set by hand."""
+    inputs = keras.Input((H, W, 3), name="image")
+    conv = layers.Conv2D(2, 1, activation="relu", name="features")
+    x = layers.MaxPooling2D(2, name="pool")(conv(inputs))
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    head = layers.Dense(3, activation="softmax", name="predictions")
+    outputs = head(x)
+    conv.set_weights([np.array([[[[1 / 255, -1 / 255], [0, 1 / 255], [0, 0]]]], "float32"), np.array([-0.5, -0.2], "float32")])
+    head.set_weights([np.array([[8.0, -8.0, 0.0], [-4.0, 6.0, 1.0]], "float32"), np.array([0.1, 0.0, -0.1], "float32")])
+    return keras.Model(inputs, outputs, name="red_detector")
+
+
+def random_images(n=3, seed=0, size=(H, W)) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 256, (n, *size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return red_detector_model()
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from ml.predictor import Predictor
+
+    return Predictor.untrained(input_size=(32, 48))
+
+
+@pytest.mark.parametrize("plus_plus", [False, True])
+def test_maps_have_the_input_size_and_lie_in_unit_range(tiny, plus_plus):
+    probs, maps = predict_with_gradcam(tiny, random_images(), "pool", plus_plus=plus_plus)
+    assert probs.shape == (3, 3) and maps.shape == (3, H, W)
+    assert maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0.0
+    assert np.allclose(maps.max(axis=(1, 2)), 1.0)
+
+
+def test_probabilities_come_from_the_same_pass_and_equal_the_model(tiny):
+    images = random_images()
+    probs, _ = predict_with_gradcam(tiny, images, "pool")
+    np.testing.assert_allclose(probs, tiny(images, training=False).numpy(), atol=1e-5)
+
+
+def test_a_map_with_no_support_stays_zero_not_nan(tiny):
+    black = np.zeros((2, H, W, 3), np.float32)  # the detector never fires
+    _, maps = predict_with_gradcam(tiny, black, "pool", plus_plus=False)
+    _, maps_pp = predict_with_gradcam(tiny, black, "pool", plus_plus=True)
+    assert not np.isnan(maps).any() and not maps.any()
+    assert not np.isnan(maps_pp).any() and not maps_pp.any()
+
+
+def test_class_selection_changes_the_map(tiny):
+    images = random_images(1)
+    _, for_0 = predict_with_gradcam(tiny, images, "pool", class_index=0)
+    _, for_1 = predict_with_gradcam(tiny, images, "pool", class_index=1)
+    assert np.abs(for_0 - for_1).mean() > 0.05
+
+
+def test_default_class_is_the_predicted_one_and_the_batch_form_takes_one_class_per_image(tiny):
+    images = random_images(3)
+    probs, default = predict_with_gradcam(tiny, images, "pool")
+    _, explicit = predict_with_gradcam(tiny, images, "pool", class_index=probs.argmax(axis=1))
+    np.testing.assert_allclose(default, explicit, atol=1e-6)
+    _, mixed = predict_with_gradcam(tiny, images, "pool", class_index=[0, 1, 2])
+    for i, c in enumerate([0, 1, 2]):
+        _, single = predict_with_gradcam(tiny, images[i], "pool", class_index=c)
+        np.testing.assert_allclose(mixed[i], single[0], atol=1e-6)
+
+
+def test_plus_plus_gives_a_different_valid_map(tiny):
+    images = random_images(2, seed=3)
+    _, plain = predict_with_gradcam(tiny, images, "pool", class_index=1)
+    _, plus = predict_with_gradcam(tiny, images, "pool", class_index=1, plus_plus=True)
+    assert plus.shape == plain.shape and plus.min() >= 0 and plus.max() <= 1
+    assert not np.allclose(plain, plus, atol=1e-3)
+
+
+def test_the_compiled_pass_is_traced_once_and_cached(tiny):
+    fn = gradcam_function(tiny, "pool")
+    assert gradcam_function(tiny, "pool") is fn
+    predict_with_gradcam(tiny, random_images(2), "pool")
+    predict_with_gradcam(tiny, random_images(5), "pool")
+    assert fn.experimental_get_tracing_count() == 1
+
+
+def _reachable_ops(concrete) -> list[str]:
+    graph_def = concrete.graph.as_graph_def()
+    outputs = [t.op.name for t in concrete.outputs]
+    return [node.op for node in tf.compat.v1.graph_util.extract_sub_graph(graph_def, outputs).node]
+
+
+def test_one_forward_pass_gives_probabilities_and_map(predictor):
+    """The computed graph runs each backbone convolution exactly once, as a plain forward does."""
+    model = predictor.model
+    gradcam_ops = _reachable_ops(gradcam_function(model, predictor.gradcam_layer).get_concrete_function())
+    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, 32, 48, 3))])
+    forward_ops = _reachable_ops(forward.get_concrete_function())
+    for op in ("Conv2D", "DepthwiseConv2dNative"):
+        assert gradcam_ops.count(op) == forward_ops.count(op) > 0
+    assert "Conv2DBackpropInput" not in gradcam_ops  # no gradient through the backbone
+
+
+def test_efficientnet_probabilities_match_the_model(predictor):
+    images = random_images(2, size=(32, 48))
+    probs, maps = predict_with_gradcam(predictor.model, images, predictor.gradcam_layer)
+    np.testing.assert_allclose(probs, predictor.model(images, training=False).numpy(), atol=1e-5)
+    assert maps.shape == (2, 32, 48) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_explain_gradcam_returns_calibrated_probs_and_maps_at_the_original_size(predictor):
+    rng = np.random.RandomState(1)
+    images = [rng.randint(0, 256, (60, 90, 3)).astype(np.uint8), rng.randint(0, 256, (45, 40, 3)).astype(np.uint8)]
+    predictor.temperature = 1.7
+    try:
+        result = explain_gradcam(predictor, images)
+        np.testing.assert_allclose(result.probs, predictor.predict(images), atol=1e-5)
+    finally:
+        predictor.temperature = 1.0
+    assert [m.shape for m in result.maps] == [(60, 90), (45, 40)]
+    assert all(m.min() >= 0 and m.max() <= 1 for m in result.maps)
+    np.testing.assert_array_equal(result.class_indices, result.probs.argmax(axis=1))
+    chosen = explain_gradcam(predictor, images, class_names="mel")
+    assert list(chosen.class_indices) == [predictor.class_names.index("mel")] * 2
+
+
+def test_calibrate_matches_softmax_of_scaled_logits():
+    logits = np.array([[2.0, 0.5, -1.0]])
+    expected = np.exp(logits / 2) / np.exp(logits / 2).sum()
+    np.testing.assert_allclose(calibrate(logits, 2.0), expected, rtol=1e-6)
+    assert calibrate(logits, 1.0).argmax() == calibrate(logits, 5.0).argmax()
+
+
+def test_last_feature_layer_is_the_last_4d_output(tiny):
+    assert last_feature_layer(tiny) == "pool"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"images": np.zeros((2, H + 1, W, 3))}, r"Images must be shaped \(N, 24, 40, 3\)"),
+        ({"images": np.zeros((H, W))}, "Images must be shaped"),
+        ({"layer_name": "nope"}, "has no layer named 'nope'"),
+        ({"layer_name": "gap"}, "does not output a single 4-D"),
+        ({"class_index": 3}, "Class index 3 is out of range for a model with 3 classes"),
+        ({"class_index": [0, 1]}, "Got 2 class indices for 3 images"),
+        ({"class_index": 1.5}, "Class indices must be integers"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(tiny, kwargs, match):
+    args = {"images": random_images(3), "layer_name": "pool", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        predict_with_gradcam(tiny, **args)
+
+
+@pytest.mark.parametrize(
+    "images, class_names, match",
+    [
+        ([], None, "needs at least one image"),
+        ([np.zeros((10, 10), np.uint8)], None, "HxWx3 RGB"),
+        ([np.zeros((10, 10, 3), np.uint8)], "melanoma", "Unknown class 'melanoma'"),
+        ([np.zeros((10, 10, 3), np.uint8)], ["mel", "nv"], "Got 2 class names for 1 images"),
+    ],
+)
+def test_explain_gradcam_rejects_bad_inputs(predictor, images, class_names, match):
+    with pytest.raises(ValueError, match=match):
+        explain_gradcam(predictor, images, class_names)
+
+
+def test_calibrate_rejects_a_non_positive_temperature():
+    with pytest.raises(ValueError, match="Temperature must be positive"):
+        calibrate(np.zeros((1, 3)), 0.0)

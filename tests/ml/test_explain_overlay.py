@@ -1,0 +1,101 @@
+"""Drawing: overlay sizes and dtypes, the symmetric red/blue scale, colour bars, PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.explain.overlay import (
+    colorize,
+    encode_png,
+    heatmap_with_colorbar,
+    overlay_heatmap,
+    overlay_signed,
+    signed_with_colorbar,
+    symmetric_limit,
+)
+
+IMAGE = np.random.RandomState(0).randint(0, 256, (30, 50, 3)).astype(np.uint8)
+HEAT = np.linspace(0, 1, 30 * 50, dtype=np.float32).reshape(30, 50)
+
+
+@pytest.mark.parametrize("cmap", ["jet", "turbo"])
+def test_heatmap_overlay_is_uint8_rgb_at_the_image_size(cmap):
+    picture = overlay_heatmap(IMAGE, HEAT, alpha=0.5, cmap=cmap)
+    assert picture.shape == IMAGE.shape and picture.dtype == np.uint8
+
+
+def test_a_smaller_map_is_resized_to_the_image():
+    assert overlay_heatmap(IMAGE, HEAT[::3, ::5]).shape == IMAGE.shape
+    assert overlay_signed(IMAGE, HEAT[::3, ::5] - 0.5).shape == IMAGE.shape
+
+
+def test_opacity_zero_returns_the_image_and_one_the_colours():
+    np.testing.assert_array_equal(overlay_heatmap(IMAGE, HEAT, alpha=0.0), IMAGE)
+    np.testing.assert_array_equal(overlay_heatmap(IMAGE, HEAT, alpha=1.0), colorize(HEAT, "jet"))
+
+
+def test_jet_runs_from_blue_to_red():
+    low, high = colorize(np.array([[0.0, 1.0]]), "jet")[0]
+    assert low[2] > low[0] and high[0] > high[2]
+
+
+def test_signed_scale_is_symmetric_red_for_positive_blue_for_negative():
+    values = np.array([[-2.0, -1.0, 0.0, 1.0, 2.0]])
+    assert symmetric_limit(values) == 2.0
+    colours = colorize(values, "bwr", -2.0, 2.0).astype(int)
+    for k in (0, 1):  # -v and +v: red and blue swap, green equal
+        neg, pos = colours[0, k], colours[0, 4 - k]
+        assert abs(neg[0] - pos[2]) <= 1 and abs(neg[2] - pos[0]) <= 1 and abs(neg[1] - pos[1]) <= 1
+    assert colours[0, 4, 0] > colours[0, 4, 2] and colours[0, 0, 2] > colours[0, 0, 0]
+    assert (colours[0, 2] >= 250).all()  # zero is white
+
+
+def test_signed_overlay_tints_by_sign_and_leaves_zero_grey():
+    image = np.full((4, 6, 3), 128, np.uint8)
+    values = np.zeros((4, 6), np.float32)
+    values[:, :2], values[:, 4:] = 1.0, -1.0
+    picture = overlay_signed(image, values).astype(int)
+    left, middle, right = picture[0, 0], picture[0, 3], picture[0, 5]
+    assert left[0] > left[2] and right[2] > right[0]
+    assert middle[0] == middle[1] == middle[2]
+    assert abs(left[0] - right[2]) <= 1 and abs(left[2] - right[0]) <= 1  # same strength either way
+
+
+def test_an_all_zero_signed_map_draws_without_error():
+    assert symmetric_limit(np.zeros((3, 3))) == 1.0
+    assert overlay_signed(IMAGE, np.zeros((30, 50))).dtype == np.uint8
+
+
+def test_colorbar_versions_are_wider_rgb_pictures():
+    for picture in (heatmap_with_colorbar(IMAGE, HEAT), signed_with_colorbar(IMAGE, HEAT - 0.5)):
+        assert picture.ndim == 3 and picture.shape[2] == 3 and picture.dtype == np.uint8
+        assert picture.shape[1] > picture.shape[0] * IMAGE.shape[1] / IMAGE.shape[0]
+
+
+def test_png_bytes_decode_back_to_the_picture():
+    data = encode_png(IMAGE)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), IMAGE)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: overlay_heatmap(IMAGE[..., 0], HEAT), "HxWx3 RGB array"),
+        (lambda: overlay_heatmap(IMAGE.astype(np.float32), HEAT), "must be uint8"),
+        (lambda: overlay_heatmap(IMAGE, HEAT[None]), "must be a 2-D array"),
+        (lambda: overlay_heatmap(IMAGE, np.full((30, 50), np.nan)), "NaN or infinite"),
+        (lambda: overlay_heatmap(IMAGE, HEAT, alpha=1.5), "Opacity alpha must be between 0 and 1"),
+        (lambda: overlay_heatmap(IMAGE, HEAT, cmap="rainbowish"), "Unknown colour map 'rainbowish'"),
+        (lambda: overlay_signed(IMAGE, HEAT, vmax=0), "vmax must be positive"),
+        (lambda: colorize(HEAT, vmin=1.0, vmax=1.0), "needs vmax > vmin"),
+        (lambda: encode_png(np.zeros((4, 4), np.uint8)), "HxWx3 RGB array"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,126 @@
+"""Partition SHAP with a blur masker: shapes, additivity, class choice, calibration, bad inputs."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from ml.explain import explain_shap, probability_function, shap_values
+from ml.explain.shap_explainer import default_blur, resize_values
+
+H, W = 24, 32
+
+
+def bright_spot_model() -> keras.Model:
+    """Three classes driven by how many bright red / green pixels there are (weights by hand)."""
+    inputs = keras.Input((H, W, 3), name="image")
+    conv = layers.Conv2D(2, 1, activation="relu", name="features")
+    x = layers.GlobalAveragePooling2D(name="gap")(conv(inputs))
+    head = layers.Dense(3, activation="softmax", name="predictions")
+    outputs = head(x)
+    conv.set_weights([np.array([[[[1 / 255, 0], [0, 1 / 255], [0, 0]]]], "float32"), np.array([-0.5, -0.5], "float32")])
+    head.set_weights([np.array([[30.0, -30.0, 0.0], [-30.0, 30.0, 0.0]], "float32"), np.zeros(3, "float32")])
+    return keras.Model(inputs, outputs, name="bright_spots")
+
+
+def spot_image() -> np.ndarray:
+    image = np.full((H, W, 3), 50, np.uint8)
+    image[2:6, 2:6] = (255, 0, 0)
+    image[3:7, 20:24] = (255, 0, 0)
+    image[16:20, 10:14] = (0, 255, 0)
+    return image
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    return probability_function(bright_spot_model())
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from ml.predictor import Predictor
+
+    return Predictor.untrained(input_size=(32, 48))
+
+
+def test_values_are_per_class_2d_maps_that_add_up_to_the_output_change(model_fn):
+    image = spot_image()
+    result = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=50)
+    assert result.values.shape == (2, H, W) and result.values.dtype == np.float32
+    assert list(result.class_indices) == list(np.argsort(-result.probs)[:2])
+    # Owen values are efficient: they sum to f(image) - f(fully blurred image).
+    expected = result.probs[result.class_indices] - result.base_values
+    np.testing.assert_allclose(result.values.sum(axis=(1, 2)), expected, atol=1e-4)
+
+
+def test_evidence_for_the_red_class_sits_on_the_red_spots(model_fn):
+    result = shap_values(model_fn, spot_image(), class_indices=[0], max_evals=300, batch_size=100)
+    values = result.values[0]
+    red = (spot_image() == (255, 0, 0)).all(axis=2)
+    green = (spot_image() == (0, 255, 0)).all(axis=2)
+    assert values[red].mean() > 0 > values[green].mean()
+
+
+def test_results_repeat_with_the_same_seed(model_fn):
+    first = shap_values(model_fn, spot_image(), top_k=1, max_evals=100)
+    second = shap_values(model_fn, spot_image(), top_k=1, max_evals=100)
+    np.testing.assert_array_equal(first.values, second.values)
+
+
+def test_probability_function_applies_the_temperature_like_the_predictor(predictor):
+    images = np.random.RandomState(0).randint(0, 256, (2, 32, 48, 3)).astype(np.uint8)
+    predictor.temperature = 2.5
+    try:
+        calibrated = probability_function(predictor.model, 2.5)(images)
+        np.testing.assert_allclose(calibrated, predictor.predict(list(images)), atol=1e-5)
+    finally:
+        predictor.temperature = 1.0
+    assert probability_function(predictor.model, 2.5) is probability_function(predictor.model, 2.5)
+
+
+def test_explain_shap_gives_maps_at_the_original_size_with_the_same_total(predictor):
+    image = np.random.RandomState(2).randint(0, 256, (64, 96, 3)).astype(np.uint8)
+    (result,) = explain_shap(predictor, [image], top_k=2, max_evals=40, batch_size=40)
+    assert result.values.shape == (2, 64, 96)
+    expected = result.probs[result.class_indices] - result.base_values
+    np.testing.assert_allclose(result.values.sum(axis=(1, 2)), expected, atol=1e-3)
+    (chosen,) = explain_shap(predictor, [image], max_evals=20, class_names="df")
+    assert list(chosen.class_indices) == [predictor.class_names.index("df")]
+
+
+def test_resize_values_keeps_the_sum():
+    values = np.random.RandomState(0).randn(12, 16).astype(np.float32)
+    assert resize_values(values, (30, 50)).shape == (30, 50)
+    assert resize_values(values, (30, 50)).sum() == pytest.approx(values.sum(), rel=0.05, abs=0.05)
+
+
+def test_default_blur_scales_with_the_image():
+    assert default_blur(120, 160) == "blur(40,30)"
+    assert default_blur(8, 8) == "blur(3,3)"
+
+
+@pytest.mark.parametrize(
+    "image, kwargs, match",
+    [
+        (np.zeros((H, W)), {}, "HxWx3 RGB array"),
+        (spot_image(), {"max_evals": 5}, "max_evals must be at least 10"),
+        (spot_image(), {"batch_size": 0}, "batch_size must be a positive integer"),
+        (spot_image(), {"top_k": 0}, r"top_k must be between 1 and the number of classes \(3\)"),
+        (spot_image(), {"class_indices": [7]}, "Class index 7 is out of range for a model with 3 classes"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(model_fn, image, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        shap_values(model_fn, image, **kwargs)
+
+
+def test_probability_function_rejects_a_non_positive_temperature():
+    with pytest.raises(ValueError, match="Temperature must be positive"):
+        probability_function(bright_spot_model(), -1.0)
+
+
+def test_explain_shap_rejects_an_empty_list(predictor):
+    with pytest.raises(ValueError, match="needs at least one image"):
+        explain_shap(predictor, [])
