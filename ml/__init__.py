@@ -1,0 +1,16 @@
+"""Pure ML for the dermoscopy portal: model, data, training, evaluation, calibration, predictor.
+
+`from ml import Predictor` is the entry point for the worker. The import is lazy so that
+`import ml` (and the command-line tools' argument parsing) does not pay for TensorFlow until a
+model is actually needed. This package imports neither Flask, SQLAlchemy nor Celery.
+"""
+
+__all__ = ["Predictor"]
+
+
+def __getattr__(name):
+    if name == "Predictor":
+        from ml.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'ml' has no attribute {name!r}")

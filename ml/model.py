@@ -159,10 +159,33 @@ def _backbone_weights(weights: str) -> str | None:
     if weights in (None, "", "none"):
         return None
     if weights == "imagenet":
+        _require_cached_imagenet_weights()
         return "imagenet"
     if not os.path.isfile(weights):
         raise ValueError(f"Backbone weights file {weights!r} does not exist; use 'none', 'imagenet' or a local .h5 path.")
     return weights
+
+
+IMAGENET_WEIGHTS_FILE = "efficientnetb3_notop.h5"
+
+
+def _require_cached_imagenet_weights() -> None:
+    """Fails at once, instead of downloading, when the ImageNet weights are not in Keras' cache.
+
+    Keras would fetch them from storage.googleapis.com; on a machine without network that either
+    fails after DNS timeouts or hangs behind a firewall that drops packets. Set
+    DERMPORTAL_ALLOW_DOWNLOAD=1 to let Keras download them.
+    """
+    if os.environ.get("DERMPORTAL_ALLOW_DOWNLOAD") == "1":
+        return
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    candidates = [os.path.join(keras_home, "models", IMAGENET_WEIGHTS_FILE), os.path.join("/tmp/.keras/models", IMAGENET_WEIGHTS_FILE)]
+    if not any(os.path.isfile(c) for c in candidates):
+        raise ValueError(
+            f"ImageNet weights are not cached at {candidates[0]!r} and will not be downloaded (no network at run "
+            f"time); copy {IMAGENET_WEIGHTS_FILE} there, pass its path as weights, use 'none', or set "
+            "DERMPORTAL_ALLOW_DOWNLOAD=1."
+        )
 
 
 def _stage_end_layers(backbone: keras.Model, stages) -> set[str]:

@@ -193,7 +193,12 @@ def _as_rgb_uint8(image) -> np.ndarray:
 
 
 def _load_weights(model, path: Path) -> None:
-    """load_weights, converting float16-stored weights to float32 first."""
+    """load_weights, converting float16-stored weights to float32 first.
+
+    Keras matches a weights file to the model by layer order and type and silently ignores what
+    does not fit, so the file's variable shapes are compared with the model's first.
+    """
+    _check_weight_shapes(model, path)
     try:
         if weights_dtype(path) == "float32":
             model.load_weights(path)
@@ -204,3 +209,17 @@ def _load_weights(model, path: Path) -> None:
             model.load_weights(f32)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"Weights {str(path)!r} do not match the architecture in the manifest: {exc}") from exc
+
+
+def _check_weight_shapes(model, path: Path) -> None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        stored: list[tuple] = []
+        f.visititems(lambda _, o: stored.append(tuple(o.shape)) if isinstance(o, h5py.Dataset) else None)
+    expected = [tuple(w.shape) for w in model.weights]
+    if sorted(stored) != sorted(expected):
+        raise ValueError(
+            f"Weights {str(path)!r} do not match the architecture in the manifest: the file holds "
+            f"{len(stored)} arrays, the model {len(expected)} variables (or their shapes differ)."
+        )

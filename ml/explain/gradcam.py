@@ -115,7 +115,7 @@ def _weighted_map(features, grads, plus_plus: bool):
         grads_3 = grads_2 * grads
         sum_activations = tf.reduce_sum(features, axis=(1, 2), keepdims=True)
         denominator = 2.0 * grads_2 + sum_activations * grads_3
-        alphas = tf.math.divide_no_nan(grads_2, tf.where(denominator != 0.0, denominator, tf.ones_like(denominator)))
+        alphas = tf.math.divide_no_nan(grads_2, denominator)  # 0 where the gradient is 0
         weights = tf.reduce_sum(alphas * tf.nn.relu(grads), axis=(1, 2))
     else:
         weights = tf.reduce_mean(grads, axis=(1, 2))
@@ -148,14 +148,13 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
     )
     def gradcam(images, class_indices):
         with tf.GradientTape() as tape:
-            features, probs, *rest = grad_model(images, training=False)
-            features = tf.cast(features, tf.float32)
-            probs = tf.cast(probs, tf.float32)
-            logits = _head_logits(head, rest[0]) if head is not None else tf.math.log(probs + 1e-12)
+            features, probs, *head_input = grad_model(images, training=False)
+            features, probs = tf.cast(features, tf.float32), tf.cast(probs, tf.float32)
+            # Without a softmax head to undo, the probability itself is the differentiated score.
+            logits = _head_logits(head, head_input[0]) if head is not None else tf.math.log(probs + 1e-12)
             predicted = tf.argmax(probs, axis=-1, output_type=tf.int32)
             targets = tf.where(class_indices < 0, predicted, class_indices)
-            score_source = logits if head is not None else probs
-            scores = tf.gather(score_source, targets, axis=1, batch_dims=1)
+            scores = tf.gather(logits if head is not None else probs, targets, axis=1, batch_dims=1)
         grads = tape.gradient(scores, features)
         cam = _weighted_map(features, grads, plus_plus)
         maps = _upsample_and_normalise(cam, (height, width))
@@ -342,13 +341,11 @@ def explain_gradcam(
         like `predictor.predict` (the argmax is unchanged by the temperature).
 
     Raises:
-        ValueError: for an empty image list, non-RGB images or unknown class names.
+        ValueError: for an empty image list, unknown class names, or images that
+            `predictor.preprocess` rejects (not HxWx3 uint8).
     """
     if len(images) == 0:
         raise ValueError("explain_gradcam needs at least one image.")
-    for image in images:
-        if np.ndim(image) != 3 or np.shape(image)[2] != 3:
-            raise ValueError(f"Images must be HxWx3 RGB arrays, got shape {np.shape(image)}.")
     batch = np.stack([predictor.preprocess(image) for image in images]).astype(np.float32)
     class_index = class_indices_from_names(predictor.class_names, class_names, len(images))
     _, logits, targets, maps = _run_gradcam(

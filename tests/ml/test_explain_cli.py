@@ -11,14 +11,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ml.explain import cli
 from ml.explain.cli import main
 
 SIZES = {"lesion_a": (60, 80), "lesion_b": (45, 70)}  # (height, width), neither the model's size
 
 
+@pytest.fixture(scope="module")
+def untrained():
+    """`--model untrained` loaded once for the module, at the size UNTRAINED_INPUT_SIZE asks for."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNTRAINED_INPUT_SIZE", "32,48")
+        predictor = cli.load_predictor("untrained")
+    assert predictor.input_size == (32, 48) and predictor.manifest["trained"] is False
+    return predictor
+
+
 @pytest.fixture
-def image_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNTRAINED_INPUT_SIZE", "32,48")
+def image_dir(tmp_path, monkeypatch, untrained):
+    # Reuse the module's untrained model rather than building EfficientNet once per test.
+    monkeypatch.setattr(cli, "load_predictor", lambda spec: untrained if spec == "untrained" else pytest.fail(spec))
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.RandomState(0)

@@ -59,7 +59,8 @@ def gated_model(region_a: str, region_b: str, k: float = 60.0) -> keras.Model:
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     head = layers.Dense(2, activation="softmax", name="predictions")
     outputs = head(x)
-    detector.set_weights([np.array([[[[1 / 255, 1 / 255], [0, 0], [0, 0]]]], "float32"), np.array([-0.5, -0.5], "float32")])
+    red_only = np.array([[[[1 / 255, 1 / 255], [0, 0], [0, 0]]]], "float32")
+    detector.set_weights([red_only, np.array([-0.5, -0.5], "float32")])
     head.set_weights([np.array([[k, -k], [-k, k]], "float32"), np.zeros(2, "float32")])
     return keras.Model(inputs, outputs, name=f"reads_{region_a}")
 

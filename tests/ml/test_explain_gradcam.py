@@ -21,7 +21,8 @@ def red_detector_model() -> keras.Model:
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     head = layers.Dense(3, activation="softmax", name="predictions")
     outputs = head(x)
-    conv.set_weights([np.array([[[[1 / 255, -1 / 255], [0, 1 / 255], [0, 0]]]], "float32"), np.array([-0.5, -0.2], "float32")])
+    kernel = np.array([[[[1 / 255, -1 / 255], [0, 1 / 255], [0, 0]]]], "float32")
+    conv.set_weights([kernel, np.array([-0.5, -0.2], "float32")])
     head.set_weights([np.array([[8.0, -8.0, 0.0], [-4.0, 6.0, 1.0]], "float32"), np.array([0.1, 0.0, -0.1], "float32")])
     return keras.Model(inputs, outputs, name="red_detector")
 
@@ -106,21 +107,14 @@ def _reachable_ops(concrete) -> list[str]:
 
 
 def test_one_forward_pass_gives_probabilities_and_map(predictor):
-    """The computed graph runs each backbone convolution exactly once, as a plain forward does."""
+    """The computed graph runs each convolution of the model exactly once and never differentiates
+    through the backbone: one forward pass, plus a backward pass over the head only."""
     model = predictor.model
-    gradcam_ops = _reachable_ops(gradcam_function(model, predictor.gradcam_layer).get_concrete_function())
-    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, 32, 48, 3))])
-    forward_ops = _reachable_ops(forward.get_concrete_function())
-    for op in ("Conv2D", "DepthwiseConv2dNative"):
-        assert gradcam_ops.count(op) == forward_ops.count(op) > 0
-    assert "Conv2DBackpropInput" not in gradcam_ops  # no gradient through the backbone
-
-
-def test_efficientnet_probabilities_match_the_model(predictor):
-    images = random_images(2, size=(32, 48))
-    probs, maps = predict_with_gradcam(predictor.model, images, predictor.gradcam_layer)
-    np.testing.assert_allclose(probs, predictor.model(images, training=False).numpy(), atol=1e-5)
-    assert maps.shape == (2, 32, 48) and 0 <= maps.min() and maps.max() <= 1
+    ops = _reachable_ops(gradcam_function(model, predictor.gradcam_layer).get_concrete_function())
+    kernels = [w.name for w in model.weights if len(w.shape) == 4]
+    assert ops.count("Conv2D") == kernels.count("kernel") > 100
+    assert ops.count("DepthwiseConv2dNative") == kernels.count("depthwise_kernel") > 0
+    assert not [op for op in ops if "Backprop" in op]
 
 
 def test_explain_gradcam_returns_calibrated_probs_and_maps_at_the_original_size(predictor):
@@ -146,8 +140,9 @@ def test_calibrate_matches_softmax_of_scaled_logits():
     assert calibrate(logits, 1.0).argmax() == calibrate(logits, 5.0).argmax()
 
 
-def test_last_feature_layer_is_the_last_4d_output(tiny):
+def test_last_feature_layer_is_the_last_4d_output(tiny, predictor):
     assert last_feature_layer(tiny) == "pool"
+    assert last_feature_layer(predictor.model) == predictor.gradcam_layer == "cbam_top_spatial"
 
 
 @pytest.mark.parametrize(

@@ -69,24 +69,23 @@ def test_results_repeat_with_the_same_seed(model_fn):
     np.testing.assert_array_equal(first.values, second.values)
 
 
-def test_probability_function_applies_the_temperature_like_the_predictor(predictor):
+def test_calibrated_probabilities_and_maps_at_the_original_size(predictor):
     images = np.random.RandomState(0).randint(0, 256, (2, 32, 48, 3)).astype(np.uint8)
+    image = np.random.RandomState(2).randint(0, 256, (64, 96, 3)).astype(np.uint8)
     predictor.temperature = 2.5
     try:
         calibrated = probability_function(predictor.model, 2.5)(images)
         np.testing.assert_allclose(calibrated, predictor.predict(list(images)), atol=1e-5)
+        (result,) = explain_shap(predictor, [image], top_k=2, max_evals=40, batch_size=40)
+        (chosen,) = explain_shap(predictor, [image], max_evals=20, class_names="df")
+        expected_probs = predictor.predict([image])[0]
     finally:
         predictor.temperature = 1.0
     assert probability_function(predictor.model, 2.5) is probability_function(predictor.model, 2.5)
-
-
-def test_explain_shap_gives_maps_at_the_original_size_with_the_same_total(predictor):
-    image = np.random.RandomState(2).randint(0, 256, (64, 96, 3)).astype(np.uint8)
-    (result,) = explain_shap(predictor, [image], top_k=2, max_evals=40, batch_size=40)
+    np.testing.assert_allclose(result.probs, expected_probs, atol=1e-5)
     assert result.values.shape == (2, 64, 96)
     expected = result.probs[result.class_indices] - result.base_values
     np.testing.assert_allclose(result.values.sum(axis=(1, 2)), expected, atol=1e-3)
-    (chosen,) = explain_shap(predictor, [image], max_evals=20, class_names="df")
     assert list(chosen.class_indices) == [predictor.class_names.index("df")]
 
 
