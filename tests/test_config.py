@@ -11,7 +11,7 @@ def test_defaults_put_everything_under_the_instance_folder(tmp_path):
     assert s.STORAGE_DIR == tmp_path / "storage"
     assert s.MODEL_DIR.parts[-2:] == ("models", "default")
     assert s.MAX_UPLOAD_MB == 20 and s.MAX_IMAGE_PIXELS == 40_000_000
-    assert s.UNTRAINED_INPUT_SIZE == (150, 200)
+    assert s.UNTRAINED_INPUT_SIZE == (120, 160)
 
 
 def test_development_secret_is_generated_once(tmp_path):

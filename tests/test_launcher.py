@@ -64,3 +64,21 @@ def test_check_reports_a_dead_child(launcher):
 def test_free_port(launcher):
     port = launcher.free_port()
     assert launcher.port_free("127.0.0.1", port)
+
+
+def test_a_restartable_child_is_started_again_with_a_limit(launcher, monkeypatch, tmp_path):
+    monkeypatch.setattr(launcher, "RESTART_BACKOFF", (0.0,))
+    monkeypatch.setattr(launcher, "RESTART_LIMIT", 2)
+    sup = launcher.Supervisor()
+    counter = tmp_path / "starts"
+    script = f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(1)"
+    sup.start("worker", [sys.executable, "-c", script], dict(os.environ), restart=True)
+    try:
+        deadline = time.monotonic() + 30
+        with pytest.raises(RuntimeError, match="worker process exited .* after 2 restarts"):
+            while time.monotonic() < deadline:
+                sup.check()
+                time.sleep(0.05)
+        assert counter.read_text() == "xxx"  # the first start and two restarts
+    finally:
+        sup.stop_all()

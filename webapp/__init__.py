@@ -35,7 +35,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     from flask_migrate import Migrate
 
-    from . import api, auth, cli, pages
+    from . import api, auth, cli, explanations, pages
     from .auth import csrf_token
     from .db import db
 
@@ -44,10 +44,25 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(explanations.bp)
     app.register_blueprint(cli.bp)
+    _register_research_portal(app)
     app.jinja_env.globals.update(csrf_token=csrf_token, disclaimer=DISCLAIMER)
+    from . import security
+
+    security.init_app(app)  # security headers, login rate limiting
     _register_error_pages(app)
     return app
+
+
+def _register_research_portal(app: Flask) -> None:
+    """Batches, case history, review, dashboard, admin, export and their API (webapp/portal.py etc.)."""
+    from . import admin, api_portal, cli_portal, portal
+    from .models import DX_LONG_NAMES, REVIEW_ROLES, UPLOAD_ROLES
+
+    for blueprint in (portal.bp, admin.bp, api_portal.bp, cli_portal.batch_bp, cli_portal.models_bp):
+        app.register_blueprint(blueprint)
+    app.jinja_env.globals.update(dx_long_names=DX_LONG_NAMES, review_roles=REVIEW_ROLES, upload_roles=UPLOAD_ROLES)
 
 
 def _register_error_pages(app: Flask) -> None:

@@ -75,6 +75,29 @@ def show(case_id: int):
     return jsonify(case_dict(case))
 
 
+@bp.post("/cases/<int:case_id>/explanations")
+@token_required
+def request_explanation(case_id: int):
+    """Queues an explanation: JSON {"method": "gradcam"|"gradcam++"|"shap", "class": "mel", "analysis_id"?}.
+
+    202 with the queued explanation, 200 when it already exists (queued, running or done).
+    """
+    from .explanations import ExplanationRequestError, explanation_dict
+    from .explanations import request_explanation as request_one
+
+    case = db.session.get(Case, case_id)
+    if case is None:
+        return error(404, f"No case with id {case_id}.")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        body = request.form.to_dict()
+    try:
+        row, queued = request_one(case, body.get("method"), body.get("class"), body.get("analysis_id"))
+    except ExplanationRequestError as exc:
+        return error(exc.status, exc.message)
+    return jsonify({**explanation_dict(row), "case_url": f"/api/v1/cases/{case_id}", "disclaimer": DISCLAIMER}), (202 if queued else 200)
+
+
 @bp.get("/health")
 def health():
     """Web, database, broker and worker state; the worker is asked with a short timeout."""

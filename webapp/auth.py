@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from .db import db
 from .models import ApiToken, User, hash_token, utcnow
+from .security import client_ip, login_limiter
 
 bp = Blueprint("auth", __name__)
 CSRF_FIELD = "csrf_token"
@@ -32,7 +33,8 @@ def check_csrf() -> None:
         return
     if request.path.startswith("/api/"):  # bearer tokens, no cookies: not exposed to CSRF
         return
-    sent = request.form.get(CSRF_FIELD) or request.headers.get("X-CSRF-Token") or ""
+    # The header first: a JavaScript upload is not parsed here, so its view can raise the body limit.
+    sent = request.headers.get("X-CSRF-Token") or request.form.get(CSRF_FIELD) or ""
     expected = session.get(CSRF_FIELD) or ""
     if not expected or not hmac.compare_digest(sent, expected):
         abort(400, description="The form has expired or did not come from this site; reload the page and try again.")
@@ -73,12 +75,19 @@ def find_user(email: str) -> User | None:
 @bp.route("/login", methods=("GET", "POST"))
 def login():
     if request.method == "POST":
-        email = request.form.get("email", "")
-        password = request.form.get("password", "")
+        email = request.form.get("email", "")[:254]
+        password = request.form.get("password", "")[:1024]
+        limiter, ip = login_limiter(), client_ip()
+        wait = limiter.retry_after(email, ip)
+        if wait:
+            flash(f"Too many failed logins; try again in {wait // 60 + 1} minutes.", "error")
+            return render_template("login.html", email=email), 429, {"Retry-After": str(wait)}
         user = find_user(email)
         if user is None or not user.active or not user.check_password(password):
+            limiter.failed(email, ip)
             flash("Unknown email or wrong password.", "error")
             return render_template("login.html", email=email), 401
+        limiter.succeeded(email, ip)
         session.clear()
         session["user_id"] = user.id
         return redirect(_safe_next(request.args.get("next")))

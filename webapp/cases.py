@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from .db import db
-from .imaging import UploadError, process_upload
+from .imaging import UploadError, check_filename, process_upload
 from .models import SEXES, SITES, Case, Image, Job, User
 from .queue import ANALYSE_TASK, PREDICT_QUEUE, send
 from .storage import image_key, storage_from_settings
@@ -85,6 +85,8 @@ def parse_case_fields(form: Mapping[str, Any]) -> CaseFields:
             ref = str(ref).strip()
             if len(ref) > REF_MAX:
                 raise FieldError(name, f"{name} must be at most {REF_MAX} characters.")
+            if ref[0] in "=+-@" or not ref.isprintable():  # a spreadsheet would run it as a formula
+                raise FieldError(name, f"{name} must not start with = + - @ or contain control characters.")
             values[name] = ref
     return CaseFields(**values)
 
@@ -97,6 +99,7 @@ def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader:
         DuplicateImage: the same image is already stored.
     """
     config = current_app.config
+    filename = check_filename(filename)
     processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
     existing = db.session.scalar(select(Image).where(Image.content_hash == processed.content_hash))
     if existing is not None:
@@ -113,7 +116,7 @@ def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader:
         storage_key=key,
         width=processed.width,
         height=processed.height,
-        original_filename=(filename or "")[:255] or None,
+        original_filename=filename,
     )
     job = Job(kind="analyse", status="queued", image=image)
     db.session.add_all([case, image, job])

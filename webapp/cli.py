@@ -52,3 +52,71 @@ def list_users() -> None:
     """List users and their roles."""
     for user in db.session.scalars(db.select(User).order_by(User.id)):
         click.echo(f"{user.id}\t{user.email}\t{user.role}\t{'active' if user.active else 'inactive'}")
+
+
+@bp.cli.command("role")
+@click.argument("email")
+@click.argument("role", type=click.Choice(ROLES))
+def change_role(email: str, role: str) -> None:
+    """Give EMAIL the role ROLE (recorded in the audit log)."""
+    from .accounts import AccountError, update_user
+
+    user = _existing(email)
+    try:
+        update_user(user, None, role=role)
+    except AccountError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"{user.email} is now {user.role}.")
+
+
+@bp.cli.command("deactivate")
+@click.argument("email")
+def deactivate(email: str) -> None:
+    """Deactivate EMAIL: no login, and their API tokens stop working."""
+    from .accounts import AccountError, update_user
+
+    user = _existing(email)
+    try:
+        update_user(user, None, active=False)
+    except AccountError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Deactivated {user.email}.")
+
+
+@bp.cli.command("activate")
+@click.argument("email")
+def activate(email: str) -> None:
+    """Re-activate EMAIL."""
+    from .accounts import update_user
+
+    user = update_user(_existing(email), None, active=True)
+    click.echo(f"Activated {user.email}.")
+
+
+@bp.cli.command("tokens")
+@click.argument("email")
+def list_tokens(email: str) -> None:
+    """List the API tokens of EMAIL (id, label, created, last used, revoked)."""
+    for row in _existing(email).tokens:
+        click.echo(f"{row.id}\t{row.label or ''}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                   f"{row.last_used_at or 'never used'}\t{'revoked' if row.revoked_at else 'active'}")
+
+
+@bp.cli.command("revoke-token")
+@click.argument("token_id", type=int)
+def revoke(token_id: int) -> None:
+    """Revoke the API token with id TOKEN_ID (see `users tokens EMAIL`)."""
+    from .accounts import revoke_token
+
+    row = db.session.get(ApiToken, token_id)
+    if row is None:
+        raise click.ClickException(f"No token with id {token_id}.")
+    revoke_token(row, None)
+    click.echo(f"Revoked token {token_id} of {row.user.email}.")
+
+
+def _existing(email: str) -> User:
+    user = find_user(email)
+    if user is None:
+        raise click.ClickException(f"No user with email {email}.")
+    return user

@@ -28,7 +28,7 @@ def _parse_size(value: str) -> tuple[int, int]:
     try:
         h, w = (int(part) for part in value.replace("x", ",").split(","))
     except ValueError:
-        raise ConfigError(f"UNTRAINED_INPUT_SIZE must look like 'H,W' (e.g. '150,200'), got {value!r}.") from None
+        raise ConfigError(f"UNTRAINED_INPUT_SIZE must look like 'H,W' (e.g. '120,160'), got {value!r}.") from None
     if h < 32 or w < 32:
         raise ConfigError(f"UNTRAINED_INPUT_SIZE must be at least 32,32 for EfficientNetB3, got {value!r}.")
     return h, w
@@ -41,6 +41,16 @@ def _parse_positive(name: str, value: str, kind=int):
         raise ConfigError(f"{name} must be a number, got {value!r}.") from None
     if number <= 0:
         raise ConfigError(f"{name} must be positive, got {value!r}.")
+    return number
+
+
+def _parse_top_k(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"SHAP_TOP_K must be a whole number (0 turns SHAP off), got {value!r}.") from None
+    if number < 0:
+        raise ConfigError(f"SHAP_TOP_K must be 0 or more, got {value!r}.")
     return number
 
 
@@ -57,11 +67,25 @@ class Settings:
     MODEL_DIR: Path = REPO_ROOT / "models" / "default"
     MAX_UPLOAD_MB: float = 20
     MAX_IMAGE_PIXELS: int = 40_000_000
-    UNTRAINED_INPUT_SIZE: tuple[int, int] = (150, 200)
+    UNTRAINED_INPUT_SIZE: tuple[int, int] = (120, 160)
     # Seconds; soft raises inside the task (job -> failed), hard kills the worker child.
     TASK_SOFT_TIME_LIMIT: int = 300
     TASK_TIME_LIMIT: int = 360
     BROKER_TIMEOUT: float = 2.0  # publishing and health checks give up after this many seconds
+    # Reliability (worker/sweep.py): every SWEEP_INTERVAL s (0: off) the worker re-sends jobs still
+    # queued after SWEEP_QUEUED_AFTER s, and re-queues jobs `running` for longer than TASK_TIME_LIMIT +
+    # SWEEP_RUNNING_MARGIN s (their worker died); a job fails after TASK_MAX_ATTEMPTS starts.
+    SWEEP_INTERVAL: float = 30
+    SWEEP_QUEUED_AFTER: float = 60
+    SWEEP_RUNNING_MARGIN: float = 60
+    TASK_MAX_ATTEMPTS: int = 3
+    # Explanations: SHAP for the top-k classes after each prediction (explain queue), with this many
+    # model evaluations per image in batches of SHAP_BATCH_SIZE; Grad-CAM++ instead of Grad-CAM in
+    # the prediction pass when GRADCAM_PLUS_PLUS is set. SHAP_TOP_K=0 turns automatic SHAP off.
+    SHAP_TOP_K: int = 2
+    SHAP_MAX_EVALS: int = 500
+    SHAP_BATCH_SIZE: int = 64
+    GRADCAM_PLUS_PLUS: bool = False
     CSRF_ENABLED: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
@@ -85,6 +109,21 @@ class Settings:
         for name in ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT"):
             if environ.get(name):
                 values[name] = _parse_positive(name, environ[name])
+        for name in ("SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN"):
+            if environ.get(name):
+                values[name] = _parse_positive(name, environ[name], float)
+        if environ.get("TASK_MAX_ATTEMPTS"):
+            values["TASK_MAX_ATTEMPTS"] = _parse_positive("TASK_MAX_ATTEMPTS", environ["TASK_MAX_ATTEMPTS"])
+        if environ.get("SWEEP_INTERVAL"):  # 0 turns the sweep off
+            values["SWEEP_INTERVAL"] = 0.0 if environ["SWEEP_INTERVAL"].strip() in ("0", "0.0") else \
+                _parse_positive("SWEEP_INTERVAL", environ["SWEEP_INTERVAL"], float)
+        for name in ("SHAP_MAX_EVALS", "SHAP_BATCH_SIZE"):
+            if environ.get(name):
+                values[name] = _parse_positive(name, environ[name])
+        if environ.get("SHAP_TOP_K"):
+            values["SHAP_TOP_K"] = _parse_top_k(environ["SHAP_TOP_K"])
+        if environ.get("GRADCAM_PLUS_PLUS"):
+            values["GRADCAM_PLUS_PLUS"] = environ["GRADCAM_PLUS_PLUS"].strip().lower() in ("1", "true", "yes", "on")
         if environ.get("UNTRAINED_INPUT_SIZE"):
             values["UNTRAINED_INPUT_SIZE"] = _parse_size(environ["UNTRAINED_INPUT_SIZE"])
 

@@ -50,13 +50,47 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (mode I;16*, or I from older Pillow) scaled to 8 bits; Pillow's own
+    convert("RGB") clips every value above 255 to white instead."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = image if image.mode == "I" else image.convert("I")
+        return wide.point(lambda v: v * (1 / 257) + 0.5).convert("L")  # 0..65535 -> 0..255, rounded
+    return image
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    image = _to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+MAX_FILENAME_BYTES = 255
+
+
+def check_filename(name: str | None) -> str | None:
+    """The upload's file name as it is stored (for the record only, never as a path).
+
+    Folders that a client sends along are dropped (`C:\\x\\lesion.jpg` -> `lesion.jpg`).
+
+    Raises:
+        UploadError (400): longer than 255 bytes of UTF-8, control characters, or bytes that were
+            not valid UTF-8 (decoded to U+FFFD or to surrogates).
+    """
+    if name is None or not name.strip():
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if "\ufffd" in base or any(0xD800 <= ord(ch) <= 0xDFFF for ch in base):
+        raise UploadError("The file name is not valid UTF-8; rename the file and upload it again.")
+    if any(not ch.isprintable() for ch in base):
+        raise UploadError("The file name contains control characters; rename the file and upload it again.")
+    if len(base.encode("utf-8")) > MAX_FILENAME_BYTES:
+        raise UploadError(f"The file name is longer than {MAX_FILENAME_BYTES} bytes; rename the file and upload it again.")
+    return base or None
 
 
 def process_upload(data: bytes, max_bytes: int, max_pixels: int) -> ProcessedImage:

@@ -28,6 +28,9 @@ SITES = (
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
 JOB_KINDS = ("analyse", "explain")
 ANALYSIS_STATUSES = ("running", "succeeded", "failed")
+# Grad-CAM, Grad-CAM++ (webapp keys use "gradcampp" where "+" is not allowed) and SHAP.
+EXPLANATION_METHODS = ("gradcam", "gradcam++", "shap")
+EXPLANATION_STATUSES = ("queued", "running", "done", "failed")
 TOKEN_PREFIX = "dp_"
 
 
@@ -125,6 +128,10 @@ class Case(db.Model):
     site: Mapped[str | None] = mapped_column(String(32))
     uploader_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Research portal (migration 0003): the dataset's reference diagnosis and the batch it came in.
+    reference_dx: Mapped[str | None] = mapped_column(String(20), index=True)
+    reference_dx_type: Mapped[str | None] = mapped_column(String(20))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
 
     uploader: Mapped[User | None] = relationship()
     images: Mapped[list["Image"]] = relationship(back_populates="case", order_by="Image.id", cascade="all, delete-orphan")
@@ -161,6 +168,8 @@ class ModelVersion(db.Model):
     class_names: Mapped[list[str]] = mapped_column(JSON)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Research portal (migration 0003): the artifact folder a worker loads for re-runs with this version.
+    artifact_path: Mapped[str | None] = mapped_column(String(500))
 
     @property
     def class_long_names(self) -> dict[str, str]:
@@ -194,12 +203,54 @@ class Analysis(db.Model):
 
     image: Mapped[Image] = relationship(back_populates="analyses")
     model_version: Mapped[ModelVersion] = relationship()
+    explanations: Mapped[list["Explanation"]] = relationship(back_populates="analysis", order_by="Explanation.id")
 
     @property
     def malignant_probability(self) -> float | None:
         if not self.probabilities:
             return None
         return float(sum(self.probabilities.get(c, 0.0) for c in self.model_version.malignant_classes))
+
+
+class Explanation(db.Model):
+    """One explanation map of an analysis: per (image, model version, method, class), stored once.
+
+    The raw map (float32 .npy at the stored image's height and width; Grad-CAM in [0, 1], SHAP
+    signed) and the overlay (RGBA PNG: the colour map with its own alpha, drawn over the original
+    by the page) are storage keys. `params` records how it was made (e.g. max_evals, vmax).
+    """
+
+    __tablename__ = "explanations"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version_id", "method", "class_name"),
+        CheckConstraint(_in("method", EXPLANATION_METHODS), name="method"),
+        CheckConstraint(_in("status", EXPLANATION_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    method: Mapped[str] = mapped_column(String(20))
+    class_name: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    raw_key: Mapped[str | None] = mapped_column(String(255))
+    overlay_key: Mapped[str | None] = mapped_column(String(255))
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)  # milliseconds per step
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    analysis: Mapped[Analysis] = relationship(back_populates="explanations")
+    image: Mapped[Image] = relationship()
+    model_version: Mapped[ModelVersion] = relationship()
+
+    @property
+    def pending(self) -> bool:
+        return self.status in ("queued", "running")
 
 
 class Job(db.Model):
@@ -230,3 +281,109 @@ class Job(db.Model):
     @property
     def finished(self) -> bool:
         return self.status in ("succeeded", "failed")
+
+
+# --- Research portal (migration 0003): batches, reviews, audit log -----------------------------
+
+# The HAM10000 diagnosis vocabulary (`dx`), the reference a dataset row or a reviewer gives. It is the
+# data set's vocabulary, not a model's: each model version still brings its own class names.
+DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+DX_LONG_NAMES = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma", "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion", "df": "dermatofibroma", "mel": "melanoma",
+    "nv": "melanocytic nevus", "vasc": "vascular lesion",
+}
+DX_TYPES = ("histo", "follow_up", "consensus", "confocal")
+REVIEW_DIAGNOSES = DX_CLASSES + ("other", "uncertain")
+REVIEW_ROLES = ("admin", "reviewer")
+CONFIDENCE_LEVELS = {1: "very low", 2: "low", 3: "medium", 4: "high", 5: "very high"}
+BATCH_SOURCES = ("browser", "api", "zip", "cli")
+
+
+class Batch(db.Model):
+    """A set of uploaded files (a folder, a zip, a server-side import); files arrive in chunks."""
+
+    __tablename__ = "batches"
+    __table_args__ = (CheckConstraint(_in("source", BATCH_SOURCES), name="source"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20), default="api")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    expected_files: Mapped[int | None] = mapped_column(Integer)  # announced by the browser before the chunks
+    # HAM10000 metadata rows by image_id (file stem), validated when the batch was created.
+    metadata_rows: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    metadata_filename: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    created_by: Mapped[User | None] = relationship()
+
+
+class BatchItem(db.Model):
+    """One file of a batch: the case it created (or the existing case it duplicates), or why it failed."""
+
+    __tablename__ = "batch_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id", ondelete="SET NULL"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    duplicate: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Review(db.Model):
+    """A reviewer's current opinion on a case (one per reviewer, editable; changes go to the audit log)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        UniqueConstraint("case_id", "reviewer_id"),
+        CheckConstraint(_in("diagnosis", REVIEW_DIAGNOSES), name="diagnosis"),
+        CheckConstraint("confidence >= 1 AND confidence <= 5", name="confidence"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    diagnosis: Mapped[str] = mapped_column(String(20))
+    agrees_with_model: Mapped[bool | None]
+    confidence: Mapped[int] = mapped_column(Integer)
+    notes: Mapped[str | None] = mapped_column(Text)
+    # The prediction the reviewer saw (the case's latest analysis when the review was saved).
+    analysis_id: Mapped[int | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    reviewer: Mapped[User] = relationship()
+    analysis: Mapped[Analysis | None] = relationship()
+
+
+class AuditEntry(db.Model):
+    """Who changed what and when: the old and new values as JSON (reviews, users, tokens, re-runs)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (db.Index("ix_audit_log_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    action: Mapped[str] = mapped_column(String(50))
+    entity: Mapped[str] = mapped_column(String(30))
+    entity_id: Mapped[int | None] = mapped_column(Integer)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    old: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    new: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    user: Mapped[User | None] = relationship()
+
+
+# Indexes for the case list's filters at 100,000 cases (migration 0003), declared here so that the
+# foundation's classes stay as they were.
+db.Index("ix_cases_age", Case.age)
+db.Index("ix_cases_sex", Case.sex)
+db.Index("ix_cases_site", Case.site)
+db.Index("ix_analyses_top_class_model_version_id", Analysis.top_class, Analysis.model_version_id, Analysis.image_id)
+db.Index("ix_reviews_diagnosis", Review.diagnosis)

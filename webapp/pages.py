@@ -16,6 +16,7 @@ bp = Blueprint("cases", __name__)
 
 
 @bp.get("/")
+@login_required
 def home():
     return redirect(url_for("cases.index"))
 
@@ -23,8 +24,26 @@ def home():
 @bp.get("/cases")
 @login_required
 def index():
-    cases = db.session.scalars(select(Case).order_by(Case.id.desc()).limit(100)).all()
-    return render_template("cases/index.html", cases=[case_dict(c) for c in cases])
+    """The case history: filters, sorting and cursor pagination (webapp.caselist)."""
+    from .caselist import FilterError, fetch_page, parse_filters
+    from .models import DX_CLASSES, Batch, ModelVersion, User
+
+    try:
+        filters = parse_filters(request.args)
+        page = fetch_page(filters, g.user)
+        status = 200
+    except FilterError as exc:
+        flash(exc.message, "error")
+        filters = parse_filters({})
+        page, status = fetch_page(filters, g.user), 400
+    choices = {
+        "model_versions": db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all(),
+        "uploaders": db.session.execute(select(User.id, User.email).order_by(User.email)).all(),
+        "batches": db.session.execute(select(Batch.id, Batch.name).order_by(Batch.id.desc()).limit(200)).all(),
+        "classes": DX_CLASSES, "sexes": SEXES, "sites": SITES,
+    }
+    start = request.args.get("start", 1, type=int)
+    return render_template("cases/index.html", page=page, f=filters, choices=choices, start=max(start, 1)), status
 
 
 @bp.route("/cases/new", methods=("GET", "POST"))
@@ -60,7 +79,26 @@ def _case_or_404(case_id: int) -> Case:
 @login_required
 def show(case_id: int):
     case = _case_or_404(case_id)
-    return render_template("cases/show.html", case=case, data=case_dict(case))
+    return render_template("cases/show.html", case=case, data=case_dict(case), research=_research_context(case))
+
+
+def _research_context(case: Case) -> dict:
+    """What the case page shows of the research portal: reviews, their history, re-run choices."""
+    from .audit import entry_dict
+    from .models import AuditEntry, Batch, ModelVersion, Review
+    from .reviews import can_review
+
+    reviews = db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id)).all()
+    history = db.session.scalars(
+        select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id.desc()).limit(200)
+    ).all()
+    return {
+        "reviews": reviews,
+        "history": [entry_dict(e) for e in history],
+        "model_versions": db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all(),
+        "can_review": can_review(g.user),
+        "batch": db.session.get(Batch, case.batch_id) if case.batch_id else None,
+    }
 
 
 @bp.get("/cases/<int:case_id>/status.json")
@@ -70,7 +108,8 @@ def status(case_id: int):
     case = _case_or_404(case_id)
     data = case_dict(case)
     data["html"] = render_template("cases/_results.html", data=data)
-    data["done"] = data["status"] in ("succeeded", "failed")
+    data["explanations_html"] = render_template("cases/_explanations.html", data=data)
+    data["done"] = data["status"] in ("succeeded", "failed") and not data["explanations_pending"]
     return jsonify(data)
 
 

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import DISCLAIMER
+from .explanations import explanation_dict, explanations_pending
 from .models import Analysis, Case, Job, ModelVersion
 
 UNTRAINED_WARNING = (
@@ -47,6 +48,7 @@ def analysis_dict(analysis: Analysis) -> dict[str, Any]:
         )
     if analysis.error:
         d["error"] = analysis.error
+    d["explanations"] = [explanation_dict(e) for e in analysis.explanations]
     d["timings_ms"] = analysis.timings or {}
     d["finished"] = iso(analysis.finished_at)
     return d
@@ -94,6 +96,11 @@ def case_dict(case: Case) -> dict[str, Any]:
         "site": case.site,
         "patient_ref": case.patient_ref,
         "lesion_ref": case.lesion_ref,
+        # Research portal: the dataset's reference diagnosis, the batch, the reviews.
+        "reference_dx": case.reference_dx,
+        "reference_dx_type": case.reference_dx_type,
+        "batch_id": case.batch_id,
+        "reviews": _reviews(case),
         "images": [
             {"id": im.id, "width": im.width, "height": im.height, "content_hash": im.content_hash,
              "original_filename": im.original_filename}
@@ -101,5 +108,16 @@ def case_dict(case: Case) -> dict[str, Any]:
         ],
         "jobs": [job_dict(j) for j in latest_jobs(case)],
         "analyses": [analysis_dict(a) for a in analyses],
+        "explanations_pending": explanations_pending(case),
         "disclaimer": DISCLAIMER,
     }
+
+
+def _reviews(case: Case) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from .caselist import review_dict
+    from .db import db
+    from .models import Review
+
+    return [review_dict(r) for r in db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id))]

@@ -13,17 +13,25 @@ from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, PREDICT_QUEUE, broker_opti
 
 settings = Settings.load()
 
-app = Celery("dermportal", broker=settings.REDIS_URL, include=["worker.tasks"])
+app = Celery("dermportal", broker=settings.REDIS_URL, include=["worker.tasks", "worker.sweep"])
 app.conf.update(broker_options(settings.BROKER_TIMEOUT))
 app.conf.update(
     task_default_queue=PREDICT_QUEUE,
-    task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE}},
+    task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE},
+                 "worker.tasks.explain_shap": {"queue": EXPLAIN_QUEUE},
+                 "worker.tasks.explain_gradcam": {"queue": EXPLAIN_QUEUE}},
     task_create_missing_queues=True,
     # A task is acknowledged after it ran, so a worker that dies mid-task does not lose it;
     # one message at a time per process, since a prediction holds the CPU for seconds.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # A Redis restart must not end the worker: reconnect forever (the default gives up after 100 tries).
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,
+    # A task running when the broker connection drops finishes and stores its result (the job row
+    # is the truth; a later redelivery of its message finds the job finished and does nothing).
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     task_soft_time_limit=settings.TASK_SOFT_TIME_LIMIT,
     task_time_limit=settings.TASK_TIME_LIMIT,
     # Building the model in worker_process_init takes longer than Celery's default 4 s.

@@ -18,11 +18,13 @@ from celery.signals import task_failure, worker_process_init
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from . import reliability
 from .celery_app import app, settings
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # create_app() loads Flask-Migrate; its INFO lines are noise here
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = settings.TASK_MAX_ATTEMPTS
+TRANSIENT_RETRIES = 5  # retries with backoff (2, 4, 8, 16, 32 s) for database or broker hiccups
 _state: dict[str, Any] = {"flask_app": None, "predictor": None, "predictor_error": None}
 
 
@@ -94,6 +96,8 @@ def register_model_version(manifest: dict):
         trained_on=manifest.get("trained_on"),
         class_names=list(manifest["class_names"]),
         manifest=_jsonable(manifest),
+        # Where a re-run with this version finds the artifact (None: the untrained model, rebuilt from its manifest).
+        artifact_path=str(settings.MODEL_DIR) if (Path(settings.MODEL_DIR) / "manifest.json").is_file() else None,
     )
     db.session.add(row)
     try:
@@ -142,46 +146,95 @@ def _fail(job_id: int, message: str) -> None:
     db.session.commit()
 
 
-@app.task(name="worker.tasks.analyse", bind=True)
+@app.task(name="worker.tasks.analyse", bind=True, max_retries=TRANSIENT_RETRIES)
 def analyse(self, job_id: int) -> str:
     """Runs the predictor on the job's image and stores an Analysis per (image, model version).
 
-    Returns the job's final status. Never leaves the job `running`: every error ends in `failed`
-    with its reason (the soft time limit included).
+    Returns the job's final status. Idempotent: the delivery first claims the job
+    (worker.reliability.claim), so a redelivered or duplicated message adds nothing. Never leaves
+    the job `running`: transient errors (database or broker briefly unavailable) put it back to
+    `queued` and retry with backoff; every other error ends in `failed` with its reason (the soft
+    time limit included).
     """
     from webapp.db import db
     from webapp.models import Job
 
+    transient: BaseException | None = None
     with flask_app().app_context():
-        job = db.session.get(Job, job_id)
-        if job is None:
-            log.warning("Job %s does not exist; nothing to do.", job_id)
-            return "missing"
-        if job.finished:
-            return job.status  # a redelivered message: the work is done
-        if job.attempts >= MAX_ATTEMPTS:
-            _fail(job_id, f"Gave up after {job.attempts} attempts (the worker stopped during each).")
-            return "failed"
-        job.status, job.started_at, job.attempts, job.error = "running", _now(), job.attempts + 1, None
-        db.session.commit()
+        claimed = False
         try:
+            job = db.session.get(Job, job_id)
+            if job is None:
+                log.warning("Job %s does not exist; nothing to do.", job_id)
+                return "missing"
+            outcome = reliability.claim(job, self.request, settings, _now())
+            if outcome is not None:
+                return outcome
+            claimed = True
             _run_analysis(job)
         except SoftTimeLimitExceeded:
             _fail(job_id, f"Timed out after {settings.TASK_SOFT_TIME_LIMIT} s.")
         except Exception as exc:
-            log.error("Job %s failed:\n%s", job_id, traceback.format_exc())
-            _fail(job_id, f"{exc.__class__.__name__}: {exc}")
+            if reliability.is_transient(exc):
+                log.warning("Job %s: transient error, will retry: %s", job_id, exc)
+                if claimed:
+                    reliability.release(job_id)
+                transient = exc
+            else:
+                log.error("Job %s failed:\n%s", job_id, traceback.format_exc())
+                _fail(job_id, f"{exc.__class__.__name__}: {exc}")
         finally:
             db.session.remove()
+        if transient is not None:  # outside the try: Retry is an Exception too
+            raise self.retry(exc=transient, countdown=reliability.retry_countdown(self.request.retries))
         return db.session.get(Job, job_id).status
+
+
+# --- Re-runs with a chosen model version (research portal) -------------------------------------
+# A job whose model_version_id is set (webapp.reruns) runs with that version's artifact, loaded once
+# per pool process and kept; jobs without one use the process's default predictor as before.
+_versioned_predictors: dict[int, Any] = {}
+
+
+def predictor_for_job(job):
+    """(predictor, ModelVersion row) for the job."""
+    if job.model_version_id is None:
+        model = predictor()
+        return model, register_model_version(model.manifest)
+    mv = job.model_version
+    model = _versioned_predictors.get(mv.id)
+    if model is None:
+        default = _state["predictor"]
+        if default is not None and (str(default.manifest["name"]), str(default.manifest["version"])) == (mv.name, mv.version):
+            model = default
+        else:
+            model = _load_model_version(mv)
+        _versioned_predictors[mv.id] = model
+    return model, mv
+
+
+def _load_model_version(mv):
+    try:
+        from ml import Predictor
+    except ImportError:
+        from ml.predictor import Predictor
+
+    if mv.artifact_path and (Path(mv.artifact_path) / "manifest.json").is_file():
+        return Predictor.load(mv.artifact_path)
+    if not mv.trained:
+        size = (mv.manifest or {}).get("input_size") or settings.UNTRAINED_INPUT_SIZE
+        return Predictor.untrained(input_size=tuple(size))
+    raise RuntimeError(
+        f"Model version {mv.name} {mv.version} has no artifact folder on this worker ({mv.artifact_path!r}); "
+        "register it with `flask --app webapp models register FOLDER`."
+    )
 
 
 def _run_analysis(job) -> None:
     from webapp.db import db
     from webapp.models import Analysis
 
-    model = predictor()
-    model_version = register_model_version(model.manifest)
+    model, model_version = predictor_for_job(job)  # re-run jobs name their model version
     job.model_version = model_version
     analysis = db.session.scalar(
         select(Analysis).where(Analysis.image_id == job.image_id, Analysis.model_version_id == model_version.id)
@@ -189,6 +242,7 @@ def _run_analysis(job) -> None:
     if analysis is not None and analysis.status == "succeeded":  # results are never overwritten
         job.analysis, job.status, job.finished_at = analysis, "succeeded", _now()
         db.session.commit()
+        _queue_explanations(model, analysis.id)
         return
     if analysis is None:
         analysis = Analysis(image_id=job.image_id, model_version=model_version)
@@ -200,7 +254,7 @@ def _run_analysis(job) -> None:
     t0 = time.perf_counter()
     pixels = _read_rgb(job.image.storage_key)
     t1 = time.perf_counter()
-    probs = model.predict([pixels])[0]
+    probs, gradcam = _predict(model, pixels)
     t2 = time.perf_counter()
 
     class_names = list(model_version.class_names)
@@ -210,9 +264,49 @@ def _run_analysis(job) -> None:
     analysis.probabilities = probabilities
     analysis.top_class = max(probabilities, key=probabilities.get)
     analysis.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "predict_ms": round((t2 - t1) * 1000, 1)}
+    if gradcam is not None:  # the Grad-CAM map of the same pass, stored with the prediction
+        from . import explain_tasks
+
+        index, heatmap, error = gradcam
+        class_name = class_names[index] if error is None else analysis.top_class
+        explain_tasks.record_gradcam(analysis, class_name, heatmap, settings.GRADCAM_PLUS_PLUS, error)
     analysis.status, analysis.finished_at = "succeeded", _now()
     job.status, job.finished_at = "succeeded", _now()
     db.session.commit()
+    _queue_explanations(model, analysis.id)
+
+
+def _predict(model, pixels):
+    """Probabilities and, for a Keras-backed predictor, the Grad-CAM map of the predicted class from
+    the same forward pass: `(probs, (class_index, map, None))`. If the Grad-CAM pass fails the
+    prediction is still made: `(probs, (None, None, reason))`. Without a model to explain: `(probs, None)`."""
+    from . import explain_tasks
+
+    if not explain_tasks.explainable(model):
+        return model.predict([pixels])[0], None
+    try:
+        probs, index, heatmap = explain_tasks.prediction_pass(model, pixels, settings.GRADCAM_PLUS_PLUS)
+        return probs, (index, heatmap, None)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:  # an explanation never costs the prediction
+        log.error("Grad-CAM pass failed; predicting without it:\n%s", traceback.format_exc())
+        return model.predict([pixels])[0], (None, None, f"Grad-CAM failed: {exc.__class__.__name__}: {exc}")
+
+
+def _queue_explanations(model, analysis_id: int) -> None:
+    """SHAP rows for the top classes, sent to the explain queue after the prediction is stored."""
+    from . import explain_tasks
+
+    if not explain_tasks.explainable(model):
+        return
+    try:
+        explain_tasks.queue_followups(analysis_id)
+    except Exception:  # the prediction is stored; a lost SHAP request must not fail the job
+        from webapp.db import db
+
+        db.session.rollback()
+        log.exception("Could not queue the explanations of analysis %s.", analysis_id)
 
 
 @task_failure.connect
@@ -227,6 +321,9 @@ def _mark_failed(sender=None, task_id=None, exception=None, args=None, **_: Any)
         with flask_app().app_context():
             job = db.session.get(Job, int(args[0]))
             if job is not None and not job.finished:
+                if reliability.is_transient(exception) or exception.__class__.__name__ in ("Reject", "Retry"):
+                    reliability.release(job.id)  # a retry could not be published: the sweep sends it again
+                    return
                 if isinstance(exception, TimeLimitExceeded):
                     message = f"TimeLimitExceeded: stopped by the hard time limit of {settings.TASK_TIME_LIMIT} s."
                 else:
@@ -234,3 +331,6 @@ def _mark_failed(sender=None, task_id=None, exception=None, args=None, **_: Any)
                 _fail(job.id, message)
     except Exception:
         log.exception("Could not mark job %s failed.", args)
+
+
+from . import explain_tasks  # noqa: E402,F401  (registers worker.tasks.explain_shap and explain_gradcam)

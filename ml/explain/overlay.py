@@ -167,12 +167,14 @@ def with_colorbar(
         raise ValueError(f"The colour scale needs vmax > vmin, got vmin={vmin} and vmax={vmax}.")
     h, w = picture.shape[:2]
     height_in = max(h / dpi, 2.0)
-    fig = Figure(figsize=(height_in * w / h + 1.2, height_in), dpi=dpi)
+    picture_in = 0.92 * height_in * w / h  # the picture fills 92% of the height, aspect kept
+    fig_w = picture_in + 1.05  # room for the bar and its tick labels
+    fig = Figure(figsize=(fig_w, height_in), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.02, 0.04, 0.96 * (height_in * w / h) / fig.get_figwidth(), 0.92))
+    ax = fig.add_axes((0.05 / fig_w, 0.04, picture_in / fig_w, 0.92))
     ax.imshow(picture, interpolation="nearest")
     ax.set_axis_off()
-    cax = fig.add_axes((ax.get_position().x1 + 0.03, 0.1, 0.04, 0.8))
+    cax = fig.add_axes(((0.05 + picture_in + 0.12) / fig_w, 0.1, 0.14 / fig_w, 0.8))
     mappable = ScalarMappable(norm=Normalize(vmin, vmax), cmap=_colormap(cmap))
     bar = fig.colorbar(mappable, cax=cax)
     bar.set_label(label, fontsize=8)

@@ -89,7 +89,14 @@ def _build_probability_function(model: keras.Model, temperature: float):
         return tf.nn.softmax(logits / temperature, axis=-1)
 
     def call(images: np.ndarray) -> np.ndarray:
-        batch = np.asarray(images, dtype=np.float32).reshape(-1, height, width, 3)
+        batch = np.asarray(images, dtype=np.float32)
+        if batch.ndim == 2 and batch.shape[1] == height * width * 3:  # flattened rows
+            batch = batch.reshape(-1, height, width, 3)
+        if batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
+            raise ValueError(
+                f"Images must be shaped (N, {height}, {width}, 3) for this model, got {batch.shape}; "
+                "resize them to the model's input size first."
+            )
         return probabilities(tf.constant(batch)).numpy()
 
     return call

@@ -115,6 +115,13 @@ def test_bad_inputs_raise_clear_errors(model_fn, image, kwargs, match):
         shap_values(model_fn, image, **kwargs)
 
 
+def test_probability_function_rejects_images_at_another_size(model_fn):
+    with pytest.raises(ValueError, match=r"Images must be shaped \(N, 24, 32, 3\)"):
+        model_fn(np.zeros((1, 32, 24, 3)))
+    with pytest.raises(ValueError, match="resize them to the model's input size"):
+        shap_values(model_fn, np.zeros((30, 40, 3)))
+
+
 def test_probability_function_rejects_a_non_positive_temperature():
     with pytest.raises(ValueError, match="Temperature must be positive"):
         probability_function(bright_spot_model(), -1.0)

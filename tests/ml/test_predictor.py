@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,41 +79,50 @@ def _save_artifact(predictor, folder, temperature=1.7):
     return folder
 
 
-def test_artifact_round_trip_gives_identical_outputs(tiny_predictor, tmp_path):
-    folder = _save_artifact(tiny_predictor, tmp_path / "model")
-    loaded = Predictor.load(folder)
-    images = _images(4)
-    raw = tiny_predictor.predict_raw(np.stack([tiny_predictor.preprocess(i) for i in images]))
+@pytest.fixture(scope="module")
+def artifact(tiny_predictor, tmp_path_factory):
+    return _save_artifact(tiny_predictor, tmp_path_factory.mktemp("artifact") / "model")
+
+
+def test_artifact_round_trip_gives_identical_outputs(tiny_predictor, artifact):
     from ml.calibration import apply_temperature
 
+    loaded = Predictor.load(artifact)
+    images = _images(4)
+    raw = tiny_predictor.predict_raw(np.stack([tiny_predictor.preprocess(i) for i in images]))
     np.testing.assert_array_equal(loaded.predict(images), apply_temperature(raw, 1.7))
     assert loaded.temperature == 1.7 and loaded.gradcam_layer == tiny_predictor.gradcam_layer
+    assert loaded.manifest == read_manifest(artifact)
 
 
-def test_float16_export_loads_into_a_float32_model(tiny_predictor, tmp_path):
-    run = _save_artifact(tiny_predictor, tmp_path / "run", temperature=1.0)
-    out = export_artifact(run, tmp_path / "shipped", float16=True)
+def test_float16_export_loads_into_a_float32_model(tiny_predictor, artifact, tmp_path):
+    out = export_artifact(artifact, tmp_path / "shipped", float16=True)
     assert weights_dtype(out / WEIGHTS) == "float16"
-    assert (out / WEIGHTS).stat().st_size < 0.6 * (run / WEIGHTS).stat().st_size
-    loaded = Predictor.load(out)
-    assert loaded.model.weights[0].dtype == "float32"
+    assert (out / WEIGHTS).stat().st_size < 0.6 * (artifact / WEIGHTS).stat().st_size
     assert read_manifest(out)["weights_dtype"] == "float16"
-    images = _images(3)
-    np.testing.assert_allclose(loaded.predict(images), tiny_predictor.predict(images), atol=2e-2)
+    loaded = Predictor.load(out)
+    # Comparing the weights (not predictions) spares tracing a second inference graph.
+    for ours, theirs in zip(loaded.model.weights, tiny_predictor.model.weights):
+        assert ours.dtype == theirs.dtype and "float16" not in ours.dtype
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-3, atol=1e-4)
 
 
 def test_load_default_falls_back_to_untrained_with_the_env_size(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Predictor, "untrained", classmethod(lambda cls, input_size: calls.append(input_size)))
     monkeypatch.setenv("UNTRAINED_INPUT_SIZE", "32,48")
-    p = Predictor.load_default(str(tmp_path))
-    assert p.input_size == (32, 48) and p.manifest["trained"] is False
+    Predictor.load_default(str(tmp_path))
+    monkeypatch.delenv("UNTRAINED_INPUT_SIZE")
+    Predictor.load_default(None)
+    assert calls == [(32, 48), (120, 160)]
     monkeypatch.setenv("UNTRAINED_INPUT_SIZE", "big")
     with pytest.raises(ValueError, match="UNTRAINED_INPUT_SIZE must look like 'H,W'"):
         Predictor.load_default(None)
 
 
-def test_load_default_loads_an_artifact(tiny_predictor, tmp_path):
-    folder = _save_artifact(tiny_predictor, tmp_path / "model")
-    assert Predictor.load_default(str(folder)).temperature == 1.7
+def test_load_default_loads_an_artifact(artifact, monkeypatch):
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, folder: ("loaded", folder)))
+    assert Predictor.load_default(str(artifact)) == ("loaded", str(artifact))
 
 
 @pytest.mark.parametrize(
@@ -127,8 +137,8 @@ def test_load_default_loads_an_artifact(tiny_predictor, tmp_path):
         ("wrong_architecture", ValueError, "do not match the architecture"),
     ],
 )
-def test_load_errors(tiny_predictor, tmp_path, breakage, error, match):
-    folder = _save_artifact(tiny_predictor, tmp_path / "model")
+def test_load_errors(artifact, tmp_path, breakage, error, match):
+    folder = Path(shutil.copytree(artifact, tmp_path / "model"))
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     if breakage == "no_folder":

