@@ -10,7 +10,7 @@ PORT   ?= 5000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lock migrate clean-instance
+.PHONY: help install run test test-fast lock migrate clean-instance system-deps
 
 help:
 	@echo "make run [PORT=5000]   start Redis, the Celery worker and the web server (Ctrl-C stops all)"
@@ -33,7 +33,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) scripts/run_portal.py --port $(PORT)
 
-test: $(STAMP)
+# System packages the tests need (PostgreSQL for the database tests); quick when already installed.
+system-deps:
+	sh scripts/install_system_deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -46,6 +50,7 @@ migrate: $(STAMP)
 lock:
 	@echo "# Pinned by 'make lock' (pip freeze of .venv; Linux x86_64, Python 3.11). Install: make install" > requirements.lock
 	$(PY) -m pip freeze --all --exclude-editable --disable-pip-version-check | grep -v -E '^(pip|dermportal)==' >> requirements.lock
+	$(PY) scripts/lock_web.py
 
 clean-instance:
 	rm -rf instance/

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(args):
-    from ml.predictor import Predictor
+    from ml import Predictor
 
     spec = args.model
     if spec is None:

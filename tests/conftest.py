@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from portal_helpers import ENV_VARS, login, make_token, make_user
+from pg_support import fresh_postgres_url, postgres_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 
 # webapp is imported inside the fixtures, not at module level: tests/ml/ may check that ml/ runs
 # without Flask.

@@ -40,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_predictor(spec: str):
     """`Predictor.load(spec)`, or for 'untrained' the seeded untrained model whose input size comes
     from UNTRAINED_INPUT_SIZE ("H,W"), as the worker builds it (`Predictor.load_default(None)`)."""
-    try:
-        from ml import Predictor
-    except ImportError:  # ml/__init__ may not re-export it yet
-        from ml.predictor import Predictor
+    from ml import Predictor
 
     if spec == "untrained":
         return Predictor.load_default(None)

@@ -73,6 +73,7 @@ def portal_env(tmp_path, redis_url, monkeypatch):
         "MODEL_DIR": str(tmp_path / "no-model"),  # no artifact: the worker must use the untrained model
         "REDIS_URL": redis_url,
         "UNTRAINED_INPUT_SIZE": "64,64",
+        "SHAP_MAX_EVALS": "64",  # the SHAP queued after each prediction stays short on the test box
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     for key, value in env.items():

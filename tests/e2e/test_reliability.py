@@ -1,9 +1,9 @@
 """Nothing is lost under faults, with real processes: a worker killed mid-batch, Redis stopped while
 uploads go on, uploads while no worker runs. Every image ends with exactly one analysis.
 
-Short limits make the recovery paths quick: TASK_TIME_LIMIT=30 s and SWEEP_RUNNING_MARGIN=5 s (a job
-left running by a killed worker is re-queued 35 s after it started), the sweep runs every 2 s and
-re-sends jobs still queued after 5 s. The model is the untrained one at 32x32.
+Short limits make the recovery paths quick: TASK_TIME_LIMIT=100 s and SWEEP_RUNNING_MARGIN=5 s (a
+job left running by a killed worker is re-queued 105 s after it started), the sweep runs every 2 s
+and re-sends jobs still queued after 5 s. The model is the untrained one at 32x32.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 FAST_RECOVERY = {
     "UNTRAINED_INPUT_SIZE": "32,32",
-    "TASK_SOFT_TIME_LIMIT": "20",
-    "TASK_TIME_LIMIT": "30",
+    # The first prediction of a fresh process traces the model and can take 20-40 s on a busy
+    # 2-core machine; the soft limit must not cut it short.
+    "TASK_SOFT_TIME_LIMIT": "90",
+    "TASK_TIME_LIMIT": "100",
     "SWEEP_INTERVAL": "2",
     "SWEEP_QUEUED_AFTER": "5",
     "SWEEP_RUNNING_MARGIN": "5",

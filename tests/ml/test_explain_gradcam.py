@@ -36,11 +36,10 @@ def tiny():
     return red_detector_model()
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    from ml.predictor import Predictor
-
-    return Predictor.untrained(input_size=(32, 48))
+@pytest.fixture
+def predictor(tiny_predictor):
+    """The session's untrained EfficientNetB3+CBAM at 32x32 (tests/ml/conftest.py)."""
+    return tiny_predictor
 
 
 @pytest.mark.parametrize("plus_plus", [False, True])

@@ -38,11 +38,10 @@ def model_fn():
     return probability_function(bright_spot_model())
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    from ml.predictor import Predictor
-
-    return Predictor.untrained(input_size=(32, 48))
+@pytest.fixture
+def predictor(tiny_predictor):
+    """The session's untrained EfficientNetB3+CBAM at 32x32 (tests/ml/conftest.py)."""
+    return tiny_predictor
 
 
 def test_values_are_per_class_2d_maps_that_add_up_to_the_output_change(model_fn):
@@ -70,7 +69,7 @@ def test_results_repeat_with_the_same_seed(model_fn):
 
 
 def test_calibrated_probabilities_and_maps_at_the_original_size(predictor):
-    images = np.random.RandomState(0).randint(0, 256, (2, 32, 48, 3)).astype(np.uint8)
+    images = np.random.RandomState(0).randint(0, 256, (2, *predictor.input_size, 3)).astype(np.uint8)
     image = np.random.RandomState(2).randint(0, 256, (64, 96, 3)).astype(np.uint8)
     predictor.temperature = 2.5
     try:

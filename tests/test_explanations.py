@@ -1,0 +1,224 @@
+"""Explanations on the web side (no TensorFlow): rows and files as the worker stores them, the API
+JSON, requests for more maps, access control on the files, the case page and its polling JSON."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from portal_helpers import csrf_from, image_bytes, login, make_token, make_user
+from webapp.db import db
+from webapp.models import Analysis, Case, Explanation, ModelVersion, utcnow
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+MANIFEST = {"name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
+            "class_names": CLASSES, "class_long_names": {c: c.upper() for c in CLASSES},
+            "malignant_classes": ["akiec", "bcc", "mel"]}
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    calls: list[tuple] = []
+
+    def fake_send(name, *args, queue):
+        calls.append((name, args, queue))
+        return "task-id"
+
+    monkeypatch.setattr("webapp.cases.send", fake_send)
+    monkeypatch.setattr("webapp.explanations.send", fake_send)
+    return calls
+
+
+@pytest.fixture
+def token(app, researcher):
+    return make_token(app, researcher)
+
+
+def png(width, height, mode="RGBA") -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new(mode, (width, height), (255, 0, 0, 128) if mode == "RGBA" else (255, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def case_id(app, client, sent, token):
+    """A case analysed as the worker leaves it: Grad-CAM done, SHAP for two classes queued."""
+    from webapp.explanations import explanation_keys
+    from webapp.storage import storage_from_settings
+
+    response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes()), "x.jpg")},
+                           headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 202
+    with app.app_context():
+        case = db.session.get(Case, response.json["id"])
+        image, job = case.images[0], case.images[0].jobs[0]
+        mv = ModelVersion(name=MANIFEST["name"], version="untrained", trained=False, class_names=CLASSES, manifest=MANIFEST)
+        probs = dict(zip(CLASSES, [0.05, 0.10, 0.05, 0.05, 0.60, 0.10, 0.05]))
+        analysis = Analysis(image=image, model_version=mv, status="succeeded", probabilities=probs, top_class="mel",
+                            finished_at=utcnow())
+        job.status, job.analysis, job.model_version = "succeeded", analysis, mv
+        db.session.add_all([mv, analysis])
+        db.session.flush()
+        raw_key, overlay_key = explanation_keys(image.content_hash, mv.id, "gradcam", "mel")
+        storage = storage_from_settings(app.extensions["settings"])
+        storage.save(raw_key, npy(np.linspace(0, 1, image.height * image.width, dtype=np.float32).reshape(image.height, image.width)))
+        storage.save(overlay_key, png(image.width, image.height))
+        db.session.add_all([
+            Explanation(analysis=analysis, image=image, model_version=mv, method="gradcam", class_name="mel",
+                        status="done", raw_key=raw_key, overlay_key=overlay_key, attempts=1, finished_at=utcnow()),
+            Explanation(analysis=analysis, image=image, model_version=mv, method="shap", class_name="mel", status="queued"),
+            Explanation(analysis=analysis, image=image, model_version=mv, method="shap", class_name="bcc", status="queued"),
+        ])
+        db.session.commit()
+        return case.id
+
+
+def test_explanation_keys_are_valid_storage_keys():
+    from webapp.explanations import explanation_keys
+
+    raw, overlay = explanation_keys("ab" * 32, 3, "gradcam++", "mel")
+    assert raw == f"explanations/ab/ab/{'ab' * 32}/m3-gradcampp-mel.npy" and overlay.endswith("m3-gradcampp-mel.png")
+
+
+def test_unique_per_image_model_version_method_and_class(app, case_id):
+    from sqlalchemy.exc import IntegrityError
+
+    with app.app_context():
+        first = db.session.scalars(db.select(Explanation)).first()
+        db.session.add(Explanation(analysis_id=first.analysis_id, image_id=first.image_id,
+                                   model_version_id=first.model_version_id, method="gradcam", class_name="mel"))
+        with pytest.raises(IntegrityError):
+            db.session.commit()
+        db.session.rollback()
+        db.session.add(Explanation(analysis_id=first.analysis_id, image_id=first.image_id,
+                                   model_version_id=first.model_version_id, method="lime", class_name="mel"))
+        with pytest.raises(IntegrityError):
+            db.session.commit()
+
+
+def test_api_lists_explanations_with_method_class_status_and_urls(client, case_id, token):
+    body = client.get(f"/api/v1/cases/{case_id}", headers={"Authorization": f"Bearer {token}"}).json
+    (analysis,) = body["analyses"]
+    assert analysis["model"]["version"] == "untrained" and "Untrained model" in analysis["warning"]
+    assert body["disclaimer"] == "Research use only — not a diagnostic device." and body["explanations_pending"]
+    gradcam, shap_mel, shap_bcc = analysis["explanations"]
+    assert {k: gradcam[k] for k in ("method", "class", "status")} == {"method": "gradcam", "class": "mel", "status": "done"}
+    assert gradcam["url"] == f"/cases/{case_id}/explanations/{gradcam['id']}/overlay.png"
+    assert gradcam["raw_url"] == f"/cases/{case_id}/explanations/{gradcam['id']}/raw.npy"
+    assert gradcam["model"] == {"name": "efficientnetb3-cbam", "version": "untrained", "trained": False}
+    assert gradcam["class_name"] == "MEL" and gradcam["method_label"] == "Grad-CAM"
+    assert [(e["method"], e["class"], e["status"], e["url"], e["raw_url"]) for e in (shap_mel, shap_bcc)] == [
+        ("shap", "mel", "queued", None, None), ("shap", "bcc", "queued", None, None)]
+
+
+def test_explanation_files_need_a_login_or_a_token(app, client, case_id, token):
+    body = client.get(f"/api/v1/cases/{case_id}", headers={"Authorization": f"Bearer {token}"}).json
+    gradcam = body["analyses"][0]["explanations"][0]
+    url, raw_url = gradcam["url"], gradcam["raw_url"]
+
+    anonymous = client.get(url)
+    assert anonymous.status_code == 302 and "/login" in anonymous.headers["Location"]
+    assert client.get(raw_url).status_code == 302
+    bad = client.get(url, headers={"Authorization": "Bearer dp_nope"})
+    assert bad.status_code == 401 and bad.json["status"] == 401
+
+    ok = client.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200 and ok.mimetype == "image/png"
+    assert "private" in ok.headers["Cache-Control"]
+    assert PILImage.open(io.BytesIO(ok.data)).size == (200, 150)
+    raw = client.get(raw_url, headers={"Authorization": f"Bearer {token}"})
+    assert raw.status_code == 200 and raw.mimetype == "application/octet-stream"
+    values = np.load(io.BytesIO(raw.data), allow_pickle=False)
+    assert values.shape == (150, 200) and 0.0 <= values.min() and values.max() <= 1.0
+
+    login(client, "researcher@example.org")
+    assert client.get(url).status_code == 200
+    pending = body["analyses"][0]["explanations"][1]["id"]
+    assert client.get(f"/cases/{case_id}/explanations/{pending}/overlay.png").status_code == 404  # not stored yet
+    assert client.get(f"/cases/{case_id + 1}/explanations/{gradcam['id']}/overlay.png").status_code == 404  # other case
+    assert client.get(f"/cases/{case_id}/explanations/9999/raw.npy").status_code == 404
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"method": "lime", "class": "mel"}, 400, "method must be one of"),
+    ({"method": "gradcam", "class": "melanoma"}, 400, "class must be one of"),
+    ({"method": "gradcam", "class": "mel", "analysis_id": "x"}, 400, "analysis_id must be a whole number"),
+    ({"method": "gradcam", "class": "mel", "analysis_id": 99}, 404, "no finished analysis with id 99"),
+])
+def test_bad_explanation_requests(client, case_id, token, sent, body, status, match):
+    response = client.post(f"/api/v1/cases/{case_id}/explanations", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == status and match in response.json["error"]
+    assert not [c for c in sent if c[0].startswith("worker.tasks.explain")]
+
+
+def test_explanation_requests_need_a_token_and_a_finished_analysis(app, client, sent, token):
+    assert client.post("/api/v1/cases/1/explanations", json={"method": "gradcam"}).status_code == 401
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.post("/api/v1/cases/1/explanations", json={"method": "gradcam"}, headers=headers).status_code == 404
+    client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes()), "x.jpg")}, headers=headers)
+    response = client.post("/api/v1/cases/1/explanations", json={"method": "gradcam", "class": "mel"}, headers=headers)
+    assert response.status_code == 409 and "no finished analysis" in response.json["error"]
+
+
+def test_requesting_a_map_queues_it_once(app, client, case_id, token, sent):
+    headers = {"Authorization": f"Bearer {token}"}
+    first = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam++", "class": "nv"}, headers=headers)
+    assert first.status_code == 202
+    assert (first.json["method"], first.json["class"], first.json["status"]) == ("gradcam++", "nv", "queued")
+    assert sent[-1] == ("worker.tasks.explain_gradcam", (first.json["id"],), "explain")
+    done = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam", "class": "mel"}, headers=headers)
+    assert done.status_code == 200 and done.json["status"] == "done" and done.json["url"]
+    shap = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "shap", "class": "df"}, headers=headers)
+    assert shap.status_code == 202 and sent[-1][0] == "worker.tasks.explain_shap"
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Explanation.id))) == 5
+
+
+def test_case_page_shows_original_gradcam_and_shap_with_controls(app, client, case_id, researcher, sent):
+    login(client, researcher)
+    page = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    assert 'id="explanations"' in page and "explanations.js" in page
+    assert 'class="explanation-class"' in page and 'type="range" class="explanation-opacity"' in page
+    assert page.count('class="explanation-row"') == 2  # mel (Grad-CAM + SHAP queued) and bcc (SHAP queued)
+    assert f'src="/cases/{case_id}/explanations/1/overlay.png"' in page and "raw map (.npy)" in page
+    assert "Untrained model — not a diagnosis" in page and "efficientnetb3-cbam" in page
+    assert "Research use only — not a diagnostic device." in page
+    assert "<script>" not in page and "onclick" not in page  # no inline scripts (CSP)
+    assert 'data-done="false"' in page  # SHAP pending: keep polling
+
+    status = client.get(f"/cases/{case_id}/status.json").json
+    assert status["done"] is False and status["explanations_pending"] is True
+    assert "explanation-row" in status["explanations_html"]
+    with app.app_context():
+        for row in db.session.scalars(db.select(Explanation).where(Explanation.method == "shap")):
+            row.status, row.error = "failed", "RuntimeError: boom"
+        db.session.commit()
+    status = client.get(f"/cases/{case_id}/status.json").json
+    assert status["done"] is True and "RuntimeError: boom" in status["explanations_html"]
+
+
+def test_page_form_requests_a_map(app, client, case_id, researcher, sent):
+    login(client, researcher)
+    page = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    response = client.post(f"/cases/{case_id}/explanations",
+                           data={"csrf_token": csrf_from(page), "method": "gradcam", "class": "bkl", "analysis_id": "1"})
+    assert response.status_code == 302 and response.headers["Location"].endswith(f"/cases/{case_id}#explanations")
+    assert sent[-1][0] == "worker.tasks.explain_gradcam"
+    assert client.post(f"/cases/{case_id}/explanations", data={"method": "gradcam", "class": "bkl"}).status_code == 400  # no CSRF
+
+
+def test_reviewers_see_maps_too(app, client, case_id, sent):
+    make_user(app, "rev@example.org", role="reviewer")
+    token = make_token(app, "rev@example.org")
+    body = client.get(f"/api/v1/cases/{case_id}", headers={"Authorization": f"Bearer {token}"}).json
+    url = body["analyses"][0]["explanations"][0]["url"]
+    assert client.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200

@@ -1,0 +1,154 @@
+"""Reviews with their audit log, the review queue, kappa and the dashboard, re-runs with another model version."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal_helpers import csrf_from, login, make_token, make_user
+from research_helpers import model_version, seed_case
+
+
+def test_cohen_kappa_matches_a_hand_computation():
+    from webapp.metrics import balanced_accuracy, cohen_kappa, confusion_matrix, sensitivity
+
+    a = ["mel", "mel", "nv", "nv", "bcc", "mel"]
+    b = ["mel", "nv", "nv", "nv", "bcc", "bcc"]
+    # p_o = 4/6; p_e = (3*1 + 2*3 + 1*2) / 36 = 11/36; kappa = (24/36 - 11/36) / (25/36) = 13/25
+    assert cohen_kappa(a, b) == pytest.approx(0.52)
+    assert cohen_kappa(a, a) == pytest.approx(1.0)
+    assert cohen_kappa(["nv", "nv"], ["nv", "nv"]) is None and cohen_kappa([], []) is None
+    with pytest.raises(ValueError, match="same items"):
+        cohen_kappa(["nv"], [])
+    classes = ["bcc", "mel", "nv"]
+    matrix = confusion_matrix(list(zip(a, b)), classes)  # a as reference, b as prediction
+    assert matrix == [[1, 0, 0], [1, 1, 1], [0, 0, 2]]
+    assert sensitivity(matrix, classes) == {"bcc": 1.0, "mel": pytest.approx(1 / 3), "nv": 1.0}
+    assert balanced_accuracy(matrix, classes) == pytest.approx((1 + 1 / 3 + 1) / 3)
+
+
+@pytest.fixture
+def reviewed(app):
+    mv = model_version(app)
+    cases = [seed_case(app, top=top, mv_id=mv, reference_dx=ref) for top, ref in
+             [("mel", "mel"), ("nv", "mel"), ("nv", None), ("bcc", None), ("nv", None)]]
+    make_user(app, "rev1@example.org", role="reviewer")
+    make_user(app, "rev2@example.org", role="reviewer")
+    return {"mv": mv, "cases": cases}
+
+
+def _review(client, case_id, **values):
+    page = client.get(f"/cases/{case_id}/review")
+    assert page.status_code == 200
+    return client.post(f"/cases/{case_id}/review", data={"csrf_token": csrf_from(page.get_data(as_text=True)), **values})
+
+
+def test_review_is_created_updated_and_audited(app, client, reviewed):
+    case_id = reviewed["cases"][2]
+    login(client, "rev1@example.org")
+    assert _review(client, case_id, diagnosis="nv", agrees_with_model="agree", confidence="4", notes="typical").status_code == 302
+    assert _review(client, case_id, diagnosis="mel", agrees_with_model="disagree", confidence="high").status_code == 302
+    assert _review(client, case_id, diagnosis="nonsense", confidence="3").status_code == 400
+    headers = {"Authorization": f"Bearer {make_token(app, 'rev1@example.org')}"}
+    (review,) = client.get(f"/api/v1/cases/{case_id}/reviews", headers=headers).json["reviews"]
+    assert (review["diagnosis"], review["agrees_with_model"], review["confidence"], review["notes"]) == ("mel", False, 4, None)  # the form sends every field
+    assert review["analysis_id"] is not None
+    page = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    assert "review.create" in page and "review.update" in page and "Review history (2)" in page
+
+    from webapp.db import db
+    from webapp.models import AuditEntry
+
+    with app.app_context():
+        entries = db.session.scalars(db.select(AuditEntry).order_by(AuditEntry.id)).all()
+        assert [e.action for e in entries] == ["review.create", "review.update"]
+        assert entries[1].old["diagnosis"] == "nv" and entries[1].new["diagnosis"] == "mel"
+        assert entries[1].user.email == "rev1@example.org" and entries[1].case_id == case_id
+
+    # Through the API: a second reviewer, and a researcher who may not review.
+    headers2 = {"Authorization": f"Bearer {make_token(app, 'rev2@example.org')}"}
+    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=headers2).status_code == 201
+    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 9}, headers=headers2).status_code == 400
+    make_user(app, "res@example.org", role="researcher")
+    researcher = {"Authorization": f"Bearer {make_token(app, 'res@example.org')}"}
+    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=researcher).status_code == 403
+
+
+def test_review_queue_gives_the_next_unreviewed_case_and_skips(app, client, reviewed):
+    first, second = reviewed["cases"][:2]
+    login(client, "rev1@example.org")
+    response = client.get("/review/next")
+    assert response.status_code == 302 and f"/cases/{first}/review?queue=1" in response.location
+    page = client.get(response.location).get_data(as_text=True)
+    assert "data-key=\"1\"" in page and "review.js" in page and 'id="skip-form"' in page
+    response = client.post(f"/cases/{first}/review?queue=1", data={"csrf_token": csrf_from(page), "diagnosis": "mel", "confidence": "3"})
+    assert response.status_code == 302 and response.location.endswith("/review/next")
+    assert f"/cases/{second}/review" in client.get("/review/next").location
+    client.post(f"/review/skip/{second}", data={"csrf_token": csrf_from(page)})
+    assert f"/cases/{reviewed['cases'][2]}/review" in client.get("/review/next").location
+
+
+def test_dashboard_uses_dataset_dx_then_consensus_and_kappa(app, client, reviewed):
+    from webapp.db import db
+    from webapp.models import Review, User
+
+    cases = reviewed["cases"]
+    with app.app_context():
+        r1, r2 = (db.session.scalar(db.select(User).where(User.email == e)).id for e in ("rev1@example.org", "rev2@example.org"))
+        for case_id, d1, d2 in [(cases[2], "nv", "nv"), (cases[3], "bcc", "mel"), (cases[4], "mel", "mel")]:
+            db.session.add_all([Review(case_id=case_id, reviewer_id=r1, diagnosis=d1, confidence=3),
+                                Review(case_id=case_id, reviewer_id=r2, diagnosis=d2, confidence=3)])
+        db.session.commit()
+    headers = {"Authorization": f"Bearer {make_token(app, 'rev1@example.org')}"}
+    data = client.get("/api/v1/dashboard", headers=headers).json
+    model = data["model"]
+    # dataset dx: (mel, mel), (mel, nv); consensus: case 3 nv/nv -> nv, case 4 tie -> none, case 5 mel -> predicted nv
+    assert model["n"] == 4 and model["n_dataset_reference"] == 2 and model["n_consensus_reference"] == 2
+    assert model["sensitivity"]["mel"] == pytest.approx(1 / 3) and model["sensitivity"]["nv"] == 1.0
+    assert model["balanced_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
+    (pair,) = data["reviewer_agreement"]
+    # rev1 (nv, bcc, mel) vs rev2 (nv, mel, mel): p_o = 2/3, p_e = (1*1 + 1*2 + 0) / 9 = 1/3 -> kappa 0.5
+    assert pair["shared_cases"] == 3 and pair["kappa"] == pytest.approx(0.5)
+    login(client, "rev1@example.org")
+    html = client.get("/dashboard").get_data(as_text=True)
+    assert 'id="confusion-matrix"' in html and "0.500" in html and "untrained" in html
+
+
+def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client, auth_headers, sent_tasks, monkeypatch):
+    from webapp.db import db
+    from webapp.models import Analysis, AuditEntry, Job
+
+    mv1 = model_version(app)
+    mv2 = model_version(app, name="other", version="2")
+    cases = [seed_case(app, top="nv", mv_id=mv1, age=a) for a in (20, 60, 61)]
+    response = client.post(f"/api/v1/cases/{cases[0]}/rerun", json={"model_version_id": mv2}, headers=auth_headers)
+    assert response.status_code == 202 and response.json["queued"] == 1
+    again = client.post(f"/api/v1/cases/rerun?age_min=18", json={"model_version_id": mv2}, headers=auth_headers)
+    assert again.json["queued"] == 2 and again.json["skipped"] == 1  # the first one is still waiting
+    assert client.post(f"/api/v1/cases/{cases[0]}/rerun", json={"model_version_id": 999}, headers=auth_headers).status_code == 400
+    with app.app_context():
+        jobs = db.session.scalars(db.select(Job).where(Job.model_version_id == mv2)).all()
+        assert len(jobs) == 3 and {j.status for j in jobs} == {"queued"}
+        assert db.session.scalar(db.select(db.func.count()).select_from(AuditEntry).where(AuditEntry.action == "rerun")) == 2
+        job_id = jobs[0].id
+    assert [name for name, *_ in sent_tasks] == ["worker.tasks.analyse"] * 3
+
+    # The worker runs the job with the chosen version's predictor; the first result stays.
+    import numpy as np
+
+    import worker.tasks as tasks
+
+    class Fake:
+        manifest = {"name": "other", "version": "2", "class_names": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]}
+
+        def predict(self, images):
+            return np.array([[0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1]], dtype=np.float32)
+
+    monkeypatch.setitem(tasks._state, "flask_app", app)
+    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
+    monkeypatch.setattr(tasks, "_versioned_predictors", {mv2: Fake()})
+    monkeypatch.setattr(tasks, "_queue_explanations", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(tasks, "_read_rgb", lambda key: np.zeros((8, 8, 3), dtype=np.uint8))
+    assert tasks.analyse.run(job_id) == "succeeded"
+    with app.app_context():
+        rows = db.session.scalars(db.select(Analysis).join(Job, Job.image_id == Analysis.image_id).where(Job.id == job_id)).all()
+        assert sorted((r.model_version_id, r.top_class) for r in rows) == [(mv1, "nv"), (mv2, "mel")]
