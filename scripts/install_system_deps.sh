@@ -32,3 +32,12 @@ else
     apt_install postgresql
     # Debian's package starts a cluster service where systemd runs; the tests do not use it.
 fi
+
+# --- Chromium: tests/e2e/test_browser.py drives /usr/bin/chromium with Playwright (the Python
+# package only; `playwright install` is never run, so no browser download is needed).
+if [ -x /usr/bin/chromium ]; then
+    :
+else
+    echo "install_system_deps: installing chromium"
+    apt_install chromium
+fi

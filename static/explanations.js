@@ -22,6 +22,8 @@
       if (st.opacity != null) slider.value = st.opacity;
       st.opacity = slider.value;
     }
+    var ask = panel.querySelector("form.explanation-request select[name=class]");
+    if (ask && st.cls) ask.value = st.cls; // "compute" starts from the class on show
     panel.querySelectorAll(".explanation-row").forEach(function (row) {
       row.hidden = row.dataset.class !== st.cls;
     });

@@ -222,3 +222,23 @@ def test_reviewers_see_maps_too(app, client, case_id, sent):
     body = client.get(f"/api/v1/cases/{case_id}", headers={"Authorization": f"Bearer {token}"}).json
     url = body["analyses"][0]["explanations"][0]["url"]
     assert client.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_sweep_fails_stale_running_rows_and_resends_old_queued_ones(app, case_id):
+    from datetime import timedelta
+
+    from worker.explain_tasks import sweep_explanations
+
+    sent = []
+    with app.app_context():
+        shap_mel, shap_bcc = db.session.scalars(db.select(Explanation).where(Explanation.method == "shap")).all()
+        shap_mel.status, shap_mel.started_at = "running", utcnow() - timedelta(hours=1)
+        db.session.commit()
+    later = utcnow() + timedelta(minutes=10)
+    counts = sweep_explanations(app, now=later, send_fn=lambda name, *args: sent.append((name, args)))
+    assert counts == {"failed": 1, "resent": 1}
+    assert sent == [("worker.tasks.explain_shap", (1,))]
+    assert sweep_explanations(app, now=later + timedelta(minutes=1), send_fn=lambda *a: sent.append(a)) == {"failed": 0, "resent": 0}
+    with app.app_context():
+        failed = db.session.scalar(db.select(Explanation).where(Explanation.status == "failed"))
+        assert failed.class_name == "mel" and "its worker stopped" in failed.error

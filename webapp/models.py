@@ -385,5 +385,10 @@ class AuditEntry(db.Model):
 db.Index("ix_cases_age", Case.age)
 db.Index("ix_cases_sex", Case.sex)
 db.Index("ix_cases_site", Case.site)
+db.Index("ix_cases_lesion_ref", Case.lesion_ref)
+db.Index("ix_cases_patient_ref", Case.patient_ref)
+db.Index("ix_images_original_filename", Image.original_filename)
+# Covering indexes for "predicted class X (by version V)": top_class is set only on succeeded analyses.
 db.Index("ix_analyses_top_class_model_version_id", Analysis.top_class, Analysis.model_version_id, Analysis.image_id)
+db.Index("ix_analyses_model_version_id_top_class", Analysis.model_version_id, Analysis.top_class, Analysis.image_id)
 db.Index("ix_reviews_diagnosis", Review.diagnosis)

@@ -16,7 +16,7 @@ from .config import DISCLAIMER
 ERROR = {"$ref": "#/components/responses/Error"}
 JSON_BODY = {"content": {"application/json": {"schema": {"type": "object"}}}}
 FILTER_PARAMS = [
-    ("q", "string", "search in lesion/patient references and file names; '#123' or '123' for a case id"),
+    ("q", "string", "prefix (case-sensitive) of a lesion or patient reference or a file name; '#123' or '123' for a case id"),
     ("predicted", "string", "predicted top class (e.g. mel), by any model version or by `model_version`"),
     ("model_version", "integer", "model version id"),
     ("reference", "string", "reference diagnosis: a dx class, 'any' or 'none'"),

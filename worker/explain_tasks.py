@@ -358,6 +358,60 @@ def _compute_gradcam(row) -> None:
     db.session.commit()
 
 
+def sweep_explanations(app, now=None, send_fn=None, queued_after: float | None = None,
+                       running_margin: float = 60.0) -> dict[str, int]:
+    """One pass for the periodic sweep (worker/sweep.py may call it): no explanation stays pending.
+
+    - `running` longer than TASK_TIME_LIMIT + running_margin: its worker died without the
+      task_failure backstop (killed with its main process) -> `failed` with the reason.
+    - `queued` longer than `queued_after` (default SWEEP_QUEUED_AFTER, else 300 s): its message may
+      be lost (broker down when it was sent) -> sent again, at most once per 10 x queued_after
+      (`params.resent_at`); a duplicate message is harmless (rows are claimed).
+
+    Returns:
+        Counts: failed, resent.
+    """
+    from datetime import datetime
+
+    from webapp.db import db
+    from webapp.models import Explanation, utcnow
+
+    settings = app.extensions["settings"]
+    now = now or utcnow()
+    send_fn = send_fn or send
+    queued_after = float(queued_after or getattr(settings, "SWEEP_QUEUED_AFTER", 300))
+    counts = {"failed": 0, "resent": 0}
+    with app.app_context():
+        try:
+            stale = now - timedelta(seconds=float(settings.TASK_TIME_LIMIT) + running_margin)
+            for row in db.session.scalars(select(Explanation).where(
+                    Explanation.status == "running", Explanation.started_at < stale)).all():
+                row.status, row.finished_at = "failed", now
+                row.error = (f"Stopped without finishing within {settings.TASK_TIME_LIMIT} s (its worker stopped); "
+                             "request it again.")
+                counts["failed"] += 1
+            db.session.commit()
+            old = now - timedelta(seconds=queued_after)
+            shap_analyses: set[int] = set()
+            for row in db.session.scalars(select(Explanation).where(
+                    Explanation.status == "queued", Explanation.created_at < old)).all():
+                resent = (row.params or {}).get("resent_at")
+                if resent and now - datetime.fromisoformat(resent) < timedelta(seconds=10 * queued_after):
+                    continue
+                row.params = {**(row.params or {}), "resent_at": now.isoformat()}
+                if row.method == "shap":
+                    shap_analyses.add(row.analysis_id)
+                else:
+                    send_fn(GRADCAM_TASK, row.id)
+                counts["resent"] += 1
+            db.session.commit()
+            for analysis_id in sorted(shap_analyses):
+                send_fn(SHAP_TASK, analysis_id)
+        finally:
+            db.session.remove()
+    return counts
+
+
 @task_failure.connect
 def _mark_failed(sender=None, exception=None, args=None, **_: Any) -> None:
     """Backstop for failures outside the task body (e.g. the hard time limit killed the process)."""

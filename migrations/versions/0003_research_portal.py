@@ -40,12 +40,18 @@ def upgrade():
         batch_op.create_index('ix_cases_age', ['age'], unique=False)
         batch_op.create_index('ix_cases_sex', ['sex'], unique=False)
         batch_op.create_index('ix_cases_site', ['site'], unique=False)
+        batch_op.create_index('ix_cases_lesion_ref', ['lesion_ref'], unique=False)
+        batch_op.create_index('ix_cases_patient_ref', ['patient_ref'], unique=False)
+
+    with op.batch_alter_table('images', schema=None) as batch_op:
+        batch_op.create_index('ix_images_original_filename', ['original_filename'], unique=False)
 
     with op.batch_alter_table('model_versions', schema=None) as batch_op:
         batch_op.add_column(sa.Column('artifact_path', sa.String(length=500), nullable=True))
 
     with op.batch_alter_table('analyses', schema=None) as batch_op:
         batch_op.create_index('ix_analyses_top_class_model_version_id', ['top_class', 'model_version_id', 'image_id'], unique=False)
+        batch_op.create_index('ix_analyses_model_version_id_top_class', ['model_version_id', 'top_class', 'image_id'], unique=False)
 
     op.create_table('batch_items',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -117,10 +123,15 @@ def downgrade():
     op.drop_table('reviews')
     op.drop_table('batch_items')
     with op.batch_alter_table('analyses', schema=None) as batch_op:
+        batch_op.drop_index('ix_analyses_model_version_id_top_class')
         batch_op.drop_index('ix_analyses_top_class_model_version_id')
+    with op.batch_alter_table('images', schema=None) as batch_op:
+        batch_op.drop_index('ix_images_original_filename')
     with op.batch_alter_table('model_versions', schema=None) as batch_op:
         batch_op.drop_column('artifact_path')
     with op.batch_alter_table('cases', schema=None) as batch_op:
+        batch_op.drop_index('ix_cases_patient_ref')
+        batch_op.drop_index('ix_cases_lesion_ref')
         batch_op.drop_index('ix_cases_site')
         batch_op.drop_index('ix_cases_sex')
         batch_op.drop_index('ix_cases_age')
