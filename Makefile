@@ -10,12 +10,13 @@ PORT   ?= 5000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lock migrate clean-instance system-deps
+.PHONY: help install run test test-fast bench lock migrate clean-instance system-deps
 
 help:
 	@echo "make run [PORT=5000]   start Redis, the Celery worker and the web server (Ctrl-C stops all)"
 	@echo "make test              run the whole test suite"
 	@echo "make test-fast         the suite without the end-to-end tests"
+	@echo "make bench             pipeline throughput and latency vs the model alone (bench-out/pipeline.json)"
 	@echo "make lock              re-pin requirements.lock from what is installed in .venv"
 	@echo "make migrate           apply database migrations to instance/portal.db (or DATABASE_URL)"
 
@@ -45,6 +46,10 @@ test-fast: $(STAMP)
 
 migrate: $(STAMP)
 	$(VENV)/bin/flask --app webapp db upgrade
+
+# Starts its own redis-server, Celery worker and gunicorn on free ports; not part of the tests.
+bench: $(STAMP)
+	$(PY) scripts/bench_pipeline.py $(BENCH_ARGS)
 
 # Pins exactly what is installed (pip, and the editable project itself, left out).
 lock:

@@ -149,12 +149,34 @@ def _json_default(value):
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable.")
 
 
-def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, dtype: str) -> None:
-    """Copies a Keras .weights.h5 file, casting every float dataset to `dtype`.
+# Keras 3 `save_weights` of a compiled model also stores the optimizer's moments (twice the
+# model's size for Adam). Artifacts and best-epoch files keep only the model's own groups.
+MODEL_WEIGHT_GROUPS = ("layers", "vars")
+
+
+def save_model_weights(model, path: str | os.PathLike) -> Path:
+    """Writes the model's weights (without optimizer state) atomically to a .weights.h5 file.
+
+    A kill while writing leaves the previous file intact: the new one is renamed into place.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name.replace(".weights.h5", "") + ".tmp.weights.h5")
+    model.save_weights(tmp)
+    compact = path.with_name(path.name.replace(".weights.h5", "") + ".compact.weights.h5")
+    convert_weights_file(tmp, compact, dtype=None)
+    tmp.unlink()
+    os.replace(compact, path)
+    return path
+
+
+def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, dtype: str | None) -> None:
+    """Copies the model groups of a Keras .weights.h5 file, casting float datasets to `dtype`.
+
+    Optimizer state in the source is dropped.
 
     Args:
         source, target: weight file paths (may not be the same file).
-        dtype: "float16" for shipping, "float32" to restore the loadable precision.
+        dtype: "float16" for shipping, "float32" to restore the loadable precision, None to keep.
     """
     import h5py
 
@@ -163,19 +185,23 @@ def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, d
             dst.attrs[key] = value
 
         def copy(name, obj):
+            if name.split("/")[0] not in MODEL_WEIGHT_GROUPS:
+                return
             if isinstance(obj, h5py.Group):
                 group = dst.require_group(name)
                 for key, value in obj.attrs.items():
                     group.attrs[key] = value
             elif isinstance(obj, h5py.Dataset):
                 data = obj[()]
-                if np.issubdtype(np.asarray(data).dtype, np.floating):
+                if dtype and np.issubdtype(np.asarray(data).dtype, np.floating):
                     data = np.asarray(data).astype(dtype)
                 dst.create_dataset(name, data=data)
                 for key, value in obj.attrs.items():
                     dst[name].attrs[key] = value
 
         src.visititems(copy)
+        for group in MODEL_WEIGHT_GROUPS:  # empty groups (e.g. "vars") are part of the format
+            dst.require_group(group)
 
 
 def weights_dtype(path: str | os.PathLike) -> str:
@@ -184,7 +210,11 @@ def weights_dtype(path: str | os.PathLike) -> str:
 
     dtypes = set()
     with h5py.File(path, "r") as f:
-        f.visititems(lambda _, o: dtypes.add(str(o.dtype)) if isinstance(o, h5py.Dataset) and o.dtype.kind == "f" else None)
+        for group in MODEL_WEIGHT_GROUPS:
+            if group in f:
+                f[group].visititems(
+                    lambda _, o: dtypes.add(str(o.dtype)) if isinstance(o, h5py.Dataset) and o.dtype.kind == "f" else None
+                )
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
@@ -203,10 +233,7 @@ def export_artifact(run_dir: str | os.PathLike, out_dir: str | os.PathLike, floa
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError("The export folder must differ from the run folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if float16:
-        convert_weights_file(weights, out_dir / WEIGHTS, "float16")
-    else:
-        shutil.copyfile(weights, out_dir / WEIGHTS)
+    convert_weights_file(weights, out_dir / WEIGHTS, "float16" if float16 else None)
     for name in ("split.csv", "MODEL_CARD.md", "LICENSE-DATA.md"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out_dir / name)

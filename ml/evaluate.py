@@ -96,6 +96,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
+    predictor=None,
 ) -> dict:
     """Evaluates a model folder on a dataset and writes metrics.json, predictions.csv and report.md.
 
@@ -108,6 +109,7 @@ def evaluate(
         n_boot: bootstrap replicates for the confidence intervals (0 to skip).
         seed: bootstrap seed.
         batch_size: images per forward pass.
+        predictor: an already loaded Predictor of `model_dir` (saves rebuilding the model).
 
     Returns:
         The metrics dict (as written to metrics.json).
@@ -118,7 +120,7 @@ def evaluate(
     from ml.predictor import Predictor
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    predictor = Predictor.load(model_dir, batch_size=batch_size)
+    predictor = predictor or Predictor.load(model_dir, batch_size=batch_size)
     table, leaked = select_images(D.read_dataset(data), model_dir, split)
     class_names = predictor.class_names
     out_dir.mkdir(parents=True, exist_ok=True)

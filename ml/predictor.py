@@ -203,7 +203,7 @@ def _load_weights(model, path: Path) -> None:
         if weights_dtype(path) == "float32":
             model.load_weights(path)
             return
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # float16 on disk: Keras assigns arrays as stored
             f32 = Path(tmp) / WEIGHTS
             convert_weights_file(path, f32, "float32")
             model.load_weights(f32)
@@ -214,9 +214,13 @@ def _load_weights(model, path: Path) -> None:
 def _check_weight_shapes(model, path: Path) -> None:
     import h5py
 
+    from ml.artifact import MODEL_WEIGHT_GROUPS
+
+    stored: list[tuple] = []
     with h5py.File(path, "r") as f:
-        stored: list[tuple] = []
-        f.visititems(lambda _, o: stored.append(tuple(o.shape)) if isinstance(o, h5py.Dataset) else None)
+        for group in MODEL_WEIGHT_GROUPS:  # a run's file may also hold optimizer state: not ours
+            if group in f:
+                f[group].visititems(lambda _, o: stored.append(tuple(o.shape)) if isinstance(o, h5py.Dataset) else None)
     expected = [tuple(w.shape) for w in model.weights]
     if sorted(stored) != sorted(expected):
         raise ValueError(

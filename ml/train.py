@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ml.artifact import save_model_weights
+
 log = logging.getLogger("ml.train")
 
 CHECKPOINTS = "checkpoints"
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=float, nargs=3, default=[0.70, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--malignant-sensitivity", type=float, default=None, help="malignant threshold rule (default Youden)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="off", help="XLA for the train step")
+    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="off", help="XLA for the train step (much slower on CPU)")
+    p.add_argument("--run-eagerly", action="store_true", help="no graph tracing: for debugging and tiny smoke runs only")
     p.add_argument("--no-test-eval", action="store_true", help="skip evaluating the test split at the end")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the final test evaluation")
     p.add_argument("--model-name", default=None)
@@ -103,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    explicit = {a.dest for a in parser._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
+    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+    explicit = {a.dest for a in parser._actions if any(opt in given for opt in a.option_strings)}
     if args.resume:
         args = _merge_saved_args(args, explicit)
     _validate_args(args)
@@ -231,7 +235,7 @@ class RunCheckpoints:
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
-        model.save_weights(target / "model.weights.h5")
+        save_model_weights(model, target / "model.weights.h5")
         store: dict = {}
         model.optimizer.save_own_variables(store)
         np.savez(target / "optimizer.npz", **store)
@@ -325,7 +329,7 @@ def _make_callbacks():
             improved = math.isfinite(value) and (s["best"] is None or value > s["best"] + 1e-4)
             if improved:
                 s.update(best=float(value), best_epoch=epoch + 1, es_wait=0, lr_wait=0)
-                self.model.save_weights(self.run_dir / "best.weights.h5")
+                save_model_weights(self.model, self.run_dir / "best.weights.h5")
             else:
                 s["es_wait"] += 1
                 s["lr_wait"] += 1
@@ -528,7 +532,7 @@ def train(args) -> Path:
     x_val = D.load_images(val_rows["path"], size)
     y_val = D.labels_to_indices(val_rows["dx"])
     weights = D.class_weights(y_train, power=args.class_weight_power)
-    log.info("class weights (power %s): %s", args.class_weight_power, dict(zip(D.CLASS_NAMES, np.round(weights, 3).tolist())))
+    log.info("class weights (power %s): %s", args.class_weight_power, {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)})
 
     augmenter = None if args.no_augment else D.build_augmenter(D.AugmentConfig(), seed=args.seed)
     train_ds = D.make_dataset(x_train, y_train, args.batch_size, training=True, augmenter=augmenter, balance=args.balance, seed=args.seed)
@@ -558,7 +562,10 @@ def train(args) -> Path:
         resuming_stage = latest is not None and state["stage"] == stage.name and state["epoch"] > begin
         set_trainable(model, stage.trainable, args.unfreeze_from_block)
         lr = state["lr"] if resuming_stage else stage.lr
-        model.compile(optimizer=make_optimizer(args, lr), loss=loss_fn, metrics=["accuracy"], jit_compile=_jit(args))
+        model.compile(
+            optimizer=make_optimizer(args, lr), loss=loss_fn, metrics=["accuracy"],
+            jit_compile=_jit(args), run_eagerly=bool(getattr(args, "run_eagerly", False)),
+        )
         if resuming_stage:
             checkpoints.restore_optimizer(model, latest)
             model.optimizer.learning_rate = lr
@@ -613,8 +620,8 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     if best.is_file():
         model.load_weights(best)
     else:  # no epoch had a finite monitor value (tiny data): ship the last weights
-        model.save_weights(best)
-    shutil.copyfile(best, run_dir / WEIGHTS)
+        save_model_weights(model, best)
+    save_model_weights(model, run_dir / WEIGHTS)
     probs = model.predict(D.make_dataset(x_val, y_val, args.batch_size), verbose=0)
     temperature = C.fit_temperature(y_val, probs)
     calibrated = C.apply_temperature(probs, temperature["temperature"])
@@ -650,8 +657,11 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     write_manifest(run_dir, manifest)
     if not args.no_test_eval and (table["split"] == "test").any():
         from ml.evaluate import evaluate
+        from ml.predictor import Predictor
 
-        test = evaluate(run_dir, args.data, run_dir / "eval_test", split="test", n_boot=args.bootstrap)
+        # The in-memory model holds exactly the weights just written: no need to rebuild it.
+        predictor = Predictor(model, manifest, batch_size=args.batch_size)
+        test = evaluate(run_dir, args.data, run_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor)
         manifest["metrics"]["test"] = _summary(test)
         write_manifest(run_dir, manifest)
     log.info("run folder %s is a model artifact (manifest.json + %s)", run_dir, WEIGHTS)

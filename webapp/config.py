@@ -86,6 +86,10 @@ class Settings:
     SHAP_MAX_EVALS: int = 500
     SHAP_BATCH_SIZE: int = 64
     GRADCAM_PLUS_PLUS: bool = False
+    # Performance (worker/batching.py): analyse takes up to PREDICT_BATCH_SIZE queued jobs into one
+    # forward pass; PREDICT_WARMUP runs the pass at every padded batch size when a pool process starts.
+    PREDICT_BATCH_SIZE: int = 16
+    PREDICT_WARMUP: bool = True
     CSRF_ENABLED: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
@@ -124,6 +128,10 @@ class Settings:
             values["SHAP_TOP_K"] = _parse_top_k(environ["SHAP_TOP_K"])
         if environ.get("GRADCAM_PLUS_PLUS"):
             values["GRADCAM_PLUS_PLUS"] = environ["GRADCAM_PLUS_PLUS"].strip().lower() in ("1", "true", "yes", "on")
+        if environ.get("PREDICT_BATCH_SIZE"):
+            values["PREDICT_BATCH_SIZE"] = _parse_positive("PREDICT_BATCH_SIZE", environ["PREDICT_BATCH_SIZE"])
+        if environ.get("PREDICT_WARMUP"):
+            values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
         if environ.get("UNTRAINED_INPUT_SIZE"):
             values["UNTRAINED_INPUT_SIZE"] = _parse_size(environ["UNTRAINED_INPUT_SIZE"])
 

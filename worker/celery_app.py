@@ -15,6 +15,9 @@ settings = Settings.load()
 
 app = Celery("dermportal", broker=settings.REDIS_URL, include=["worker.tasks", "worker.sweep"])
 app.conf.update(broker_options(settings.BROKER_TIMEOUT))
+# A worker consuming `-Q predict,explain` polls predict first, always (Redis BRPOP takes the first
+# non-empty list): SHAP never starts while an upload waits (worker/batching.py).
+app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 app.conf.update(
     task_default_queue=PREDICT_QUEUE,
     task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE},

@@ -275,6 +275,12 @@ def shap(self, analysis_id: int) -> str:
         analysis = db.session.get(Analysis, analysis_id)
         if analysis is None:
             return "missing"
+        from . import batching  # SHAP never delays a prediction on a worker that also serves predict
+
+        waiting = batching.should_defer(self)
+        if waiting:
+            db.session.remove()
+            return batching.defer(self, analysis_id, waiting)
         rows = db.session.scalars(select(Explanation).where(
             Explanation.analysis_id == analysis_id, Explanation.method == "shap").order_by(Explanation.id)).all()
         claimed = _claim(rows)
@@ -282,10 +288,13 @@ def shap(self, analysis_id: int) -> str:
             db.session.remove()
             return "nothing to do"
         ids = [r.id for r in claimed]
-        return _run_guarded(ids, lambda: _compute_shap(analysis, claimed))
+        try:
+            return _run_guarded(ids, lambda: _compute_shap(analysis, claimed, task=self))
+        except batching.PredictionsWaiting:  # uploads arrived mid-computation: give the CPU back
+            return batching.requeue_explanations(self, analysis_id, ids)
 
 
-def _compute_shap(analysis, rows) -> None:
+def _compute_shap(analysis, rows, task=None) -> None:
     import numpy as np
 
     from ml.explain.gradcam import predictor_temperature
@@ -301,6 +310,10 @@ def _compute_shap(analysis, rows) -> None:
     blur = default_blur(*model.input_size)
     t1 = time.perf_counter()
     fn = probability_function(model.model, predictor_temperature(model))
+    if task is not None:
+        from .batching import yielding
+
+        fn = yielding(fn, task)  # stops between model batches when predictions are waiting
     result = shap_values(fn, model.preprocess(pixels), max_evals=max_evals, batch_size=batch_size,
                          class_indices=indices, blur=blur)
     t2 = time.perf_counter()

@@ -58,6 +58,9 @@ def _init_process(**_: Any) -> None:
     with flask_app().app_context():
         db.engine.dispose(close=False)  # never share connections inherited from the parent over the fork
     _load_predictor_once()
+    from . import batching
+
+    batching.warm_up_process()  # trace the prediction pass at each batch size now, not on the first upload
 
 
 def _load_predictor_once() -> None:
@@ -231,6 +234,14 @@ def _load_model_version(mv):
 
 
 def _run_analysis(job) -> None:
+    from . import batching
+
+    if batching.batch_limit() > 1:  # takes further queued jobs along into one forward pass
+        return batching.run_batch(job)
+    _run_single_analysis(job)
+
+
+def _run_single_analysis(job) -> None:
     from webapp.db import db
     from webapp.models import Analysis
 

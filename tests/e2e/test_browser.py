@@ -8,6 +8,7 @@ to finish, opens a case and records a review with the keyboard shortcuts.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
@@ -95,12 +96,16 @@ def test_folder_upload_progress_and_review_in_chromium(web_app, server, start_wo
             expect(page.locator(".disclaimer").first).to_contain_text("Research use only")
 
             page.click("#review-link")
+            page.wait_for_url("**/review")
+            page.wait_for_load_state("load")  # review.js (deferred) listens for the keys
             page.keyboard.press("5")  # mel
             page.keyboard.press("a")  # agrees with the model
+            expect(page.locator('input[name=diagnosis][value=mel]')).to_be_checked()
+            expect(page.locator('input[name=agrees_with_model][value=agree]')).to_be_checked()
             page.fill("#notes", "pigment network atypical")
-            page.locator("h1").click()  # leave the notes field, so that Enter submits
+            page.evaluate("document.activeElement.blur()")  # leave the notes field, so that Enter submits
             page.keyboard.press("Enter")
-            page.wait_for_url("**/cases/*")
+            page.wait_for_url(re.compile(r"/cases/\d+$"))
             expect(page.locator("#reviews")).to_contain_text("lead@example.org")
             expect(page.locator("#reviews")).to_contain_text("mel")
             expect(page.locator("#history")).to_contain_text("review.create")

@@ -36,6 +36,6 @@ def trained_run(synthetic_ham, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run_module(
         "ml.train", "--data", str(synthetic_ham), "--out", str(run), "--epochs", "1",
-        "--img-size", *map(str, TINY_SIZE), "--batch-size", "16", "--bootstrap", "20", "--verbose", "2",
+        "--img-size", *map(str, TINY_SIZE), "--batch-size", "16", "--bootstrap", "20", "--verbose", "2", "--run-eagerly",
     )
     return run

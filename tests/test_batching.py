@@ -1,0 +1,146 @@
+"""Micro-batching in worker.tasks.analyse (worker/batching.py): several queued jobs in one forward
+pass, exactly one analysis each, and padded batches that predict exactly what unpadded ones do."""
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+from webapp.db import db
+from webapp.models import Analysis, Job
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+MANIFEST = {
+    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
+    "class_names": CLASSES, "class_long_names": {c: c.upper() for c in CLASSES},
+    "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64], "temperature": 1.0,
+}
+
+
+class BatchRecordingPredictor:
+    """Probabilities that depend on each image (its mean brightness picks the top class)."""
+
+    manifest = MANIFEST
+    class_names = CLASSES
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def predict(self, images):
+        self.calls.append(len(images))
+        out = np.full((len(images), len(CLASSES)), 0.01, dtype=np.float32)
+        for row, image in zip(out, images):
+            row[int(np.mean(image)) % len(CLASSES)] = 1.0
+        return out / out.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def tasks(app, monkeypatch):
+    import worker.tasks as tasks
+
+    monkeypatch.setitem(tasks._state, "flask_app", app)
+    monkeypatch.setitem(tasks._state, "predictor", BatchRecordingPredictor())
+    monkeypatch.setitem(tasks._state, "predictor_error", None)
+    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
+    return tasks
+
+
+def upload_all(app, client, sent_tasks) -> list[int]:
+    make_user(app, "u@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
+    for name in SMALL_IMAGES:
+        response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
+        assert response.status_code == 202
+    return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
+
+
+def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks, tasks):
+    job_ids = upload_all(app, client, sent_tasks)
+    assert len(job_ids) == 4
+
+    assert tasks.analyse.run(job_ids[1]) == "succeeded"  # any message may come first
+    assert tasks._state["predictor"].calls == [4]  # one forward pass for all four
+
+    with app.app_context():
+        jobs = [db.session.get(Job, j) for j in job_ids]
+        assert [(j.status, j.attempts) for j in jobs] == [("succeeded", 1)] * 4
+        assert len({j.analysis_id for j in jobs}) == 4
+        for job in jobs:
+            analysis = job.analysis
+            assert analysis.image_id == job.image_id and analysis.status == "succeeded"
+            assert sum(analysis.probabilities.values()) == pytest.approx(1.0)
+
+    # The messages of the jobs taken along find them finished: nothing more is computed or stored.
+    for job_id in job_ids:
+        assert tasks.analyse.run(job_id) == "succeeded"
+    assert tasks._state["predictor"].calls == [4]
+    with app.app_context():
+        per_image = db.session.execute(
+            db.select(Analysis.image_id, db.func.count(Analysis.id)).group_by(Analysis.image_id)).all()
+        assert sorted(n for _, n in per_image) == [1, 1, 1, 1]
+        assert db.session.scalar(db.select(db.func.count(Job.id)).where(Job.attempts != 1)) == 0
+
+
+def test_batch_size_limits_the_jobs_taken_along(app, client, sent_tasks, tasks, monkeypatch):
+    monkeypatch.setattr(tasks, "settings", dataclasses.replace(tasks.settings, PREDICT_BATCH_SIZE=3))
+    job_ids = upload_all(app, client, sent_tasks)
+    tasks.analyse.run(job_ids[0])
+    with app.app_context():
+        statuses = [db.session.get(Job, j).status for j in job_ids]
+    assert statuses == ["succeeded", "succeeded", "succeeded", "queued"]  # oldest first
+    assert tasks._state["predictor"].calls == [3]
+    tasks.analyse.run(job_ids[3])
+    assert tasks._state["predictor"].calls == [3, 1]
+
+
+def test_a_failed_batch_leaves_no_job_running(app, client, sent_tasks, tasks, monkeypatch):
+    job_ids = upload_all(app, client, sent_tasks)
+
+    def broken(images):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(tasks._state["predictor"], "predict", broken)
+    assert tasks.analyse.run(job_ids[0]) == "failed"
+    with app.app_context():
+        jobs = [db.session.get(Job, j) for j in job_ids]
+        assert all(j.status == "failed" and "out of cheese" in j.error for j in jobs)
+
+
+def test_bucket_sizes_and_padding():
+    from worker.batching import bucket_sizes, pad, padded_size
+
+    assert bucket_sizes(16) == [1, 2, 4, 8, 16]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+    assert bucket_sizes(1) == [1]
+    assert [padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert pad(["a", "b"], 4) == ["a", "b", "b", "b"]
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    from ml.predictor import Predictor
+
+    return Predictor.untrained(input_size=(32, 32))
+
+
+def test_padded_batches_predict_what_unpadded_ones_do(tiny_predictor, monkeypatch):
+    import worker.tasks as tasks
+    from ml.explain import explain_gradcam
+    from worker.batching import predict_batch
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8) for i in range(5)]
+    monkeypatch.setattr(tasks, "settings", dataclasses.replace(tasks.settings, PREDICT_BATCH_SIZE=16))
+
+    probs, gradcams = predict_batch(tiny_predictor, images)  # 5 images padded to 8
+    unpadded = explain_gradcam(tiny_predictor, images, batch_size=5)
+    one_by_one = np.concatenate([tiny_predictor.predict([image]) for image in images])
+    assert probs.shape == (5, len(tiny_predictor.class_names))
+    np.testing.assert_allclose(probs, unpadded.probs, atol=1e-5)
+    np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
+    for (index, heatmap, error), expected_index, expected_map, image in zip(
+            gradcams, unpadded.class_indices, unpadded.maps, images):
+        assert error is None and index == expected_index and heatmap.shape == image.shape[:2]
+        np.testing.assert_allclose(heatmap, expected_map, atol=1e-5)
