@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.model import CLASS_LONG_NAMES, CLASS_NAMES, MALIGNANT_CLASSES, ModelConfig, gradcam_layer_name
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.weights.h5"
@@ -38,7 +37,7 @@ REQUIRED_KEYS = (
 
 
 def build_manifest(
-    config: ModelConfig,
+    config,
     *,
     version: str,
     trained: bool,
@@ -54,7 +53,7 @@ def build_manifest(
     """A manifest dict with every key docs/interfaces.md requires.
 
     Args:
-        config: the architecture the weights belong to.
+        config: the `ml.model.ModelConfig` the weights belong to.
         version: e.g. "2026.11.0", or "untrained".
         trained: whether the weights were trained.
         trained_on, temperature, thresholds, data_fingerprint, split, metrics: see the doc.
@@ -64,7 +63,9 @@ def build_manifest(
     Returns:
         The manifest dict (JSON-serialisable).
     """
+    # Imported here: ml.model loads Keras, and exporting or reading a manifest should not.
     from ml.data import RESIZE_DESCRIPTION
+    from ml.model import CLASS_LONG_NAMES, CLASS_NAMES, MALIGNANT_CLASSES, gradcam_layer_name
 
     manifest = {
         "name": name or (MODEL_NAME if config.cbam else "efficientnetb3"),

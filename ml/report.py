@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ml.metrics import reliability_bins  # noqa: E402
+from ml.metrics import expected_calibration_error, reliability_bins  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:
@@ -65,7 +65,8 @@ def plot_reliability(y_true, probs_before, probs_after, path: Path, n_bins: int 
         acc = np.array([a if a is not None else np.nan for a in bins["accuracy"]])
         ax.bar(centres, np.nan_to_num(acc), width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-        ax.set(xlabel="Confidence", ylabel="Accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
+        ece = expected_calibration_error(y_true, probs, n_bins)
+        ax.set(xlabel="Confidence", ylabel="Accuracy", title=f"{title} (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 

@@ -581,7 +581,9 @@ def train(args) -> Path:
             train_ds,
             epochs=stage.end_epoch,
             initial_epoch=max(begin, state["epoch"]),
-            steps_per_epoch=steps,
+            # Balanced sampling is an endless stream: an "epoch" is then one pass worth of batches.
+            steps_per_epoch=steps if args.balance == "sampling" else None,
+            shuffle=False,  # the tf.data pipeline shuffles
             callbacks=callbacks,
             verbose=verbose,
         )

@@ -281,7 +281,7 @@ def wait_web(procs: Processes, base: str, timeout: float = 60) -> None:
 def measure_latency(procs: Processes, client: Client, db: Db, images: list[Path]) -> list[float]:
     latencies = []
     for path in images:
-        time.sleep(0.3)  # the worker is idle: nothing queued, nothing running
+        time.sleep(1.0)  # the worker is idle: nothing queued, nothing running, no upload stream
         t0 = time.time()
         case_id = client.upload(path)
         deadline = time.monotonic() + 120
@@ -412,6 +412,11 @@ def main(argv=None) -> int:
             worker_log = procs.log_text("worker")
         finally:
             procs.stop_all()
+            logs = args.out.parent / "pipeline-logs"  # for a look at the batch sizes and timings
+            logs.mkdir(parents=True, exist_ok=True)
+            for name in ("worker", "web", "redis"):
+                if (folder / f"{name}.log").exists():
+                    (logs / f"{name}.log").write_bytes((folder / f"{name}.log").read_bytes())
 
     batches = batch_sizes_from_log(worker_log)
     pipeline_rate = pipeline["images"] / pipeline["seconds"]

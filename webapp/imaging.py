@@ -133,7 +133,9 @@ def process_upload(data: bytes, max_bytes: int, max_pixels: int) -> ProcessedIma
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UploadError(f"The file could not be decoded as a {declared} image ({exc.__class__.__name__}).") from None
     out = io.BytesIO()
-    rgb.save(out, format="PNG", compress_level=6)
+    # Level 1: about 3x faster than 6 (28 -> 11 ms for 200x150, 450 -> 100 ms for 600x450 on the
+    # shared 2 cores) for ~15% larger files; the upload is on the pipeline's critical path.
+    rgb.save(out, format="PNG", compress_level=1)
     encoded = out.getvalue()
     return ProcessedImage(
         data=encoded,

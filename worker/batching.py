@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _pool: ThreadPoolExecutor | None = None
 DECODE_THREADS = 2
+EXPLAIN_QUIET_S = 3.0  # SHAP waits until no upload has arrived for this long
+GATHER_WAIT_S = 0.05  # a small batch waits this long (at most GATHER_ROUNDS times) while uploads stream in
+GATHER_ROUNDS = 4
 
 
 # --- sizes ----------------------------------------------------------------------------------------
@@ -175,6 +178,36 @@ def claim_companions(lead, model_version_id: int | None, count: int, now) -> lis
     return [db.session.get(Job, job_id) for job_id in claimed]
 
 
+def uploads_streaming(lead, window: float = 0.5) -> bool:
+    """Whether another analyse job was created in the last `window` seconds (a folder is being uploaded)."""
+    from datetime import timedelta
+
+    from webapp.db import db
+    from webapp.models import Job
+
+    from . import tasks as core
+
+    since = core._now() - timedelta(seconds=window)
+    newest = db.session.scalar(select(Job.created_at).where(Job.kind == "analyse", Job.id != lead.id)
+                               .order_by(Job.id.desc()).limit(1))
+    return newest is not None and newest > since
+
+
+def gather(lead, version_id: int | None, count: int) -> list:
+    """Companions for the lead job. While uploads stream in and the batch is less than half full, waits
+    GATHER_WAIT_S (up to GATHER_ROUNDS times) for more: the CPU goes to the uploads meanwhile, and a
+    batch of 8 costs about as much as 3 single passes. A lone upload never waits."""
+    from . import tasks as core
+
+    companions = claim_companions(lead, version_id, count, core._now())
+    for _ in range(GATHER_ROUNDS):
+        if len(companions) + 1 > (count + 1) // 2 or not uploads_streaming(lead):
+            break
+        time.sleep(GATHER_WAIT_S)
+        companions += claim_companions(lead, version_id, count - len(companions), core._now())
+    return companions
+
+
 # --- one batch ---------------------------------------------------------------------------------------
 
 def run_batch(lead) -> None:
@@ -188,7 +221,7 @@ def run_batch(lead) -> None:
 
     version_id = lead.model_version_id  # None: the worker's default model
     model, model_version = core.predictor_for_job(lead)
-    companions = claim_companions(lead, version_id, batch_limit() - 1, core._now())
+    companions = gather(lead, version_id, batch_limit() - 1)
     companion_ids = [job.id for job in companions]
     try:
         _process([lead] + companions, model, model_version)
@@ -215,11 +248,15 @@ def _fail_all(job_ids, message: str) -> None:
 
 def _process(jobs, model, model_version) -> None:
     from webapp.db import db
-    from webapp.models import Analysis
+    from webapp.models import Analysis, Image
 
     from . import tasks as core
 
+    # The claimed jobs and their analyses are this delivery's alone: keep the loaded rows after each
+    # commit instead of reloading every attribute with one query each (~40% of a batch's time).
+    db.session().expire_on_commit = False
     image_ids = [job.image_id for job in jobs]
+    db.session.scalars(select(Image).where(Image.id.in_(image_ids))).all()  # one query, not one per job
     existing = {a.image_id: a for a in db.session.scalars(
         select(Analysis).where(Analysis.image_id.in_(image_ids), Analysis.model_version_id == model_version.id))}
     todo, reused = [], []
@@ -239,8 +276,12 @@ def _process(jobs, model, model_version) -> None:
         todo.append(job)
     db.session.commit()
 
-    done = _predict_and_store(todo, model, model_version) if todo else []
-    for analysis_id in dict.fromkeys(reused + done):
+    shap_pending = _predict_and_store(todo, model, model_version) if todo else []
+    from . import explain_tasks
+
+    for analysis_id in shap_pending:
+        explain_tasks.send(explain_tasks.SHAP_TASK, analysis_id)
+    for analysis_id in dict.fromkeys(reused):
         core._queue_explanations(model, analysis_id)
 
 
@@ -262,7 +303,18 @@ def _load(storage_key: str):
         return None, time.perf_counter() - t0, exc
 
 
+def _overlay(heatmap):
+    """The Grad-CAM colour layer as PNG bytes, or the exception (encoded in the thread pool)."""
+    from . import explain_tasks
+
+    try:
+        return explain_tasks.gradcam_layer_png(heatmap)
+    except Exception as exc:
+        return exc
+
+
 def _predict_and_store(jobs, model, model_version) -> list[int]:
+    """Loads, predicts and stores the jobs' analyses (one commit); returns the analyses with SHAP to send."""
     from webapp.db import db
 
     from . import tasks as core
@@ -277,6 +329,7 @@ def _predict_and_store(jobs, model, model_version) -> list[int]:
             analysis.status, analysis.error, analysis.finished_at = "failed", message[:4000], core._now()
     ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
 
+    shap_pending: list[int] = []
     if ok:
         t0 = time.perf_counter()
         probs, gradcams = predict_batch(model, [pixels for _, pixels, _ in ok], plus_plus=core.settings.GRADCAM_PLUS_PLUS)
@@ -290,13 +343,9 @@ def _predict_and_store(jobs, model, model_version) -> list[int]:
             analysis.top_class = max(probabilities, key=probabilities.get)
             # predict_ms: the batched pass this image was part of (len(ok) images).
             analysis.timings = {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms}
-            if gradcams is not None:
-                from . import explain_tasks
-
-                index, heatmap, error = gradcams[i]
-                class_name = class_names[index] if error is None else analysis.top_class
-                explain_tasks.record_gradcam(analysis, class_name, heatmap, core.settings.GRADCAM_PLUS_PLUS, error)
             analysis.status, analysis.finished_at = "succeeded", core._now()
+        if gradcams is not None:
+            shap_pending = _store_explanations([a for a, _, _ in ok], gradcams, class_names)
         log.info("Predicted %d image(s) in one pass of %.0f ms.", len(ok), predict_ms)
 
     for job in jobs:
@@ -307,7 +356,72 @@ def _predict_and_store(jobs, model, model_version) -> list[int]:
         else:
             job.status, job.error = "failed", analysis.error
     db.session.commit()
-    return [a.id for a, _, _ in ok]
+    return shap_pending
+
+
+def _store_explanations(analyses, gradcams, class_names) -> list[int]:
+    """The batch's Grad-CAM rows (done, or failed with the reason) and queued SHAP rows for the top
+    SHAP_TOP_K classes, as explain_tasks.record_gradcam + queue_followups do per analysis, with one
+    query for the existing rows and the PNG layers encoded in the thread pool. The caller commits.
+
+    Returns:
+        The ids of the analyses that have queued SHAP rows (their task is sent after the commit).
+    """
+    from webapp.db import db
+    from webapp.models import Explanation
+
+    from . import explain_tasks
+    from . import tasks as core
+
+    plus_plus = bool(core.settings.GRADCAM_PLUS_PLUS)
+    method = "gradcam++" if plus_plus else "gradcam"
+    top_k = int(core.settings.SHAP_TOP_K)
+    rows = {(r.image_id, r.method, r.class_name): r for r in db.session.scalars(select(Explanation).where(
+        Explanation.image_id.in_([a.image_id for a in analyses]),
+        Explanation.model_version_id == analyses[0].model_version_id))}
+
+    def row_for(analysis, kind, class_name, **fields):
+        row = rows.get((analysis.image_id, kind, class_name))
+        if row is None:
+            row = Explanation(analysis=analysis, image_id=analysis.image_id, model_version_id=analysis.model_version_id,
+                              method=kind, class_name=class_name, **fields)
+            db.session.add(row)
+            rows[(analysis.image_id, kind, class_name)] = row
+        return row
+
+    overlays = list(_decoder_pool().map(_overlay, [heatmap if error is None else None
+                                                   for _, heatmap, error in gradcams]))
+    shap_pending = []
+    for analysis, (index, heatmap, error), overlay in zip(analyses, gradcams, overlays):
+        class_name = class_names[index] if error is None else analysis.top_class
+        row = row_for(analysis, method, class_name, attempts=0)
+        if row.status != "done":  # never overwritten
+            row.attempts, row.started_at = (row.attempts or 0) + 1, core._now()
+            if error is None and isinstance(overlay, Exception):
+                error = f"{overlay.__class__.__name__}: {overlay}"
+            if error is None:
+                t0 = time.perf_counter()
+                try:
+                    explain_tasks.store_explanation(row, analysis.image, heatmap, overlay,
+                                                    {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]})
+                    row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
+                except SoftTimeLimitExceeded:
+                    raise
+                except Exception as exc:
+                    log.error("Could not store the Grad-CAM map:\n%s", traceback.format_exc())
+                    error = f"{exc.__class__.__name__}: {exc}"
+            if error is not None:
+                row.status, row.error, row.finished_at = "failed", error[:4000], core._now()
+        ranked = sorted(analysis.probabilities, key=analysis.probabilities.get, reverse=True)
+        pending = False
+        for shap_class in ranked[:top_k]:
+            shap_row = row_for(analysis, "shap", shap_class, status="queued",
+                               params={"max_evals": int(core.settings.SHAP_MAX_EVALS)})
+            pending = pending or shap_row.status == "queued"
+        if pending:
+            shap_pending.append(analysis)
+    db.session.flush()  # ids for the SHAP messages
+    return [a.id for a in shap_pending]
 
 
 # --- SHAP yields to predictions -----------------------------------------------------------------------
@@ -334,21 +448,40 @@ def serves_predict() -> bool:
 
 
 def queued_predictions() -> int:
-    """Analyse jobs waiting in the database (0 when this worker serves no predictions)."""
+    """Analyse jobs waiting in the database, or 1 when uploads are still arriving (the newest analyse
+    job is younger than EXPLAIN_QUIET_S): a SHAP started between two uploads would hold the CPU for a
+    whole model batch before it could notice the next one. 0 when this worker serves no predictions."""
     from sqlalchemy import func
 
     from webapp.db import db
     from webapp.models import Job
 
+    from . import tasks as core
+
     if not serves_predict():
         return 0
-    return int(db.session.scalar(select(func.count(Job.id)).where(Job.status == "queued", Job.kind == "analyse")) or 0)
+    queued = int(db.session.scalar(select(func.count(Job.id)).where(Job.status == "queued", Job.kind == "analyse")) or 0)
+    if queued:
+        return queued
+    newest = db.session.scalar(select(Job.created_at).where(Job.kind == "analyse").order_by(Job.id.desc()).limit(1))
+    return int(newest is not None and (core._now() - newest).total_seconds() < EXPLAIN_QUIET_S)
 
 
 def defer_countdown(queued: int) -> float:
-    """Seconds before a deferred explanation looks again: longer when more images are waiting
-    (each re-check costs a task run), at most a minute."""
-    return float(min(60.0, 2.0 + 0.05 * queued))
+    """Seconds before a deferred SHAP task looks again. Each look is a task run (~5 ms), so the wait
+    grows with the SHAP tasks waiting (all of them cycle) and with the predictions queued; jittered."""
+    import random
+
+    from sqlalchemy import func
+
+    from webapp.db import db
+    from webapp.models import Explanation
+
+    from . import tasks as core
+
+    pending = int(db.session.scalar(select(func.count(Explanation.id)).where(
+        Explanation.method == "shap", Explanation.status == "queued")) or 0) / max(1, int(core.settings.SHAP_TOP_K))
+    return float(min(120.0, 3.0 + 0.1 * pending + 0.05 * queued) + random.uniform(0.0, 2.0))
 
 
 def should_defer(task) -> int:

@@ -81,7 +81,7 @@ def rgba_png(rgb, alpha) -> bytes:
 
     rgba = np.dstack([np.asarray(rgb, dtype=np.uint8), np.asarray(alpha, dtype=np.uint8)])
     buffer = io.BytesIO()
-    PILImage.fromarray(rgba, "RGBA").save(buffer, format="PNG", optimize=False)
+    PILImage.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=1)  # 3x faster than the default 6
     return buffer.getvalue()
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import Predictor
 from ml.artifact import REQUIRED_KEYS, read_manifest
 from ml.train import RunCheckpoints, parse_args, plan_stages
 from ml_helpers import TINY_SIZE, run_module
@@ -69,6 +68,7 @@ def test_evaluate_cli_with_tta_on_all_images(trained_run, synthetic_ham, tmp_pat
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in (out / "report.md").read_text()
     assert len(pd.read_csv(out / "predictions.csv")) == metrics["n"]
+    assert metrics["temperature"] == read_manifest(trained_run)["temperature"]  # the run folder loaded as an artifact
 
 
 def test_export_cli_float16(trained_run, tmp_path):
@@ -77,13 +77,6 @@ def test_export_cli_float16(trained_run, tmp_path):
     manifest = read_manifest(out)
     assert manifest["weights_dtype"] == "float16" and (out / "split.csv").is_file()
     assert manifest["temperature"] == read_manifest(trained_run)["temperature"]
-
-
-def test_run_folder_loads_as_a_predictor(trained_run):
-    predictor = Predictor.load(trained_run)
-    probs = predictor.predict([np.zeros((150, 200, 3), np.uint8)])
-    assert probs.shape == (1, 7)
-    assert predictor.temperature == read_manifest(trained_run)["temperature"]
 
 
 @pytest.mark.slow
