@@ -170,6 +170,19 @@ def save_model_weights(model, path: str | os.PathLike) -> Path:
     return path
 
 
+def load_model_weights(model, path: str | os.PathLike) -> None:
+    """`model.load_weights` for compact files into a compiled model, without the warning.
+
+    Keras warns that it skips the optimizer's variables when the file has none; that is the
+    point of compact files (the optimizer's moments live in the checkpoint's optimizer.npz).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
 def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, dtype: str | None) -> None:
     """Copies the model groups of a Keras .weights.h5 file, casting float datasets to `dtype`.
 

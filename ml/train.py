@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.artifact import save_model_weights
+from ml.artifact import load_model_weights, save_model_weights
 
 log = logging.getLogger("ml.train")
 
@@ -253,7 +253,7 @@ class RunCheckpoints:
 
     @staticmethod
     def restore_model(model, path: Path) -> None:
-        model.load_weights(path / "model.weights.h5")
+        load_model_weights(model, path / "model.weights.h5")
 
     @staticmethod
     def restore_optimizer(model, path: Path) -> None:
@@ -620,7 +620,7 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
 
     best = run_dir / "best.weights.h5"
     if best.is_file():
-        model.load_weights(best)
+        load_model_weights(model, best)
     else:  # no epoch had a finite monitor value (tiny data): ship the last weights
         save_model_weights(model, best)
     save_model_weights(model, run_dir / WEIGHTS)

@@ -141,7 +141,7 @@ def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client
         manifest = {"name": "other", "version": "2", "class_names": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]}
 
         def predict(self, images):
-            return np.array([[0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1]], dtype=np.float32)
+            return np.tile(np.array([0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1], dtype=np.float32), (len(images), 1))
 
     monkeypatch.setitem(tasks._state, "flask_app", app)
     monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
