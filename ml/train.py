@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the final test evaluation")
     p.add_argument("--model-name", default=None)
     p.add_argument("--model-version", default=None, help="default: YYYY.MM.DD of the end of training")
+    p.add_argument(
+        "--pack-resume", action="store_true",
+        help="write the compact float16 carry-over (resume/) of the run in --out and exit; commit it so a later session can --resume",
+    )
     p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras fit verbosity (default: bar on a terminal)")
     return p
 
@@ -108,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
     explicit = {a.dest for a in parser._actions if any(opt in given for opt in a.option_strings)}
+    if args.pack_resume:
+        return args  # only --out matters
     if args.resume:
         args = _merge_saved_args(args, explicit)
     _validate_args(args)
@@ -273,6 +279,47 @@ class RunCheckpoints:
         complete = sorted(p for p in self.dir.glob("epoch-*") if (p / STATE_FILE).is_file())
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Carry-over between machines
+# ------------------------------------------------------------------------------------------------
+
+CARRYOVER = "resume"
+
+
+def pack_carryover(run_dir: Path) -> Path:
+    """Writes `resume/`: the newest checkpoint's weights and the best weights as float16, plus state.
+
+    A full checkpoint (float32 weights and Adam moments, ~200 MB) is too big to commit; this is
+    ~45 MB. Resuming from it restarts the optimizer's moments, which Adam re-estimates within a
+    few hundred steps; the epoch, learning rate, best metric and early-stopping counters carry over.
+    """
+    from ml.artifact import convert_weights_file
+
+    latest = RunCheckpoints(run_dir).latest()
+    if latest is None:
+        raise ValueError(f"Run folder {str(run_dir)!r} has no complete checkpoint to pack.")
+    target = run_dir / CARRYOVER
+    target.mkdir(exist_ok=True)
+    convert_weights_file(latest / "model.weights.h5", target / "model.weights.h5", "float16")
+    if (run_dir / "best.weights.h5").is_file():
+        convert_weights_file(run_dir / "best.weights.h5", target / "best.weights.h5", "float16")
+    shutil.copyfile(latest / STATE_FILE, target / STATE_FILE)
+    return target
+
+
+def unpack_carryover(run_dir: Path, model) -> dict | None:
+    """Restores weights (and best.weights.h5) from `resume/` when no full checkpoint is here."""
+    from ml.artifact import convert_weights_file
+
+    source = run_dir / CARRYOVER
+    if not (source / STATE_FILE).is_file():
+        return None
+    load_model_weights(model, source / "model.weights.h5")
+    if (source / "best.weights.h5").is_file() and not (run_dir / "best.weights.h5").is_file():
+        convert_weights_file(source / "best.weights.h5", run_dir / "best.weights.h5", "float32")
+    return json.loads((source / STATE_FILE).read_text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,10 +592,15 @@ def train(args) -> Path:
     if args.weights in ("none", "", None):
         log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
     state = _initial_state(stages[0], args)
+    restored = False
     if latest is not None:
         state = checkpoints.read_state(latest)
         checkpoints.restore_model(model, latest)
+        restored = True
         log.info("restored %s (epoch %d, best %s=%s at epoch %s)", latest.name, state["epoch"], args.monitor, state["best"], state["best_epoch"])
+    elif args.resume and (carried := unpack_carryover(run_dir, model)) is not None:
+        state, restored = carried, True
+        log.info("restored the float16 carry-over %s/ (epoch %d); the optimizer's moments restart", CARRYOVER, state["epoch"])
 
     ValidationMetrics, TrainingController = _make_callbacks()
     controller = TrainingController(run_dir, checkpoints, state, args)
@@ -559,7 +611,7 @@ def train(args) -> Path:
         begin, start = start, stage.end_epoch
         if state.get("stopped_early") or state["epoch"] >= stage.end_epoch:
             continue
-        resuming_stage = latest is not None and state["stage"] == stage.name and state["epoch"] > begin
+        resuming_stage = restored and state["stage"] == stage.name and state["epoch"] > begin
         set_trainable(model, stage.trainable, args.unfreeze_from_block)
         lr = state["lr"] if resuming_stage else stage.lr
         model.compile(
@@ -567,7 +619,8 @@ def train(args) -> Path:
             jit_compile=_jit(args), run_eagerly=bool(getattr(args, "run_eagerly", False)),
         )
         if resuming_stage:
-            checkpoints.restore_optimizer(model, latest)
+            if latest is not None:
+                checkpoints.restore_optimizer(model, latest)
             model.optimizer.learning_rate = lr
         else:
             state.update(stage=stage.name, lr=lr, lr_wait=0)
@@ -698,6 +751,9 @@ def _describe_data(args, table) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.pack_resume:
+        print(f"Packed {pack_carryover(Path(args.out))}")
+        return
     train(args)
 
 

@@ -96,6 +96,26 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
     assert "resuming run" in (run / "train.log").read_text()
 
 
+def test_resume_from_the_compact_carry_over_alone(trained_run, tmp_path):
+    """What a later session on a fresh machine has: resume/ (float16, committed), no checkpoints/."""
+    import shutil
+
+    from ml.artifact import weights_dtype
+
+    run = tmp_path / "carried"
+    shutil.copytree(trained_run, run)
+    run_module("ml.train", "--out", str(run), "--pack-resume")
+    assert weights_dtype(run / "resume" / "model.weights.h5") == "float16"
+    shutil.rmtree(run / "checkpoints")
+    (run / "best.weights.h5").unlink()
+    args = json.loads((run / "args.json").read_text())
+    run_module("ml.train", "--out", str(run), "--resume", "--epochs", "2", "--no-test-eval", "--verbose", "0",
+               "--data", args["data"])
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1, 2]
+    assert "restored the float16 carry-over" in (run / "train.log").read_text()
+    assert (run / "best.weights.h5").is_file()
+
+
 def test_a_second_start_without_resume_is_refused(trained_run):
     from ml.train import train
 
