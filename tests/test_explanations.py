@@ -242,3 +242,25 @@ def test_sweep_fails_stale_running_rows_and_resends_old_queued_ones(app, case_id
     with app.app_context():
         failed = db.session.scalar(db.select(Explanation).where(Explanation.status == "failed"))
         assert failed.class_name == "mel" and "its worker stopped" in failed.error
+
+
+def test_the_periodic_sweeper_also_sweeps_explanations(app, case_id, monkeypatch):
+    """The worker's timer thread (worker.sweep.Sweeper) runs the explanation sweep on every pass."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from worker import explain_tasks
+    from worker.sweep import Sweeper
+
+    with app.app_context():
+        row = db.session.scalars(db.select(Explanation).where(Explanation.method == "shap")).first()
+        row.status, row.started_at = "running", utcnow() - timedelta(hours=1)
+        db.session.commit()
+        row_id = row.id
+    settings = app.extensions["settings"]
+    sweeper = Sweeper(SimpleNamespace(send_task=lambda *a, **k: SimpleNamespace(id="x")), settings, interval=0)
+    sweeper._flask_app = app
+    monkeypatch.setattr(explain_tasks, "send", lambda *a, **k: "sent")
+    assert sweeper._sweep_explanations()["failed"] == 1
+    with app.app_context():
+        assert db.session.get(Explanation, row_id).status == "failed"

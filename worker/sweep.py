@@ -211,7 +211,15 @@ class Sweeper:
                 return None
         except Exception:
             r = None
-        return sweep_once(self._flask_app, self.send, self.settings, redis_client=r)
+        counts = sweep_once(self._flask_app, self.send, self.settings, redis_client=r)
+        counts.update({f"explanations_{k}": v for k, v in self._sweep_explanations().items()})
+        return counts
+
+    def _sweep_explanations(self) -> dict[str, int]:
+        """Explanation rows (SHAP, Grad-CAM on request) get the same care as prediction jobs."""
+        from .explain_tasks import sweep_explanations
+
+        return sweep_explanations(self._flask_app, queued_after=self.settings.SWEEP_QUEUED_AFTER)
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
