@@ -235,12 +235,18 @@ def fail_rows(ids, message: str) -> None:
 
 
 def _model_for(row):
-    """The loaded predictor, if it is the row's model version (else the row cannot be explained here)."""
-    model = core.predictor()
+    """The predictor of the row's model version: the served one, or one loaded from its artifact.
+
+    Re-runs with another model version store analyses of that version; their explanations must
+    come from the same weights, so the worker loads (and caches) that version like analyse does.
+    """
+    from types import SimpleNamespace
+
+    mv = row.model_version
+    model, _ = core.predictor_for_job(SimpleNamespace(model_version_id=mv.id, model_version=mv))
     if not explainable(model):
         raise RuntimeError("This worker's predictor has no Keras model to explain.")
     name, version = str(model.manifest["name"]), str(model.manifest["version"])
-    mv = row.model_version
     if (mv.name, mv.version) != (name, version):
         raise RuntimeError(f"This worker serves {name} {version}, not {mv.name} {mv.version}.")
     return model
