@@ -424,7 +424,7 @@ def main(argv=None) -> int:
                 if (folder / f"{name}.log").exists():
                     (logs / f"{name}.log").write_bytes((folder / f"{name}.log").read_bytes())
 
-    batches = batch_sizes_from_log(worker_log)
+    batches = batch_sizes_from_log(worker_log.split("Prediction pass warmed up")[-1])  # the pipeline worker's
     pipeline_rate = pipeline["images"] / pipeline["seconds"]
     summary = {
         "raw_images_per_s": model["raw_images_per_s"],

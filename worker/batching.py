@@ -140,6 +140,44 @@ def warm_up_process() -> None:
         log.info("Prediction pass warmed up for batch sizes %s in %.1f s.", bucket_sizes(batch_limit()), seconds)
     except Exception:  # a failed warm-up only means a slow first request
         log.exception("Warm-up failed (the first predictions will be slower).")
+    try:
+        seconds = warm_up_shap(model)
+        if seconds is not None:
+            log.info("SHAP function imported and traced in %.1f s.", seconds)
+    except Exception:
+        log.exception("SHAP warm-up failed (the first SHAP run will be slower).")
+
+
+def warm_up_shap(model) -> float | None:
+    """Imports shap (3 s) and traces the SHAP model function at batch 1 and PREDICT_BATCH_SIZE, on a
+    worker that serves the explain queue: a SHAP run can only give way to a prediction between two
+    model calls, so its first call must not be a 10-20 s trace. None when there is nothing to do."""
+    import numpy as np
+
+    from webapp.queue import EXPLAIN_QUEUE
+
+    from . import explain_tasks
+    from . import tasks as core
+
+    try:
+        consume_from = core.app.amqp.queues.consume_from
+    except Exception:
+        consume_from = None
+    if int(core.settings.SHAP_TOP_K) <= 0 or not explain_tasks.explainable(model):
+        return None
+    if consume_from and EXPLAIN_QUEUE not in consume_from:
+        return None
+    started = time.monotonic()
+    import shap  # noqa: F401  (pulls in numba and scikit-learn)
+
+    from ml.explain.gradcam import predictor_temperature
+    from ml.explain.shap_explainer import probability_function
+
+    fn = probability_function(model.model, predictor_temperature(model))
+    h, w = model.input_size
+    for size in (1, min(batch_limit(), int(core.settings.SHAP_BATCH_SIZE))):  # the chunks of yielding()
+        fn(np.full((size, h, w, 3), 128, dtype=np.float32))
+    return time.monotonic() - started
 
 
 # --- claiming companions ----------------------------------------------------------------------------
@@ -460,10 +498,13 @@ def queued_predictions() -> int:
 
     if not serves_predict():
         return 0
-    queued = int(db.session.scalar(select(func.count(Job.id)).where(Job.status == "queued", Job.kind == "analyse")) or 0)
-    if queued:
-        return queued
-    newest = db.session.scalar(select(Job.created_at).where(Job.kind == "analyse").order_by(Job.id.desc()).limit(1))
+    # Its own short connection: the SHAP task's session may hold a read transaction, and on SQLite
+    # (WAL) that snapshot would never show the jobs uploaded since it began.
+    with db.engine.connect() as conn:
+        queued = int(conn.execute(select(func.count(Job.id)).where(Job.status == "queued", Job.kind == "analyse")).scalar() or 0)
+        if queued:
+            return queued
+        newest = conn.execute(select(Job.created_at).where(Job.kind == "analyse").order_by(Job.id.desc()).limit(1)).scalar()
     return int(newest is not None and (core._now() - newest).total_seconds() < EXPLAIN_QUIET_S)
 
 
@@ -501,19 +542,23 @@ def defer(task, analysis_id: int, queued: int) -> str:
     return "deferred"
 
 
-def yielding(fn, task, min_interval: float = 0.25):
-    """Wraps a SHAP model function: before each batch, stop (PredictionsWaiting) if analyse jobs wait."""
+def yielding(fn, task, chunk: int | None = None):
+    """Wraps a SHAP model function so that it gives way to predictions: each call (SHAP_BATCH_SIZE
+    masked images, ~2 s on 2 cores) runs in chunks of PREDICT_BATCH_SIZE, and before each chunk
+    it stops (PredictionsWaiting) if analyse jobs wait. A prediction then waits ~0.5 s at most."""
+    import numpy as np
+
     if getattr(task.request, "called_directly", True) or not serves_predict():
         return fn
-    last = [0.0]
+    chunk = chunk or batch_limit()
 
     def wrapped(images):
-        now = time.monotonic()
-        if now - last[0] >= min_interval:
-            last[0] = now
+        parts = []
+        for i in range(0, len(images), chunk):
             if queued_predictions():
                 raise PredictionsWaiting()
-        return fn(images)
+            parts.append(np.asarray(fn(images[i:i + chunk])))
+        return np.concatenate(parts)
 
     return wrapped
 
