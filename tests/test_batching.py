@@ -44,6 +44,7 @@ def tasks(app, monkeypatch):
     monkeypatch.setitem(tasks._state, "predictor", BatchRecordingPredictor())
     monkeypatch.setitem(tasks._state, "predictor_error", None)
     monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
+    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
     return tasks
 
 

@@ -173,10 +173,16 @@ def warm_up_shap(model) -> float | None:
     from ml.explain.gradcam import predictor_temperature
     from ml.explain.shap_explainer import probability_function
 
+    from ml.explain.shap_explainer import default_blur, shap_values
+
     fn = probability_function(model.model, predictor_temperature(model))
     h, w = model.input_size
-    for size in (1, min(batch_limit(), int(core.settings.SHAP_BATCH_SIZE))):  # the chunks of yielding()
+    chunk = min(batch_limit(), int(core.settings.SHAP_BATCH_SIZE))
+    for size in (1, chunk):  # the chunks of yielding()
         fn(np.full((size, h, w, 3), 128, dtype=np.float32))
+    # A small explanation compiles shap's numba code (~5-7 s the first time), which no check can interrupt.
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3)).astype(np.float32)
+    shap_values(fn, image, max_evals=4 * chunk, batch_size=chunk, class_indices=[0], blur=default_blur(h, w))
     return time.monotonic() - started
 
 
