@@ -58,6 +58,7 @@ def tasks(app, monkeypatch, tiny_predictor, worker_sent):
     monkeypatch.setitem(tasks._state, "flask_app", app)
     monkeypatch.setitem(tasks._state, "predictor", tiny_predictor)
     monkeypatch.setitem(tasks._state, "predictor_error", None)
+    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
     monkeypatch.setattr(tasks, "settings", settings)
     return tasks
 

@@ -40,6 +40,7 @@ def tasks(app, monkeypatch):
     monkeypatch.setitem(tasks._state, "flask_app", app)
     monkeypatch.setitem(tasks._state, "predictor", FakePredictor())
     monkeypatch.setitem(tasks._state, "predictor_error", None)
+    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
     monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
     return tasks
 

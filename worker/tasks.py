@@ -205,14 +205,12 @@ def predictor_for_job(job):
         model = predictor()
         return model, register_model_version(model.manifest)
     mv = job.model_version
+    default = _state["predictor"]
+    if default is not None and (str(default.manifest["name"]), str(default.manifest["version"])) == (mv.name, mv.version):
+        return default, mv  # the served model: never a second copy in the cache
     model = _versioned_predictors.get(mv.id)
     if model is None:
-        default = _state["predictor"]
-        if default is not None and (str(default.manifest["name"]), str(default.manifest["version"])) == (mv.name, mv.version):
-            model = default
-        else:
-            model = _load_model_version(mv)
-        _versioned_predictors[mv.id] = model
+        model = _versioned_predictors[mv.id] = _load_model_version(mv)
     return model, mv
 
 
