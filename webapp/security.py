@@ -77,7 +77,7 @@ def login_limiter() -> "LoginLimiter":
 
 def client_ip() -> str:
     """The peer address. Behind a reverse proxy, wrap the app in werkzeug's ProxyFix so that this
-    is the client's address and not the proxy's (see docs/production-notes.md)."""
+    is the client's address and not the proxy's (see README.md, SECURITY)."""
     return request.remote_addr or "unknown"
 
 
