@@ -16,7 +16,6 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Iterator, Mapping
 
 from sqlalchemy import and_, func, not_, or_, select
-from sqlalchemy.orm import aliased
 
 from .batches import neutralise
 from .db import db
@@ -180,10 +179,11 @@ def conditions(f: CaseFilters, user: User | None) -> list:
     if f.agreement in ("agree", "disagree"):
         where.append(Case.id.in_(select(Review.case_id).where(Review.agrees_with_model.is_(f.agreement == "agree"))))
     elif f.agreement in ("matches_reference", "differs_from_reference"):
-        labelled = aliased(Case)
-        compare = Analysis.top_class == labelled.reference_dx if f.agreement == "matches_reference" else Analysis.top_class != labelled.reference_dx
-        where.append(Case.id.in_(_analyses_of(f, compare).join(labelled, labelled.id == Image.case_id)
-                                 .where(labelled.reference_dx.is_not(None))))
+        # Correlated EXISTS, not IN: SQLite then walks the page's cases in index order and checks
+        # each one's analyses, instead of first joining every analysis with every labelled case.
+        compare = Analysis.top_class == Case.reference_dx if f.agreement == "matches_reference" else Analysis.top_class != Case.reference_dx
+        where.append(Case.reference_dx.is_not(None))
+        where.append(_analyses_of(f, compare).where(Image.case_id == Case.id).correlate(Case).exists())
     if f.status:
         where.append(Case.id.in_(
             select(Image.case_id).join(Job, Job.image_id == Image.id).where(Job.status == f.status, Job.kind == "analyse")
