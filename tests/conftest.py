@@ -80,3 +80,17 @@ def logged_in(client, researcher):
     response = login(client, researcher)
     assert response.status_code == 302
     return client
+
+
+@pytest.fixture
+def web_sent(monkeypatch):
+    """Records the tasks the web app sends by name instead of publishing them: (name, args, queue)."""
+    calls: list[tuple] = []
+
+    def fake_send(name, *args, queue):
+        calls.append((name, args, queue))
+        return "task-id"
+
+    monkeypatch.setattr("webapp.cases.send", fake_send)
+    monkeypatch.setattr("webapp.explanations.send", fake_send)
+    return calls

@@ -20,16 +20,8 @@ MANIFEST = {"name": "efficientnetb3-cbam", "version": "untrained", "trained": Fa
 
 
 @pytest.fixture
-def sent(monkeypatch):
-    calls: list[tuple] = []
-
-    def fake_send(name, *args, queue):
-        calls.append((name, args, queue))
-        return "task-id"
-
-    monkeypatch.setattr("webapp.cases.send", fake_send)
-    monkeypatch.setattr("webapp.explanations.send", fake_send)
-    return calls
+def sent(web_sent):
+    return web_sent
 
 
 @pytest.fixture

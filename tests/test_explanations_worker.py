@@ -38,19 +38,6 @@ def worker_sent(monkeypatch):
 
 
 @pytest.fixture
-def web_sent(monkeypatch):
-    calls: list[tuple] = []
-
-    def fake_send(name, *args, queue):
-        calls.append((name, args, queue))
-        return "task-id"
-
-    monkeypatch.setattr("webapp.cases.send", fake_send)
-    monkeypatch.setattr("webapp.explanations.send", fake_send)
-    return calls
-
-
-@pytest.fixture
 def tasks(app, monkeypatch, tiny_predictor, worker_sent):
     import worker.tasks as tasks
 
