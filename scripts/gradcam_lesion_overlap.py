@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_DATA = Path("/work/shared/data/ham10000-200x150")
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150"  # ../shared beside the repo
 
 
 def parse_args(argv=None) -> argparse.Namespace:

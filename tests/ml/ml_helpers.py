@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SIZE = (32, 32)
-REAL_DATA = Path("/work/shared/data/ham10000-200x150")
+REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000-200x150"  # ../shared beside the repo
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
