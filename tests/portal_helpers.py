@@ -56,3 +56,12 @@ def csrf_from(html: str) -> str:
 def login(client, email, password=PASSWORD):
     token = csrf_from(client.get("/login").get_data(as_text=True))
     return client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+
+
+# The manifest of the stand-in predictors in the worker tests (an untrained model's shape).
+FAKE_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+FAKE_MANIFEST = {
+    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
+    "class_names": FAKE_CLASSES, "class_long_names": {c: c.upper() for c in FAKE_CLASSES},
+    "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64], "temperature": 1.0,
+}

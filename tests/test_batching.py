@@ -11,12 +11,7 @@ from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 from webapp.db import db
 from webapp.models import Analysis, Job
 
-CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-MANIFEST = {
-    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
-    "class_names": CLASSES, "class_long_names": {c: c.upper() for c in CLASSES},
-    "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64], "temperature": 1.0,
-}
+from portal_helpers import FAKE_CLASSES as CLASSES, FAKE_MANIFEST as MANIFEST
 
 
 class BatchRecordingPredictor:

@@ -59,13 +59,7 @@ def list_users() -> None:
 @click.argument("role", type=click.Choice(ROLES))
 def change_role(email: str, role: str) -> None:
     """Give EMAIL the role ROLE (recorded in the audit log)."""
-    from .accounts import AccountError, update_user
-
-    user = _existing(email)
-    try:
-        update_user(user, None, role=role)
-    except AccountError as exc:
-        raise click.ClickException(exc.message) from None
+    user = _update_account(email, role=role)
     click.echo(f"{user.email} is now {user.role}.")
 
 
@@ -73,14 +67,20 @@ def change_role(email: str, role: str) -> None:
 @click.argument("email")
 def deactivate(email: str) -> None:
     """Deactivate EMAIL: no login, and their API tokens stop working."""
+    user = _update_account(email, active=False)
+    click.echo(f"Deactivated {user.email}.")
+
+
+def _update_account(email: str, **changes):
+    """Applies CHANGES to EMAIL's account (audited); refusals become a clean CLI error."""
     from .accounts import AccountError, update_user
 
     user = _existing(email)
     try:
-        update_user(user, None, active=False)
+        update_user(user, None, **changes)
     except AccountError as exc:
         raise click.ClickException(exc.message) from None
-    click.echo(f"Deactivated {user.email}.")
+    return user
 
 
 @bp.cli.command("activate")

@@ -106,11 +106,7 @@ def batch_progress(batch_id: int):
 @role_required(*UPLOAD_ROLES)
 def rerun_batch_page(batch_id: int):
     _batch_or_404(batch_id)
-    try:
-        summary = rerun_batch(batch_id, model_version_or_error(request.form.get("model_version_id")), g.user)
-        flash(f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.", "info")
-    except RerunError as exc:
-        flash(exc.message, "error")
+    _rerun_and_flash(rerun_batch, batch_id)
     return redirect(url_for("portal.show_batch", batch_id=batch_id))
 
 
@@ -120,12 +116,17 @@ def rerun_batch_page(batch_id: int):
 @role_required(*UPLOAD_ROLES)
 def rerun_case_page(case_id: int):
     _case_or_404(case_id)
+    _rerun_and_flash(rerun_case, case_id)
+    return redirect(url_for("cases.show", case_id=case_id))
+
+
+def _rerun_and_flash(rerun, target_id: int) -> None:
+    """Runs a case or batch re-run with the form's model version and flashes what it queued."""
     try:
-        summary = rerun_case(case_id, model_version_or_error(request.form.get("model_version_id")), g.user)
+        summary = rerun(target_id, model_version_or_error(request.form.get("model_version_id")), g.user)
         flash(f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.", "info")
     except RerunError as exc:
         flash(exc.message, "error")
-    return redirect(url_for("cases.show", case_id=case_id))
 
 
 @bp.post("/cases/rerun")
