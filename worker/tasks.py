@@ -139,7 +139,7 @@ def _fail(job_id: int, message: str) -> None:
 
     db.session.rollback()
     job = db.session.get(Job, job_id)
-    if job is None:
+    if job is None or job.status == "succeeded":  # e.g. stored by an earlier pass of the same task: results are kept
         return
     job.status, job.error, job.finished_at = "failed", message[:4000], _now()
     if job.analysis_id is not None:
