@@ -1,0 +1,213 @@
+"""`python -m ml.model_card --artifact models/NAME [--eval DIR] [--run runs/NAME]`: the model card.
+
+Writes `MODEL_CARD.md` and `LICENSE-DATA.md` into the artifact folder from what the artifact itself
+records (manifest.json, and the test evaluation's metrics.json written by `ml.evaluate`), so that the
+card never states a figure that the shipped files do not back. The targets are the project's
+(issue 4): balanced accuracy >= 0.60, macro AUC >= 0.90 and ECE <= 0.05 on the lesion-disjoint test
+split; the card says plainly which were reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = {"balanced_accuracy": (0.60, ">="), "macro_auc": (0.90, ">="), "ece": (0.05, "<=")}
+
+HAM10000_LICENCE = """# Data licence and citation
+
+The weights in this folder were trained on HAM10000 images, so they carry the dataset's licence:
+**CC BY-NC 4.0** (non-commercial use, with attribution; https://creativecommons.org/licenses/by-nc/4.0/).
+
+Cite: Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of
+multi-source dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018).
+doi:10.1038/sdata.2018.161.
+
+The training images were the 200x150 downscales of HAM10000 provided with this project
+(`../shared/data/ham10000-200x150/`, 8,915 images of 6,660 lesions; see its README.md).
+"""
+
+NEXT_STEPS = """- **Pretrained weights.** The largest single gain: fine-tuning from ImageNet EfficientNetB3 weights
+  (`--weights /path/to/efficientnetb3_notop.h5`) usually lifts HAM10000 balanced accuracy by 0.2-0.3
+  over training from scratch on 6k images. They could not be downloaded here.
+- **Longer training on a GPU.** This run stopped far from convergence (CPU: ~10 min per epoch at
+  120x160). The same command trains on a GPU machine (Keras 3 on the JAX backend where TensorFlow is
+  missing) for 60-100 epochs with `--img-size 300 400` on the full-resolution images.
+- **More data.** ISIC 2019 (25k images, `ml.data` reads its ground-truth CSV) and the withheld
+  HAM10000 lesions as an external test set.
+"""
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ci(ci: dict | None) -> str:
+    """'0.612 (95 % CI 0.58-0.64)' from a bootstrap_ci dict, or the bare estimate."""
+    if not ci:
+        return "n/a"
+    if ci.get("low") is None:
+        return fmt(ci.get("estimate"))
+    level = round(float(ci.get("level", 0.95)) * 100)
+    return f"{fmt(ci['estimate'])} ({level} % CI {fmt(ci['low'])}-{fmt(ci['high'])}, lesion bootstrap x{ci.get('n_boot')})"
+
+
+def target_rows(metrics: dict) -> list[str]:
+    rows = []
+    for key, (goal, sign) in TARGETS.items():
+        value = metrics.get(key)
+        met = value is not None and (value >= goal if sign == ">=" else value <= goal)
+        rows.append(f"| {key.replace('_', ' ')} | {fmt(value)} | {sign} {goal} | {'**met**' if met else 'not met'} |")
+    return rows
+
+
+def per_class_rows(metrics: dict, long_names: dict) -> list[str]:
+    rows = []
+    for name, m in metrics.get("per_class", {}).items():
+        rows.append(f"| {name} ({long_names.get(name, name)}) | {m['support']} | {fmt(m['recall'])} | "
+                    f"{fmt(m['precision'])} | {fmt(m['roc_auc'])} |")
+    return rows
+
+
+def split_rows(split: dict) -> list[str]:
+    """Images and lesions per part of the split, as ml.data.split_summary records them."""
+    rows = []
+    for part in ("train", "val", "test"):
+        info = split.get(part)
+        if isinstance(info, dict):
+            counts = info.get("per_class") or info.get("classes") or {}
+            per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
+            rows.append(f"| {part} | {info.get('images', 'n/a')} | {info.get('lesions', 'n/a')} | {per_class} |")
+    return rows
+
+
+def headline(metrics: dict | None) -> list[str]:
+    if metrics is None:
+        return ["No test evaluation was found: run `python -m ml.evaluate` and write the card again."]
+    mel, mal = metrics.get("melanoma", {}), metrics.get("malignant", {})
+    return [
+        f"On the lesion-disjoint test split ({metrics.get('n')} images of {metrics.get('lesions', 'n/a')} lesions), "
+        "after temperature scaling:",
+        "",
+        f"- balanced accuracy: {fmt_ci(metrics.get('balanced_accuracy_ci'))}",
+        f"- macro ROC AUC (one-vs-rest): {fmt_ci(metrics.get('macro_auc_ci'))}",
+        f"- accuracy {fmt(metrics.get('accuracy'))}, macro F1 {fmt(metrics.get('macro_f1'))}, "
+        f"NLL {fmt(metrics.get('nll'))}",
+        f"- ECE (15 bins) {fmt(metrics.get('ece'))} after temperature scaling, "
+        f"{fmt(metrics.get('ece_uncalibrated'))} before",
+        f"- melanoma vs rest: ROC AUC {fmt(mel.get('roc_auc'))}, sensitivity at 80 % specificity "
+        f"{fmt_ci(mel.get('sensitivity_at_80_specificity_ci'))}",
+        f"- malignant (akiec, bcc, mel) vs benign: ROC AUC {fmt(mal.get('roc_auc'))}",
+    ]
+
+
+def training_lines(manifest: dict, run_args: dict | None) -> list[str]:
+    training = manifest.get("training", {})
+    lines = [
+        f"- Initial weights: {training.get('weights_init', 'n/a')} (`none` = random initialisation, no ImageNet pretraining).",
+        f"- Epochs run: {training.get('epochs_run')}; weights shipped from epoch {training.get('best_epoch')} "
+        f"(best {training.get('monitor')} = {fmt(training.get('best_value'))}); stopped early: {training.get('stopped_early')}.",
+        f"- Loss: {training.get('loss')}; class balance: {training.get('balance')}.",
+        f"- Calibration: temperature {fmt(manifest.get('temperature'))} fitted on the validation split.",
+    ]
+    if run_args:
+        keys = ("img_size", "batch_size", "optimizer", "lr", "weight_decay", "gamma", "class_weight_power",
+                "dropout", "no_augment", "monitor", "patience", "lr_patience", "seed", "split")
+        lines.append("- Arguments: " + ", ".join(f"`{k}={run_args[k]}`" for k in keys if k in run_args) + ".")
+    return lines
+
+
+def render(manifest: dict, metrics: dict | None, run_args: dict | None, commands: list[str], weights_mb: float) -> str:
+    h, w = manifest["input_size"]
+    split = manifest.get("split", {})
+    lines = [
+        f"# Model card: {manifest['name']} {manifest['version']}",
+        "",
+        "**Research use only. Not a medical device and not a diagnosis:** every output of this model is a",
+        "research estimate that a qualified clinician must not use for patient care.",
+        "",
+        "## Summary",
+        "",
+        f"- Architecture: EfficientNetB3 with a CBAM attention block on the last feature map, 7-way softmax "
+        f"({', '.join(manifest['class_names'])}); input {h}x{w} RGB ({manifest.get('preprocessing', '')}).",
+        f"- Trained: **{manifest.get('trained')}**, on {manifest.get('trained_on')}.",
+        f"- Weights: {manifest.get('weights_dtype', 'float32')}, {weights_mb:.1f} MB; loads and runs on the CPU with TensorFlow.",
+        "",
+        "## Intended use",
+        "",
+        "Research on dermoscopic skin-lesion classification and its explanations (Grad-CAM, SHAP) in this",
+        "portal: ranking and reviewing cases, comparing model versions, studying failure modes. Out of scope:",
+        "any clinical decision, screening of patients, non-dermoscopic (clinical or smartphone) photographs,",
+        "lesions outside the seven HAM10000 diagnoses.",
+        "",
+        "## Test results",
+        "",
+        *headline(metrics),
+        "",
+    ]
+    if metrics is not None:
+        lines += ["| target (issue 4) | reached | goal | |", "| --- | --- | --- | --- |", *target_rows(metrics), "",
+                  "| class | test images | recall | precision | ROC AUC |", "| --- | --- | --- | --- | --- |",
+                  *per_class_rows(metrics, manifest.get("class_long_names", {})), ""]
+    lines += [
+        "## Training data and split",
+        "",
+        f"{manifest.get('trained_on')}. Split by `lesion_id` (no lesion in two parts), stratified by diagnosis, "
+        f"seed {split.get('seed')}; the per-image assignment is in `split.csv`.",
+        "",
+    ]
+    if split_rows(split):
+        lines += ["| part | images | lesions | per class |", "| --- | --- | --- | --- |", *split_rows(split), ""]
+    lines += ["## Training", "", *training_lines(manifest, run_args), "",
+              "## Reproduce", "", "```", *commands, "```", "",
+              "## Known limits", "",
+              f"- Low resolution: {h}x{w} from 200x150 downscales; fine structures (dots, globules, vessels) are largely lost.",
+              "- No ImageNet pretraining (weights could not be downloaded) and a short CPU training run: the model",
+              "  is far from what the architecture reaches with pretraining (see the targets above).",
+              "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair skin (Fitzpatrick I-III); darker",
+              "  skin types are under-represented, and performance on them is unknown.",
+              "- Rare classes (df, vasc, akiec) have few test images: their per-class figures have wide intervals.",
+              "- Test images come from the same distribution as training (no external validation, no prospective study).",
+              "",
+              "## Next steps to a better model", "", NEXT_STEPS,
+              "## Licence and citation", "",
+              "Trained on HAM10000 (CC BY-NC 4.0); the weights carry the same licence. See `LICENSE-DATA.md`.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(artifact: Path, eval_dir: Path | None = None, run_dir: Path | None = None,
+                     commands: list[str] | None = None) -> Path:
+    """Writes MODEL_CARD.md (and LICENSE-DATA.md) into `artifact`; returns the card's path.
+
+    Raises:
+        FileNotFoundError: if the artifact has no manifest.json.
+    """
+    manifest = load_json(artifact / "manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{artifact} has no manifest.json.")
+    metrics = load_json((eval_dir or artifact / "eval_test") / "metrics.json")
+    run_args = load_json(run_dir / "args.json") if run_dir else None
+    weights_mb = sum(p.stat().st_size for p in artifact.glob("*.h5")) / 1024 / 1024
+    card = artifact / "MODEL_CARD.md"
+    card.write_text(render(manifest, metrics, run_args, commands or [], weights_mb))
+    (artifact / "LICENSE-DATA.md").write_text(HAM10000_LICENCE)
+    return card
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ml.model_card", description=__doc__.split("\n")[0])
+    parser.add_argument("--artifact", required=True, type=Path, help="artifact folder (manifest.json + weights)")
+    parser.add_argument("--eval", type=Path, help="the test evaluation folder (default ARTIFACT/eval_test)")
+    parser.add_argument("--run", type=Path, help="the training run folder, for its args.json")
+    parser.add_argument("--command", action="append", default=[], help="a command that reproduces the artifact (repeatable)")
+    args = parser.parse_args(argv)
+    print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command)}")
+
+
+if __name__ == "__main__":
+    main()

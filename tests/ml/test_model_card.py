@@ -1,0 +1,54 @@
+"""ml.model_card: the card states the artifact's own figures, the targets honestly, and the licence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ml.model_card import TARGETS, write_model_card
+
+
+@pytest.fixture
+def artifact(trained_run, tmp_path):
+    folder = tmp_path / "artifact"
+    shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
+    return folder
+
+
+def test_the_card_states_the_evaluation_figures_and_which_targets_were_met(artifact, trained_run):
+    metrics = json.loads((artifact / "eval_test" / "metrics.json").read_text())
+    card = write_model_card(artifact, run_dir=trained_run, commands=["python -m ml.train --data X --out Y"]).read_text()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+
+    assert card.startswith(f"# Model card: {manifest['name']} {manifest['version']}")
+    assert "Research use only" in card and "not a diagnosis" in card
+    assert f"balanced accuracy: {metrics['balanced_accuracy_ci']['estimate']:.3f}" in card
+    assert f"{metrics['macro_auc_ci']['estimate']:.3f}" in card
+    for key, (goal, sign) in TARGETS.items():
+        value = metrics[key]
+        met = value >= goal if sign == ">=" else value <= goal
+        row = next(line for line in card.splitlines() if line.startswith(f"| {key.replace('_', ' ')} |"))
+        assert ("**met**" in row) == met and f"{value:.3f}" in row
+    assert "python -m ml.train --data X --out Y" in card
+    assert "`img_size=" in card  # the run's arguments
+    for name in manifest["class_names"]:
+        assert f"| {name} (" in card
+
+
+def test_the_licence_file_names_cc_by_nc_and_the_citation(artifact):
+    write_model_card(artifact)
+    licence = (artifact / "LICENSE-DATA.md").read_text()
+    assert "CC BY-NC 4.0" in licence and "doi:10.1038/sdata.2018.161" in licence
+
+
+def test_without_an_evaluation_the_card_says_so(artifact):
+    shutil.rmtree(artifact / "eval_test")
+    card = write_model_card(artifact).read_text()
+    assert "No test evaluation was found" in card and "**met**" not in card
+
+
+def test_a_folder_without_manifest_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        write_model_card(tmp_path)
