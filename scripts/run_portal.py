@@ -219,6 +219,7 @@ def main(argv=None) -> int:
 
     from webapp import create_app
     from webapp.bootstrap import DEFAULT_ADMIN, ensure_admin, upgrade_database
+    from webapp.config import worker_layout
 
     if not port_free(args.host, args.port):
         print(f"[portal] port {args.port} on {args.host} is in use; try `make run PORT=8080`.", file=sys.stderr)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
 
         sup.start("worker", [
             str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain",
-            "-c", "1", "--pool", "prefork", "-l", "INFO", "-n", f"portal-{os.getpid()}@%h",
+            "-c", str(worker_layout(settings)[0]), "--pool", "prefork", "-l", "INFO", "-n", f"portal-{os.getpid()}@%h",
         ], env, restart=True)
         web = sup.start("web", [
             str(BIN / "gunicorn"), "--bind", f"{args.host}:{args.port}", "--workers", str(args.web_workers),

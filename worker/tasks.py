@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import task_failure, worker_process_init
+from celery.signals import task_failure, worker_init, worker_process_init
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # create_app() loads Flask-Migrate; its INFO lines are noise here
 MAX_ATTEMPTS = settings.TASK_MAX_ATTEMPTS
 TRANSIENT_RETRIES = 5  # retries with backoff (2, 4, 8, 16, 32 s) for database or broker hiccups
-_state: dict[str, Any] = {"flask_app": None, "predictor": None, "predictor_error": None}
+_state: dict[str, Any] = {"flask_app": None, "predictor": None, "predictor_error": None, "pool_processes": None}
 
 
 def flask_app():
@@ -51,12 +51,35 @@ def load_predictor():
     return Predictor.untrained(input_size=tuple(settings.UNTRAINED_INPUT_SIZE))
 
 
+@worker_init.connect
+def _remember_pool_size(sender=None, **_: Any) -> None:
+    """The worker's -c, which its pool processes inherit over the fork (to share out the cores)."""
+    _state["pool_processes"] = getattr(sender, "concurrency", None)
+
+
+def limit_threads() -> int:
+    """Gives this process's TensorFlow its share of the cores (webapp.config.worker_layout); must run
+    before TensorFlow executes anything. Returns the thread count."""
+    from webapp.config import worker_layout
+
+    import tensorflow as tf
+
+    _, threads = worker_layout(settings, _state.get("pool_processes"))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime was already initialised in this process (tests, solo pool)
+        log.warning("TensorFlow already initialised; its thread count stays as it is.")
+    return threads
+
+
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
     from webapp.db import db
 
     with flask_app().app_context():
         db.engine.dispose(close=False)  # never share connections inherited from the parent over the fork
+    log.info("TensorFlow threads in this pool process: %d.", limit_threads())
     _load_predictor_once()
     from . import batching
 
