@@ -68,3 +68,19 @@ def test_flask_config_and_sqlite_pragmas(app):
         assert db.session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert db.session.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert db.session.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
+
+
+def test_worker_layout_gives_each_pool_process_its_share_of_the_cores(monkeypatch):
+    import webapp.config as config
+
+    monkeypatch.setattr(config, "usable_cpus", lambda: 2)
+    auto = Settings.load(environ={})
+    assert config.worker_layout(auto) == (2, 1)  # one single-threaded process per core
+    assert config.worker_layout(auto, pool_processes=1) == (1, 2)  # a worker started with -c 1
+    monkeypatch.setattr(config, "usable_cpus", lambda: 16)
+    assert config.worker_layout(auto) == (4, 4)  # at most 4 processes by default
+    explicit = Settings.load(environ={"WORKER_PROCESSES": "3", "PREDICT_THREADS": "2"})
+    assert config.worker_layout(explicit) == (3, 2)
+    assert Settings.load(environ={"WORKER_PROCESSES": "0"}).WORKER_PROCESSES == 0
+    with pytest.raises(ConfigError, match="WORKER_PROCESSES"):
+        Settings.load(environ={"WORKER_PROCESSES": "-1"})
