@@ -54,7 +54,8 @@ def load_predictor():
 @worker_init.connect
 def _remember_pool_size(sender=None, **_: Any) -> None:
     """The worker's -c, which its pool processes inherit over the fork (to share out the cores)."""
-    _state["pool_processes"] = getattr(sender, "concurrency", None)
+    concurrency = getattr(sender, "concurrency", None)
+    _state["pool_processes"] = concurrency if isinstance(concurrency, int) and concurrency > 0 else None  # not "auto"
 
 
 def limit_threads() -> int:
