@@ -28,14 +28,16 @@ The training images were the 200x150 downscales of HAM10000 provided with this p
 (`../shared/data/ham10000-200x150/`, 8,915 images of 6,660 lesions; see its README.md).
 """
 
-NEXT_STEPS = """- **Pretrained weights.** The largest single gain: fine-tuning from ImageNet EfficientNetB3 weights
-  (`--weights /path/to/efficientnetb3_notop.h5`) usually lifts HAM10000 balanced accuracy by 0.2-0.3
-  over training from scratch on 6k images. They could not be downloaded here.
-- **Longer training on a GPU.** This run stopped far from convergence (CPU: ~10 min per epoch at
-  120x160). The same command trains on a GPU machine (Keras 3 on the JAX backend where TensorFlow is
-  missing) for 60-100 epochs with `--img-size 300 400` on the full-resolution images.
-- **More data.** ISIC 2019 (25k images, `ml.data` reads its ground-truth CSV) and the withheld
-  HAM10000 lesions as an external test set.
+NEXT_STEPS = """- **Longer training.** The validation balanced accuracy was still rising when this run stopped
+  (see `history.csv` of the run); `python -m ml.train --out RUN --resume --epochs 40` continues it
+  from the committed float16 carry-over. On CPU an epoch at 120x160 takes 7-10 minutes; a GPU
+  machine runs the same code (Keras 3 on the JAX backend where TensorFlow is missing).
+- **Pretrained weights.** Fine-tuning from ImageNet EfficientNetB3 weights (`--weights
+  /path/to/efficientnetb3_notop.h5`) is how published HAM10000 models reach their figures; expected
+  to be the largest single gain, not measured here (the weights could not be downloaded).
+- **Resolution and data.** The full 150x200 of the provided images (or original-resolution
+  images at 300x400 on a GPU), ISIC 2019 (25k images; `ml.data` reads its ground-truth CSV), and
+  the withheld HAM10000 lesions as an external test set.
 """
 
 
@@ -84,6 +86,14 @@ def split_rows(split: dict) -> list[str]:
             per_class = ", ".join(f"{c} {n}" for c, n in counts.items())
             rows.append(f"| {part} | {info.get('images', 'n/a')} | {info.get('lesions', 'n/a')} | {per_class} |")
     return rows
+
+
+def weak_classes(metrics: dict | None, below: float = 0.3) -> str | None:
+    """'df (recall 0.00, 12 test images), ...' for the classes the model rarely finds, or None."""
+    weak = [(name, m) for name, m in (metrics or {}).get("per_class", {}).items() if m["recall"] < below]
+    if not weak:
+        return None
+    return ", ".join(f"{name} (recall {m['recall']:.2f}, {m['support']} test images)" for name, m in weak)
 
 
 def headline(metrics: dict | None) -> list[str]:
@@ -172,6 +182,7 @@ def render(manifest: dict, metrics: dict | None, run_args: dict | None, commands
               "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair skin (Fitzpatrick I-III); darker",
               "  skin types are under-represented, and performance on them is unknown.",
               "- Rare classes (df, vasc, akiec) have few test images: their per-class figures have wide intervals.",
+              *([f"- Classes this model rarely finds on the test split: {weak_classes(metrics)}."] if weak_classes(metrics) else []),
               "- Test images come from the same distribution as training (no external validation, no prospective study).",
               "",
               "## Next steps to a better model", "", NEXT_STEPS,
