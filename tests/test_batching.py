@@ -53,6 +53,8 @@ def upload_all(app, client, sent_tasks) -> list[int]:
 
 
 def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks, tasks):
+    from worker.reliability import worker_identity
+
     job_ids = upload_all(app, client, sent_tasks)
     assert len(job_ids) == 4
 
@@ -63,6 +65,8 @@ def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks,
         jobs = [db.session.get(Job, j) for j in job_ids]
         assert [(j.status, j.attempts) for j in jobs] == [("succeeded", 1)] * 4
         assert len({j.analysis_id for j in jobs}) == 4
+        # Companions record their claimer too: the sweep re-queues them if this process dies.
+        assert {j.claimed_by for j in jobs} == {worker_identity()}
         for job in jobs:
             analysis = job.analysis
             assert analysis.image_id == job.image_id and analysis.status == "succeeded"

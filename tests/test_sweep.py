@@ -18,12 +18,13 @@ from webapp.models import Case, Image, Job, utcnow
 def make_job(app):
     counter = iter(range(1000))
 
-    def make(status="queued", age=0.0, started_age=None, attempts=0) -> int:
+    def make(status="queued", age=0.0, started_age=None, attempts=0, claimed_by=None) -> int:
         with app.app_context():
             n = next(counter)
             case = Case()
             image = Image(case=case, content_hash=f"{n:064x}", storage_key=f"images/k{n}.png", width=1, height=1)
-            job = Job(image=image, status=status, attempts=attempts, created_at=utcnow() - timedelta(seconds=age))
+            job = Job(image=image, status=status, attempts=attempts, claimed_by=claimed_by,
+                      created_at=utcnow() - timedelta(seconds=age))
             if started_age is not None:
                 job.started_at = utcnow() - timedelta(seconds=started_age)
             db.session.add_all([case, image, job])
@@ -74,6 +75,53 @@ def test_sweep_requeues_a_job_whose_worker_died_and_fails_it_after_max_attempts(
     assert status == "failed" and "Gave up after 3 attempts" in error
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_jobs_of_a_dead_process_on_this_host_are_requeued_at_once(app, make_job):
+    import os
+    import socket
+    from dataclasses import replace
+
+    from worker.sweep import requeue_orphans
+
+    host, gone = socket.gethostname(), dead_pid()
+    orphan = make_job(status="running", started_age=1, attempts=1, claimed_by=f"{host}:{gone}")
+    exhausted = make_job(status="running", started_age=1, attempts=3, claimed_by=f"{host}:{gone}")
+    alive = make_job(status="running", started_age=1, attempts=1, claimed_by=f"{host}:{os.getpid()}")
+    elsewhere = make_job(status="running", started_age=1, attempts=1, claimed_by=f"other-host:{gone}")
+    unknown = make_job(status="running", started_age=1, attempts=1)
+    sent: list = []
+    settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=3600)
+    counts = requeue_orphans(app, lambda task, job_id, queue: sent.append((task, job_id, queue)) or "id", host,
+                             settings)
+    assert counts == {"requeued": 1, "failed": 1, "send_errors": 0}
+    assert sent == [("worker.tasks.analyse", orphan, "predict")]
+    status, attempts, error = status_of(app, orphan)
+    assert (status, attempts) == ("queued", 1) and f"{host}:{gone}" in error and "is gone" in error
+    assert status_of(app, exhausted)[0] == "failed"
+    for job in (alive, elsewhere, unknown):  # a live process, another host's process table, no record
+        assert status_of(app, job)[0] == "running"
+
+
+def test_orphaned_reads_host_and_pid():
+    import os
+
+    from worker.reliability import orphaned
+
+    gone = dead_pid()
+    assert orphaned(f"h:{gone}", "h") and orphaned(f"a:b:{gone}", "a:b")
+    assert not orphaned(f"h:{os.getpid()}", "h")
+    assert not orphaned(f"h:{gone}", "other") and not orphaned(None, "h") and not orphaned("h:x", "h")
+
+
 def test_sweep_survives_a_broker_that_is_down(app, make_job):
     from worker.sweep import sweep_once
 
@@ -122,9 +170,13 @@ def claim(app, job_id, redelivered=False, retries=0, **settings_overrides):
 
 
 def test_a_queued_job_is_claimed_once(app, make_job):
+    from worker.reliability import worker_identity
+
     job = make_job()
     assert claim(app, job) is None
     assert status_of(app, job)[:2] == ("running", 1)
+    with app.app_context():
+        assert db.session.get(Job, job).claimed_by == worker_identity()
     assert claim(app, job) == "running"  # a duplicate message while it runs: dropped
     assert status_of(app, job)[:2] == ("running", 1)
 

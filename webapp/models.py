@@ -273,6 +273,9 @@ class Job(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "host:pid" of the process that claimed the latest attempt (worker.reliability.worker_identity):
+    # lets the sweep re-queue at once a job whose process is gone, instead of after the time limit.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
 
     image: Mapped[Image] = relationship(back_populates="jobs")
     model_version: Mapped[ModelVersion | None] = relationship()

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 
+from . import reliability
+
 log = logging.getLogger(__name__)
 
 _pool: ThreadPoolExecutor | None = None
@@ -213,7 +215,8 @@ def claim_companions(lead, model_version_id: int | None, count: int, now) -> lis
         result = db.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued", Job.attempts == attempts)
-            .values(status="running", attempts=Job.attempts + 1, started_at=now, error=None)
+            .values(status="running", attempts=Job.attempts + 1, started_at=now, error=None,
+                    claimed_by=reliability.worker_identity())
             .execution_options(synchronize_session=False)
         )
         if result.rowcount == 1:

@@ -12,11 +12,19 @@ A job found `running` is claimed again only when this delivery is the same messa
 (`delivery_info.redelivered`: its worker died), a retry of it, or when the job's start is older
 than the hard time limit plus a margin (nobody can still be running it). Any other delivery of a
 running job is a duplicate and is dropped.
+
+Each claim records the claiming process as `host:pid` (`Job.claimed_by`). A pool process killed in the
+middle of a micro-batch leaves the jobs it took along `running` with no message of their own to come
+back; the sweep in every worker's main process re-queues such jobs of its own host as soon as their
+process is gone (`orphaned`), instead of waiting for the time limit. Host names must therefore be
+unique per process namespace (one per container, as Docker gives them).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -53,6 +61,29 @@ def is_transient(exc: BaseException) -> bool:
 def retry_countdown(retries: int) -> float:
     """Exponential backoff: 2, 4, 8, ... seconds, at most 60."""
     return float(min(60, 2 ** (retries + 1)))
+
+
+def worker_identity() -> str:
+    """This process as `host:pid`, what a claim records."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def orphaned(claimed_by: str | None, host: str) -> bool:
+    """Whether a job claimed by `claimed_by` belongs to a process of `host` that no longer exists."""
+    if not claimed_by:
+        return False
+    claim_host, _, pid = claimed_by.rpartition(":")
+    return claim_host == host and pid.isdigit() and not process_alive(int(pid))
 
 
 def stale_after(settings) -> timedelta:
@@ -92,7 +123,8 @@ def claim(job, request: Any, settings, now) -> str | None:
     result = db.session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == job.status, Job.attempts == job.attempts)
-        .values(status="running", attempts=Job.attempts + 1, started_at=now, error=None)
+        .values(status="running", attempts=Job.attempts + 1, started_at=now, error=None,
+                claimed_by=worker_identity())
         .execution_options(synchronize_session=False)
     )
     db.session.commit()

@@ -15,6 +15,13 @@ Every SWEEP_INTERVAL seconds, one pass (`sweep_once`):
    (main process included) is killed: its message stays in Redis's `unacked` set until the
    visibility timeout (an hour). The job goes back to `queued` and is sent again, or, once it has
    been started TASK_MAX_ATTEMPTS times, it ends `failed` with the reason.
+3. **Its process is gone** (`requeue_orphans`, every pass, in every worker, for its own host). Each
+   claim records `host:pid` (`Job.claimed_by`). When a pool process dies in the middle of a
+   micro-batch, Celery redelivers the message it was running, but the jobs it took along have no
+   message of their own to come back: their rows say `running` for a process that no longer exists.
+   They are re-queued (or failed, out of attempts) within one interval rather than after
+   TASK_TIME_LIMIT + SWEEP_RUNNING_MARGIN. The same holds after a whole worker on this host was killed
+   and started again.
 
 Where it runs, and why: a daemon thread in each Celery worker's *main* process, started by the
 `worker_ready` signal and stopped by `worker_shutdown`. It needs no extra process or container
@@ -126,27 +133,8 @@ def sweep_once(app, send: Callable[[str, int, str], Any], settings=None, now=Non
             stale = now - timedelta(seconds=float(settings.TASK_TIME_LIMIT) + float(settings.SWEEP_RUNNING_MARGIN))
             for job in db.session.scalars(select(Job).where(
                     Job.status == "running", Job.kind.in_(kinds), Job.started_at < stale).limit(BATCH)).all():
-                if job.attempts >= settings.TASK_MAX_ATTEMPTS:
-                    values = {"status": "failed", "finished_at": now, "error": (
-                        f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
-                        "restarted) during each.")}
-                else:
-                    values = {"status": "queued", "error": (
-                        f"Re-queued by the sweep: attempt {job.attempts} did not finish within "
-                        f"{settings.TASK_TIME_LIMIT} s (its worker stopped).")}
-                done = db.session.execute(
-                    update(Job).where(Job.id == job.id, Job.status == "running", Job.started_at == job.started_at)
-                    .values(**values).execution_options(synchronize_session=False)).rowcount
-                db.session.commit()
-                if done and values["status"] == "failed":
-                    counts["failed"] += 1
-                elif done:
-                    task, queue = KIND_TASKS[job.kind]
-                    _mark_sent(redis_client, job.id, guard_ttl)
-                    if _send(send, task, job.id, queue):
-                        counts["requeued"] += 1
-                    else:
-                        counts["send_errors"] += 1
+                reason = f"attempt {job.attempts} did not finish within {settings.TASK_TIME_LIMIT} s (its worker stopped)"
+                _count(counts, _requeue_running(job, reason, send, settings, now, redis_client))
 
             # 1. queued too long, and no message for it in the broker: send again (at most once per
             # guard_ttl, in case the broker's contents cannot be read).
@@ -174,6 +162,70 @@ def sweep_once(app, send: Callable[[str, int, str], Any], settings=None, now=Non
     if any(counts.values()):
         log.info("Sweep: %s", counts)
     return counts
+
+
+def requeue_orphans(app, send: Callable[[str, int, str], Any], host: str, settings=None, now=None,
+                    redis_client=None) -> dict[str, int]:
+    """Re-queues (or fails) the `running` jobs claimed by processes of `host` that no longer exist: a
+    pool process killed mid-batch (out of memory, kill -9) or a whole worker that was restarted. Each
+    worker's main process runs this every interval for its own host, whoever holds the sweep lock:
+    only there can the process table answer.
+
+    Returns counts: requeued, failed, send_errors.
+    """
+    from webapp.db import db
+    from webapp.models import Job, utcnow
+
+    from .reliability import orphaned
+
+    settings = settings or app.extensions["settings"]
+    now = now or utcnow()
+    counts = {"requeued": 0, "failed": 0, "send_errors": 0}
+    with app.app_context():
+        try:
+            running = db.session.scalars(select(Job).where(
+                Job.status == "running", Job.kind.in_(list(KIND_TASKS)), Job.claimed_by.like(f"{host}:%"))
+                .limit(BATCH)).all()
+            for job in running:
+                if orphaned(job.claimed_by, host):
+                    reason = f"the process running attempt {job.attempts} ({job.claimed_by}) is gone"
+                    _count(counts, _requeue_running(job, reason, send, settings, now, redis_client))
+        finally:
+            db.session.remove()
+    if any(counts.values()):
+        log.info("Jobs of dead processes: %s", counts)
+    return counts
+
+
+def _requeue_running(job, reason: str, send, settings, now, redis_client) -> str | None:
+    """A running job nobody works on any more goes back to `queued` and its task is sent again, or,
+    out of attempts, ends `failed`. The update is conditional on the attempt seen, so that a worker
+    finishing it at this moment wins. Returns "failed", "requeued", "send_error" or None (lost the race)."""
+    from webapp.db import db
+    from webapp.models import Job
+
+    if job.attempts >= settings.TASK_MAX_ATTEMPTS:
+        values = {"status": "failed", "finished_at": now, "error": (
+            f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
+            "restarted) during each.")}
+    else:
+        values = {"status": "queued", "error": f"Re-queued by the sweep: {reason}."}
+    done = db.session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "running", Job.started_at == job.started_at)
+        .values(**values).execution_options(synchronize_session=False)).rowcount
+    db.session.commit()
+    if not done:
+        return None
+    if values["status"] == "failed":
+        return "failed"
+    task, queue = KIND_TASKS[job.kind]
+    _mark_sent(redis_client, job.id, 10 * float(settings.SWEEP_QUEUED_AFTER))
+    return "requeued" if _send(send, task, job.id, queue) else "send_error"
+
+
+def _count(counts: dict[str, int], outcome: str | None) -> None:
+    if outcome is not None:
+        counts["send_errors" if outcome == "send_error" else outcome] += 1
 
 
 def _send(send, task: str, job_id: int, queue: str) -> bool:
@@ -205,15 +257,23 @@ class Sweeper:
             self._flask_app = create_app()
         try:
             r = _redis(self.settings)
-            # One sweep per interval across all workers; when Redis is down, sweep anyway (the
-            # stale-job checks need only the database).
-            if not r.set(LOCK_KEY, self.identity, ex=max(1, int(self.interval * 0.8)), nx=True):
-                return None
+            r.ping()
         except Exception:
-            r = None
+            r = None  # Redis down: sweep anyway (the job checks need only the database)
+        orphans = requeue_orphans(self._flask_app, self.send, socket.gethostname(), self.settings, redis_client=r)
+        # One sweep per interval across all workers.
+        if r is not None and not self._take_lock(r):
+            return {f"orphans_{k}": v for k, v in orphans.items()}
         counts = sweep_once(self._flask_app, self.send, self.settings, redis_client=r)
+        counts.update({f"orphans_{k}": v for k, v in orphans.items()})
         counts.update({f"explanations_{k}": v for k, v in self._sweep_explanations().items()})
         return counts
+
+    def _take_lock(self, r) -> bool:
+        try:
+            return bool(r.set(LOCK_KEY, self.identity, ex=max(1, int(self.interval * 0.8)), nx=True))
+        except Exception:
+            return True
 
     def _sweep_explanations(self) -> dict[str, int]:
         """Explanation rows (SHAP, Grad-CAM on request) get the same care as prediction jobs."""
