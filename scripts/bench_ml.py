@@ -1,6 +1,7 @@
 """Training and inference throughput (images/s) of EfficientNetB3+CBAM on this machine.
 
     python scripts/bench_ml.py [--img-size 120 160] [--batch-size 32] [--train-steps 6] [--jit]
+    python scripts/bench_ml.py --compare-xla [--model models/default] [--threads 1]
 
 Training runs the same compiled train step as `ml.train` (AdamW, focal loss, tf.data with
 augmentation) on random images; inference goes through `Predictor.predict` (resize + forward +
@@ -76,6 +77,35 @@ def bench_inference(size, batch_size, n_images) -> dict:
     }
 
 
+def compare_xla(model_dir, threads: int, batch_size: int = 16, passes: int = 15) -> dict:
+    """The served forward pass as a plain graph and XLA-compiled (`jit_compile`), in the worker's
+    layout (`threads` TensorFlow threads, one fixed batch shape): pass time and largest output gap."""
+    import numpy as np
+    import tensorflow as tf
+
+    from ml.predictor import Predictor
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    predictor = Predictor.load(model_dir) if model_dir else Predictor.untrained()
+    h, w = predictor.input_size
+    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (batch_size, h, w, 3)).astype(np.float32))
+    result, outputs = {"xla_threads": threads, "xla_batch_size": batch_size}, {}
+    for jit in (False, True):
+        forward = tf.function(lambda x: predictor.model(x, training=False), jit_compile=jit,
+                              input_signature=[tf.TensorSpec(batch.shape, tf.float32)])
+        outputs[jit] = forward(batch).numpy()  # traces (and compiles)
+        for _ in range(3):
+            forward(batch)
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            forward(batch)
+        name = "xla" if jit else "graph"
+        result[f"{name}_images_per_s"] = round(batch_size * passes / (time.perf_counter() - t0), 1)
+    result["xla_max_abs_diff"] = float(np.abs(outputs[True] - outputs[False]).max())
+    return result
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--img-size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
@@ -84,7 +114,14 @@ def main(argv=None) -> None:
     p.add_argument("--inference-images", type=int, default=128)
     p.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--compare-xla", action="store_true",
+                   help="only compare the served forward pass with and without XLA")
+    p.add_argument("--model", help="artifact folder for --compare-xla (default: untrained)")
+    p.add_argument("--threads", type=int, default=1, help="TensorFlow threads for --compare-xla")
     args = p.parse_args(argv)
+    if args.compare_xla:
+        print(json.dumps(compare_xla(args.model, args.threads)))
+        return
     import tensorflow as tf
 
     size = tuple(args.img_size)
