@@ -3,7 +3,7 @@
 Grad-CAM comes out of the prediction pass of worker.tasks.analyse; SHAP rows are queued for the top
 SHAP_TOP_K classes and computed by worker.tasks.explain_shap; requested Grad-CAM(++) maps by
 worker.tasks.explain_gradcam. Files are checked as stored: raw .npy at the stored image's size,
-RGBA overlay PNGs of the same size.
+overlay PNGs of the same size (Grad-CAM: the colour map as palette, pixel for pixel colorize(); SHAP: RGBA).
 """
 
 from __future__ import annotations
@@ -86,7 +86,14 @@ def check_files(app, row, size=(150, 200)):
     raw = np.load(io.BytesIO(stored(app, row["raw_key"])), allow_pickle=False)
     assert raw.shape == size and raw.dtype == np.float32 and np.all(np.isfinite(raw))
     overlay = PILImage.open(io.BytesIO(stored(app, row["overlay_key"])))
-    assert overlay.format == "PNG" and overlay.mode == "RGBA" and overlay.size == (size[1], size[0])
+    assert overlay.format == "PNG" and overlay.size == (size[1], size[0])
+    if row["method"] == "shap":
+        assert overlay.mode == "RGBA"
+    else:
+        from ml.explain.overlay import colorize
+
+        assert overlay.mode == "P"
+        assert np.array_equal(np.asarray(overlay.convert("RGB")), colorize(raw, "jet", 0.0, 1.0))
     return raw
 
 

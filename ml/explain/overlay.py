@@ -69,15 +69,27 @@ def colorize(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: flo
     Raises:
         ValueError: for a non-2-D map, non-finite values, an empty range or an unknown colour map.
     """
+    indices, palette = colour_indices(values, cmap, vmin, vmax)
+    return palette[indices]
+
+
+def colour_indices(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0,
+                   vmax: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """`colorize` as indices into the colour map's table: ((H, W) uint8 indices, (N, 3) uint8 RGB
+    table), N <= 256. A palette PNG of these is pixel for pixel `colorize`'s image, and cheaper to
+    write. Raises what `colorize` raises."""
     values = _check_map(values)
     if not vmax > vmin:
         raise ValueError(f"The colour scale needs vmax > vmin, got vmin={vmin} and vmax={vmax}.")
     colormap = _colormap(cmap)
+    if colormap.N > 256:
+        raise ValueError(f"The colour map {cmap!r} has {colormap.N} entries; at most 256 are supported.")
     scaled = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
     # Index the lookup table by rounding, so that +v and -v land on mirrored entries of a
     # diverging map (matplotlib's own float lookup floors, shifting positives by one entry).
-    rgba = colormap(np.rint(scaled * (colormap.N - 1)).astype(np.int64), bytes=True)
-    return np.ascontiguousarray(rgba[..., :3])
+    indices = np.rint(scaled * (colormap.N - 1)).astype(np.uint8)
+    palette = np.ascontiguousarray(colormap(np.arange(colormap.N), bytes=True)[:, :3])
+    return indices, palette
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
