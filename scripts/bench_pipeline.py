@@ -1,6 +1,6 @@
 """End-to-end throughput and latency of the analysis pipeline (`make bench`; not part of the tests).
 
-    python scripts/bench_pipeline.py [--images 200] [--latency-runs 20] [--clients 4] [--out bench-out/pipeline.json]
+    python scripts/bench_pipeline.py [--images 600] [--latency-runs 20] [--clients 4] [--out bench-out/pipeline.json]
 
 Needs the HAM10000 200x150 folder (default ../shared/data/ham10000-200x150/images beside the repository, or
 BENCH_IMAGES=...). Starts everything itself on free ports in a temp folder, with the settings of
@@ -472,7 +472,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=600, help="folder size (600: a run of ~13 s, steadier than 200)")
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=20, help="files per request of the folder upload")
