@@ -28,10 +28,11 @@ The training images were the 200x150 downscales of HAM10000 provided with this p
 (`../shared/data/ham10000-200x150/`, 8,915 images of 6,660 lesions; see its README.md).
 """
 
-NEXT_STEPS = """- **Longer training.** The validation balanced accuracy was still rising when this run stopped
-  (see `history.csv` of the run); `python -m ml.train --out RUN --resume --epochs 40` continues it
-  from the committed float16 carry-over. On CPU an epoch at 120x160 takes 7-10 minutes; a GPU
-  machine runs the same code (Keras 3 on the JAX backend where TensorFlow is missing).
+NEXT_STEPS = """- **Pretrained weights first, then longer training.** From scratch on this CPU, validation
+  balanced accuracy rose quickly over the first ~20 epochs and then moved within noise (see
+  `history.csv` of the run); `python -m ml.train --out RUN --resume --epochs N` continues it from the
+  committed float16 carry-over (7-10 minutes per epoch at 120x160 here; a GPU machine runs the same
+  code, Keras 3 on the JAX backend where TensorFlow is missing).
 - **Pretrained weights.** Fine-tuning from ImageNet EfficientNetB3 weights (`--weights
   /path/to/efficientnetb3_notop.h5`) is how published HAM10000 models reach their figures; expected
   to be the largest single gain, not measured here (the weights could not be downloaded).
