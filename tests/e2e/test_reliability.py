@@ -104,26 +104,6 @@ def wait_until(predicate, timeout: float, what: str, log: Path | None = None, pr
     pytest.fail(f"Timed out after {timeout} s (or the process exited) waiting for {what}.\n{tail}")
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def running_claims(app) -> dict[str, list[int]]:
     """{claimed_by: [ids of its running jobs]} from the job rows."""
     from sqlalchemy import select
