@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights", default="none", help="backbone init: none | imagenet | PATH to .h5")
-    p.add_argument("--loss", choices=["focal", "ce"], default="focal")
+    p.add_argument(
+        "--loss", choices=["focal", "ce", "logit_adjusted"], default="focal",
+        help="focal (class-weighted), ce (class-weighted), logit_adjusted (cross-entropy on log p + tau log prior)",
+    )
+    p.add_argument("--la-tau", type=float, default=1.0, help="prior weight of the logit-adjusted loss")
     p.add_argument("--gamma", type=float, default=2.0, help="focal-loss focusing parameter")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument(
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--class-weight-power", type=float, default=0.5, help="weights (n/(k n_c))**power; 1 = fully balanced")
     p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    p.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau", help="learning-rate schedule")
+    p.add_argument("--lr-warmup-epochs", type=int, default=0, help="cosine: linear warm-up epochs")
+    p.add_argument("--init-from", default=None, help="warm start: weights of a whole model of the same config (.h5)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (from scratch, or stage 1)")
     p.add_argument("--fine-tune-lr", type=float, default=1e-4, help="stage-2 learning rate (pretrained only)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -367,6 +374,8 @@ def _make_callbacks():
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch_start = time.time()
+            if self.args.schedule == "cosine":
+                self.model.optimizer.learning_rate = cosine_lr(epoch, self.args)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
@@ -380,7 +389,8 @@ def _make_callbacks():
             else:
                 s["es_wait"] += 1
                 s["lr_wait"] += 1
-                lr = self._maybe_reduce_lr(lr)
+                if self.args.schedule == "plateau":
+                    lr = self._maybe_reduce_lr(lr)
             if self.early_stopping and s["es_wait"] >= self.args.patience:
                 s["stopped_early"] = True
                 self.model.stop_training = True
@@ -482,18 +492,36 @@ def set_trainable(model, mode: str, unfreeze_from_block: int = 5) -> None:
         layer.trainable = ours or (in_top and not isinstance(layer, keras.layers.BatchNormalization))
 
 
-def make_loss(args, class_weight_vector: np.ndarray):
-    """Focal loss with per-class alpha; with --loss ce it is the gamma=0 case (weighted cross-entropy).
+def make_loss(args, class_weight_vector: np.ndarray, class_prior: np.ndarray | None = None):
+    """The training loss: focal or weighted cross-entropy with per-class alpha, or logit-adjusted CE.
 
-    With balanced sampling the classes are already balanced, so alpha is uniform.
+    Focal and "ce" (focal with gamma 0) weight each class by alpha = the class weights; with
+    balanced sampling the classes are already balanced, so alpha is uniform. "logit_adjusted"
+    (Menon et al., 2021) trains on log p + tau log prior instead, so that the network's own output
+    is the class-balanced posterior and no weights are needed.
     """
     import keras
 
+    if args.loss == "logit_adjusted":
+        if class_prior is None:
+            raise ValueError("The logit-adjusted loss needs the class prior of the training split.")
+        from ml.losses import LogitAdjustedCrossentropy
+
+        return LogitAdjustedCrossentropy(class_prior, tau=args.la_tau, label_smoothing=args.label_smoothing)
     alpha = class_weight_vector.tolist() if args.balance == "class_weight" else [1.0] * len(class_weight_vector)
     gamma = args.gamma if args.loss == "focal" else 0.0
     return keras.losses.CategoricalFocalCrossentropy(
         alpha=alpha, gamma=gamma, label_smoothing=args.label_smoothing, name=f"{args.loss}_loss"
     )
+
+
+def cosine_lr(epoch: int, args) -> float:
+    """Learning rate of an epoch (0-based): linear warm-up, then cosine decay to --min-lr at --epochs."""
+    if epoch < args.lr_warmup_epochs:
+        return args.lr * (epoch + 1) / (args.lr_warmup_epochs + 1)
+    span = max(1, args.epochs - args.lr_warmup_epochs)
+    progress = min(1.0, (epoch - args.lr_warmup_epochs) / span)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(args, lr: float):
@@ -566,6 +594,7 @@ def train(args) -> Path:
 
     import keras
 
+    from ml import augment as A
     from ml import data as D
     from ml.model import build_model
 
@@ -574,20 +603,21 @@ def train(args) -> Path:
     table = prepare_split(args, run_dir)
     train_rows, val_rows = table[table["split"] == "train"], table[table["split"] == "val"]
     size = tuple(args.img_size)
-    x_train = D.load_images(train_rows["path"], size)
+    x_train = D.load_images(train_rows["path"], A.source_size(size))
     y_train = D.labels_to_indices(train_rows["dx"])
     x_val = D.load_images(val_rows["path"], size)
     y_val = D.labels_to_indices(val_rows["dx"])
     weights = D.class_weights(y_train, power=args.class_weight_power)
     log.info("class weights (power %s): %s", args.class_weight_power, {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)})
 
-    augmenter = None if args.no_augment else D.build_augmenter(D.AugmentConfig(), seed=args.seed)
-    train_ds = D.make_dataset(x_train, y_train, args.batch_size, training=True, augmenter=augmenter, balance=args.balance, seed=args.seed)
-    val_ds = D.make_dataset(x_val, y_val, args.batch_size)
-    steps = math.ceil(len(x_train) / args.batch_size)
+    recipe = A.NO_AUGMENTATION if args.no_augment else A.AugmentRecipe()
+    train_ds = A.ImageBatches(
+        x_train, y_train, args.batch_size, size, training=True, recipe=recipe, balance=args.balance, seed=args.seed
+    )
+    val_ds = A.ImageBatches(x_val, y_val, args.batch_size, size)
 
     model = build_model(model_config(args))
-    loss_fn = make_loss(args, weights)
+    loss_fn = make_loss(args, weights, class_prior=np.bincount(y_train, minlength=len(D.CLASS_NAMES)))
     stages = plan_stages(args)
     if args.weights in ("none", "", None):
         log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
@@ -601,6 +631,9 @@ def train(args) -> Path:
     elif args.resume and (carried := unpack_carryover(run_dir, model)) is not None:
         state, restored = carried, True
         log.info("restored the float16 carry-over %s/ (epoch %d); the optimizer's moments restart", CARRYOVER, state["epoch"])
+    elif args.init_from:
+        load_model_weights(model, args.init_from)
+        log.info("warm start from %s", args.init_from)
 
     ValidationMetrics, TrainingController = _make_callbacks()
     controller = TrainingController(run_dir, checkpoints, state, args)
@@ -634,9 +667,7 @@ def train(args) -> Path:
             train_ds,
             epochs=stage.end_epoch,
             initial_epoch=max(begin, state["epoch"]),
-            # Balanced sampling is an endless stream: an "epoch" is then one pass worth of batches.
-            steps_per_epoch=steps if args.balance == "sampling" else None,
-            shuffle=False,  # the tf.data pipeline shuffles
+            shuffle=False,  # ImageBatches shuffles (or samples) itself
             callbacks=callbacks,
             verbose=verbose,
         )
@@ -677,7 +708,9 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     else:  # no epoch had a finite monitor value (tiny data): ship the last weights
         save_model_weights(model, best)
     save_model_weights(model, run_dir / WEIGHTS)
-    probs = model.predict(D.make_dataset(x_val, y_val, args.batch_size), verbose=0)
+    from ml.augment import ImageBatches
+
+    probs = model.predict(ImageBatches(x_val, y_val, args.batch_size, tuple(args.img_size)), verbose=0)
     temperature = C.fit_temperature(y_val, probs)
     calibrated = C.apply_temperature(probs, temperature["temperature"])
     thresholds = _fit_thresholds_or_default(y_val, calibrated, args)
