@@ -44,7 +44,7 @@ def npy(array) -> bytes:
 @pytest.fixture
 def case_id(app, client, sent, token):
     """A case analysed as the worker leaves it: Grad-CAM done, SHAP for two classes queued."""
-    from webapp.explanations import explanation_keys
+    from webapp.cases.explanations import explanation_keys
     from webapp.storage import storage_from_settings
 
     response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes()), "x.jpg")},
@@ -75,7 +75,7 @@ def case_id(app, client, sent, token):
 
 
 def test_explanation_keys_are_valid_storage_keys():
-    from webapp.explanations import explanation_keys
+    from webapp.cases.explanations import explanation_keys
 
     raw, overlay = explanation_keys("ab" * 32, 3, "gradcam++", "mel")
     assert raw == f"explanations/ab/ab/{'ab' * 32}/m3-gradcampp-mel.npy" and overlay.endswith("m3-gradcampp-mel.png")

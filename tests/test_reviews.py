@@ -9,7 +9,7 @@ from research_helpers import model_version, seed_case
 
 
 def test_cohen_kappa_matches_a_hand_computation():
-    from webapp.metrics import balanced_accuracy, cohen_kappa, confusion_matrix, sensitivity
+    from webapp.dashboard.figures import balanced_accuracy, cohen_kappa, confusion_matrix, sensitivity
 
     a = ["mel", "mel", "nv", "nv", "bcc", "mel"]
     b = ["mel", "nv", "nv", "nv", "bcc", "bcc"]

@@ -8,9 +8,43 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask
+from flask_migrate import Migrate
 
+from . import security
+from .accounts import cli as accounts_cli
+from .accounts import routes as accounts_routes
+from .api import bp as api_blueprint
+from .auth import routes as auth_routes
+from .auth.sessions import csrf_token
+from .batches import cli as batches_cli
+from .batches import routes as batches_routes
+from .cases import explanation_routes
+from .cases import routes as cases_routes
 from .config import DISCLAIMER, REPO_ROOT, Settings
+from .dashboard import routes as dashboard_routes
+from .db import db
+from .errors import register_error_pages
+from .model_versions import cli as model_versions_cli
+from .model_versions import routes as model_versions_routes
+from .models import DX_LONG_NAMES, REVIEW_ROLES, UPLOAD_ROLES
+from .review import routes as review_routes
+
+BLUEPRINTS = (
+    auth_routes.bp,
+    cases_routes.bp,
+    explanation_routes.bp,
+    batches_routes.bp,
+    review_routes.bp,
+    dashboard_routes.bp,
+    model_versions_routes.bp,
+    accounts_routes.bp,
+    api_blueprint,
+    accounts_cli.bp,
+    batches_cli.bp,
+    model_versions_cli.bp,
+)
+
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -33,43 +67,17 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # keep "id" and "status" first, as the presenters order them
     app.extensions["settings"] = settings
 
-    from flask_migrate import Migrate
-
-    from . import api, auth, cli, explanations, pages
-    from .auth import csrf_token
-    from .db import db
-
     db.init_app(app)
     Migrate(app, db, directory=str(REPO_ROOT / "migrations"), render_as_batch=True, compare_type=True)
-    app.register_blueprint(auth.bp)
-    app.register_blueprint(pages.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(explanations.bp)
-    app.register_blueprint(cli.bp)
-    _register_research_portal(app)
-    app.jinja_env.globals.update(csrf_token=csrf_token, disclaimer=DISCLAIMER)
-    from . import security
-
-    security.init_app(app)  # security headers, login rate limiting
-    _register_error_pages(app)
-    return app
-
-
-def _register_research_portal(app: Flask) -> None:
-    """Batches, case history, review, dashboard, admin, export and their API (webapp/portal.py etc.)."""
-    from . import admin, api_portal, cli_portal, portal
-    from .models import DX_LONG_NAMES, REVIEW_ROLES, UPLOAD_ROLES
-
-    for blueprint in (portal.bp, admin.bp, api_portal.bp, cli_portal.batch_bp, cli_portal.models_bp):
+    for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    app.jinja_env.globals.update(dx_long_names=DX_LONG_NAMES, review_roles=REVIEW_ROLES, upload_roles=UPLOAD_ROLES)
-
-
-def _register_error_pages(app: Flask) -> None:
-    from werkzeug.exceptions import HTTPException
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
-            return jsonify({"error": exc.description, "status": exc.code}), exc.code
-        return render_template("error.html", error=exc), exc.code
+    app.jinja_env.globals.update(
+        csrf_token=csrf_token,
+        disclaimer=DISCLAIMER,
+        dx_long_names=DX_LONG_NAMES,
+        review_roles=REVIEW_ROLES,
+        upload_roles=UPLOAD_ROLES,
+    )
+    security.init_app(app)  # security headers, login rate limiting
+    register_error_pages(app)
+    return app

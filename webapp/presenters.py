@@ -5,15 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from flask import url_for
+from sqlalchemy import select
+
 from .config import DISCLAIMER
-from .explanations import explanation_dict, explanations_pending
-from .models import Analysis, Case, Job, ModelVersion
+from .db import db
+from .models import Analysis, Case, Explanation, Job, ModelVersion, Review
 
 UNTRAINED_WARNING = (
     "Untrained model — not a diagnosis: these probabilities come from randomly initialised weights "
     "and mean nothing; they only show that the pipeline runs."
 )
 STATUS_ORDER = ("running", "queued", "failed", "succeeded")
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "shap": "SHAP"}
 
 
 def iso(value: datetime | None) -> str | None:
@@ -114,10 +118,47 @@ def case_dict(case: Case) -> dict[str, Any]:
 
 
 def _reviews(case: Case) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from .caselist import review_dict
-    from .db import db
-    from .models import Review
-
     return [review_dict(r) for r in db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id))]
+
+
+def review_dict(review: Review, email: str | None = None) -> dict[str, Any]:
+    return {
+        "id": review.id,
+        "reviewer": email if email is not None else (review.reviewer.email if review.reviewer else None),
+        "diagnosis": review.diagnosis,
+        "agrees_with_model": review.agrees_with_model,
+        "confidence": review.confidence,
+        "notes": review.notes,
+        "analysis_id": review.analysis_id,
+        "created": iso(review.created_at),
+        "updated": iso(review.updated_at),
+    }
+
+
+def explanation_dict(e: Explanation) -> dict[str, Any]:
+    """The API/page representation; `url`/`raw_url` are set once the maps are stored (status done)."""
+    done = e.status == "done" and e.overlay_key and e.raw_key
+    case_id = e.image.case_id
+    d: dict[str, Any] = {
+        "id": e.id,
+        "method": e.method,
+        "method_label": METHOD_LABELS.get(e.method, e.method),
+        "class": e.class_name,
+        "class_name": e.model_version.class_long_names.get(e.class_name, e.class_name),
+        "status": e.status,
+        "url": url_for("explanations.overlay", case_id=case_id, explanation_id=e.id) if done else None,
+        "raw_url": url_for("explanations.raw", case_id=case_id, explanation_id=e.id) if done else None,
+        "model": {"name": e.model_version.name, "version": e.model_version.version, "trained": e.model_version.trained},
+        "params": e.params or {},
+        "timings_ms": e.timings or {},
+        "attempts": e.attempts,
+        "created": e.created_at.isoformat() if e.created_at else None,
+        "finished": e.finished_at.isoformat() if e.finished_at else None,
+    }
+    if e.error:
+        d["error"] = e.error
+    return d
+
+
+def explanations_pending(case: Case) -> bool:
+    return any(e.pending for im in case.images for a in im.analyses for e in a.explanations)

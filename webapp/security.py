@@ -162,3 +162,20 @@ class LoginLimiter:
         self._redis_call(lambda r: r.delete(key))
         with self._lock:
             self._memory.pop(key, None)
+
+
+# --- spreadsheet safety -----------------------------------------------------------------------
+
+# A cell starting with one of these is run as a formula by spreadsheets (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def looks_like_formula(value: str) -> bool:
+    return bool(value) and value.startswith(FORMULA_START)
+
+
+def neutralise(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting with = + - @ tab CR get a `'`."""
+    if isinstance(value, str) and looks_like_formula(value):
+        return "'" + value
+    return value

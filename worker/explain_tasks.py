@@ -30,7 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 from sqlalchemy import select
 
-from webapp.explanations import GRADCAM_TASK, SHAP_TASK, explanation_keys
+from webapp.cases.explanations import GRADCAM_TASK, SHAP_TASK, explanation_keys
 from webapp.queue import EXPLAIN_QUEUE
 
 from . import tasks as core

@@ -218,7 +218,7 @@ def analyse(self, job_id: int) -> str:
 
 
 # --- Re-runs with a chosen model version (research portal) -------------------------------------
-# A job whose model_version_id is set (webapp.reruns) runs with that version's artifact, loaded once
+# A job whose model_version_id is set (webapp.model_versions.service) runs with that version's artifact, loaded once
 # per pool process and kept; jobs without one use the process's default predictor as before.
 _versioned_predictors: dict[int, Any] = {}
 

@@ -1,16 +1,33 @@
-"""HTML pages: the case list, the upload form, the case page and its JSON status for polling."""
+"""Case pages: the case history, the upload form, the case page and its JSON status for polling, CSV export."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, send_file, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from sqlalchemy import select
 
-from .auth import login_required
-from .cases import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
-from .db import db
-from .models import SEXES, SITES, Case
-from .presenters import case_dict
-from .storage import StorageError, storage_from_settings
+from ..audit import entry_dict
+from ..auth.sessions import login_required
+from ..db import db
+from ..errors import get_or_404
+from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
+from ..presenters import case_dict
+from ..review.service import can_review
+from ..storage import StorageError, storage_from_settings
+from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
+from .export import csv_response
+from .listing import FilterError, fetch_page, parse_filters
 
 bp = Blueprint("cases", __name__)
 
@@ -24,10 +41,7 @@ def home():
 @bp.get("/cases")
 @login_required
 def index():
-    """The case history: filters, sorting and cursor pagination (webapp.caselist)."""
-    from .caselist import FilterError, fetch_page, parse_filters
-    from .models import DX_CLASSES, Batch, ModelVersion, User
-
+    """The case history: filters, sorting and cursor pagination (cases.listing)."""
     try:
         filters = parse_filters(request.args)
         page = fetch_page(filters, g.user)
@@ -68,26 +82,15 @@ def new():
     return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES)
 
 
-def _case_or_404(case_id: int) -> Case:
-    case = db.session.get(Case, case_id)
-    if case is None:
-        abort(404, description=f"No case with id {case_id}.")
-    return case
-
-
 @bp.get("/cases/<int:case_id>")
 @login_required
 def show(case_id: int):
-    case = _case_or_404(case_id)
+    case = get_or_404(Case, case_id)
     return render_template("cases/show.html", case=case, data=case_dict(case), research=_research_context(case))
 
 
 def _research_context(case: Case) -> dict:
     """What the case page shows of the research portal: reviews, their history, re-run choices."""
-    from .audit import entry_dict
-    from .models import AuditEntry, Batch, ModelVersion, Review
-    from .reviews import can_review
-
     reviews = db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id)).all()
     history = db.session.scalars(
         select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id.desc()).limit(200)
@@ -105,7 +108,7 @@ def _research_context(case: Case) -> dict:
 @login_required
 def status(case_id: int):
     """Polled by static/case.js: the case as the API gives it, plus the rendered results block."""
-    case = _case_or_404(case_id)
+    case = get_or_404(Case, case_id)
     data = case_dict(case)
     data["html"] = render_template("cases/_results.html", data=data)
     data["explanations_html"] = render_template("cases/_explanations.html", data=data)
@@ -122,3 +125,12 @@ def stored_file(key: str):
     except StorageError:
         abort(404)
     return send_file(handle, mimetype="image/png" if key.endswith(".png") else None, max_age=3600)
+
+
+@bp.get("/cases/export.csv")
+@login_required
+def export_cases_csv():
+    try:
+        return csv_response(request.args, g.user)
+    except FilterError as exc:
+        abort(400, description=exc.message)

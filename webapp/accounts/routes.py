@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from sqlalchemy import select
 
-from .access import role_required
-from .accounts import AccountError, create_user, issue_token, revoke_token, update_user
-from .audit import entry_dict
-from .db import db
-from .models import ROLES, ApiToken, AuditEntry, ModelVersion, User
+from ..auth.sessions import role_required
+from .service import AccountError, create_user, issue_token, revoke_token, update_user
+from ..audit import entry_dict
+from ..db import db
+from ..models import ROLES, ApiToken, AuditEntry, ModelVersion, User
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 100

@@ -1,20 +1,23 @@
-"""Re-running cases with another model version: new jobs that carry the target version.
+"""Model versions: registering an artifact, and re-running cases with another version.
 
-Results stand side by side: an image that already has a succeeded analysis by that version, or a
+Re-runs are new jobs that carry the target version. Results stand side by side: an image that already has a succeeded analysis by that version, or a
 job for it still waiting, is skipped; nothing is overwritten. The worker loads the version's
 artifact (`model_versions.artifact_path`) for such jobs.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from . import audit
-from .batches import send_jobs
-from .db import db
-from .models import Analysis, BatchItem, Image, Job, ModelVersion, User
+from .. import audit
+from ..batches.service import send_jobs
+from ..db import db
+from ..models import Analysis, BatchItem, Image, Job, ModelVersion, User
 
 MAX_RERUN_IMAGES = 100_000
 
@@ -23,6 +26,42 @@ class RerunError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.message, self.status = message, status
+
+
+def register_model_version(manifest: dict[str, Any], artifact_path: str | Path | None) -> ModelVersion:
+    """The ModelVersion row of the manifest's (name, version), created on first sight.
+
+    `artifact_path` is where a re-run with this version finds the artifact (None for the untrained
+    model, which is rebuilt from its manifest); a known version gets the new path.
+
+    Raises:
+        KeyError, TypeError: for a manifest without name, version or class names.
+    """
+    name, version = str(manifest["name"]), str(manifest["version"])
+    query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    row = db.session.scalar(query)
+    if row is None:
+        row = ModelVersion(
+            name=name,
+            version=version,
+            trained=bool(manifest.get("trained")),
+            trained_on=manifest.get("trained_on"),
+            class_names=list(manifest["class_names"]),
+            manifest=_jsonable(manifest),
+        )
+        db.session.add(row)
+    row.artifact_path = str(Path(artifact_path).resolve()) if artifact_path else row.artifact_path
+    try:
+        db.session.commit()
+    except IntegrityError:  # another process registered it first
+        db.session.rollback()
+        row = db.session.scalar(query)
+    return row
+
+
+def _jsonable(value: Any) -> Any:
+    """The manifest as plain JSON (NumPy arrays and other objects turned into lists and strings)."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def model_version_or_error(value: Any) -> ModelVersion:
@@ -68,8 +107,8 @@ def rerun_batch(batch_id: int, mv: ModelVersion, user: User) -> dict[str, Any]:
 
 
 def rerun_filtered(filters, mv: ModelVersion, user: User) -> dict[str, Any]:
-    from .caselist import conditions
-    from .models import Case
+    from ..cases.listing import conditions
+    from ..models import Case
 
     query = select(Image.id).where(Image.case_id.in_(select(Case.id).where(*conditions(filters, user)))).order_by(Image.id)
     return rerun_images(query, mv, user, {"filters": filters.query_args(cursor="")})

@@ -15,8 +15,8 @@ from typing import Any, Hashable, Sequence
 
 from sqlalchemy import func, select
 
-from .db import db
-from .models import DX_CLASSES, Analysis, Case, Image, ModelVersion, Review, User
+from ..db import db
+from ..models import DX_CLASSES, Analysis, Case, Image, ModelVersion, Review, User
 
 
 def confusion_matrix(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> list[list[int]]:
@@ -64,7 +64,7 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
 
 
 def _consensus(diagnoses: list[str]) -> str | None:
-    from .caselist import consensus
+    from ..cases.listing import consensus
 
     return consensus(diagnoses)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from . import audit
-from .auth import find_user
-from .db import db
-from .models import ROLES, ApiToken, User, utcnow
+from .. import audit
+from ..auth.sessions import find_user
+from ..db import db
+from ..models import ROLES, ApiToken, User, utcnow
 
 PASSWORD_MIN = 8
 

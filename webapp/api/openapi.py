@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Flask
 
-from .config import DISCLAIMER
+from ..config import DISCLAIMER
 
 ERROR = {"$ref": "#/components/responses/Error"}
 JSON_BODY = {"content": {"application/json": {"schema": {"type": "object"}}}}

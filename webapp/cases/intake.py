@@ -10,11 +10,11 @@ from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from .db import db
-from .imaging import UploadError, check_filename, process_upload
-from .models import SEXES, SITES, Case, Image, Job, User
-from .queue import ANALYSE_TASK, PREDICT_QUEUE, send
-from .storage import image_key, storage_from_settings
+from ..db import db
+from ..imaging import UploadError, check_filename, process_upload
+from ..models import SEXES, SITES, Case, Image, Job, User
+from ..queue import ANALYSE_TASK, PREDICT_QUEUE, send
+from ..storage import image_key, storage_from_settings
 
 log = logging.getLogger(__name__)
 REF_MAX = 64

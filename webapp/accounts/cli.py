@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from flask import Blueprint
 
-from .auth import find_user
-from .db import db
-from .models import ROLES, ApiToken, User
+from ..auth.sessions import find_user
+from ..db import db
+from ..models import ROLES, ApiToken, User
 
 bp = Blueprint("users", __name__, cli_group="users")
 
@@ -73,7 +73,7 @@ def deactivate(email: str) -> None:
 
 def _update_account(email: str, **changes):
     """Applies CHANGES to EMAIL's account (audited); refusals become a clean CLI error."""
-    from .accounts import AccountError, update_user
+    from .service import AccountError, update_user
 
     user = _existing(email)
     try:
@@ -87,7 +87,7 @@ def _update_account(email: str, **changes):
 @click.argument("email")
 def activate(email: str) -> None:
     """Re-activate EMAIL."""
-    from .accounts import update_user
+    from .service import update_user
 
     user = update_user(_existing(email), None, active=True)
     click.echo(f"Activated {user.email}.")
@@ -106,7 +106,7 @@ def list_tokens(email: str) -> None:
 @click.argument("token_id", type=int)
 def revoke(token_id: int) -> None:
     """Revoke the API token with id TOKEN_ID (see `users tokens EMAIL`)."""
-    from .accounts import revoke_token
+    from .service import revoke_token
 
     row = db.session.get(ApiToken, token_id)
     if row is None:

@@ -1,20 +1,17 @@
-"""Accounts: session login for pages (with CSRF tokens on forms), bearer tokens for the API."""
+"""Who is asking: the session user of pages (with CSRF tokens on forms), role checks, bearer tokens for the API."""
 
 from __future__ import annotations
 
 import functools
 import hmac
 import secrets
-from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
+from flask import abort, current_app, g, redirect, request, session, url_for
 from sqlalchemy import func, select
 
-from .db import db
-from .models import ApiToken, User, hash_token, utcnow
-from .security import client_ip, login_limiter
+from ..db import db
+from ..models import ApiToken, User, hash_token, utcnow
 
-bp = Blueprint("auth", __name__)
 CSRF_FIELD = "csrf_token"
 
 
@@ -42,8 +39,8 @@ def check_csrf() -> None:
 
 # --- sessions ---------------------------------------------------------------------------------
 
-@bp.before_app_request
 def load_logged_in_user() -> None:
+    """Runs before every request: the session's user in `g.user`, then the CSRF check."""
     user_id = session.get("user_id")
     g.user = db.session.get(User, user_id) if user_id is not None else None
     if g.user is not None and not g.user.active:
@@ -62,42 +59,23 @@ def login_required(view):
     return wrapped
 
 
-def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and not urlsplit(target).netloc:
-        return target
-    return url_for("cases.index")
+def role_required(*roles: str):
+    """The view needs a signed-in user with one of `roles` (anonymous: redirect to login; else 403)."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapped(**kwargs):
+            if g.user.role not in roles:
+                abort(403, description=f"This page needs the role {' or '.join(roles)}; you are {g.user.role}.")
+            return view(**kwargs)
+
+        return login_required(wrapped)
+
+    return decorate
 
 
 def find_user(email: str) -> User | None:
     return db.session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
-
-
-@bp.route("/login", methods=("GET", "POST"))
-def login():
-    if request.method == "POST":
-        email = request.form.get("email", "")[:254]
-        password = request.form.get("password", "")[:1024]
-        limiter, ip = login_limiter(), client_ip()
-        wait = limiter.retry_after(email, ip)
-        if wait:
-            flash(f"Too many failed logins; try again in {wait // 60 + 1} minutes.", "error")
-            return render_template("login.html", email=email), 429, {"Retry-After": str(wait)}
-        user = find_user(email)
-        if user is None or not user.active or not user.check_password(password):
-            limiter.failed(email, ip)
-            flash("Unknown email or wrong password.", "error")
-            return render_template("login.html", email=email), 401
-        limiter.succeeded(email, ip)
-        session.clear()
-        session["user_id"] = user.id
-        return redirect(_safe_next(request.args.get("next")))
-    return render_template("login.html", email="")
-
-
-@bp.route("/logout", methods=("POST",))
-def logout():
-    session.clear()
-    return redirect(url_for("auth.login"))
 
 
 # --- API tokens ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Explanation maps (Grad-CAM, Grad-CAM++, SHAP): requesting them, serving their files, presenting them.
+"""Explanation maps (Grad-CAM, Grad-CAM++, SHAP): their storage keys, requesting them, the case page's panels.
 
 The worker computes and stores them (worker/explain_tasks.py); this module only reads rows and
 stored files and enqueues tasks by name, so the web process stays free of ml/ and TensorFlow.
@@ -11,24 +11,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, request, send_file, url_for
+from flask import url_for
 from sqlalchemy import select
 
-from .auth import user_from_bearer
-from .db import db
-from .models import EXPLANATION_METHODS, Analysis, Case, Explanation
-from .queue import EXPLAIN_QUEUE, send
-from .storage import StorageError, check_key, storage_from_settings
+from ..db import db
+from ..models import EXPLANATION_METHODS, Analysis, Case, Explanation
+from ..presenters import explanation_dict
+from ..queue import EXPLAIN_QUEUE, send
+from ..storage import check_key
 
 SHAP_TASK = "worker.tasks.explain_shap"  # args: analysis_id; computes every queued SHAP row of it
 GRADCAM_TASK = "worker.tasks.explain_gradcam"  # args: explanation_id
 METHOD_ALIASES = {"gradcam": "gradcam", "grad-cam": "gradcam", "gradcam++": "gradcam++", "gradcampp": "gradcam++",
                   "grad-cam++": "gradcam++", "shap": "shap"}
-METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "shap": "SHAP"}
 METHOD_SLUGS = {"gradcam": "gradcam", "gradcam++": "gradcampp", "shap": "shap"}  # storage keys allow no '+'
-
-bp = Blueprint("explanations", __name__)
-
 
 class ExplanationRequestError(ValueError):
     """A request for an explanation that cannot be served; `status` is the HTTP status to answer."""
@@ -45,37 +41,6 @@ def explanation_keys(content_hash: str, model_version_id: int, method: str, clas
     cls = re.sub(r"[^a-z0-9_-]", "_", class_name.lower())
     base = f"explanations/{content_hash[:2]}/{content_hash[2:4]}/{content_hash}/m{model_version_id}-{slug}-{cls}"
     return check_key(base + ".npy"), check_key(base + ".png")
-
-
-# --- presenting ---------------------------------------------------------------------------------
-
-def explanation_dict(e: Explanation) -> dict[str, Any]:
-    """The API/page representation; `url`/`raw_url` are set once the maps are stored (status done)."""
-    done = e.status == "done" and e.overlay_key and e.raw_key
-    case_id = e.image.case_id
-    d: dict[str, Any] = {
-        "id": e.id,
-        "method": e.method,
-        "method_label": METHOD_LABELS.get(e.method, e.method),
-        "class": e.class_name,
-        "class_name": e.model_version.class_long_names.get(e.class_name, e.class_name),
-        "status": e.status,
-        "url": url_for("explanations.overlay", case_id=case_id, explanation_id=e.id) if done else None,
-        "raw_url": url_for("explanations.raw", case_id=case_id, explanation_id=e.id) if done else None,
-        "model": {"name": e.model_version.name, "version": e.model_version.version, "trained": e.model_version.trained},
-        "params": e.params or {},
-        "timings_ms": e.timings or {},
-        "attempts": e.attempts,
-        "created": e.created_at.isoformat() if e.created_at else None,
-        "finished": e.finished_at.isoformat() if e.finished_at else None,
-    }
-    if e.error:
-        d["error"] = e.error
-    return d
-
-
-def explanations_pending(case: Case) -> bool:
-    return any(e.pending for im in case.images for a in im.analyses for e in a.explanations)
 
 
 def explanation_panels(case_id: int) -> list[dict[str, Any]]:
@@ -171,85 +136,3 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
     else:
         send(GRADCAM_TASK, row.id, queue=EXPLAIN_QUEUE)
     return row, True
-
-
-# --- routes ---------------------------------------------------------------------------------------
-
-def _viewer_or_response():
-    """(user, None) for a logged-in user or a valid bearer token, else (None, response)."""
-    if g.get("user") is not None:
-        return g.user, None
-    if request.headers.get("Authorization"):
-        user, reason = user_from_bearer()
-        if user is None:
-            response = jsonify({"error": reason, "status": 401})
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
-            return None, response
-        return user, None
-    return None, redirect(url_for("auth.login", next=request.path))
-
-
-def _stored_explanation(case_id: int, explanation_id: int) -> Explanation:
-    row = db.session.get(Explanation, explanation_id)
-    if row is None or row.image.case_id != case_id:
-        abort(404, description=f"Case {case_id} has no explanation {explanation_id}.")
-    if row.status != "done" or not row.overlay_key or not row.raw_key:
-        abort(404, description=f"Explanation {explanation_id} is {row.status}; its maps are not stored yet.")
-    return row
-
-
-def _send_stored(key: str, mimetype: str, download_name: str | None = None):
-    storage = storage_from_settings(current_app.extensions["settings"])
-    try:
-        handle = storage.open(key)
-    except StorageError:
-        abort(404, description="The stored map is missing.")
-    response = send_file(handle, mimetype=mimetype, as_attachment=download_name is not None,
-                         download_name=download_name, max_age=3600)
-    response.headers["Cache-Control"] = "private, max-age=3600"  # never in shared caches
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
-
-
-@bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/overlay.png")
-def overlay(case_id: int, explanation_id: int):
-    user, response = _viewer_or_response()
-    if user is None:
-        return response
-    row = _stored_explanation(case_id, explanation_id)
-    return _send_stored(row.overlay_key, "image/png")
-
-
-@bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/raw.npy")
-def raw(case_id: int, explanation_id: int):
-    user, response = _viewer_or_response()
-    if user is None:
-        return response
-    row = _stored_explanation(case_id, explanation_id)
-    name = f"case{case_id}-{METHOD_SLUGS[row.method]}-{row.class_name}.npy"
-    return _send_stored(row.raw_key, "application/octet-stream", download_name=name)
-
-
-@bp.post("/cases/<int:case_id>/explanations")
-def request_from_page(case_id: int):
-    """The case page's "compute" form (session login and CSRF, like every page form)."""
-    if g.get("user") is None:
-        return redirect(url_for("auth.login", next=f"/cases/{case_id}"))
-    case = db.session.get(Case, case_id)
-    if case is None:
-        abort(404, description=f"No case with id {case_id}.")
-    try:
-        row, queued = request_explanation(case, request.form.get("method"), request.form.get("class"),
-                                          request.form.get("analysis_id"))
-    except ExplanationRequestError as exc:
-        flash(exc.message, "error")
-    else:
-        label = f"{METHOD_LABELS[row.method]} for {row.class_name}"
-        flash(f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info")
-    return redirect(url_for("cases.show", case_id=case_id) + "#explanations")
-
-
-@bp.app_template_global("explanation_panels")
-def _explanation_panels_global(case_id: int):
-    return explanation_panels(case_id)

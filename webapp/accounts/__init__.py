@@ -1,0 +1,1 @@
+"""Users, roles and API tokens: one audited service (service) that the admin page (routes) and the CLI (cli) call."""

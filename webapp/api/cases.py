@@ -1,0 +1,88 @@
+"""/api/v1/cases: upload one image, read a case, request an explanation, list and export the history."""
+
+from __future__ import annotations
+
+from flask import g, jsonify, request, url_for
+
+from ..cases.explanations import ExplanationRequestError
+from ..cases.explanations import request_explanation as request_one
+from ..cases.intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
+from ..cases.listing import FilterError, fetch_page, parse_filters
+from ..cases.export import csv_response
+from ..config import DISCLAIMER
+from ..errors import get_or_404
+from ..models import Case
+from ..presenters import case_dict, explanation_dict
+from .blueprint import bp, error, request_body, token_required
+
+
+@bp.post("/cases")
+@token_required
+def create():
+    if not g.api_user.can_upload:
+        return error(403, f"Role {g.api_user.role!r} may not upload cases.")
+    file = request.files.get("image")
+    if file is None or not file.filename:
+        return error(400, "No file: send the image as multipart/form-data field 'image'.")
+    try:
+        fields = parse_case_fields(request.form)
+        case, job = create_case(file.read(), file.filename, fields, g.api_user)
+    except FieldError as exc:
+        return error(400, exc.message, field=exc.field)
+    except UploadError as exc:
+        return error(exc.status, exc.message)
+    except DuplicateImage as exc:
+        return error(409, exc.message, id=exc.case_id, url=f"/api/v1/cases/{exc.case_id}")
+    url = f"/api/v1/cases/{case.id}"
+    response = jsonify({"id": case.id, "url": url, "status": job.status, "job_id": job.id, "disclaimer": DISCLAIMER})
+    response.headers["Location"] = url
+    return response, 202
+
+
+@bp.get("/cases/<int:case_id>")
+@token_required
+def show(case_id: int):
+    case = get_or_404(Case, case_id)
+    return jsonify(case_dict(case))
+
+
+@bp.post("/cases/<int:case_id>/explanations")
+@token_required
+def request_explanation(case_id: int):
+    """Queues an explanation: JSON {"method": "gradcam"|"gradcam++"|"shap", "class": "mel", "analysis_id"?}.
+
+    202 with the queued explanation, 200 when it already exists (queued, running or done).
+    """
+    case = get_or_404(Case, case_id)
+    body = request_body()
+    try:
+        row, queued = request_one(case, body.get("method"), body.get("class"), body.get("analysis_id"))
+    except ExplanationRequestError as exc:
+        return error(exc.status, exc.message)
+    return jsonify({**explanation_dict(row), "case_url": f"/api/v1/cases/{case_id}", "disclaimer": DISCLAIMER}), (202 if queued else 200)
+
+
+@bp.get("/cases")
+@token_required
+def list_cases():
+    """The filtered case list with metadata, predictions and reviews, paginated by cursor."""
+    try:
+        filters = parse_filters(request.args)
+        page = fetch_page(filters, g.api_user, with_reviews=True)
+    except FilterError as exc:
+        return error(400, exc.message, field=exc.field)
+    next_url = url_for("api.list_cases", **filters.query_args(cursor=page.next_cursor)) if page.next_cursor else None
+    return jsonify({"cases": page.rows, "total": page.total, "per_page": filters.per_page,
+                    "next_cursor": page.next_cursor, "next": next_url, "filters": filters.query_args(cursor=""),
+                    "disclaimer": DISCLAIMER})
+
+
+@bp.get("/cases.csv")
+@token_required
+def export_cases():
+    """The filtered case list as CSV (every match; cells neutralised against spreadsheet formulas)."""
+    try:
+        return csv_response(request.args, g.api_user)
+    except FilterError as exc:
+        return error(400, exc.message, field=exc.field)
+

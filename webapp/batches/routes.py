@@ -1,0 +1,75 @@
+"""Folder-upload pages: the list of batches, the upload form, chunks sent by the browser, progress."""
+
+from __future__ import annotations
+
+from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
+from sqlalchemy import select
+
+from ..auth.sessions import login_required, role_required
+from ..db import db
+from ..errors import get_or_404, wants_json
+from ..models import UPLOAD_ROLES, Batch, ModelVersion
+from . import service as batch_service
+from .service import BatchInputError
+
+bp = Blueprint("batches", __name__)
+
+
+@bp.get("/batches")
+@login_required
+def batches():
+    rows = db.session.scalars(select(Batch).order_by(Batch.id.desc()).limit(200)).all()
+    return render_template("batches/index.html", batches=[(b, batch_service.batch_progress(b)) for b in rows])
+
+
+@bp.get("/batches/new")
+@role_required(*UPLOAD_ROLES)
+def new_batch():
+    return render_template("batches/new.html", per_request=50)
+
+
+@bp.post("/batches")
+@role_required(*UPLOAD_ROLES)
+def create_batch():
+    """Creates a batch (the browser sends its metadata CSV here, then the images in chunks)."""
+    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+    try:
+        batch, items = batch_service.batch_from_request(request, g.user, "browser")
+    except BatchInputError as exc:
+        if wants_json():
+            return jsonify({"error": exc.message, "status": exc.status, "rows": exc.rows}), exc.status
+        flash(exc.message, "error")
+        return render_template("batches/new.html", per_request=50, rows=exc.rows), exc.status
+    url = url_for("batches.show_batch", batch_id=batch.id)
+    if wants_json():
+        return jsonify({"id": batch.id, "url": url, "files_url": url_for("batches.add_batch_files", batch_id=batch.id),
+                        **batch_service.items_summary(items)}), 201
+    return redirect(url)
+
+
+@bp.post("/batches/<int:batch_id>/files")
+@role_required(*UPLOAD_ROLES)
+def add_batch_files(batch_id: int):
+    """One chunk of a folder upload (sent by static/batch.js with the X-CSRF-Token header)."""
+    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+    batch = get_or_404(Batch, batch_id)
+    try:
+        items = batch_service.chunk_from_request(request, batch, g.user)
+    except BatchInputError as exc:
+        return jsonify({"error": exc.message, "status": exc.status}), exc.status
+    return jsonify({"id": batch.id, **batch_service.items_summary(items)})
+
+
+@bp.get("/batches/<int:batch_id>")
+@login_required
+def show_batch(batch_id: int):
+    batch = get_or_404(Batch, batch_id)
+    versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+    return render_template("batches/show.html", batch=batch, progress=batch_service.batch_progress(batch),
+                           model_versions=versions)
+
+
+@bp.get("/batches/<int:batch_id>/progress.json")
+@login_required
+def batch_progress(batch_id: int):
+    return jsonify(batch_service.batch_progress(get_or_404(Batch, batch_id)))

@@ -1,0 +1,1 @@
+"""Cases: upload (intake), the case page and history (routes, listing), explanation maps (explanations), export."""

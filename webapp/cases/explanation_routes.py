@@ -1,0 +1,97 @@
+"""Explanation maps on the case page: the "compute" form, and their overlay and raw files.
+
+Files are served only through these access-checked routes (session login or API token), never
+as static files.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, request, send_file, url_for
+
+from ..auth.sessions import user_from_bearer
+from ..db import db
+from ..errors import get_or_404
+from ..models import Case, Explanation
+from ..presenters import METHOD_LABELS
+from ..storage import StorageError, storage_from_settings
+from .explanations import METHOD_SLUGS, ExplanationRequestError, explanation_panels, request_explanation
+
+bp = Blueprint("explanations", __name__)
+
+
+def _viewer_or_response():
+    """(user, None) for a logged-in user or a valid bearer token, else (None, response)."""
+    if g.get("user") is not None:
+        return g.user, None
+    if request.headers.get("Authorization"):
+        user, reason = user_from_bearer()
+        if user is None:
+            response = jsonify({"error": reason, "status": 401})
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
+            return None, response
+        return user, None
+    return None, redirect(url_for("auth.login", next=request.path))
+
+
+def _stored_explanation(case_id: int, explanation_id: int) -> Explanation:
+    row = db.session.get(Explanation, explanation_id)
+    if row is None or row.image.case_id != case_id:
+        abort(404, description=f"Case {case_id} has no explanation {explanation_id}.")
+    if row.status != "done" or not row.overlay_key or not row.raw_key:
+        abort(404, description=f"Explanation {explanation_id} is {row.status}; its maps are not stored yet.")
+    return row
+
+
+def _send_stored(key: str, mimetype: str, download_name: str | None = None):
+    storage = storage_from_settings(current_app.extensions["settings"])
+    try:
+        handle = storage.open(key)
+    except StorageError:
+        abort(404, description="The stored map is missing.")
+    response = send_file(handle, mimetype=mimetype, as_attachment=download_name is not None,
+                         download_name=download_name, max_age=3600)
+    response.headers["Cache-Control"] = "private, max-age=3600"  # never in shared caches
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/overlay.png")
+def overlay(case_id: int, explanation_id: int):
+    user, response = _viewer_or_response()
+    if user is None:
+        return response
+    row = _stored_explanation(case_id, explanation_id)
+    return _send_stored(row.overlay_key, "image/png")
+
+
+@bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/raw.npy")
+def raw(case_id: int, explanation_id: int):
+    user, response = _viewer_or_response()
+    if user is None:
+        return response
+    row = _stored_explanation(case_id, explanation_id)
+    name = f"case{case_id}-{METHOD_SLUGS[row.method]}-{row.class_name}.npy"
+    return _send_stored(row.raw_key, "application/octet-stream", download_name=name)
+
+
+@bp.post("/cases/<int:case_id>/explanations")
+def request_from_page(case_id: int):
+    """The case page's "compute" form (session login and CSRF, like every page form)."""
+    if g.get("user") is None:
+        return redirect(url_for("auth.login", next=f"/cases/{case_id}"))
+    case = get_or_404(Case, case_id)
+    try:
+        row, queued = request_explanation(case, request.form.get("method"), request.form.get("class"),
+                                          request.form.get("analysis_id"))
+    except ExplanationRequestError as exc:
+        flash(exc.message, "error")
+    else:
+        label = f"{METHOD_LABELS[row.method]} for {row.class_name}"
+        flash(f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info")
+    return redirect(url_for("cases.show", case_id=case_id) + "#explanations")
+
+
+@bp.app_template_global("explanation_panels")
+def _explanation_panels_global(case_id: int):
+    return explanation_panels(case_id)

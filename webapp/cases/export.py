@@ -1,0 +1,84 @@
+"""The case history as CSV: every matching case, streamed, each cell neutralised against spreadsheet formulas."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from typing import Any, Iterator, Mapping
+
+from flask import Response, stream_with_context
+
+from ..models import User
+from ..security import neutralise
+from .listing import CaseFilters, fetch_page, parse_filters
+
+
+EXPORT_COLUMNS = (
+    "case_id", "created", "uploader", "batch_id", "filename", "patient_ref", "lesion_ref", "age", "sex", "site",
+    "reference_dx", "reference_dx_type", "status", "model_name", "model_version", "model_trained", "model_trained_on",
+    "predicted_class", "predicted_probability", "malignant_probability", "other_predictions",
+    "review_count", "review_consensus", "reviews_agree", "reviews_disagree", "reviews",
+)
+
+
+def export_rows(f: CaseFilters, user: User | None, chunk: int = 500) -> Iterator[dict[str, Any]]:
+    """Every matching case (not one page), in id order, `chunk` cases per query round."""
+    f = CaseFilters(**{**asdict(f), "sort": "oldest", "cursor": "", "per_page": chunk})
+    while True:
+        page = fetch_page(f, user, with_reviews=True, count=False)
+        yield from page.rows
+        if not page.next_cursor:
+            return
+        f = CaseFilters(**{**asdict(f), "cursor": page.next_cursor})
+
+
+def _export_record(row: dict[str, Any]) -> list[Any]:
+    p = row["prediction"] or {}
+    model = p.get("model") or {}
+    others = [q for q in row["predictions"] if q is not row["prediction"]]
+    reviews = row.get("reviews") or []
+    values = {
+        "case_id": row["id"], "created": row["created"], "uploader": row["uploader"], "batch_id": row["batch_id"],
+        "filename": row["filename"], "patient_ref": row["patient_ref"], "lesion_ref": row["lesion_ref"],
+        "age": row["age"], "sex": row["sex"], "site": row["site"], "reference_dx": row["reference_dx"],
+        "reference_dx_type": row["reference_dx_type"], "status": row["status"],
+        "model_name": model.get("name"), "model_version": model.get("version"),
+        "model_trained": model.get("trained"), "model_trained_on": model.get("trained_on"),
+        "predicted_class": p.get("top_class"),
+        "predicted_probability": round(p["probability"], 6) if p.get("probability") is not None else None,
+        "malignant_probability": p.get("malignant_probability"),
+        "other_predictions": "; ".join(
+            f"{q['model']['name']} {q['model']['version']}: {q['top_class']} ({q['probability']:.4f})" for q in others),
+        "review_count": row["review_summary"]["count"], "review_consensus": row["review_summary"]["consensus"],
+        "reviews_agree": row["review_summary"]["agree"], "reviews_disagree": row["review_summary"]["disagree"],
+        "reviews": " | ".join(
+            f"{r['reviewer']}: {r['diagnosis']}, "
+            f"{'agrees' if r['agrees_with_model'] else 'disagrees' if r['agrees_with_model'] is False else 'no opinion'}"
+            f", confidence {r['confidence']}" + (f", notes: {r['notes']}" if r["notes"] else "")
+            for r in reviews),
+    }
+    return [neutralise("" if values[c] is None else values[c]) for c in EXPORT_COLUMNS]
+
+
+def export_csv(f: CaseFilters, user: User | None) -> Iterator[str]:
+    """The CSV text in pieces (for a streamed response); every cell neutralised against formulas."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(EXPORT_COLUMNS)
+    for i, row in enumerate(export_rows(f, user)):
+        writer.writerow(_export_record(row))
+        if i % 200 == 199:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def csv_response(args: Mapping[str, str], user: User | None) -> Response:
+    """A streamed CSV download of the cases that match the filters in `args`."""
+    filters = parse_filters(args)
+    response = Response(stream_with_context(export_csv(filters, user)), mimetype="text/csv")
+    response.headers["Content-Disposition"] = 'attachment; filename="cases.csv"'
+    response.headers["X-Disclaimer"] = "Research use only - not a diagnostic device."
+    return response

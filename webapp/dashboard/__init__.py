@@ -1,0 +1,1 @@
+"""Model-against-reference and reviewer-agreement figures (figures) and their page (routes)."""
