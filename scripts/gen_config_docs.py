@@ -37,7 +37,7 @@ METADATA_DOC_KEYS = ("doc", "help", "description")
 # metadata added to the field there takes precedence over these.
 NOTES = {
     "PORTAL_ENV": "`development`, `production` or `testing`. Production requires `SECRET_KEY` and marks "
-    "the session cookie `Secure`; `testing` (set by `create_app({\"TESTING\": True})`) uses a fixed key.",
+    'the session cookie `Secure`; `testing` (set by `create_app({"TESTING": True})`) uses a fixed key.',
     "INSTANCE_DIR": "Folder for the SQLite database, the development secret key, Redis data, stored "
     "files and the first admin's password.",
     "SECRET_KEY": "Signs session cookies. Required in production; in development a random key is "
@@ -248,10 +248,14 @@ def check(path: Path = OUTPUT) -> str | None:
     actual = path.read_text(encoding="utf-8") if path.exists() else ""
     if actual == expected:
         return None
-    diff = "".join(difflib.unified_diff(
-        actual.splitlines(keepends=True), expected.splitlines(keepends=True),
-        fromfile=f"{path.name} (as it is)", tofile=f"{path.name} (from the settings class)",
-    ))
+    diff = "".join(
+        difflib.unified_diff(
+            actual.splitlines(keepends=True),
+            expected.splitlines(keepends=True),
+            fromfile=f"{path.name} (as it is)",
+            tofile=f"{path.name} (from the settings class)",
+        )
+    )
     what = "is missing" if not actual else "differs from the settings class (webapp.config.Settings)"
     return f"{path} {what}. Run `python scripts/gen_config_docs.py` to rewrite it.\n{diff}"
 
@@ -259,12 +263,17 @@ def check(path: Path = OUTPUT) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
-    parser.add_argument("--out", type=Path, default=OUTPUT, help=f"the page to write or check (default {OUTPUT.relative_to(ROOT)})")
+    parser.add_argument(
+        "--out", type=Path, default=OUTPUT, help=f"the page to write or check (default {OUTPUT.relative_to(ROOT)})"
+    )
     args = parser.parse_args(argv)
     rows = setting_rows()
     for name in undocumented(rows):
-        print(f"warning: {name} has no description: add a comment next to it in the settings class "
-              f"(or metadata={{'doc': ...}}).", file=sys.stderr)
+        print(
+            f"warning: {name} has no description: add a comment next to it in the settings class "
+            f"(or metadata={{'doc': ...}}).",
+            file=sys.stderr,
+        )
     if args.check:
         message = check(args.out)
         if message:

@@ -52,5 +52,7 @@ def test_a_stale_page_is_reported_with_what_to_run(gen, tmp_path):
     stale.write_text(gen.expected_text().replace("`40000000`", "`1`"), encoding="utf-8")
     message = gen.check(stale)
     assert message and "python scripts/gen_config_docs.py" in message and "MAX_IMAGE_PIXELS" in message
-    result = subprocess.run([sys.executable, str(SCRIPT), "--check", "--out", str(stale)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--out", str(stale)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "differs from the settings class" in result.stderr
