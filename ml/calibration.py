@@ -20,18 +20,27 @@ LOG_T_BOUNDS = (-3.0, 3.0)
 MELANOMA_SPECIFICITY = 0.80
 
 
-def apply_temperature(probs, temperature: float, eps: float = 1e-12) -> np.ndarray:
-    """softmax(log p / T), row by row, as float32.
+def calibrated_softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / T) over the last axis, as float32: the one calibrated softmax of the project.
 
     Raises:
         ValueError: if the temperature is not positive.
     """
     if not temperature > 0:
         raise ValueError(f"Temperature must be positive, got {temperature}.")
-    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0)) / float(temperature)
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    exp = np.exp(z)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def apply_temperature(probs, temperature: float, eps: float = 1e-12) -> np.ndarray:
+    """softmax(log p / T), row by row, as float32 (log p are the logits up to a per-row constant).
+
+    Raises:
+        ValueError: if the temperature is not positive.
+    """
+    return calibrated_softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0)), temperature)
 
 
 def _nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float) -> float:

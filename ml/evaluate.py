@@ -53,17 +53,25 @@ def select_images(table: pd.DataFrame, model_dir: Path, split: str) -> tuple[pd.
     return selected, 0
 
 
-def compute_metrics(y, probs_raw, probs, groups, thresholds: dict, class_names, malignant_classes, n_boot: int, seed: int = 0) -> dict:
-    """Every number of metrics.json from labels, uncalibrated and calibrated probabilities."""
-    m = M.classification_metrics(y, probs, class_names)
+def compute_metrics(
+    y, probs_raw, probs, groups, thresholds: dict, class_names, malignant_classes, n_boot: int, seed: int = 0,
+    decide=M.argmax_decision,
+) -> dict:
+    """Every number of metrics.json from labels, uncalibrated and calibrated probabilities.
+
+    Counts (accuracy, recall, confusion matrix) are of `decide`, the decision users see.
+    """
+    m = M.classification_metrics(y, probs, class_names, decide=decide)
     m["ece"] = M.expected_calibration_error(y, probs)
     m["ece_uncalibrated"] = M.expected_calibration_error(y, probs_raw)
     m["nll_uncalibrated"] = M.negative_log_likelihood(y, probs_raw)
-    m["balanced_accuracy_ci"] = M.bootstrap_ci(M.balanced_accuracy_of_probs, y, probs, groups, n_boot, seed)
+    m["balanced_accuracy_ci"] = M.bootstrap_ci(M.balanced_accuracy_statistic(decide), y, probs, groups, n_boot, seed)
     m["macro_auc_ci"] = M.bootstrap_ci(M.macro_auc, y, probs, groups, n_boot, seed)
     mel = list(class_names).index("mel")
     is_mel = y == mel
     m["melanoma"] = {
+        "recall_at_decision": m["per_class"]["mel"]["recall"] if "mel" in m["per_class"] else None,
+        "recall_at_decision_ci": M.bootstrap_ci(M.recall_statistic(mel, decide), y, probs, groups, n_boot, seed),
         "roc_auc": M.binary_auc(is_mel, probs[:, mel]),
         "sensitivity_at_80_specificity": M.sensitivity_at_specificity(is_mel, probs[:, mel], MELANOMA_SPECIFICITY),
         "sensitivity_at_80_specificity_ci": M.bootstrap_ci(
@@ -131,14 +139,15 @@ def evaluate(
     manifest = predictor.manifest
     metrics = compute_metrics(
         y, probs_raw, probs, table["lesion_id"].to_numpy(), manifest.get("thresholds") or {},
-        class_names, manifest["malignant_classes"], n_boot, seed,
+        class_names, manifest["malignant_classes"], n_boot, seed, decide=predictor.decision.choose,
     )
     metrics.update(
         model={"name": manifest["name"], "version": manifest["version"], "folder": str(model_dir)},
         data=str(data), split=split, tta=tta, temperature=predictor.temperature,
+        decision=predictor.decision.to_manifest(),
         lesions=int(table["lesion_id"].nunique()), images_seen_in_training=leaked,
     )
-    _write_predictions(out_dir / "predictions.csv", table, probs, class_names)
+    _write_predictions(out_dir / "predictions.csv", table, probs, predictor.decision.choose(probs), class_names)
     figures = _write_figures(out_dir, y, probs_raw, probs, metrics, class_names)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     from ml.report import write_report
@@ -151,9 +160,9 @@ def evaluate(
     return metrics
 
 
-def _write_predictions(path: Path, table: pd.DataFrame, probs: np.ndarray, class_names) -> None:
+def _write_predictions(path: Path, table: pd.DataFrame, probs: np.ndarray, chosen: np.ndarray, class_names) -> None:
     out = table[["image_id", "lesion_id", "dx"]].reset_index(drop=True).copy()
-    out["predicted"] = [class_names[i] for i in probs.argmax(axis=1)]
+    out["predicted"] = [class_names[i] for i in chosen]
     for c, name in enumerate(class_names):
         out[f"p_{name}"] = probs[:, c]
     out.to_csv(path, index=False, float_format="%.6f")

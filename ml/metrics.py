@@ -62,13 +62,19 @@ def balanced_accuracy(y_true, y_pred) -> float:
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def classification_metrics(y_true, probs, class_names=CLASS_NAMES) -> dict:
+def argmax_decision(probs) -> np.ndarray:
+    return np.asarray(probs).argmax(axis=-1)
+
+
+def classification_metrics(y_true, probs, class_names=CLASS_NAMES, decide=argmax_decision) -> dict:
     """Accuracy, balanced accuracy, macro F1, macro AUC, confusion matrix and per-class scores.
 
     Args:
         y_true: (N,) integer labels.
-        probs: (N, C) probabilities; the prediction is their argmax.
+        probs: (N, C) probabilities (the AUCs rank them).
         class_names: names for the per-class entries.
+        decide: probabilities -> predicted class indices (the served decision; default argmax),
+            which every count-based figure (accuracy, recall, F1, confusion matrix) is of.
 
     Returns:
         dict with accuracy, balanced_accuracy, macro_f1, macro_auc, nll, confusion_matrix
@@ -76,7 +82,7 @@ def classification_metrics(y_true, probs, class_names=CLASS_NAMES) -> dict:
         roc_auc, pr_auc}.
     """
     y_true, probs = _check_inputs(y_true, probs)
-    y_pred = probs.argmax(axis=1)
+    y_pred = np.asarray(decide(probs))
     labels = list(range(probs.shape[1]))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
@@ -222,6 +228,28 @@ def bootstrap_ci(
 def balanced_accuracy_of_probs(y_true, probs) -> float:
     """Balanced accuracy of the argmax prediction (a `bootstrap_ci` statistic)."""
     return balanced_accuracy(y_true, np.asarray(probs).argmax(axis=1))
+
+
+def balanced_accuracy_statistic(decide=argmax_decision):
+    """A `bootstrap_ci` statistic: balanced accuracy of the decision `decide` (probabilities -> indices)."""
+
+    def statistic(y_true, probs):
+        return balanced_accuracy(y_true, decide(np.asarray(probs)))
+
+    return statistic
+
+
+def recall_statistic(class_index: int, decide=argmax_decision):
+    """A `bootstrap_ci` statistic: the recall of one class under the decision `decide`."""
+
+    def statistic(y_true, probs):
+        y_true = np.asarray(y_true)
+        positives = y_true == class_index
+        if not positives.any():
+            return None
+        return float(np.mean(decide(np.asarray(probs))[positives] == class_index))
+
+    return statistic
 
 
 def melanoma_sensitivity_statistic(specificity: float = 0.8, class_names=CLASS_NAMES):

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -247,3 +248,22 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
 def gradcam_layer_name(config: ModelConfig) -> str:
     """The last spatial feature map: CBAM's output when present, else the backbone's top activation."""
     return CBAM_TOP_LAYER if config.cbam else TOP_FEATURE_LAYER
+
+
+def shift_head_bias(model: keras.Model, shift) -> None:
+    """Adds `shift` (one value per class) to the bias of the softmax head, in place.
+
+    A network trained with logit-adjusted cross-entropy outputs class-balanced posteriors; adding
+    tau log prior to its logits gives back posteriors under the training frequencies, which is what
+    calibration and the shown probabilities assume. Folded into the bias, every consumer of the
+    model (predictor, Grad-CAM, SHAP) sees the same probabilities.
+
+    Raises:
+        ValueError: if `shift` does not have one value per class.
+    """
+    head = model.get_layer("predictions")
+    kernel, bias = head.get_weights()
+    shift = np.asarray(shift, dtype=np.float32).reshape(-1)
+    if shift.shape != bias.shape:
+        raise ValueError(f"The head has {bias.shape[0]} classes but the shift has {shift.shape[0]} values.")
+    head.set_weights([kernel, bias + shift])

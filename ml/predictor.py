@@ -15,6 +15,7 @@ import numpy as np
 
 from ml.artifact import WEIGHTS, build_manifest, read_manifest, weights_dtype, convert_weights_file
 from ml.calibration import apply_temperature
+from ml.decision import Decision
 from ml.data import resize_image
 from ml.model import ModelConfig, build_model
 
@@ -34,6 +35,7 @@ class Predictor:
         class_names: class names in output order.
         input_size: (H, W) the model expects.
         temperature: the calibration temperature applied to every prediction.
+        decision: how the top class is chosen from the calibrated probabilities (`ml.decision`).
         gradcam_layer: name of the layer whose feature map Grad-CAM uses.
     """
 
@@ -45,6 +47,7 @@ class Predictor:
         self.class_names = list(manifest["class_names"])
         self.input_size = (int(manifest["input_size"][0]), int(manifest["input_size"][1]))
         self.temperature = float(manifest["temperature"])
+        self.decision = Decision.from_manifest(manifest)
         self.gradcam_layer = manifest["gradcam_layer"]
         self.batch_size = batch_size
         h, w = self.input_size
@@ -141,6 +144,10 @@ class Predictor:
         if batch is None:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         return apply_temperature(self.predict_raw(batch, tta=tta), self.temperature)
+
+    def top_classes(self, probs: np.ndarray) -> list[str]:
+        """The class each row of calibrated probabilities is shown as (the manifest's decision)."""
+        return [self.class_names[i] for i in self.decision.choose(probs)]
 
     def predict_raw(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
         """Uncalibrated softmax output for already preprocessed (N, H, W, 3) float32 images."""

@@ -619,7 +619,7 @@ def train(args) -> Path:
     model = build_model(model_config(args))
     loss_fn = make_loss(args, weights, class_prior=np.bincount(y_train, minlength=len(D.CLASS_NAMES)))
     stages = plan_stages(args)
-    if args.weights in ("none", "", None):
+    if args.weights in ("none", "", None) and not args.init_from:
         log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
     state = _initial_state(stages[0], args)
     restored = False
@@ -702,11 +702,18 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     from ml import metrics as M
     from ml.artifact import WEIGHTS, build_manifest, write_manifest
 
+    from ml.decision import class_prior, fit_decision
+    from ml.model import shift_head_bias
+
     best = run_dir / "best.weights.h5"
     if best.is_file():
         load_model_weights(model, best)
     else:  # no epoch had a finite monitor value (tiny data): ship the last weights
         save_model_weights(model, best)
+    y_train = D.labels_to_indices(table[table["split"] == "train"]["dx"])
+    prior = class_prior(y_train, len(D.CLASS_NAMES))
+    if args.loss == "logit_adjusted":  # the artifact outputs posteriors under the training frequencies
+        shift_head_bias(model, args.la_tau * np.log(np.clip(prior, 1e-8, 1.0)))
     save_model_weights(model, run_dir / WEIGHTS)
     from ml.augment import ImageBatches
 
@@ -714,7 +721,9 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     temperature = C.fit_temperature(y_val, probs)
     calibrated = C.apply_temperature(probs, temperature["temperature"])
     thresholds = _fit_thresholds_or_default(y_val, calibrated, args)
-    val_metrics = M.classification_metrics(y_val, calibrated)
+    decision, tau_scores = fit_decision(y_val, calibrated, prior)
+    log.info("decision: tau %.2f, validation balanced accuracy %.3f (plain argmax %.3f)", decision.tau, tau_scores[decision.tau], tau_scores[0.0])
+    val_metrics = M.classification_metrics(y_val, calibrated, decide=decision.choose)
     val_metrics["ece"] = M.expected_calibration_error(y_val, calibrated)
     val_metrics["ece_uncalibrated"] = M.expected_calibration_error(y_val, probs)
     write_json(run_dir / "calibration.json", {**temperature, "thresholds": thresholds})
@@ -733,6 +742,8 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
         split={"seed": args.seed, "fractions": list(args.split), "grouped_by": "lesion_id", "stratified_by": "dx", **D.split_summary(table)},
         metrics={"validation": _summary(val_metrics)},
         extra={
+            "decision": decision.to_manifest(),
+            "decision_fit": {"split": "val", "metric": "balanced_accuracy", "by_tau": tau_scores},
             "threshold_rules": thresholds.get("rules"),
             "training": {
                 "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "monitor": f"val_{args.monitor}",

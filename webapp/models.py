@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .db import db
+from .states import AnalysisStatus, ExplanationMethod, ExplanationStatus, JobKind, JobStatus
 
 ROLES = ("admin", "researcher", "reviewer")
 UPLOAD_ROLES = ("admin", "researcher")
@@ -25,12 +26,11 @@ SITES = (
     "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
     "lower extremity", "neck", "scalp", "trunk", "upper extremity", "unknown",
 )
-JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-JOB_KINDS = ("analyse", "explain")
-ANALYSIS_STATUSES = ("running", "succeeded", "failed")
-# Grad-CAM, Grad-CAM++ (webapp keys use "gradcampp" where "+" is not allowed) and SHAP.
-EXPLANATION_METHODS = ("gradcam", "gradcam++", "shap")
-EXPLANATION_STATUSES = ("queued", "running", "done", "failed")
+JOB_STATUSES = tuple(JobStatus)
+JOB_KINDS = tuple(JobKind)
+ANALYSIS_STATUSES = tuple(AnalysisStatus)
+EXPLANATION_METHODS = tuple(ExplanationMethod)
+EXPLANATION_STATUSES = tuple(ExplanationStatus)
 TOKEN_PREFIX = "dp_"
 
 
@@ -56,7 +56,7 @@ class UTCDateTime(TypeDecorator):
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class User(db.Model):
@@ -193,7 +193,7 @@ class Analysis(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default="running")
+    status: Mapped[str] = mapped_column(String(20), default=AnalysisStatus.RUNNING)
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
     top_class: Mapped[str | None] = mapped_column(String(20))
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)  # milliseconds per step
@@ -233,7 +233,7 @@ class Explanation(db.Model):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
     method: Mapped[str] = mapped_column(String(20))
     class_name: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=ExplanationStatus.QUEUED, index=True)
     raw_key: Mapped[str | None] = mapped_column(String(255))
     overlay_key: Mapped[str | None] = mapped_column(String(255))
     params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -250,7 +250,7 @@ class Explanation(db.Model):
 
     @property
     def pending(self) -> bool:
-        return self.status in ("queued", "running")
+        return ExplanationStatus(self.status).pending
 
 
 class Job(db.Model):
@@ -263,8 +263,8 @@ class Job(db.Model):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20), default="analyse")
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    kind: Mapped[str] = mapped_column(String(20), default=JobKind.ANALYSE)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED, index=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     analysis_id: Mapped[int | None] = mapped_column(ForeignKey("analyses.id", ondelete="SET NULL"))
@@ -283,7 +283,7 @@ class Job(db.Model):
 
     @property
     def finished(self) -> bool:
-        return self.status in ("succeeded", "failed")
+        return JobStatus(self.status).finished
 
 
 # --- Research portal (migration 0003): batches, reviews, audit log -----------------------------

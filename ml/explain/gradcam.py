@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ml.calibration import calibrated_softmax as calibrate
+
 # model -> {(layer_name, plus_plus): tf.function}; weak so that dropping a model frees its graphs.
 _FUNCTION_CACHE: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 
@@ -258,20 +260,6 @@ def predict_with_gradcam(
     """
     probs, _, _, maps = _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size)
     return probs, maps
-
-
-def calibrate(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax of logits / temperature (temperature scaling, Guo et al. 2017).
-
-    Raises:
-        ValueError: if the temperature is not positive.
-    """
-    if not temperature > 0:
-        raise ValueError(f"Temperature must be positive, got {temperature}.")
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
