@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack-resume", action="store_true",
         help="write the compact float16 carry-over (resume/) of the run in --out and exit; commit it so a later session can --resume",
     )
+    p.add_argument(
+        "--snapshot", default=None, metavar="DIR",
+        help="write an artifact of the run's best weights so far to DIR (calibrated, with its decision and test "
+        "evaluation) and exit; the run itself goes on with --resume",
+    )
     p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras fit verbosity (default: bar on a terminal)")
     return p
 
@@ -121,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     explicit = {a.dest for a in parser._actions if any(opt in given for opt in a.option_strings)}
     if args.pack_resume:
         return args  # only --out matters
-    if args.resume:
+    if args.resume or args.snapshot:
         args = _merge_saved_args(args, explicit)
     _validate_args(args)
     return args
@@ -133,7 +138,7 @@ def _merge_saved_args(args: argparse.Namespace, explicit: set[str]) -> argparse.
         raise ValueError(f"--resume was given but {str(saved_path)!r} does not exist; start the run without --resume.")
     saved = json.loads(saved_path.read_text())
     merged = argparse.Namespace(**{**vars(args), **saved})
-    merged.resume, merged.out = True, args.out
+    merged.resume, merged.out, merged.snapshot = True, args.out, args.snapshot
     for key in explicit - {"resume", "out"}:
         new, old = getattr(args, key), saved.get(key)
         if key in FIXED_ON_RESUME and new != old and not (key == "data" and _same_path(new, old)):
@@ -635,6 +640,11 @@ def train(args) -> Path:
         load_model_weights(model, args.init_from)
         log.info("warm start from %s", args.init_from)
 
+    if args.snapshot:
+        if not restored:
+            raise ValueError(f"Run folder {str(run_dir)!r} has no checkpoint or carry-over to take a snapshot of.")
+        finalize_run(args, run_dir, model, table, x_val, y_val, state, out_dir=Path(args.snapshot))
+        return Path(args.snapshot)
     ValidationMetrics, TrainingController = _make_callbacks()
     controller = TrainingController(run_dir, checkpoints, state, args)
     callbacks = [ValidationMetrics(val_ds, y_val, loss_fn), controller]
@@ -695,8 +705,11 @@ def _jit(args):
 # ------------------------------------------------------------------------------------------------
 
 
-def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -> dict:
-    """Loads the best weights, calibrates on validation, writes the artifact files, evaluates test."""
+def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, out_dir: Path | None = None) -> dict:
+    """Loads the best weights, calibrates on validation, writes the artifact files, evaluates test.
+
+    The artifact is the run folder itself, or `out_dir` (a snapshot of a run that goes on).
+    """
     from ml import calibration as C
     from ml import data as D
     from ml import metrics as M
@@ -714,7 +727,11 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     prior = class_prior(y_train, len(D.CLASS_NAMES))
     if args.loss == "logit_adjusted":  # the artifact outputs posteriors under the training frequencies
         shift_head_bias(model, args.la_tau * np.log(np.clip(prior, 1e-8, 1.0)))
-    save_model_weights(model, run_dir / WEIGHTS)
+    out_dir = out_dir or run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir != run_dir:
+        shutil.copyfile(run_dir / "split.csv", out_dir / "split.csv")
+    save_model_weights(model, out_dir / WEIGHTS)
     from ml.augment import ImageBatches
 
     probs = model.predict(ImageBatches(x_val, y_val, args.batch_size, tuple(args.img_size)), verbose=0)
@@ -726,7 +743,7 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
     val_metrics = M.classification_metrics(y_val, calibrated, decide=decision.choose)
     val_metrics["ece"] = M.expected_calibration_error(y_val, calibrated)
     val_metrics["ece_uncalibrated"] = M.expected_calibration_error(y_val, probs)
-    write_json(run_dir / "calibration.json", {**temperature, "thresholds": thresholds})
+    write_json(out_dir / "calibration.json", {**temperature, "thresholds": thresholds})
     log.info("temperature %.3f (val NLL %.4f -> %.4f); thresholds %s", temperature["temperature"], temperature["nll_before"], temperature["nll_after"], thresholds)
 
     train_rows = table[table["split"] == "train"]
@@ -753,17 +770,17 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict) -
             "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    write_manifest(run_dir, manifest)
+    write_manifest(out_dir, manifest)
     if not args.no_test_eval and (table["split"] == "test").any():
         from ml.evaluate import evaluate
         from ml.predictor import Predictor
 
         # The in-memory model holds exactly the weights just written: no need to rebuild it.
         predictor = Predictor(model, manifest, batch_size=args.batch_size)
-        test = evaluate(run_dir, args.data, run_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor)
+        test = evaluate(out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor)
         manifest["metrics"]["test"] = _summary(test)
-        write_manifest(run_dir, manifest)
-    log.info("run folder %s is a model artifact (manifest.json + %s)", run_dir, WEIGHTS)
+        write_manifest(out_dir, manifest)
+    log.info("%s is a model artifact (manifest.json + %s)", out_dir, WEIGHTS)
     return manifest
 
 
