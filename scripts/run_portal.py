@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PORTAL_ENV", "development")
 
     from webapp import create_app
-    from webapp.bootstrap import DEFAULT_ADMIN, ensure_admin, upgrade_database
+    from webapp.bootstrap import DEFAULT_ADMIN, ensure_admin, register_shipped_models, upgrade_database
     from webapp.config import worker_layout
 
     if not port_free(args.host, args.port):
@@ -234,6 +234,8 @@ def main(argv=None) -> int:
         upgrade_database(app)
         password_file = instance / "admin-password.txt"
         ensure_admin(app, password_file)
+        versions = register_shipped_models(app, Path(settings.MODEL_DIR).parent)
+        print(f"[portal] model versions: {', '.join(versions) or 'none shipped (the untrained model)'}", flush=True)
 
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -60,7 +60,7 @@ def sent_tasks(monkeypatch):
         calls.append((name, args, queue))
         return f"task-{len(calls)}"
 
-    monkeypatch.setattr("webapp.cases.intake.send", fake_send)
+    monkeypatch.setattr("webapp.queue.send", fake_send)
     return calls
 
 
@@ -91,6 +91,5 @@ def web_sent(monkeypatch):
         calls.append((name, args, queue))
         return "task-id"
 
-    monkeypatch.setattr("webapp.cases.intake.send", fake_send)
-    monkeypatch.setattr("webapp.cases.explanations.send", fake_send)
+    monkeypatch.setattr("webapp.queue.send", fake_send)
     return calls

@@ -1,7 +1,9 @@
-"""First-run setup used by the launcher: apply migrations, create the first admin account."""
+"""First-run setup used by the launcher: apply migrations, create the first admin account, register the
+shipped model versions."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -10,6 +12,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from .db import db
+from .model_versions.service import register_model_version
 from .models import User
 
 DEFAULT_ADMIN = "admin@localhost"
@@ -43,3 +46,25 @@ def ensure_admin(app: Flask, password_file: Path, email: str = DEFAULT_ADMIN) ->
     with os.fdopen(fd, "w") as f:
         f.write(password + "\n")
     return password
+
+
+def register_shipped_models(app: Flask, models_root: Path) -> list[str]:
+    """Registers every model artifact under `models_root` (the served one and the archived earlier
+    versions), so that cases can be re-run with any of them and compared side by side.
+
+    Returns:
+        "name version" of each artifact found.
+    """
+    found = []
+    manifests = sorted(models_root.glob("*/manifest.json")) + sorted(models_root.glob("archive/*/manifest.json"))
+    with app.app_context():
+        for manifest_path in manifests:
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                row = register_model_version(manifest, manifest_path.parent)
+            except (ValueError, KeyError, TypeError) as exc:
+                app.logger.warning("%s is not a valid model manifest (%s); not registered", manifest_path, exc)
+                continue
+            found.append(f"{row.name} {row.version}")
+        db.engine.dispose()
+    return found

@@ -14,14 +14,13 @@ from typing import Any, Iterable, Iterator
 
 from flask import current_app
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
-from ..cases import intake as cases_module
+from ..cases.intake import DuplicateImage, store_image
+from .. import queue
 from ..db import db
-from ..imaging import UploadError, process_upload
-from ..models import Batch, BatchItem, Case, Image, Job, User
+from ..imaging import UploadError
+from ..models import Batch, BatchItem, Image, Job, User
 from ..queue import ANALYSE_TASK, PREDICT_QUEUE
-from ..storage import image_key, storage_from_settings
 from .inputs import (
     IMAGE_EXTENSIONS,
     Archive,
@@ -90,35 +89,14 @@ def add_file(batch: Batch, filename: str, data: bytes | None, user: User | None,
         error = "Skipped: not a .jpg, .jpeg or .png file."
     if error is not None:
         return _error_item(batch, filename, error), None
-    config = current_app.config
+    fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
     try:
-        processed = process_upload(data or b"", config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
+        stored = store_image(data or b"", PurePosixPath(filename).name[:255], fields, user, batch, filename)
     except UploadError as exc:
         return _error_item(batch, filename, exc.message), None
-    existing = db.session.scalar(select(Image).where(Image.content_hash == processed.content_hash))
-    if existing is not None:
-        return _link_duplicate(batch, filename, existing), None
-
-    key = image_key(processed.content_hash, processed.extension)
-    storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)
-    fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
-    case = Case(uploader=user, batch_id=batch.id, **fields)
-    image = Image(case=case, content_hash=processed.content_hash, storage_key=key, width=processed.width,
-                  height=processed.height, original_filename=PurePosixPath(filename).name[:255])
-    job = Job(kind="analyse", status="queued", image=image)
-    db.session.add_all([case, image, job])
-    db.session.flush()  # ids for the item: inserted with them, not updated after
-    item = BatchItem(batch_id=batch.id, filename=filename, case_id=case.id, image_id=image.id, job_id=job.id)
-    db.session.add(item)
-    try:
-        db.session.commit()
-    except IntegrityError:  # the same image committed by a concurrent request a moment ago
-        db.session.rollback()
-        existing = db.session.scalar(select(Image).where(Image.content_hash == processed.content_hash))
-        if existing is None:
-            raise
-        return _link_duplicate(batch, filename, existing), None
-    return item, job.id
+    except DuplicateImage as exc:
+        return _link_duplicate(batch, filename, exc.image), None
+    return stored.item, stored.job.id
 
 
 def send_jobs(job_ids: Iterable[int]) -> int:
@@ -127,7 +105,7 @@ def send_jobs(job_ids: Iterable[int]) -> int:
     sent = 0
     for job_id in job_ids:
         # Through the cases module, so that tests that record `webapp.cases.send` see these too.
-        if cases_module.send(ANALYSE_TASK, job_id, queue=PREDICT_QUEUE) is None:
+        if queue.send(ANALYSE_TASK, job_id, queue=PREDICT_QUEUE) is None:
             break
         sent += 1
     return sent

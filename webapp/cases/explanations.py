@@ -17,7 +17,8 @@ from sqlalchemy import select
 from ..db import db
 from ..models import EXPLANATION_METHODS, Analysis, Case, Explanation
 from ..presenters import explanation_dict
-from ..queue import EXPLAIN_QUEUE, send
+from .. import queue
+from ..queue import EXPLAIN_QUEUE
 from ..storage import check_key
 
 SHAP_TASK = "worker.tasks.explain_shap"  # args: analysis_id; computes every queued SHAP row of it
@@ -132,7 +133,7 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
         row.status, row.error, row.attempts, row.started_at, row.finished_at = "queued", None, 0, None, None
     db.session.commit()
     if method_key == "shap":
-        send(SHAP_TASK, analysis.id, queue=EXPLAIN_QUEUE)
+        queue.send(SHAP_TASK, analysis.id, queue=EXPLAIN_QUEUE)
     else:
-        send(GRADCAM_TASK, row.id, queue=EXPLAIN_QUEUE)
+        queue.send(GRADCAM_TASK, row.id, queue=EXPLAIN_QUEUE)
     return row, True

@@ -1,9 +1,13 @@
-"""Creating a case from an upload: validate, store, commit, then enqueue. Shared by pages and API."""
+"""How an image enters the portal: validate, store, commit the case, its image and a queued job.
+
+`store_image` is the one way in (single uploads from the page, the API, folder uploads and the CLI
+import all call it); `create_case` adds sending the task at once, for a single upload.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from flask import current_app
@@ -12,8 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from ..db import db
 from ..imaging import UploadError, check_filename, process_upload
-from ..models import SEXES, SITES, Case, Image, Job, User
-from ..queue import ANALYSE_TASK, PREDICT_QUEUE, send
+from ..models import SEXES, SITES, Batch, BatchItem, Case, Image, Job, User
+from .. import queue
+from ..queue import ANALYSE_TASK, PREDICT_QUEUE
+from ..states import JobKind, JobStatus
 from ..storage import image_key, storage_from_settings
 
 log = logging.getLogger(__name__)
@@ -30,12 +36,23 @@ class FieldError(ValueError):
 
 
 class DuplicateImage(ValueError):
-    """The same image (same normalised pixels) is already stored, in `case_id`."""
+    """The same image (same normalised pixels) is already stored: `image`, of case `case_id`."""
 
-    def __init__(self, case_id: int):
-        super().__init__(f"This image was already uploaded as case {case_id}.")
-        self.case_id = case_id
+    def __init__(self, image: Image):
+        super().__init__(f"This image was already uploaded as case {image.case_id}.")
+        self.image, self.case_id = image, image.case_id
         self.message = str(self)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """What one accepted image became: its case, the image row, the queued analysis job and, in a
+    folder upload, its batch item."""
+
+    case: Case
+    image: Image
+    job: Job
+    item: BatchItem | None = None
 
 
 @dataclass(frozen=True)
@@ -91,25 +108,37 @@ def parse_case_fields(form: Mapping[str, Any]) -> CaseFields:
     return CaseFields(**values)
 
 
-def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader: User | None) -> tuple[Case, Job]:
-    """Validates and stores the image, commits the case, image and a queued job, then sends the task.
+def _raise_if_stored(content_hash: str) -> None:
+    existing = db.session.scalar(select(Image).where(Image.content_hash == content_hash))
+    if existing is not None:
+        raise DuplicateImage(existing)
+
+
+def store_image(
+    data: bytes,
+    filename: str,
+    fields: Mapping[str, Any],
+    uploader: User | None,
+    batch: Batch | None = None,
+    item_name: str | None = None,
+) -> StoredImage:
+    """Validates and stores one image, then commits its case, image and queued job together.
+
+    The task is not sent here: the caller sends it once the commit is done (a folder upload sends
+    a whole chunk's jobs at once). With `batch`, the batch item (named `item_name`) is committed in
+    the same transaction, so a file is either wholly stored or not at all.
 
     Raises:
-        UploadError: the file is not an acceptable image.
-        DuplicateImage: the same image is already stored.
+        UploadError: the bytes are not an acceptable image.
+        DuplicateImage: the same image is already stored (also when another request stored it a
+            moment ago).
     """
     config = current_app.config
-    filename = check_filename(filename)
     processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
-    existing = db.session.scalar(select(Image).where(Image.content_hash == processed.content_hash))
-    if existing is not None:
-        raise DuplicateImage(existing.case_id)
-
-    storage = storage_from_settings(current_app.extensions["settings"])
+    _raise_if_stored(processed.content_hash)
     key = image_key(processed.content_hash, processed.extension)
-    storage.save(key, processed.data)  # content-addressed: saving twice is harmless
-
-    case = Case(uploader=uploader, **fields.__dict__)
+    storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)  # content-addressed
+    case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **fields)
     image = Image(
         case=case,
         content_hash=processed.content_hash,
@@ -118,19 +147,33 @@ def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader:
         height=processed.height,
         original_filename=filename,
     )
-    job = Job(kind="analyse", status="queued", image=image)
+    job = Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image=image)
     db.session.add_all([case, image, job])
+    item = None
+    if batch is not None:
+        db.session.flush()  # ids for the item: inserted with them, not updated after
+        item = BatchItem(batch_id=batch.id, filename=item_name, case_id=case.id, image_id=image.id, job_id=job.id)
+        db.session.add(item)
     try:
         db.session.commit()
-    except IntegrityError:
+    except IntegrityError:  # the same image committed by a concurrent request a moment ago
         db.session.rollback()
-        existing = db.session.scalar(select(Image).where(Image.content_hash == processed.content_hash))
-        if existing is not None:
-            raise DuplicateImage(existing.case_id) from None
+        _raise_if_stored(processed.content_hash)
         raise
+    return StoredImage(case, image, job, item)
+
+
+def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader: User | None) -> tuple[Case, Job]:
+    """A single upload: stores the image (`store_image`), then sends its analysis task.
+
+    Raises:
+        UploadError: the file name or the file is not acceptable.
+        DuplicateImage: the same image is already stored.
+    """
+    stored = store_image(data, check_filename(filename), asdict(fields), uploader)
     # Committed first: if the broker is down the job simply stays queued.
-    send(ANALYSE_TASK, job.id, queue=PREDICT_QUEUE)
-    return case, job
+    queue.send(ANALYSE_TASK, stored.job.id, queue=PREDICT_QUEUE)
+    return stored.case, stored.job
 
 
-__all__ = ["CaseFields", "DuplicateImage", "FieldError", "UploadError", "create_case", "parse_case_fields"]
+__all__ = ["CaseFields", "DuplicateImage", "FieldError", "StoredImage", "UploadError", "create_case", "parse_case_fields", "store_image"]
