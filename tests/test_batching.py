@@ -32,14 +32,22 @@ class BatchRecordingPredictor:
 
 
 @pytest.fixture
-def tasks(app, monkeypatch):
+def predictors(app, monkeypatch):
+    """This process's predictor state in worker.predict, with a recording predictor; tasks run in `app`."""
+    import worker.celery_app as celery_app
+    import worker.predict as predict
+
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setitem(predict._state, "predictor", BatchRecordingPredictor())
+    monkeypatch.setitem(predict._state, "predictor_error", None)
+    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
+    return predict._state
+
+
+@pytest.fixture
+def tasks(predictors):
     import worker.tasks as tasks
 
-    monkeypatch.setitem(tasks._state, "flask_app", app)
-    monkeypatch.setitem(tasks._state, "predictor", BatchRecordingPredictor())
-    monkeypatch.setitem(tasks._state, "predictor_error", None)
-    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
-    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
     return tasks
 
 
@@ -52,14 +60,14 @@ def upload_all(app, client, sent_tasks) -> list[int]:
     return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
 
 
-def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks, tasks):
-    from worker.reliability import worker_identity
+def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks, tasks, predictors):
+    from worker.recovery import worker_identity
 
     job_ids = upload_all(app, client, sent_tasks)
     assert len(job_ids) == 4
 
-    assert tasks.analyse.run(job_ids[1]) == "succeeded"  # any message may come first
-    assert tasks._state["predictor"].calls == [4]  # one forward pass for all four
+    assert tasks.analyse(job_ids[1]) == "succeeded"  # any message may come first
+    assert predictors["predictor"].calls == [4]  # one forward pass for all four
 
     with app.app_context():
         jobs = [db.session.get(Job, j) for j in job_ids]
@@ -74,8 +82,8 @@ def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks,
 
     # The messages of the jobs taken along find them finished: nothing more is computed or stored.
     for job_id in job_ids:
-        assert tasks.analyse.run(job_id) == "succeeded"
-    assert tasks._state["predictor"].calls == [4]
+        assert tasks.analyse(job_id) == "succeeded"
+    assert predictors["predictor"].calls == [4]
     with app.app_context():
         per_image = db.session.execute(
             db.select(Analysis.image_id, db.func.count(Analysis.id)).group_by(Analysis.image_id)).all()
@@ -83,26 +91,26 @@ def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks,
         assert db.session.scalar(db.select(db.func.count(Job.id)).where(Job.attempts != 1)) == 0
 
 
-def test_batch_size_limits_the_jobs_taken_along(app, client, sent_tasks, tasks, monkeypatch):
-    monkeypatch.setattr(tasks, "settings", dataclasses.replace(tasks.settings, PREDICT_BATCH_SIZE=3))
+def test_batch_size_limits_the_jobs_taken_along(app, client, sent_tasks, tasks, predictors, monkeypatch):
+    monkeypatch.setitem(app.extensions, "settings", dataclasses.replace(app.extensions["settings"], PREDICT_BATCH_SIZE=3))
     job_ids = upload_all(app, client, sent_tasks)
-    tasks.analyse.run(job_ids[0])
+    tasks.analyse(job_ids[0])
     with app.app_context():
         statuses = [db.session.get(Job, j).status for j in job_ids]
     assert statuses == ["succeeded", "succeeded", "succeeded", "queued"]  # oldest first
-    assert tasks._state["predictor"].calls == [3]
-    tasks.analyse.run(job_ids[3])
-    assert tasks._state["predictor"].calls == [3, 1]
+    assert predictors["predictor"].calls == [3]
+    tasks.analyse(job_ids[3])
+    assert predictors["predictor"].calls == [3, 1]
 
 
-def test_a_failed_batch_leaves_no_job_running(app, client, sent_tasks, tasks, monkeypatch):
+def test_a_failed_batch_leaves_no_job_running(app, client, sent_tasks, tasks, predictors, monkeypatch):
     job_ids = upload_all(app, client, sent_tasks)
 
     def broken(images):
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr(tasks._state["predictor"], "predict", broken)
-    assert tasks.analyse.run(job_ids[0]) == "failed"
+    monkeypatch.setattr(predictors["predictor"], "predict", broken)
+    assert tasks.analyse(job_ids[0]) == "failed"
     with app.app_context():
         jobs = [db.session.get(Job, j) for j in job_ids]
         assert all(j.status == "failed" and "out of cheese" in j.error for j in jobs)
@@ -126,13 +134,13 @@ def tiny_predictor():
 
 
 def test_padded_batches_predict_what_unpadded_ones_do(tiny_predictor, monkeypatch):
-    import worker.tasks as tasks
+    import worker.celery_app as celery_app
     from ml.explain import explain_gradcam
     from worker.batching import predict_batch
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8) for i in range(5)]
-    monkeypatch.setattr(tasks, "settings", dataclasses.replace(tasks.settings, PREDICT_BATCH_SIZE=16))
+    monkeypatch.setattr(celery_app, "settings", dataclasses.replace(celery_app.settings, PREDICT_BATCH_SIZE=16))
 
     probs, gradcams = predict_batch(tiny_predictor, images)  # 5 images padded to 8
     unpadded = explain_gradcam(tiny_predictor, images, batch_size=5)

@@ -219,7 +219,7 @@ def test_reviewers_see_maps_too(app, client, case_id, sent):
 def test_sweep_fails_stale_running_rows_and_resends_old_queued_ones(app, case_id):
     from datetime import timedelta
 
-    from worker.explain_tasks import sweep_explanations
+    from worker.recovery import sweep_explanations
 
     sent = []
     with app.app_context():
@@ -241,7 +241,7 @@ def test_the_periodic_sweeper_also_sweeps_explanations(app, case_id, monkeypatch
     from datetime import timedelta
     from types import SimpleNamespace
 
-    from worker import explain_tasks
+    from worker import recovery
     from worker.sweep import Sweeper
 
     with app.app_context():
@@ -252,7 +252,7 @@ def test_the_periodic_sweeper_also_sweeps_explanations(app, case_id, monkeypatch
     settings = app.extensions["settings"]
     sweeper = Sweeper(SimpleNamespace(send_task=lambda *a, **k: SimpleNamespace(id="x")), settings, interval=0)
     sweeper._flask_app = app
-    monkeypatch.setattr(explain_tasks, "send", lambda *a, **k: "sent")
+    monkeypatch.setattr(recovery, "send", lambda *a, **k: "sent")
     assert sweeper._sweep_explanations()["failed"] == 1
     with app.app_context():
         assert db.session.get(Explanation, row_id).status == "failed"

@@ -33,20 +33,22 @@ def tiny_predictor():
 def worker_sent(monkeypatch):
     """Tasks the worker sends (SHAP after a prediction), recorded instead of published."""
     calls: list[tuple] = []
-    monkeypatch.setattr("worker.explain_tasks.send", lambda name, *args, queue="explain": calls.append((name, args, queue)))
+    monkeypatch.setattr("worker.explain.send", lambda name, *args, queue="explain": calls.append((name, args, queue)))
     return calls
 
 
 @pytest.fixture
 def tasks(app, monkeypatch, tiny_predictor, worker_sent):
+    import worker.celery_app as celery_app
+    import worker.predict as predict
     import worker.tasks as tasks
 
     settings = dataclasses.replace(app.extensions["settings"], SHAP_TOP_K=2, SHAP_MAX_EVALS=32, SHAP_BATCH_SIZE=32)
-    monkeypatch.setitem(tasks._state, "flask_app", app)
-    monkeypatch.setitem(tasks._state, "predictor", tiny_predictor)
-    monkeypatch.setitem(tasks._state, "predictor_error", None)
-    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
-    monkeypatch.setattr(tasks, "settings", settings)
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setitem(predict._state, "predictor", tiny_predictor)
+    monkeypatch.setitem(predict._state, "predictor_error", None)
+    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
+    monkeypatch.setitem(app.extensions, "settings", settings)  # tasks read the settings of their app
     return tasks
 
 
@@ -101,7 +103,7 @@ def test_prediction_stores_gradcam_then_shap_for_the_top_classes(app, tasks, job
     from webapp.db import db
     from webapp.models import Job
 
-    assert tasks.analyse.run(job_id) == "succeeded"
+    assert tasks.analyse(job_id) == "succeeded"
     with app.app_context():
         analysis = db.session.get(Job, job_id).analysis
         analysis_id, top = analysis.id, analysis.top_class
@@ -117,7 +119,7 @@ def test_prediction_stores_gradcam_then_shap_for_the_top_classes(app, tasks, job
     assert [(r["method"], r["class_name"], r["status"]) for r in shap] == [("shap", c, "queued") for c in ranked[:2]]
     assert worker_sent == [(SHAP_TASK, (analysis_id,), "explain")]
 
-    assert tasks.explain_tasks.shap.run(analysis_id) == "done"
+    assert tasks.explain_shap(analysis_id) == "done"
     shap = rows(app)[1:]
     assert [r["status"] for r in shap] == ["done", "done"]
     for r in shap:
@@ -130,17 +132,17 @@ def test_running_twice_duplicates_nothing(app, tasks, job_id, worker_sent):
     from webapp.db import db
     from webapp.models import Job
 
-    tasks.analyse.run(job_id)
+    tasks.analyse(job_id)
     analysis_id = rows(app)[0]["analysis_id"]
-    tasks.explain_tasks.shap.run(analysis_id)
+    tasks.explain_shap(analysis_id)
     before = rows(app)
-    assert tasks.explain_tasks.shap.run(analysis_id) == "nothing to do"  # a redelivered message
+    assert tasks.explain_shap(analysis_id) == "nothing to do"  # a redelivered message
     with app.app_context():  # a second analyse job for the same image reuses everything
         second = Job(image_id=db.session.get(Job, job_id).image_id, kind="analyse")
         db.session.add(second)
         db.session.commit()
         second_id = second.id
-    assert tasks.analyse.run(second_id) == "succeeded"
+    assert tasks.analyse(second_id) == "succeeded"
     after = rows(app)
     assert after == before and len(after) == 3
     assert [c[0] for c in worker_sent] == [SHAP_TASK]  # nothing left to queue the second time
@@ -148,14 +150,14 @@ def test_running_twice_duplicates_nothing(app, tasks, job_id, worker_sent):
 
 def test_shap_failure_ends_failed_with_reason_and_can_be_requested_again(app, client, tasks, job_id, headers,
                                                                            web_sent, monkeypatch):
-    tasks.analyse.run(job_id)
+    tasks.analyse(job_id)
     analysis_id = rows(app)[0]["analysis_id"]
 
     def broken(*args, **kwargs):
         raise RuntimeError("masker exploded")
 
     monkeypatch.setattr("ml.explain.shap_explainer.shap_values", broken)
-    assert tasks.explain_tasks.shap.run(analysis_id) == "failed"
+    assert tasks.explain_shap(analysis_id) == "failed"
     failed = [r for r in rows(app) if r["method"] == "shap"]
     assert all(r["status"] == "failed" and r["error"] == "RuntimeError: masker exploded" for r in failed)
     body = client.get("/api/v1/cases/1", headers=headers).json
@@ -175,14 +177,14 @@ def test_soft_time_limit_and_wrong_model_version_fail_the_rows(app, tasks, job_i
     from webapp.db import db
     from webapp.models import Explanation, ModelVersion
 
-    tasks.analyse.run(job_id)
+    tasks.analyse(job_id)
     analysis_id = rows(app)[0]["analysis_id"]
 
     def slow(*args, **kwargs):
         raise SoftTimeLimitExceeded()
 
     monkeypatch.setattr("ml.explain.shap_explainer.shap_values", slow)
-    assert tasks.explain_tasks.shap.run(analysis_id) == "failed"
+    assert tasks.explain_shap(analysis_id) == "failed"
     assert all("Timed out" in r["error"] for r in rows(app) if r["method"] == "shap")
 
     with app.app_context():  # a row of a model version this worker does not serve
@@ -194,14 +196,14 @@ def test_soft_time_limit_and_wrong_model_version_fail_the_rows(app, tasks, job_i
         db.session.add(extra)
         db.session.commit()
         extra_id = extra.id
-    assert tasks.explain_tasks.gradcam.run(extra_id) == "failed"
+    assert tasks.explain_gradcam(extra_id) == "failed"
     (failed,) = [r for r in rows(app) if r["id"] == extra_id]
     # Another version is loaded from its artifact folder, as analyse does; this one has none here.
     assert failed["error"].startswith("RuntimeError: Model version other 1 has no artifact folder on this worker")
 
 
 def test_gradcam_for_another_class_on_request(app, client, tasks, job_id, headers, web_sent):
-    tasks.analyse.run(job_id)
+    tasks.analyse(job_id)
     top = rows(app)[0]["class_name"]
     other = "df" if top != "df" else "nv"
     # Plain Grad-CAM reuses the traced pass (Grad-CAM++ would trace a second graph: ~20 s here;
@@ -212,7 +214,7 @@ def test_gradcam_for_another_class_on_request(app, client, tasks, job_id, header
     assert (body["method"], body["class"], body["status"], body["url"]) == ("gradcam", other, "queued", None)
     assert web_sent[-1] == (GRADCAM_TASK, (body["id"],), "explain")
 
-    assert tasks.explain_tasks.gradcam.run(body["id"]) == "done"
+    assert tasks.explain_gradcam(body["id"]) == "done"
     (row,) = [r for r in rows(app) if r["id"] == body["id"]]
     heat = check_files(app, row)
     assert heat.min() >= 0.0 and heat.max() <= 1.0 and row["params"]["in_prediction_pass"] is False
@@ -221,4 +223,4 @@ def test_gradcam_for_another_class_on_request(app, client, tasks, job_id, header
     assert again.status_code == 200 and again.json["status"] == "done" and again.json["id"] == body["id"]
     png = client.get(again.json["url"], headers=headers)
     assert png.status_code == 200 and png.mimetype == "image/png"
-    assert tasks.explain_tasks.gradcam.run(body["id"]) == "done"  # redelivered: left alone
+    assert tasks.explain_gradcam(body["id"]) == "done"  # redelivered: left alone

@@ -135,6 +135,9 @@ def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client
     # The worker runs the job with the chosen version's predictor; the first result stays.
     import numpy as np
 
+    import worker.celery_app as celery_app
+    import worker.explain as explain
+    import worker.predict as predict
     import worker.tasks as tasks
 
     class Fake:
@@ -143,12 +146,11 @@ def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client
         def predict(self, images):
             return np.tile(np.array([0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1], dtype=np.float32), (len(images), 1))
 
-    monkeypatch.setitem(tasks._state, "flask_app", app)
-    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
-    monkeypatch.setattr(tasks, "_versioned_predictors", {mv2: Fake()})
-    monkeypatch.setattr(tasks, "_queue_explanations", lambda *a, **k: None, raising=False)
-    monkeypatch.setattr(tasks, "_read_rgb", lambda key: np.zeros((8, 8, 3), dtype=np.uint8))
-    assert tasks.analyse.run(job_id) == "succeeded"
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setattr(predict, "_versioned_predictors", {mv2: Fake()})
+    monkeypatch.setattr(explain, "queue_followups", lambda *a, **k: None)
+    monkeypatch.setattr(predict, "read_image", lambda key, storage=None: np.zeros((8, 8, 3), dtype=np.uint8))
+    assert tasks.analyse(job_id) == "succeeded"
     with app.app_context():
         rows = db.session.scalars(db.select(Analysis).join(Job, Job.image_id == Analysis.image_id).where(Job.id == job_id)).all()
         assert sorted((r.model_version_id, r.top_class) for r in rows) == [(mv1, "nv"), (mv2, "mel")]

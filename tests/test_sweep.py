@@ -1,4 +1,4 @@
-"""worker/sweep.py and worker/reliability.py without processes: which jobs are re-sent, re-queued or
+"""worker/recovery.py (claims and the sweep) without processes: which jobs are re-sent, re-queued or
 failed, and how a delivery claims its job."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def status_of(app, job_id):
 def run_sweep(app, sent, **overrides):
     from dataclasses import replace
 
-    from worker.sweep import sweep_once
+    from worker.recovery import sweep_once
 
     settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=30, TASK_SOFT_TIME_LIMIT=20,
                        SWEEP_QUEUED_AFTER=10, SWEEP_RUNNING_MARGIN=5, **overrides)
@@ -90,7 +90,7 @@ def test_jobs_of_a_dead_process_on_this_host_are_requeued_at_once(app, make_job)
     import socket
     from dataclasses import replace
 
-    from worker.sweep import requeue_orphans
+    from worker.recovery import requeue_orphans
 
     host, gone = socket.gethostname(), dead_pid()
     orphan = make_job(status="running", started_age=1, attempts=1, claimed_by=f"{host}:{gone}")
@@ -114,7 +114,7 @@ def test_jobs_of_a_dead_process_on_this_host_are_requeued_at_once(app, make_job)
 def test_orphaned_reads_host_and_pid():
     import os
 
-    from worker.reliability import orphaned
+    from worker.recovery import orphaned
 
     gone = dead_pid()
     assert orphaned(f"h:{gone}", "h") and orphaned(f"a:b:{gone}", "a:b")
@@ -123,7 +123,7 @@ def test_orphaned_reads_host_and_pid():
 
 
 def test_sweep_survives_a_broker_that_is_down(app, make_job):
-    from worker.sweep import sweep_once
+    from worker.recovery import sweep_once
 
     job = make_job(age=60)
 
@@ -137,7 +137,7 @@ def test_sweep_survives_a_broker_that_is_down(app, make_job):
 
 
 def test_pending_job_ids_reads_queues_and_unacked():
-    from worker.sweep import pending_job_ids
+    from worker.recovery import pending_job_ids
 
     def message(job_id):
         body = base64.b64encode(json.dumps([[job_id], {}, {}]).encode()).decode()
@@ -160,7 +160,7 @@ def test_pending_job_ids_reads_queues_and_unacked():
 def claim(app, job_id, redelivered=False, retries=0, **settings_overrides):
     from dataclasses import replace
 
-    from worker.reliability import claim as claim_job
+    from worker.recovery import claim as claim_job
 
     settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=30, TASK_SOFT_TIME_LIMIT=20,
                        SWEEP_RUNNING_MARGIN=5, **settings_overrides)
@@ -170,7 +170,7 @@ def claim(app, job_id, redelivered=False, retries=0, **settings_overrides):
 
 
 def test_a_queued_job_is_claimed_once(app, make_job):
-    from worker.reliability import worker_identity
+    from worker.recovery import worker_identity
 
     job = make_job()
     assert claim(app, job) is None
@@ -200,7 +200,7 @@ def test_a_finished_job_is_left_alone(app, make_job):
 def test_transient_errors_are_recognised():
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    from worker.reliability import is_transient, retry_countdown
+    from worker.recovery import is_transient, retry_countdown
 
     assert is_transient(OperationalError("SELECT 1", {}, Exception("database is locked")))
     assert is_transient(ConnectionError())
@@ -214,13 +214,16 @@ def test_a_transient_error_puts_the_job_back_and_retries(app, monkeypatch):
     from celery.exceptions import Retry
     from sqlalchemy.exc import OperationalError
 
+    import worker.batching as batching
+    import worker.celery_app as celery_app
+    import worker.predict as predict
     import worker.tasks as tasks
     from test_worker_tasks import FakePredictor
     from portal_helpers import image_bytes
     from webapp.storage import storage_from_settings
 
-    monkeypatch.setitem(tasks._state, "flask_app", app)
-    monkeypatch.setitem(tasks._state, "predictor", FakePredictor())
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setitem(predict._state, "predictor", FakePredictor())
     with app.app_context():
         storage_from_settings(app.extensions["settings"]).save("images/x.png", image_bytes())
         case = Case()
@@ -233,8 +236,8 @@ def test_a_transient_error_puts_the_job_back_and_retries(app, monkeypatch):
     def hiccup(job):
         raise OperationalError("UPDATE", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(tasks, "_run_analysis", hiccup)
+    monkeypatch.setattr(batching, "run_batch", hiccup)
     monkeypatch.setattr(tasks.analyse, "retry", lambda exc=None, countdown=None: Retry(exc=exc, when=countdown))
     with pytest.raises(Retry):
-        tasks.analyse.run(job_id)
+        tasks.analyse(job_id)
     assert status_of(app, job_id)[:2] == ("queued", 0)

@@ -29,14 +29,22 @@ class FakePredictor:
 
 
 @pytest.fixture
-def tasks(app, monkeypatch):
+def predictors(app, monkeypatch):
+    """This process's predictor state in worker.predict, with a fake predictor; tasks run in `app`."""
+    import worker.celery_app as celery_app
+    import worker.predict as predict
+
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setitem(predict._state, "predictor", FakePredictor())
+    monkeypatch.setitem(predict._state, "predictor_error", None)
+    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
+    return predict._state
+
+
+@pytest.fixture
+def tasks(predictors):
     import worker.tasks as tasks
 
-    monkeypatch.setitem(tasks._state, "flask_app", app)
-    monkeypatch.setitem(tasks._state, "predictor", FakePredictor())
-    monkeypatch.setitem(tasks._state, "predictor_error", None)
-    monkeypatch.setattr(tasks, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
-    monkeypatch.setattr(tasks, "settings", app.extensions["settings"])
     return tasks
 
 
@@ -50,8 +58,8 @@ def job_id(app, client, sent_tasks):
     return sent_tasks[0][1][0]
 
 
-def test_analyse_stores_probabilities_per_model_version(app, tasks, job_id):
-    assert tasks.analyse.run(job_id) == "succeeded"
+def test_analyse_stores_probabilities_per_model_version(app, tasks, predictors, job_id):
+    assert tasks.analyse(job_id) == "succeeded"
     with app.app_context():
         job = db.session.get(Job, job_id)
         assert job.status == "succeeded" and job.attempts == 1 and job.started_at <= job.finished_at
@@ -62,54 +70,54 @@ def test_analyse_stores_probabilities_per_model_version(app, tasks, job_id):
         mv = db.session.scalars(db.select(ModelVersion)).one()
         assert (mv.name, mv.version, mv.trained, mv.class_names) == ("efficientnetb3-cbam", "untrained", False, CLASSES)
         assert mv.manifest["class_long_names"]["mel"] == "MEL"
-    assert tasks._state["predictor"].seen == [(150, 200, 3)]
+    assert predictors["predictor"].seen == [(150, 200, 3)]
 
 
-def test_redelivered_or_repeated_work_is_not_redone(app, tasks, job_id):
-    tasks.analyse.run(job_id)
-    assert tasks.analyse.run(job_id) == "succeeded"  # same message again
+def test_redelivered_or_repeated_work_is_not_redone(app, tasks, predictors, job_id):
+    tasks.analyse(job_id)
+    assert tasks.analyse(job_id) == "succeeded"  # same message again
     with app.app_context():
         image_id = db.session.get(Job, job_id).image_id
         second = Job(image_id=image_id, kind="analyse")
         db.session.add(second)
         db.session.commit()
         second_id = second.id
-    tasks.analyse.run(second_id)
+    tasks.analyse(second_id)
     with app.app_context():
         assert db.session.scalar(db.select(db.func.count(Analysis.id))) == 1
         assert db.session.get(Job, second_id).analysis_id == db.session.get(Job, job_id).analysis_id
-    assert len(tasks._state["predictor"].seen) == 1
+    assert len(predictors["predictor"].seen) == 1
 
 
-def test_a_failure_ends_in_failed_with_its_reason(app, tasks, job_id):
-    tasks._state["predictor"] = FakePredictor(fail=True)
-    assert tasks.analyse.run(job_id) == "failed"
+def test_a_failure_ends_in_failed_with_its_reason(app, tasks, predictors, job_id):
+    predictors["predictor"] = FakePredictor(fail=True)
+    assert tasks.analyse(job_id) == "failed"
     with app.app_context():
         job = db.session.get(Job, job_id)
         assert job.status == "failed" and "RuntimeError: out of cheese" in job.error and job.finished_at
         assert job.analysis.status == "failed"
-    tasks._state["predictor"] = FakePredictor()  # a retry may still succeed: failed results are not kept
+    predictors["predictor"] = FakePredictor()  # a retry may still succeed: failed results are not kept
     with app.app_context():
         db.session.get(Job, job_id).status = "queued"
         db.session.commit()
-    assert tasks.analyse.run(job_id) == "succeeded"
+    assert tasks.analyse(job_id) == "succeeded"
 
 
-def test_model_that_could_not_load(app, tasks, job_id):
-    tasks._state.update(predictor=None, predictor_error="Model could not be loaded: FileNotFoundError: x")
-    assert tasks.analyse.run(job_id) == "failed"
+def test_model_that_could_not_load(app, tasks, predictors, job_id):
+    predictors.update(predictor=None, predictor_error="Model could not be loaded: FileNotFoundError: x")
+    assert tasks.analyse(job_id) == "failed"
     with app.app_context():
         assert "Model could not be loaded" in db.session.get(Job, job_id).error
 
 
-def test_soft_time_limit_marks_the_job_failed(app, tasks, job_id, monkeypatch):
+def test_soft_time_limit_marks_the_job_failed(app, tasks, predictors, job_id, monkeypatch):
     from celery.exceptions import SoftTimeLimitExceeded
 
     def slow(images):
         raise SoftTimeLimitExceeded()
 
-    monkeypatch.setattr(tasks._state["predictor"], "predict", slow)
-    assert tasks.analyse.run(job_id) == "failed"
+    monkeypatch.setattr(predictors["predictor"], "predict", slow)
+    assert tasks.analyse(job_id) == "failed"
     with app.app_context():
         assert "Timed out" in db.session.get(Job, job_id).error
 
@@ -117,10 +125,10 @@ def test_soft_time_limit_marks_the_job_failed(app, tasks, job_id, monkeypatch):
 def test_stuck_job_gives_up_after_max_attempts(app, tasks, job_id):
     with app.app_context():
         job = db.session.get(Job, job_id)
-        job.status, job.attempts = "running", tasks.MAX_ATTEMPTS
+        job.status, job.attempts = "running", app.extensions["settings"].TASK_MAX_ATTEMPTS
         db.session.commit()
-    assert tasks.analyse.run(job_id) == "failed"
-    assert tasks.analyse.run(424242) == "missing"
+    assert tasks.analyse(job_id) == "failed"
+    assert tasks.analyse(424242) == "missing"
 
 
 def test_celery_settings():

@@ -1,28 +1,70 @@
 """The worker's Celery app: `celery -A worker.celery_app worker -Q predict,explain`.
 
+Every task runs inside an application context of this process's Flask app (`FlaskTask`, the pattern
+of Flask's "Background Tasks with Celery"), so task code uses `db.session` and reads its settings
+from `current_app` without opening a context of its own.
+
 Importing this module is light (no TensorFlow): the model is loaded in each pool process after the
-fork, by the `worker_process_init` handler in worker.tasks.
+fork, by the `worker_process_init` handler in worker.process.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
 
+from celery import Celery, Task
+from flask import Flask, current_app, has_app_context
+
+from webapp import create_app
+from webapp.cases.explanations import GRADCAM_TASK, SHAP_TASK
 from webapp.config import Settings
 from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, PREDICT_QUEUE, broker_options
 
-settings = Settings.load()
+log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # create_app() loads Flask-Migrate; its INFO lines are noise here
 
-app = Celery("dermportal", broker=settings.REDIS_URL, include=["worker.tasks", "worker.sweep"])
+settings = Settings.load()
+_flask_app: Flask | None = None
+
+
+def flask_app() -> Flask:
+    """The Flask app of this process, for database access (created on first use, after the fork)."""
+    global _flask_app
+    if _flask_app is None:
+        _flask_app = create_app()
+    return _flask_app
+
+
+def current_settings() -> Settings:
+    """The settings of the Flask app whose context is active (a task's), else the worker's own
+    (signal handlers and warm-up outside any task). Both are loaded from the same environment."""
+    return current_app.extensions["settings"] if has_app_context() else settings
+
+
+class FlaskTask(Task):
+    """A task that runs inside an application context of `flask_app()`.
+
+    Calls `run` directly, as Flask's Celery pattern does: the worker's tracer has already pushed the
+    request (delivery_info, retries), which Task.__call__ would replace with a bare one.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with flask_app().app_context():
+            return self.run(*args, **kwargs)
+
+
+app = Celery("dermportal", broker=settings.REDIS_URL, task_cls=FlaskTask,
+             include=["worker.tasks", "worker.process", "worker.sweep"])
 app.conf.update(broker_options(settings.BROKER_TIMEOUT))
 # A worker consuming `-Q predict,explain` polls predict first, always (Redis BRPOP takes the first
-# non-empty list): SHAP never starts while an upload waits (worker/batching.py).
+# non-empty list): SHAP never starts while an upload waits (worker/priority.py).
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 app.conf.update(
     task_default_queue=PREDICT_QUEUE,
     task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE},
-                 "worker.tasks.explain_shap": {"queue": EXPLAIN_QUEUE},
-                 "worker.tasks.explain_gradcam": {"queue": EXPLAIN_QUEUE}},
+                 SHAP_TASK: {"queue": EXPLAIN_QUEUE},
+                 GRADCAM_TASK: {"queue": EXPLAIN_QUEUE}},
     task_create_missing_queues=True,
     # A task is acknowledged after it ran, so a worker that dies mid-task does not lose it;
     # one message at a time per process, since a prediction holds the CPU for seconds.
@@ -46,4 +88,24 @@ app.conf.update(
 )
 celery = app
 
-__all__ = ["app", "celery", "settings", "EXPLAIN_QUEUE"]
+
+def send(task_name: str, *args: Any, queue: str = EXPLAIN_QUEUE) -> str | None:
+    """Publishes a task by name from the worker; None (logged) when the broker refuses."""
+    try:
+        return app.send_task(task_name, args=list(args), queue=queue).id
+    except Exception as exc:
+        log.warning("Could not send %s%s: %s", task_name, args, exc)
+        return None
+
+
+def consumes(queue: str) -> bool:
+    """Whether this worker consumes `queue` (True when unknown: outside a worker, or no -Q given)."""
+    try:
+        consume_from = app.amqp.queues.consume_from
+    except Exception:
+        return True
+    return not consume_from or queue in consume_from
+
+
+__all__ = ["app", "celery", "settings", "EXPLAIN_QUEUE", "FlaskTask", "flask_app", "current_settings", "send",
+           "consumes", "SHAP_TASK", "GRADCAM_TASK"]

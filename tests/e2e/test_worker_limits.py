@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 STUBBORN_WORKER = """
 import time
 from celery.exceptions import SoftTimeLimitExceeded
-import worker.tasks as tasks
+import worker.predict as predict
+from worker.celery_app import app
 
 class StubbornPredictor:
     manifest = {"name": "stubborn", "version": "0", "trained": False, "trained_on": None,
@@ -29,8 +30,8 @@ class StubbornPredictor:
         except SoftTimeLimitExceeded:
             time.sleep(60)  # swallows the soft limit, as code stuck in C would
 
-tasks.load_predictor = StubbornPredictor
-tasks.app.worker_main(["worker", "-Q", "predict", "-c", "1", "--pool", "prefork", "-l", "INFO", "-n", "stubborn@%h"])
+predict.load_predictor = StubbornPredictor
+app.worker_main(["worker", "-Q", "predict", "-c", "1", "--pool", "prefork", "-l", "INFO", "-n", "stubborn@%h"])
 """
 
 

@@ -48,12 +48,13 @@ def test_the_card_reports_the_test_evaluation_shipped_beside_it(manifest):
 
 
 def test_the_worker_loads_it_by_default_and_it_predicts_on_the_cpu(monkeypatch):
-    import worker.tasks as tasks
+    import worker.celery_app as celery_app
+    import worker.predict as predict
     from webapp.config import Settings
 
     monkeypatch.delenv("MODEL_DIR", raising=False)
-    monkeypatch.setattr(tasks, "settings", Settings.load(environ={}))
-    predictor = tasks.load_predictor()
+    monkeypatch.setattr(celery_app, "settings", Settings.load(environ={}))  # the worker's own, outside a task
+    predictor = predict.load_predictor()
     assert predictor.manifest["trained"] is True
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(FIXTURES.glob("*.jpg"))]
     probs = predictor.predict(images)

@@ -1,0 +1,366 @@
+"""Explanations: the Grad-CAM rows of the prediction pass, SHAP and requested Grad-CAM maps, and the
+one function that stores an explanation (`store_explanation`).
+
+- A prediction (worker.batching) computes the Grad-CAM map of the predicted class in its own forward
+  pass; `record_prediction_pass` stores it and creates `queued` SHAP rows for the top SHAP_TOP_K
+  classes, whose task `worker.tasks.explain_shap` is sent after the commit (`send_shap`).
+- `run_shap(task, analysis_id)` computes every queued SHAP row of an analysis in one Partition-SHAP
+  run (the classes share the masked evaluations), giving way to predictions (worker.priority).
+- `run_gradcam(explanation_id)` computes a requested Grad-CAM / Grad-CAM++ map.
+
+Each row goes queued -> running -> done | failed (claims and failures: worker.recovery); every
+exception, the soft time limit included, ends in `failed` with its reason.
+
+Files: the raw map as float32 .npy (np.save) at the stored image's height and width, and a PNG
+colour layer (Grad-CAM: the jet colour map, opaque; SHAP: red/blue on a symmetric scale, alpha
+growing with |value|) that the case page lays over the original with an opacity slider.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from webapp.cases.explanations import explanation_keys
+from webapp.db import db
+from webapp.models import Analysis, Explanation, Image, utcnow
+from webapp.queue import EXPLAIN_QUEUE
+from webapp.states import AnalysisStatus, ExplanationMethod, ExplanationStatus
+from webapp.storage import storage_from_settings
+
+from . import priority
+from .celery_app import GRADCAM_TASK, SHAP_TASK, consumes, current_settings, send
+from .predict import batch_limit, explainable, predictor_for_version, read_image
+from .recovery import claim_explanations, fail_explanations, run_explanations
+
+if TYPE_CHECKING:
+    from ml.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+GradCam = tuple[int | None, np.ndarray | None, str | None]  # (class index, map, None) or (None, None, reason)
+RowKey = tuple[int, str, str]  # (image_id, method, class_name)
+
+
+def gradcam_method(plus_plus: bool) -> ExplanationMethod:
+    return ExplanationMethod.GRADCAM_PLUS_PLUS if plus_plus else ExplanationMethod.GRADCAM
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+def npy_bytes(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(values, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def rgba_png(rgb: np.ndarray, alpha: np.ndarray) -> bytes:
+    rgba = np.dstack([np.asarray(rgb, dtype=np.uint8), np.asarray(alpha, dtype=np.uint8)])
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=1)  # 3x faster than the default 6
+    return buffer.getvalue()
+
+
+def gradcam_layer_png(heatmap: np.ndarray, cmap: str = "jet") -> bytes:
+    """The Grad-CAM colour map as an opaque layer: at CSS opacity a it looks like overlay_heatmap(alpha=a).
+
+    A palette PNG whose table is the colour map: the same pixels as colorize(), written in 0.5 ms
+    instead of 2 ms per map (RGBA), on the critical path of every prediction."""
+    from ml.explain.overlay import colour_indices  # ml.explain loads TensorFlow: never before the fork
+
+    indices, palette = colour_indices(heatmap, cmap, 0.0, 1.0)
+    layer = PILImage.fromarray(indices, "P")
+    layer.putpalette(palette.tobytes())
+    buffer = io.BytesIO()
+    layer.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def shap_layer_png(values: np.ndarray, vmax: float) -> bytes:
+    """SHAP values red (for the class) / blue (against), alpha growing with |value| / vmax."""
+    from ml.explain.overlay import colorize  # ml.explain loads TensorFlow: never before the fork
+
+    colours = colorize(values, "bwr", -vmax, vmax)
+    alpha = np.clip(np.abs(values) / vmax, 0.0, 1.0) * 255.0
+    return rgba_png(colours, np.rint(alpha).astype(np.uint8))
+
+
+def store_explanation(row: Explanation, image: Image, values: np.ndarray, overlay_png: bytes,
+                      params: dict[str, Any] | None = None) -> None:
+    """Saves the raw map and overlay under the row's keys and marks it done (the caller commits).
+
+    Every explanation (Grad-CAM of the prediction pass, requested Grad-CAM, SHAP) is stored here.
+    """
+    storage = storage_from_settings(current_settings())
+    raw_key, overlay_key = explanation_keys(image.content_hash, row.model_version_id, row.method, row.class_name)
+    storage.save(raw_key, npy_bytes(values))
+    storage.save(overlay_key, overlay_png)
+    row.raw_key, row.overlay_key = raw_key, overlay_key
+    row.params = {**(row.params or {}), **(params or {}), "shape": [int(s) for s in values.shape]}
+    row.status, row.error, row.finished_at = ExplanationStatus.DONE, None, utcnow()
+
+
+# --- rows after a prediction ------------------------------------------------------------------------
+
+def _rows_of(analyses: Sequence[Analysis]) -> dict[RowKey, Explanation]:
+    """The explanation rows of the analyses' (image, model version) pairs, in one query."""
+    return {(r.image_id, r.method, r.class_name): r for r in db.session.scalars(select(Explanation).where(
+        Explanation.image_id.in_([a.image_id for a in analyses]),
+        Explanation.model_version_id == analyses[0].model_version_id))}
+
+
+def _row_for(rows: dict[RowKey, Explanation], analysis: Analysis, method: str, class_name: str,
+             **fields: Any) -> Explanation:
+    """The row of (analysis, method, class), created with `fields` if there is none yet."""
+    row = rows.get((analysis.image_id, method, class_name))
+    if row is None:
+        row = Explanation(analysis=analysis, image_id=analysis.image_id, model_version_id=analysis.model_version_id,
+                          method=method, class_name=class_name, **fields)
+        db.session.add(row)
+        rows[(analysis.image_id, method, class_name)] = row
+    return row
+
+
+def _queue_shap_rows(rows: dict[RowKey, Explanation], analysis: Analysis) -> bool:
+    """`queued` SHAP rows for the top SHAP_TOP_K classes; whether any of them is queued (to send)."""
+    settings = current_settings()
+    ranked = sorted(analysis.probabilities, key=analysis.probabilities.get, reverse=True)
+    pending = False
+    for class_name in ranked[:int(settings.SHAP_TOP_K)]:
+        row = _row_for(rows, analysis, ExplanationMethod.SHAP, class_name, status=ExplanationStatus.QUEUED,
+                       params={"max_evals": int(settings.SHAP_MAX_EVALS)})
+        pending = pending or row.status == ExplanationStatus.QUEUED
+    return pending
+
+
+def record_prediction_pass(analyses: Sequence[Analysis], gradcams: Sequence[GradCam],
+                           overlays: Sequence[bytes | BaseException | None], class_names: Sequence[str]) -> list[int]:
+    """The Grad-CAM rows of a prediction pass (done, or failed with the reason: a storage problem never
+    costs the prediction) and the queued SHAP rows of the top SHAP_TOP_K classes. The caller commits,
+    then sends the SHAP tasks (`send_shap`).
+
+    Args:
+        analyses: the succeeded analyses of one model version.
+        gradcams: per analysis, `(class_index, map, None)` or `(None, None, reason)`.
+        overlays: per analysis, the map's colour layer (`gradcam_layer_png`) or the error encoding it.
+        class_names: the model version's classes.
+
+    Returns:
+        The ids of the analyses that have queued SHAP rows.
+    """
+    method = gradcam_method(bool(current_settings().GRADCAM_PLUS_PLUS))
+    rows = _rows_of(analyses)
+    shap_pending = []
+    for analysis, (index, heatmap, error), overlay in zip(analyses, gradcams, overlays):
+        class_name = class_names[index] if error is None else analysis.top_class
+        row = _row_for(rows, analysis, method, class_name, attempts=0)
+        if row.status != ExplanationStatus.DONE:  # never overwritten
+            row.attempts, row.started_at = (row.attempts or 0) + 1, utcnow()
+            if error is None and isinstance(overlay, BaseException):
+                error = f"{overlay.__class__.__name__}: {overlay}"
+            if error is None:
+                t0 = time.perf_counter()
+                try:
+                    store_explanation(row, analysis.image, heatmap, overlay,
+                                      {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]})
+                    row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
+                except SoftTimeLimitExceeded:
+                    raise
+                except Exception as exc:
+                    log.error("Could not store the Grad-CAM map:\n%s", traceback.format_exc())
+                    error = f"{exc.__class__.__name__}: {exc}"
+            if error is not None:
+                row.status, row.error, row.finished_at = ExplanationStatus.FAILED, error[:4000], utcnow()
+        if _queue_shap_rows(rows, analysis):
+            shap_pending.append(analysis)
+    db.session.flush()  # ids for the SHAP messages
+    return [a.id for a in shap_pending]
+
+
+def send_shap(analysis_ids: Sequence[int]) -> None:
+    """Sends `worker.tasks.explain_shap` for each analysis (after its rows were committed)."""
+    for analysis_id in analysis_ids:
+        send(SHAP_TASK, analysis_id)
+
+
+def queue_followups(model: Predictor, analysis_ids: Sequence[int]) -> None:
+    """For analyses stored earlier (a repeated job reuses them): queued SHAP rows for the top-k
+    classes, and a Grad-CAM row for the top class if the prediction pass left none (older analyses),
+    each sent to the explain queue. Nothing for a model without a Keras model to explain; a failure
+    is logged (the prediction is stored: a lost SHAP request must not fail the job)."""
+    if not explainable(model):
+        return
+    for analysis_id in analysis_ids:
+        try:
+            _queue_followups(analysis_id)
+        except Exception:
+            db.session.rollback()
+            log.exception("Could not queue the explanations of analysis %s.", analysis_id)
+
+
+def _queue_followups(analysis_id: int) -> None:
+    analysis = db.session.get(Analysis, analysis_id)
+    if analysis is None or analysis.status != AnalysisStatus.SUCCEEDED or not analysis.probabilities:
+        return
+    rows = _rows_of([analysis])
+    shap_pending = _queue_shap_rows(rows, analysis)
+    gradcam = (rows.get((analysis.image_id, ExplanationMethod.GRADCAM, analysis.top_class))
+               or rows.get((analysis.image_id, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class))
+               or _row_for(rows, analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED))
+    db.session.commit()
+    if gradcam.status == ExplanationStatus.QUEUED:
+        send(GRADCAM_TASK, gradcam.id)
+    if shap_pending:
+        send(SHAP_TASK, analysis.id)
+
+
+# --- SHAP and requested Grad-CAM ------------------------------------------------------------------------
+
+def model_for(row: Explanation) -> Predictor:
+    """The predictor of the row's model version: the served one, or one loaded from its artifact.
+
+    Re-runs with another model version store analyses of that version; their explanations must
+    come from the same weights, so the worker loads (and caches) that version like analyse does.
+    """
+    mv = row.model_version
+    model = predictor_for_version(mv)
+    if not explainable(model):
+        raise RuntimeError("This worker's predictor has no Keras model to explain.")
+    name, version = str(model.manifest["name"]), str(model.manifest["version"])
+    if (mv.name, mv.version) != (name, version):
+        raise RuntimeError(f"This worker serves {name} {version}, not {mv.name} {mv.version}.")
+    return model
+
+
+def run_shap(task: Task, analysis_id: int) -> str:
+    """SHAP maps for every queued SHAP row of the analysis (one Partition-explainer run for all).
+
+    Returns:
+        "done", "failed", "deferred" (predictions are waiting), "nothing to do" or "missing".
+    """
+    analysis = db.session.get(Analysis, analysis_id)
+    if analysis is None:
+        return "missing"
+    waiting = priority.should_defer(task)  # SHAP never delays a prediction on a worker that also serves predict
+    if waiting:
+        db.session.remove()
+        return priority.defer(task, analysis_id, waiting)
+    rows = db.session.scalars(select(Explanation).where(
+        Explanation.analysis_id == analysis_id, Explanation.method == ExplanationMethod.SHAP)
+        .order_by(Explanation.id)).all()
+    claimed = claim_explanations(rows)
+    if not claimed:
+        db.session.remove()
+        return "nothing to do"
+    ids = [r.id for r in claimed]
+    try:
+        return run_explanations(ids, lambda: compute_shap(analysis, claimed, task))
+    except priority.PredictionsWaiting:  # uploads arrived mid-computation: give the CPU back
+        return priority.requeue_explanations(task, analysis_id, ids)
+
+
+def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | None = None) -> None:
+    """Computes and stores the SHAP maps of `rows` (claimed, one analysis), one scale for all; commits."""
+    # ml.explain loads TensorFlow: never before the fork
+    from ml.explain.gradcam import predictor_temperature
+    from ml.explain.shap_explainer import default_blur, probability_function, resize_values, shap_values
+
+    model = model_for(rows[0])
+    settings = current_settings()
+    t0 = time.perf_counter()
+    pixels = read_image(analysis.image.storage_key)
+    indices = [model.class_names.index(r.class_name) for r in rows]
+    max_evals, batch_size = int(settings.SHAP_MAX_EVALS), int(settings.SHAP_BATCH_SIZE)
+    blur = default_blur(*model.input_size)
+    t1 = time.perf_counter()
+    fn = probability_function(model.model, predictor_temperature(model))
+    if task is not None:
+        fn = priority.yielding(fn, task)  # stops between model batches when predictions are waiting
+    result = shap_values(fn, model.preprocess(pixels), max_evals=max_evals, batch_size=batch_size,
+                         class_indices=indices, blur=blur)
+    t2 = time.perf_counter()
+    maps = [resize_values(v, pixels.shape[:2]) for v in result.values]
+    vmax = max(float(np.max(np.abs(m))) for m in maps) or 1.0  # one scale for every class of the image
+    for row, values, base in zip(rows, maps, result.base_values):
+        index = model.class_names.index(row.class_name)
+        store_explanation(row, analysis.image, values, shap_layer_png(values, vmax), {
+            "max_evals": max_evals, "batch_size": batch_size, "blur": blur, "vmax": vmax,
+            "base_value": float(base), "probability": float(result.probs[index]),
+            "sum": float(np.sum(values)), "units": "probability, summed over colour channels",
+        })
+        row.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "shap_ms": round((t2 - t1) * 1000, 1),
+                       "store_ms": round((time.perf_counter() - t2) * 1000, 1)}
+    db.session.commit()
+
+
+def run_gradcam(explanation_id: int) -> str:
+    """A requested Grad-CAM or Grad-CAM++ map for the row's class.
+
+    Returns:
+        "done", "failed", "missing", or the row's status when it is not this delivery's to compute.
+    """
+    row = db.session.get(Explanation, explanation_id)
+    if row is None:
+        return "missing"
+    if row.method not in (ExplanationMethod.GRADCAM, ExplanationMethod.GRADCAM_PLUS_PLUS):
+        fail_explanations([row.id], f"{GRADCAM_TASK} cannot compute {row.method!r} explanations.")
+        return ExplanationStatus.FAILED
+    if not claim_explanations([row]):
+        status = row.status
+        db.session.remove()
+        return status
+    return run_explanations([row.id], lambda: compute_gradcam(row))
+
+
+def compute_gradcam(row: Explanation) -> None:
+    """Computes and stores the Grad-CAM(++) map of the row's class (claimed); commits."""
+    from ml.explain import explain_gradcam  # ml.explain loads TensorFlow: never before the fork
+
+    model = model_for(row)
+    t0 = time.perf_counter()
+    pixels = read_image(row.image.storage_key)
+    t1 = time.perf_counter()
+    result = explain_gradcam(model, [pixels], row.class_name, plus_plus=row.method == ExplanationMethod.GRADCAM_PLUS_PLUS)
+    t2 = time.perf_counter()
+    heatmap = result.maps[0]
+    store_explanation(row, row.image, heatmap, gradcam_layer_png(heatmap),
+                      {"in_prediction_pass": False, "cmap": "jet", "range": [0.0, 1.0],
+                       "probability": float(result.probs[0][int(result.class_indices[0])])})
+    row.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "gradcam_ms": round((t2 - t1) * 1000, 1),
+                   "store_ms": round((time.perf_counter() - t2) * 1000, 1)}
+    db.session.commit()
+
+
+def warm_up_shap(model: Predictor) -> float | None:
+    """Imports shap (3 s) and traces the SHAP model function at batch 1 and PREDICT_BATCH_SIZE, on a
+    worker that serves the explain queue: a SHAP run can only give way to a prediction between two
+    model calls, so its first call must not be a 10-20 s trace. None when there is nothing to do."""
+    settings = current_settings()
+    if int(settings.SHAP_TOP_K) <= 0 or not explainable(model) or not consumes(EXPLAIN_QUEUE):
+        return None
+    started = time.monotonic()
+    # Called in worker_process_init, after the fork; shap pulls in numba and scikit-learn.
+    import shap  # noqa: F401
+
+    from ml.explain.gradcam import predictor_temperature
+    from ml.explain.shap_explainer import default_blur, probability_function, shap_values
+
+    fn = probability_function(model.model, predictor_temperature(model))
+    h, w = model.input_size
+    chunk = min(batch_limit(), int(settings.SHAP_BATCH_SIZE))
+    for size in (1, chunk):  # the chunks of priority.yielding()
+        fn(np.full((size, h, w, 3), 128, dtype=np.float32))
+    # A small explanation compiles shap's numba code (~5-7 s the first time), which no check can interrupt.
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3)).astype(np.float32)
+    shap_values(fn, image, max_evals=4 * chunk, batch_size=chunk, class_indices=[0], blur=default_blur(h, w))
+    return time.monotonic() - started
