@@ -10,11 +10,12 @@ PORT   ?= 5000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast bench lock migrate clean-instance system-deps
+.PHONY: help install run test test-fast lint bench lock migrate clean-instance system-deps
 
 help:
 	@echo "make run [PORT=5000]   start Redis, the Celery worker and the web server (Ctrl-C stops all)"
-	@echo "make test              run the whole test suite"
+	@echo "make test              run the whole test suite (ruff check and ruff format --check first)"
+	@echo "make lint              ruff check and ruff format --check only"
 	@echo "make test-fast         the suite without the end-to-end tests"
 	@echo "make bench             pipeline throughput and latency vs the model alone (bench-out/pipeline.json)"
 	@echo "make lock              re-pin requirements.lock from what is installed in .venv"
@@ -38,7 +39,12 @@ run: $(STAMP)
 system-deps:
 	sh scripts/install_system_deps.sh
 
-test: $(STAMP) system-deps
+# Lint and format checks first: a style violation fails the suite like a failing test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
