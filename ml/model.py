@@ -29,6 +29,7 @@ MALIGNANT_CLASSES = ("akiec", "bcc", "mel")
 BACKBONE_STAGES = (1, 2, 3, 4, 5, 6, 7)
 TOP_FEATURE_LAYER = "top_activation"
 CBAM_TOP_LAYER = "cbam_top_spatial"
+EMBEDDING_LAYER = "avg_pool"  # the pooled 1536-d image embedding the classifier reads
 
 
 @keras.saving.register_keras_serializable(package="dermportal")
@@ -239,7 +240,7 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
     x = backbone.output
     if config.cbam:
         x = cbam_block(x, "cbam_top", config.cbam_ratio)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = layers.Dropout(config.dropout, name="top_dropout")(x)
     outputs = layers.Dense(config.num_classes, activation="softmax", name="predictions", dtype="float32")(x)
     return keras.Model(backbone.inputs, outputs, name="efficientnetb3_cbam" if config.cbam else "efficientnetb3")

@@ -17,7 +17,7 @@ from ml.artifact import WEIGHTS, build_manifest, read_manifest, weights_dtype, c
 from ml.calibration import apply_temperature
 from ml.decision import Decision
 from ml.data import resize_image
-from ml.model import ModelConfig, build_model
+from ml.model import EMBEDDING_LAYER, ModelConfig, build_model
 
 DEFAULT_UNTRAINED_SIZE = (120, 160)
 UNTRAINED_SEED = 1234
@@ -57,6 +57,7 @@ class Predictor:
             input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)],
             reduce_retracing=True,
         )
+        self._embed = None  # built on first use: most processes never need the embedding
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -155,6 +156,28 @@ class Predictor:
         if tta:
             views += [batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1]]
         return np.mean([self._forward_batched(np.ascontiguousarray(v)) for v in views], axis=0)
+
+    def embed_and_predict_raw(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled image embedding (the `avg_pool` output) and the uncalibrated softmax output of
+        preprocessed (N, H, W, 3) float32 images, from one forward pass."""
+        if self._embed is None:
+            import keras
+            import tensorflow as tf
+
+            both = keras.Model(self.model.inputs, [self.model.get_layer(EMBEDDING_LAYER).output, self.model.outputs[0]])
+            h, w = self.input_size
+            self._embed = tf.function(
+                lambda x: both(x, training=False),
+                input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)],
+                reduce_retracing=True,
+            )
+        parts = [self._embed(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        if not parts:
+            return np.zeros((0, 0), np.float32), np.zeros((0, len(self.class_names)), np.float32)
+        return (
+            np.concatenate([e.numpy() for e, _ in parts]).astype(np.float32),
+            np.concatenate([p.numpy() for _, p in parts]).astype(np.float32),
+        )
 
     def _forward_batched(self, batch: np.ndarray) -> np.ndarray:
         out = [
