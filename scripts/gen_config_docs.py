@@ -43,7 +43,7 @@ NOTES = {
     "SECRET_KEY": "Signs session cookies. Required in production; in development a random key is "
     "generated once into `INSTANCE_DIR/secret_key` (mode 0600).",
     "DATABASE_URL": "SQLAlchemy URL of the database; PostgreSQL: `postgresql+psycopg2://user:pw@host/db`.",
-    "REDIS_URL": "The Celery broker (and the login rate limiter's store). `make run` starts its own "
+    "REDIS_URL": "The Celery broker, and the store of the login and upload rate limits. `make run` starts its own "
     "redis-server and sets this, unless it is already set.",
     "STORAGE_DIR": "Root of the local storage backend: uploads, explanation maps, exports.",
     "MODEL_DIR": "The model artifact the worker serves. Without a `manifest.json` there the worker "
@@ -60,7 +60,7 @@ NOTES = {
     "GRADCAM_PLUS_PLUS": "Grad-CAM++ instead of Grad-CAM in the prediction pass.",
     "PREDICT_WARMUP": "Run the prediction pass at every padded batch size when a pool process starts.",
     "PREDICT_THREADS": "TensorFlow threads per pool process; 0: the cores divided by the pool processes.",
-    "CSRF_ENABLED": "Check the CSRF token of every form and JavaScript upload.",
+    "CSRF_ENABLED": "Check the CSRF token of every form and JavaScript upload (Flask-WTF's `WTF_CSRF_ENABLED`).",
 }
 
 INTRO = """\

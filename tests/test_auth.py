@@ -34,6 +34,52 @@ def test_forms_need_the_csrf_token(client, researcher):
     assert response.status_code == 400
 
 
+def test_signed_in_forms_need_the_csrf_token(client, logged_in):
+    refused = client.post("/logout")
+    assert refused.status_code == 400 and b"did not come from this site" in refused.data
+    assert client.post("/cases/new", data={"csrf_token": "forged"}).status_code == 400
+    assert client.get("/cases").status_code == 200  # still signed in: the forged logout did nothing
+    token = csrf_from(client.get("/cases").get_data(as_text=True))
+    assert client.post("/logout", headers={"X-CSRF-Token": token}).status_code == 302  # the header works too
+
+
+def test_logout_ends_the_session(client, researcher):
+    login(client, researcher)
+    page = client.get("/cases").get_data(as_text=True)
+    client.post("/logout", data={"csrf_token": csrf_from(page)})
+    with client.session_transaction() as session:
+        assert "_user_id" not in session
+    response = client.get("/cases/new")
+    assert response.status_code == 302 and "/login?next=" in response.headers["Location"]
+
+
+def test_login_redirects_back_to_the_page_asked_for(client, researcher):
+    response = client.get("/cases?dx=mel")
+    location = response.headers["Location"]
+    assert response.status_code == 302 and "/login?next=" in location
+    token = csrf_from(client.get(location).get_data(as_text=True))
+    response = client.post(location, data={"email": researcher, "password": PASSWORD, "csrf_token": token})
+    assert response.status_code == 302 and response.headers["Location"] == "/cases?dx=mel"
+
+
+def test_a_deactivated_users_session_is_refused(app, client, researcher):
+    from webapp.db import db
+    from webapp.models import User
+
+    login(client, researcher)
+    assert client.get("/cases").status_code == 200
+
+    def set_active(active):
+        with app.app_context():
+            db.session.scalars(db.select(User)).one().active = active
+            db.session.commit()
+
+    set_active(False)
+    assert client.get("/cases").status_code == 302
+    set_active(True)  # the session ended; reactivation does not bring it back
+    assert client.get("/cases").status_code == 302
+
+
 def test_next_parameter_only_redirects_locally(client, researcher):
     token = csrf_from(client.get("/login").get_data(as_text=True))
     data = {"email": researcher, "password": PASSWORD, "csrf_token": token}

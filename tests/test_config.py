@@ -50,6 +50,8 @@ def test_environment_then_overrides(tmp_path):
         ({"MAX_UPLOAD_MB": "lots"}, "MAX_UPLOAD_MB must be a number"),
         ({"MAX_IMAGE_PIXELS": "-1"}, "MAX_IMAGE_PIXELS must be positive"),
         ({"PORTAL_ENV": "staging"}, "PORTAL_ENV must be one of"),
+        ({"LOGIN_RATE_LIMIT": "five a minute"}, "LOGIN_RATE_LIMIT must look like '5 per 15 minutes'"),
+        ({"UPLOAD_RATE_LIMIT": "100"}, "UPLOAD_RATE_LIMIT must look like"),
     ],
 )
 def test_bad_values_are_refused_with_a_message(tmp_path, env, message):

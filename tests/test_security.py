@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login
+from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
 # Routes anyone may reach: the login form, static assets, and the health probe (no data in it).
@@ -119,46 +119,57 @@ def test_a_successful_login_clears_the_failures(client, researcher):
         assert _attempt(client, researcher, "wrong").status_code == 401
 
 
-def test_limiter_counts_in_redis_when_it_is_up(monkeypatch):
-    from webapp.security import LoginLimiter
+def test_the_login_limit_holds_while_redis_is_down(app, client, researcher):
+    assert app.config["RATELIMIT_STORAGE_URI"] == "redis://127.0.0.1:1/0"  # nothing listens there
+    for _ in range(5):
+        assert _attempt(client, researcher, "wrong").status_code == 401  # not a 500
+    assert _attempt(client, researcher, PASSWORD).status_code == 429  # counted in memory meanwhile
 
-    store: dict[str, int] = {}
 
-    class FakePipeline:
-        def __init__(self):
-            self.ops = []
+def test_only_failed_logins_count(client, researcher):
+    for _ in range(8):
+        assert _attempt(client, researcher, PASSWORD).status_code == 302
+    for _ in range(3):  # forms without a token are refused before they count
+        assert client.post("/login", data={"email": researcher, "password": "wrong"}).status_code == 400
+    for _ in range(5):
+        assert _attempt(client, researcher, "wrong").status_code == 401
 
-        def set(self, key, value, ex=None, nx=False):
-            self.ops.append(lambda: store.setdefault(key, value) if nx else store.__setitem__(key, value))
 
-        def incr(self, key):
-            self.ops.append(lambda: store.__setitem__(key, store.get(key, 0) + 1))
+def _upload_page(client):
+    token = csrf_from(client.get("/cases/new").get_data(as_text=True))
+    return client.post("/cases/new", data={"csrf_token": token, "image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])),
+                                                                          "y.jpg")})
 
-        def get(self, key):
-            self.ops.append(lambda: store.get(key))
 
-        def ttl(self, key):
-            self.ops.append(lambda: 900 if key in store else -2)
+def test_uploads_are_rate_limited_per_user_over_pages_and_api(tmp_path, sent_tasks):
+    from webapp import create_app
+    from webapp.db import db
 
-        def execute(self):
-            return [op() for op in self.ops]
-
-    class FakeRedis:
-        def pipeline(self):
-            return FakePipeline()
-
-        def delete(self, key):
-            store.pop(key, None)
-
-    limiter = LoginLimiter("redis://example:6379/0", max_failures=2, window=900)
-    limiter._redis = FakeRedis()
-    limiter.failed("a@b.c", "1.2.3.4")
-    assert limiter.retry_after("a@b.c", "1.2.3.4") == 0
-    limiter.failed("A@B.C ", "1.2.3.4")  # the same account, however typed
-    assert limiter.retry_after("a@b.c", "1.2.3.4") == 900
-    assert list(store) == [LoginLimiter.key("a@b.c", "1.2.3.4")] and "a@b.c" not in list(store)[0]
-    limiter.succeeded("a@b.c", "1.2.3.4")
-    assert store == {}
+    app = create_app({"TESTING": True, "INSTANCE_DIR": tmp_path / "i", "DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}",
+                      "STORAGE_DIR": tmp_path / "s", "MODEL_DIR": tmp_path / "m", "REDIS_URL": "redis://127.0.0.1:1/0",
+                      "BROKER_TIMEOUT": 0.5, "UPLOAD_RATE_LIMIT": "2 per hour"})
+    with app.app_context():
+        db.create_all()
+    make_user(app)
+    make_user(app, "other@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'researcher@example.org')}"}
+    client = app.test_client()
+    image = {"image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), "x.jpg")}
+    api = client.post("/api/v1/cases", headers=headers, data=image)
+    assert api.status_code == 202
+    login(client, "researcher@example.org")
+    assert _upload_page(client).status_code == 302
+    blocked = _upload_page(client)  # the third upload of this user within the hour, page or API
+    assert blocked.status_code == 429 and 3000 < int(blocked.headers["Retry-After"]) <= 3600
+    blocked = client.post("/api/v1/batches", headers=headers)
+    assert blocked.status_code == 429 and blocked.json["status"] == 429 and "2 per 1 hour" in blocked.json["error"]
+    assert int(blocked.headers["Retry-After"]) > 3000
+    other = app.test_client()
+    login(other, "other@example.org")
+    assert _upload_page(other).status_code == 302  # another user has their own count
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
 
 
 SECRET_PATTERNS = [

@@ -16,7 +16,7 @@ from .accounts import cli as accounts_cli
 from .accounts import routes as accounts_routes
 from .api import bp as api_blueprint
 from .auth import routes as auth_routes
-from .auth.sessions import csrf_token
+from .auth import sessions
 from .batches import cli as batches_cli
 from .batches import routes as batches_routes
 from .cases import explanation_routes
@@ -72,12 +72,12 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.jinja_env.globals.update(
-        csrf_token=csrf_token,
         disclaimer=DISCLAIMER,
         dx_long_names=DX_LONG_NAMES,
         review_roles=REVIEW_ROLES,
         upload_roles=UPLOAD_ROLES,
     )
-    security.init_app(app)  # security headers, login rate limiting
+    sessions.init_app(app)  # Flask-Login
+    security.init_app(app)  # CSRF, rate limits, security headers
     register_error_pages(app)
     return app

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from limits import parse_many
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = ("development", "production", "testing")
 DISCLAIMER = "Research use only — not a diagnostic device."
@@ -42,6 +44,15 @@ def _parse_positive(name: str, value: str, kind=int):
     if number <= 0:
         raise ConfigError(f"{name} must be positive, got {value!r}.")
     return number
+
+
+def _parse_rate_limit(name: str, value: str) -> str:
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ConfigError(f"{name} must look like '5 per 15 minutes' (several separated by ';'), got {value!r}.") \
+            from None
+    return value
 
 
 def _parse_top_k(value: str) -> int:
@@ -95,6 +106,9 @@ class Settings:
     WORKER_PROCESSES: int = 0
     PREDICT_THREADS: int = 0
     CSRF_ENABLED: bool = True
+    # Rate limits in Flask-Limiter's syntax ("5 per 15 minutes"; several separated by ";"), counted in Redis.
+    LOGIN_RATE_LIMIT: str = "5 per 15 minutes"  # Failed logins per (email, client address), then 429.
+    UPLOAD_RATE_LIMIT: str = "120 per minute"  # Uploads per user: single images and folder uploads, pages and API.
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
     @classmethod
@@ -139,6 +153,9 @@ class Settings:
             values["PREDICT_BATCH_SIZE"] = _parse_positive("PREDICT_BATCH_SIZE", environ["PREDICT_BATCH_SIZE"])
         if environ.get("PREDICT_WARMUP"):
             values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
+        for name in ("LOGIN_RATE_LIMIT", "UPLOAD_RATE_LIMIT"):
+            if environ.get(name):
+                values[name] = _parse_rate_limit(name, environ[name])
         if environ.get("UNTRAINED_INPUT_SIZE"):
             values["UNTRAINED_INPUT_SIZE"] = _parse_size(environ["UNTRAINED_INPUT_SIZE"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from flask import Flask, abort, jsonify, render_template, request
+from flask import Flask, Response, abort, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from .db import db
@@ -25,9 +25,12 @@ def get_or_404(model: type[Row], row_id: int) -> Row:
     return row
 
 
+def error_response(exc: HTTPException) -> Response:
+    """JSON for the API and for clients that ask for it, the error page otherwise."""
+    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+        return make_response(jsonify({"error": exc.description, "status": exc.code}), exc.code)
+    return make_response(render_template("error.html", error=exc), exc.code)
+
+
 def register_error_pages(app: Flask) -> None:
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
-            return jsonify({"error": exc.description, "status": exc.code}), exc.code
-        return render_template("error.html", error=exc), exc.code
+    app.register_error_handler(HTTPException, error_response)

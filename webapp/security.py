@@ -1,4 +1,4 @@
-"""Security headers on every response, and login rate limiting.
+"""Security headers, CSRF protection and rate limits for every response, in one place.
 
 Headers: a Content-Security-Policy without inline scripts (the templates load their only script,
 static/case.js, from a file), `nosniff`, `X-Frame-Options: DENY` (and `frame-ancestors 'none'`),
@@ -7,26 +7,27 @@ static/case.js, from a file), `nosniff`, `X-Frame-Options: DENY` (and `frame-anc
 Inline `style=""` attributes stay allowed (`style-src 'unsafe-inline'`): the probability bars set
 their width that way, and CSS cannot run code.
 
-Login rate limiting: at most LOGIN_MAX_FAILURES (5) failed logins per (email, client IP) in
-LOGIN_WINDOW seconds (15 minutes); further attempts get 429 with Retry-After, even with the right
-password, until the window has passed. Counters live in Redis (the broker, shared by every
-gunicorn worker and web container) as one key per (email, IP) with a TTL; when Redis cannot be
-reached they fall back to this process's memory, so the limit still holds per process (with N
-gunicorn processes an attacker gets at most N x 5 tries per window while Redis is down).
-A successful login clears the counter.
+CSRF: Flask-WTF's `CSRFProtect` checks every unsafe request's `csrf_token` form field or
+`X-CSRF-Token` header; the `/api/v1` blueprint (bearer tokens, no cookies) is exempt.
+
+Rate limits: Flask-Limiter, counting in Redis (`REDIS_URL`, shared by every web process). When
+Redis cannot be reached it counts in this process's memory (`in_memory_fallback_enabled`), so a
+limit still holds per process and a login never becomes a 500. `login_limit` counts failed logins
+per (email, client address); `upload_limit` counts uploads per user.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
 from typing import Any
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_wtf.csrf import CSRFError, CSRFProtect
 
-LOGIN_MAX_FAILURES = 5
-LOGIN_WINDOW = 15 * 60  # seconds
+from .errors import error_response
+
+CSRF_MESSAGE = "The form has expired or did not come from this site; reload the page and try again."
 
 CSP = "; ".join([
     "default-src 'self'",
@@ -50,15 +51,59 @@ HEADERS = {
 }
 
 
+def client_ip() -> str:
+    """The peer address. Behind a reverse proxy, wrap the app in werkzeug's ProxyFix so that this
+    is the client's address and not the proxy's (see docs/security.md)."""
+    return request.remote_addr or "unknown"
+
+
+def upload_key() -> str:
+    """One counter per uploading user (page session or API token)."""
+    user = g.get("api_user") or g.get("user")
+    return f"user-{user.id}" if user is not None else client_ip()
+
+
+csrf = CSRFProtect()
+limiter = Limiter(key_func=client_ip, key_prefix="dermportal", in_memory_fallback_enabled=True,
+                  swallow_errors=True)
+# One count per user over every upload route (single image and folder upload; pages and API).
+upload_limit = limiter.shared_limit(lambda: current_app.config["UPLOAD_RATE_LIMIT"], "uploads",
+                                    key_func=upload_key, methods=["POST"])
+
+
+def retry_after() -> int:
+    """Seconds until the limit this request broke lets it through again."""
+    breached = limiter.current_limit
+    return max(1, int(breached.reset_at - time.time())) if breached is not None else 60
+
+
 def init_app(app: Flask) -> None:
-    """Adds the security headers to every response and a login limiter to the app."""
-    app.extensions["login_limiter"] = LoginLimiter(
-        redis_url=app.config.get("REDIS_URL"),
-        max_failures=int(app.config.get("LOGIN_MAX_FAILURES", LOGIN_MAX_FAILURES)),
-        window=int(app.config.get("LOGIN_WINDOW", LOGIN_WINDOW)),
-        timeout=float(app.config.get("BROKER_TIMEOUT", 2.0)),
+    """CSRF protection, rate limits and the security headers for `app`."""
+    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)  # a token lives as long as its session
+    app.config.update(
+        WTF_CSRF_ENABLED=app.config.get("CSRF_ENABLED", True),
+        RATELIMIT_STORAGE_URI=app.config["REDIS_URL"],
+        RATELIMIT_STORAGE_OPTIONS={"socket_connect_timeout": min(app.config["BROKER_TIMEOUT"], 0.5),
+                                   "socket_timeout": app.config["BROKER_TIMEOUT"]},
     )
+    csrf.init_app(app)
+    limiter.init_app(app)
+    limiter._storage_dead = False  # one limiter serves every app the factory builds: presume Redis up
     production = app.config.get("PORTAL_ENV") == "production"
+
+    @app.errorhandler(CSRFError)
+    def _csrf_failed(exc: CSRFError):
+        exc.description = CSRF_MESSAGE
+        return error_response(exc)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded):
+        wait = retry_after()
+        if exc.response is None:
+            exc.description = f"Too many requests (at most {exc.description}); try again in {wait} seconds."
+        response = exc.response if exc.response is not None else error_response(exc)
+        response.headers["Retry-After"] = str(wait)
+        return response
 
     @app.after_request
     def _security_headers(response):
@@ -69,99 +114,6 @@ def init_app(app: Flask) -> None:
         if request.endpoint != "static" and not request.path.startswith("/files/"):
             response.headers.setdefault("Cache-Control", "no-store")
         return response
-
-
-def login_limiter() -> "LoginLimiter":
-    return current_app.extensions["login_limiter"]
-
-
-def client_ip() -> str:
-    """The peer address. Behind a reverse proxy, wrap the app in werkzeug's ProxyFix so that this
-    is the client's address and not the proxy's (see README.md, SECURITY)."""
-    return request.remote_addr or "unknown"
-
-
-class LoginLimiter:
-    """Counts failed logins per (email, IP) in a fixed window; Redis first, memory as fallback."""
-
-    def __init__(self, redis_url: str | None, max_failures: int = LOGIN_MAX_FAILURES,
-                 window: int = LOGIN_WINDOW, timeout: float = 2.0):
-        self.redis_url, self.max_failures, self.window, self.timeout = redis_url, max_failures, window, timeout
-        self._memory: dict[str, tuple[int, float]] = {}  # key -> (failures, window end)
-        self._lock = threading.Lock()
-        self._redis: Any = None
-        self._redis_down_until = 0.0  # after a failed connection, use memory for a while
-
-    @staticmethod
-    def key(email: str, ip: str) -> str:
-        digest = hashlib.sha256(f"{email.strip().lower()}\0{ip}".encode()).hexdigest()[:32]
-        return f"dermportal:login-failures:{digest}"
-
-    def _client(self):
-        if not self.redis_url or time.monotonic() < self._redis_down_until:
-            return None
-        if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=min(self.timeout, 0.5), socket_timeout=self.timeout)
-        return self._redis
-
-    def _redis_call(self, fn):
-        client = self._client()
-        if client is None:
-            return None
-        try:
-            return fn(client)
-        except Exception:  # Redis down or misbehaving: count in memory for the next 30 s
-            self._redis_down_until = time.monotonic() + 30
-            return None
-
-    def retry_after(self, email: str, ip: str) -> int:
-        """Seconds until this (email, IP) may try again; 0 when it may try now."""
-        key = self.key(email, ip)
-
-        def from_redis(r):
-            pipe = r.pipeline()
-            pipe.get(key)
-            pipe.ttl(key)
-            count, ttl = pipe.execute()
-            return int(count or 0), int(ttl if ttl and ttl > 0 else 0)
-
-        found = self._redis_call(from_redis)
-        if found is None:
-            with self._lock:
-                count, until = self._memory.get(key, (0, 0.0))
-                ttl = max(0, int(until - time.monotonic()) + 1) if until > time.monotonic() else 0
-                found = (count if ttl else 0, ttl)
-        count, ttl = found
-        return max(ttl, 1) if count >= self.max_failures else 0
-
-    def failed(self, email: str, ip: str) -> None:
-        key = self.key(email, ip)
-
-        def in_redis(r):
-            pipe = r.pipeline()
-            pipe.set(key, 0, ex=self.window, nx=True)  # starts the window (EXPIRE NX needs Redis 7)
-            pipe.incr(key)  # keeps the TTL
-            pipe.execute()
-            return True
-
-        if self._redis_call(in_redis) is None:
-            with self._lock:
-                now = time.monotonic()
-                count, until = self._memory.get(key, (0, 0.0))
-                if until <= now:
-                    count, until = 0, now + self.window
-                self._memory[key] = (count + 1, until)
-                if len(self._memory) > 100_000:  # bound memory under a spray of addresses
-                    self._memory = {k: v for k, v in self._memory.items() if v[1] > now}
-
-    def succeeded(self, email: str, ip: str) -> None:
-        key = self.key(email, ip)
-        self._redis_call(lambda r: r.delete(key))
-        with self._lock:
-            self._memory.pop(key, None)
 
 
 # --- spreadsheet safety -----------------------------------------------------------------------

@@ -8,11 +8,13 @@ from ..batches import service as batch_service
 from ..batches.service import BatchInputError
 from ..errors import get_or_404
 from ..models import Batch
+from ..security import upload_limit
 from .blueprint import bp, error, token_required, uploader_required
 
 
 @bp.post("/batches")
 @uploader_required
+@upload_limit
 def create_batch():
     """Creates a batch from multipart `images` (many), optional `metadata` (HAM10000 CSV) or one `archive` (zip).
 

@@ -9,8 +9,10 @@ from werkzeug.exceptions import HTTPException
 
 from ..auth.sessions import user_from_bearer
 from ..models import UPLOAD_ROLES
+from ..security import csrf
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(bp)  # bearer tokens, no cookies: not exposed to CSRF
 
 
 def error(status: int, message: str, **extra):

@@ -13,11 +13,13 @@ from ..config import DISCLAIMER
 from ..errors import get_or_404
 from ..models import Case
 from ..presenters import case_dict, explanation_dict
+from ..security import upload_limit
 from .blueprint import bp, error, request_body, token_required
 
 
 @bp.post("/cases")
 @token_required
+@upload_limit
 def create():
     if not g.api_user.can_upload:
         return error(403, f"Role {g.api_user.role!r} may not upload cases.")

@@ -1,1 +1,1 @@
-"""Signing in and out (routes), sessions, CSRF and role checks for pages, bearer tokens for the API (sessions)."""
+"""Signing in and out, with the failed-login limit (routes); the session user, role checks and bearer tokens (sessions)."""

@@ -1,62 +1,38 @@
-"""Who is asking: the session user of pages (with CSRF tokens on forms), role checks, bearer tokens for the API."""
+"""Who is asking: the session user of pages (Flask-Login), role checks, bearer tokens for the API."""
 
 from __future__ import annotations
 
 import functools
-import hmac
-import secrets
 
-from flask import abort, current_app, g, redirect, request, session, url_for
+from flask import Flask, abort, g, request, session
+from flask_login import LoginManager, current_user, login_required
 from sqlalchemy import func, select
 
 from ..db import db
 from ..models import ApiToken, User, hash_token, utcnow
 
-CSRF_FIELD = "csrf_token"
+login_manager = LoginManager()
+login_manager.login_view = "auth.login"  # login_required redirects there with ?next=<this page>
+login_manager.login_message = None
 
 
-# --- CSRF -------------------------------------------------------------------------------------
-
-def csrf_token() -> str:
-    """The session's CSRF token (created on first use); templates put it in every form."""
-    if CSRF_FIELD not in session:
-        session[CSRF_FIELD] = secrets.token_urlsafe(32)
-    return session[CSRF_FIELD]
+def init_app(app: Flask) -> None:
+    login_manager.init_app(app)
 
 
-def check_csrf() -> None:
-    """Refuses unsafe requests from forms that do not carry the session's CSRF token."""
-    if request.method in ("GET", "HEAD", "OPTIONS") or not current_app.config.get("CSRF_ENABLED", True):
-        return
-    if request.path.startswith("/api/"):  # bearer tokens, no cookies: not exposed to CSRF
-        return
-    # The header first: a JavaScript upload is not parsed here, so its view can raise the body limit.
-    sent = request.headers.get("X-CSRF-Token") or request.form.get(CSRF_FIELD) or ""
-    expected = session.get(CSRF_FIELD) or ""
-    if not expected or not hmac.compare_digest(sent, expected):
-        abort(400, description="The form has expired or did not come from this site; reload the page and try again.")
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    """The session's user; a deactivated account's session ends at its next request."""
+    user = db.session.get(User, int(user_id))
+    if user is not None and user.active:
+        return user
+    session.clear()
+    return None
 
 
-# --- sessions ---------------------------------------------------------------------------------
-
-def load_logged_in_user() -> None:
-    """Runs before every request: the session's user in `g.user`, then the CSRF check."""
-    user_id = session.get("user_id")
-    g.user = db.session.get(User, user_id) if user_id is not None else None
-    if g.user is not None and not g.user.active:
-        session.clear()
-        g.user = None
-    check_csrf()
-
-
-def login_required(view):
-    @functools.wraps(view)
-    def wrapped(**kwargs):
-        if g.user is None:
-            return redirect(url_for("auth.login", next=request.full_path if request.query_string else request.path))
-        return view(**kwargs)
-
-    return wrapped
+def set_g_user() -> None:
+    """Runs before every request: the signed-in user (or None) in `g.user`, for views and templates."""
+    g.user = current_user._get_current_object() if current_user.is_authenticated else None
 
 
 def role_required(*roles: str):
@@ -65,8 +41,8 @@ def role_required(*roles: str):
     def decorate(view):
         @functools.wraps(view)
         def wrapped(**kwargs):
-            if g.user.role not in roles:
-                abort(403, description=f"This page needs the role {' or '.join(roles)}; you are {g.user.role}.")
+            if current_user.role not in roles:
+                abort(403, description=f"This page needs the role {' or '.join(roles)}; you are {current_user.role}.")
             return view(**kwargs)
 
         return login_required(wrapped)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
+from flask_login import login_required
 from sqlalchemy import select
 
-from ..auth.sessions import login_required, role_required
+from ..auth.sessions import role_required
 from ..db import db
 from ..errors import get_or_404, wants_json
 from ..models import UPLOAD_ROLES, Batch, ModelVersion
+from ..security import csrf, upload_limit
 from . import service as batch_service
 from .service import BatchInputError
 
@@ -28,11 +30,19 @@ def new_batch():
     return render_template("batches/new.html", per_request=50)
 
 
+def _raise_body_limit_then_check_csrf() -> None:
+    """Folder uploads may be larger than one image: the CSRF check parses the body, so it runs after."""
+    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+    csrf.protect()
+
+
 @bp.post("/batches")
+@csrf.exempt
 @role_required(*UPLOAD_ROLES)
+@upload_limit
 def create_batch():
     """Creates a batch (the browser sends its metadata CSV here, then the images in chunks)."""
-    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+    _raise_body_limit_then_check_csrf()
     try:
         batch, items = batch_service.batch_from_request(request, g.user, "browser")
     except BatchInputError as exc:
@@ -48,10 +58,11 @@ def create_batch():
 
 
 @bp.post("/batches/<int:batch_id>/files")
+@csrf.exempt
 @role_required(*UPLOAD_ROLES)
 def add_batch_files(batch_id: int):
     """One chunk of a folder upload (sent by static/batch.js with the X-CSRF-Token header)."""
-    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+    _raise_body_limit_then_check_csrf()
     batch = get_or_404(Batch, batch_id)
     try:
         items = batch_service.chunk_from_request(request, batch, g.user)

@@ -15,15 +15,16 @@ from flask import (
     send_file,
     url_for,
 )
+from flask_login import login_required
 from sqlalchemy import select
 
 from ..audit import entry_dict
-from ..auth.sessions import login_required
 from ..db import db
 from ..errors import get_or_404
 from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
 from ..presenters import case_dict
 from ..review.service import can_review
+from ..security import upload_limit
 from ..storage import StorageError, storage_from_settings
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from .export import csv_response
@@ -62,6 +63,7 @@ def index():
 
 @bp.route("/cases/new", methods=("GET", "POST"))
 @login_required
+@upload_limit
 def new():
     if not g.user.can_upload:
         abort(403, description=f"Role {g.user.role!r} may not upload cases.")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, render_template, request
+from flask_login import login_required
 
-from ..auth.sessions import login_required
 from ..models import DX_LONG_NAMES
 from .figures import dashboard as dashboard_data
 
