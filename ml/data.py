@@ -1,4 +1,4 @@
-"""Datasets: readers for three folder layouts, the lesion-grouped split, image loading, tf.data.
+"""Datasets: readers for three folder layouts, the lesion-grouped split, image loading, class weights.
 
 Every reader returns the same table, a `pandas.DataFrame` with the columns
 
@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -468,7 +467,7 @@ def load_images(paths, size: tuple[int, int], workers: int | None = None, progre
 
 
 # --------------------------------------------------------------------------------------------
-# Class balancing, augmentation and tf.data
+# Class balancing (augmentation and batches: ml.augment)
 # --------------------------------------------------------------------------------------------
 
 
@@ -492,115 +491,3 @@ def class_weights(labels: np.ndarray, num_classes: int = len(CLASS_NAMES), power
     weights[present] = (labels.size / (present.sum() * counts[present])) ** power
     weights /= (weights[labels]).mean()
     return weights.astype(np.float32)
-
-
-@dataclass
-class AugmentConfig:
-    """Ranges of the random training augmentation (dermoscopy has no canonical orientation)."""
-
-    flip: bool = True
-    rotation: float = 0.5  # fraction of a full turn either way: 0.5 means any angle
-    zoom: float = 0.15
-    shift: float = 0.10
-    brightness: float = 0.15
-    contrast: float = 0.20
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def build_augmenter(config: AugmentConfig | None = None, seed: int = 42):
-    """A keras.Sequential of random preprocessing layers, run inside the tf.data map.
-
-    Reflection fills the corners that rotation and shifts expose, so that no black wedges
-    appear which the network could learn as a training-only artifact.
-    """
-    import keras
-
-    c = config or AugmentConfig()
-    steps = []
-    if c.flip:
-        steps.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="aug_flip"))
-    if c.rotation:
-        steps.append(keras.layers.RandomRotation(c.rotation, fill_mode="reflect", seed=seed + 1, name="aug_rotate"))
-    if c.zoom:
-        steps.append(keras.layers.RandomZoom(c.zoom, fill_mode="reflect", seed=seed + 2, name="aug_zoom"))
-    if c.shift:
-        steps.append(
-            keras.layers.RandomTranslation(c.shift, c.shift, fill_mode="reflect", seed=seed + 3, name="aug_shift")
-        )
-    if c.brightness:
-        steps.append(keras.layers.RandomBrightness(c.brightness, value_range=(0, 255), seed=seed + 4, name="aug_bright"))
-    if c.contrast:
-        steps.append(keras.layers.RandomContrast(c.contrast, value_range=(0, 255), seed=seed + 5, name="aug_contrast"))
-    return keras.Sequential(steps, name="augmentation")
-
-
-def make_dataset(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    training: bool = False,
-    augmenter=None,
-    balance: str = "none",
-    seed: int = 42,
-    num_classes: int = len(CLASS_NAMES),
-):
-    """The tf.data pipeline over in-memory uint8 images: shuffle/sample, batch, augment, float32.
-
-    Args:
-        images: (N, H, W, 3) uint8, already resized (see `load_images`).
-        labels: (N,) integer class indices.
-        batch_size: images per batch.
-        training: shuffle (or sample) and augment; else keep order, no augmentation.
-        augmenter: callable on a float batch, e.g. from `build_augmenter`; only used in training.
-        balance: "sampling" draws every class equally often (an infinite dataset: pass
-            `steps_per_epoch`); anything else iterates the images once per epoch.
-        seed: shuffle/sampling seed.
-        num_classes: width of the one-hot labels.
-
-    Returns:
-        A `tf.data.Dataset` of (float32 images 0-255, float32 one-hot labels) batches.
-
-    Raises:
-        ValueError: for mismatched lengths or a non-positive batch size.
-    """
-    import tensorflow as tf
-
-    if len(images) != len(labels):
-        raise ValueError(f"Got {len(images)} images but {len(labels)} labels.")
-    if batch_size < 1:
-        raise ValueError(f"Batch size must be positive, got {batch_size}.")
-    onehot = np.eye(num_classes, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
-    if training and balance == "sampling":
-        ds = _balanced_sampler(images, labels, onehot, seed)
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((images, onehot))
-        if training:
-            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=False)
-
-    def to_float(x, y):
-        return tf.cast(x, tf.float32), y
-
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augmenter is not None:
-
-        def augment(x, y):
-            return tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0), y
-
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _balanced_sampler(images, labels, onehot, seed):
-    """Equal-probability mixture of per-class shuffled, repeated datasets."""
-    import tensorflow as tf
-
-    per_class = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        ds = tf.data.Dataset.from_tensor_slices((images[idx], onehot[idx]))
-        per_class.append(ds.shuffle(len(idx), seed=seed + int(c), reshuffle_each_iteration=True).repeat())
-    weights = [1.0 / len(per_class)] * len(per_class)
-    return tf.data.Dataset.sample_from_datasets(per_class, weights=weights, seed=seed)

@@ -597,7 +597,6 @@ def train(args) -> Path:
         write_json(run_dir / "args.json", json.loads((run_dir / "args.json").read_text()) | {"epochs": args.epochs})
     log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
 
-    import keras
 
     from ml import augment as A
     from ml import data as D

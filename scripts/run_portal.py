@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         if os.environ.get("REDIS_URL"):
             redis_url = os.environ["REDIS_URL"]
-            print(f"[portal] using the Redis at REDIS_URL", flush=True)
+            print("[portal] using the Redis at REDIS_URL", flush=True)
             wait_for_redis(redis_url, timeout=10)
         else:
             redis_url = start_redis(sup, instance, env)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml import augment as A
 from ml import data as D
 from ml.model import CLASS_NAMES
 from ml.synthetic import make_ham10000_like, synthetic_image
@@ -209,35 +210,69 @@ def test_class_weights_balance_the_classes():
     assert gentle[2] / gentle[0] == pytest.approx(np.sqrt(full[2] / full[0]), rel=1e-5)
 
 
-def test_validation_dataset_is_unaugmented_and_ordered():
+def test_evaluation_batches_are_unaugmented_and_ordered():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(10) % 7
-    ds = D.make_dataset(images, labels, batch_size=4, training=False, augmenter=D.build_augmenter())
-    x, y = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    batches = A.ImageBatches(images, labels, batch_size=4, out_size=(32, 32), recipe=A.AugmentRecipe())
+    x, y = zip(*[batches[i] for i in range(len(batches))])
     x, y = np.concatenate(x), np.concatenate(y)
-    assert x.dtype == np.float32 and y.shape == (10, 7)
+    assert len(batches) == 3 and x.dtype == np.float32 and y.shape == (10, 7)
     np.testing.assert_array_equal(x, images.astype(np.float32))
     np.testing.assert_array_equal(y.argmax(1), labels)
 
 
-def test_training_dataset_augments_within_pixel_range():
+def test_training_batches_are_cropped_to_the_input_size_and_stay_in_pixel_range():
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    ds = D.make_dataset(images, np.zeros(8, int), batch_size=8, training=True, augmenter=D.build_augmenter())
-    x, _ = next(iter(ds))
-    x = x.numpy()
-    assert x.shape == (8, 32, 32, 3)
+    images = rng.integers(0, 256, (8, 40, 40, 3), dtype=np.uint8)
+    batches = A.ImageBatches(images, np.zeros(8, int), 8, (32, 32), training=True, recipe=A.AugmentRecipe())
+    x, y = batches[0]
+    assert x.shape == (8, 32, 32, 3) and y.shape == (8, 7)
     assert x.min() >= 0.0 and x.max() <= 255.0
-    assert not np.allclose(np.sort(x.ravel()), np.sort(images.astype(np.float32).ravel()))
+    resized = A.ImageBatches(images, np.zeros(8, int), 8, (32, 32))[0][0]
+    assert not np.allclose(x, resized)
+
+
+def test_no_augmentation_is_the_identity_besides_the_resize():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    batches = A.ImageBatches(images, np.arange(4), 4, (32, 32), training=True, recipe=A.NO_AUGMENTATION)
+    x, y = batches[0]
+    order = y.argmax(1)  # shuffled, but each image unchanged
+    np.testing.assert_array_equal(x, images[order].astype(np.float32))
+
+
+def test_a_turned_crop_keeps_the_output_aspect():
+    image = np.zeros((150, 200, 3), np.uint8)
+    image[:, :100] = 255  # left half white: a 90-degree turn moves the edge to horizontal
+    recipe = A.AugmentRecipe(rot90_probability=1.0, aspect_jitter=0.0, crop_scale=(0.5, 0.5))
+    crop = A.random_resized_crop(image, (120, 160), np.random.default_rng(0), recipe)
+    assert crop.shape == (120, 160, 3)
+    rows_vary = np.ptp(crop.mean(axis=(1, 2))) > 100
+    columns_vary = np.ptp(crop.mean(axis=(0, 2))) > 100
+    assert rows_vary and not columns_vary
+
+
+def test_mixup_mixes_labels_with_the_same_weight_as_the_images():
+    rng = np.random.default_rng(3)
+    x = np.stack([np.full((2, 2, 3), v, np.float32) for v in (0.0, 100.0)])
+    y = np.eye(7, dtype=np.float32)[[0, 1]]
+    mixed_x, mixed_y = A.mixup(x, y, rng, A.AugmentRecipe(mixup_probability=1.0))
+    np.testing.assert_allclose(mixed_y.sum(1), 1.0, rtol=1e-6)
+    lam = mixed_y[0, 0]
+    assert 0.5 <= lam < 1.0
+    np.testing.assert_allclose(mixed_x[0], lam * x[0] + (1 - lam) * x[1], rtol=1e-5)
 
 
 def test_balanced_sampling_draws_classes_equally():
     labels = np.array([0] * 90 + [1] * 10)
     images = np.zeros((100, 32, 32, 3), np.uint8)
-    ds = D.make_dataset(images, labels, batch_size=50, training=True, balance="sampling")
-    drawn = np.concatenate([y.numpy().argmax(1) for _, y in ds.take(8)])
-    assert 0.4 < drawn.mean() < 0.6
+    batches = A.ImageBatches(images, labels, 50, (32, 32), training=True, balance="sampling")
+    drawn = []
+    for _ in range(4):
+        drawn += [batches[i][1].argmax(1) for i in range(len(batches))]
+        batches.on_epoch_end()
+    assert 0.4 < np.concatenate(drawn).mean() < 0.6
 
 
 def test_fingerprint_depends_on_ids_and_labels_not_order(synthetic_ham):

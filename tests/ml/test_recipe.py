@@ -1,0 +1,148 @@
+"""The training recipe and the served decision: logit-adjusted loss, cosine schedule, the prior folded
+into the head, the validation-chosen decision, metadata fusion and snapshots of a running training."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ml import fusion as F
+from ml.calibration import calibrated_softmax
+from ml.decision import Decision, class_prior, fit_decision
+from ml.losses import LogitAdjustedCrossentropy
+from ml.train import cosine_lr
+from ml_helpers import TINY_SIZE, run_module
+
+
+def test_logit_adjusted_loss_is_cross_entropy_of_log_p_plus_tau_log_prior():
+    prior = np.array([0.7, 0.2, 0.1])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], np.float32)
+    onehot = np.eye(3, dtype=np.float32)[[1, 2]]
+    loss = LogitAdjustedCrossentropy(prior, tau=1.0, label_smoothing=0.1)
+    logits = np.log(probs) + np.log(prior)
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    target = onehot * 0.9 + 0.1 / 3
+    expected = -(target * log_softmax).sum(1).mean()
+    assert float(loss(onehot, probs)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="class prior"):
+        LogitAdjustedCrossentropy([-1.0, 2.0])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_minimum():
+    args = SimpleNamespace(lr=1e-3, min_lr=1e-6, epochs=10, lr_warmup_epochs=1)
+    rates = [cosine_lr(e, args) for e in range(10)]
+    assert rates[0] == pytest.approx(5e-4)
+    assert rates[1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))
+    assert cosine_lr(10, args) == pytest.approx(1e-6)
+
+
+def test_decision_with_tau_zero_is_the_argmax_and_tau_one_favours_rare_classes():
+    prior = (0.9, 0.1)
+    probs = np.array([[0.8, 0.2], [0.95, 0.05]])
+    np.testing.assert_array_equal(Decision(0.0, prior).choose(probs), [0, 0])
+    # 0.2 / 0.1 > 0.8 / 0.9: the rare class wins the first image once the prior is divided out.
+    np.testing.assert_array_equal(Decision(1.0, prior).choose(probs), [1, 0])
+    restored = Decision.from_manifest({"decision": Decision(1.0, prior).to_manifest()})
+    assert restored == Decision(1.0, prior)
+    assert Decision.from_manifest({}) == Decision()
+    assert "highest probability" in Decision().description and "1" in Decision(1.0, prior).description
+
+
+def test_fit_decision_chooses_tau_on_the_given_labels_only():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 90 + [1] * 10)
+    # A model biased to the common class: the rare class's probability is low but informative.
+    p1 = np.where(y == 1, rng.uniform(0.2, 0.45, 100), rng.uniform(0.0, 0.25, 100))
+    probs = np.stack([1 - p1, p1], axis=1)
+    prior = class_prior(y, 2)
+    decision, scores = fit_decision(y, probs, prior)
+    assert scores[0.0] < scores[decision.tau] and decision.tau > 0
+    assert scores[decision.tau] == max(scores.values())
+
+
+def test_the_prior_folded_into_the_head_turns_balanced_outputs_into_posteriors(tiny_predictor):
+    from ml.model import shift_head_bias
+
+    model = tiny_predictor.model
+    images = np.random.default_rng(1).integers(0, 256, (3, *TINY_SIZE, 3)).astype(np.float32)
+    before = model.predict(images, verbose=0)
+    shift = np.log(np.array([0.05, 0.05, 0.1, 0.02, 0.1, 0.65, 0.03]))
+    saved = model.get_layer("predictions").get_weights()
+    try:
+        shift_head_bias(model, shift)
+        after = model.predict(images, verbose=0)
+    finally:
+        model.get_layer("predictions").set_weights(saved)
+    np.testing.assert_allclose(after, calibrated_softmax(np.log(before) + shift), atol=1e-5)
+    with pytest.raises(ValueError, match="7 classes"):
+        shift_head_bias(model, [0.0, 1.0])
+
+
+def test_predictor_top_classes_follow_the_manifests_decision(tiny_predictor):
+    probs = np.full((1, 7), 0.1)
+    probs[0, 5], probs[0, 4] = 0.35, 0.05  # nv first by probability
+    prior = (0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02)
+    saved = tiny_predictor.decision
+    try:
+        tiny_predictor.decision = Decision(1.0, prior)
+        assert tiny_predictor.top_classes(probs) == ["df"]  # 0.1 / 0.01 is the largest ratio
+        tiny_predictor.decision = Decision()
+        assert tiny_predictor.top_classes(probs) == ["nv"]
+    finally:
+        tiny_predictor.decision = saved
+
+
+def test_metadata_vector_marks_missing_values():
+    full = F.metadata_vector(45, "female", "Lower_Extremity")
+    names = F.METADATA_FEATURES
+    assert full[names.index("age_over_100")] == pytest.approx(0.45)
+    assert full[names.index("sex_female")] == 1 and full[names.index("site_lower extremity")] == 1
+    assert full[[names.index(n) for n in ("age_missing", "sex_missing", "site_missing")]].sum() == 0
+    missing = F.metadata_vector(float("nan"), "unknown", "unknown")
+    np.testing.assert_array_equal(missing, F.MISSING_METADATA)
+    assert missing[[names.index(n) for n in ("age_missing", "sex_missing", "site_missing")]].sum() == 3
+
+
+def test_fusion_head_uses_metadata_and_still_answers_without_it(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 600
+    y = rng.integers(0, 3, n)
+    embeddings = rng.normal(size=(n, 16)).astype(np.float32) + y[:, None] * 0.4  # weakly informative image
+    sites = np.array(["back", "face", "foot"])[y]  # site tells the class
+    meta = np.stack([F.metadata_vector(50, "male", s) for s in sites])
+    head = F.fit_head(embeddings, meta, y, num_classes=4, c=1.0)
+    with_meta = head.logits(embeddings, meta).argmax(1)
+    without = head.logits(embeddings, np.repeat(F.MISSING_METADATA[None], n, 0)).argmax(1)
+    assert (with_meta == y).mean() > 0.95
+    assert 0.4 < (without == y).mean() < (with_meta == y).mean()
+    assert head.logits(embeddings[:1], meta[:1])[0, 3] < -10  # a class absent from training
+    head.save(tmp_path / "fusion.npz")
+    loaded = F.FusionHead.load(tmp_path / "fusion.npz")
+    np.testing.assert_allclose(loaded.logits(embeddings, meta), head.logits(embeddings, meta), rtol=1e-6)
+
+
+def test_logit_adjusted_run_snapshot_is_a_calibrated_artifact_with_its_decision(trained_run, synthetic_ham, tmp_path):
+    run = tmp_path / "la"
+    run_module(
+        "ml.train", "--data", str(synthetic_ham), "--out", str(run), "--epochs", "2", "--img-size", *map(str, TINY_SIZE),
+        "--batch-size", "16", "--loss", "logit_adjusted", "--label-smoothing", "0.1", "--balance", "none",
+        "--schedule", "cosine", "--init-from", str(trained_run / "model.weights.h5"), "--bootstrap", "10",
+        "--verbose", "2", "--run-eagerly",
+    )
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["decision"]["rule"] in ("argmax", "logit_adjusted_argmax")
+    assert len(manifest["decision"]["class_prior"]) == 7 and manifest["decision_fit"]["split"] == "val"
+    assert "warm start" in (run / "train.log").read_text()
+    history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
+    assert len(history) == 2 and float(history[1][2]) < float(history[0][2])  # cosine: the rate falls
+    snapshot = tmp_path / "snapshot"
+    run_module("ml.train", "--out", str(run), "--snapshot", str(snapshot), "--model-version", "9.9.9",
+               "--bootstrap", "10", "--data", str(synthetic_ham))
+    shot = json.loads((snapshot / "manifest.json").read_text())
+    assert shot["version"] == "9.9.9" and (snapshot / "eval_test" / "metrics.json").is_file()
+    assert (snapshot / "split.csv").read_text() == (run / "split.csv").read_text()
+    assert "recall_at_decision" in json.loads((snapshot / "eval_test" / "metrics.json").read_text())["melanoma"]
