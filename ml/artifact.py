@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 MANIFEST = "manifest.json"
 WEIGHTS = "model.weights.h5"
 MODEL_NAME = "efficientnetb3-cbam"
@@ -227,7 +226,9 @@ def weights_dtype(path: str | os.PathLike) -> str:
         for group in MODEL_WEIGHT_GROUPS:
             if group in f:
                 f[group].visititems(
-                    lambda _, o: dtypes.add(str(o.dtype)) if isinstance(o, h5py.Dataset) and o.dtype.kind == "f" else None
+                    lambda _, o: (
+                        dtypes.add(str(o.dtype)) if isinstance(o, h5py.Dataset) and o.dtype.kind == "f" else None
+                    )
                 )
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 

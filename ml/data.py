@@ -180,7 +180,9 @@ def read_isic2019(
             "pass unmapped='skip' to drop them."
         )
     keep = ~np.isin(labels, ISIC2019_UNMAPPED)
-    table = pd.DataFrame({"image_id": gt["image"].astype(str)[keep], "dx": [ISIC2019_TO_HAM[l] for l in labels[keep]]})
+    table = pd.DataFrame(
+        {"image_id": gt["image"].astype(str)[keep], "dx": [ISIC2019_TO_HAM[label] for label in labels[keep]]}
+    )
     table["lesion_id"] = _isic2019_lesions(table["image_id"], metadata_csv)
     image_dir = Path(image_dir) if image_dir else _default_isic_image_dir(csv_path)
     index = _index_image_files(image_dir, (".",))
@@ -387,7 +389,7 @@ def labels_to_indices(labels) -> np.ndarray:
     unknown = sorted(set(labels) - set(lookup))
     if unknown:
         raise ValueError(f"Unknown label(s) {unknown}; expected one of {list(CLASS_NAMES)}.")
-    return np.asarray([lookup[l] for l in labels], dtype=np.int32)
+    return np.asarray([lookup[label] for label in labels], dtype=np.int32)
 
 
 # --------------------------------------------------------------------------------------------

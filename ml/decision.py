@@ -33,7 +33,9 @@ class Decision:
             return probs.argmax(axis=-1)
         log_prior = np.log(np.clip(np.asarray(self.class_prior, dtype=np.float64), eps, 1.0))
         if log_prior.shape[-1] != probs.shape[-1]:
-            raise ValueError(f"The decision's prior has {log_prior.shape[-1]} classes, the probabilities {probs.shape[-1]}.")
+            raise ValueError(
+                f"The decision's prior has {log_prior.shape[-1]} classes, the probabilities {probs.shape[-1]}."
+            )
         return (np.log(np.clip(probs, eps, 1.0)) - self.tau * log_prior).argmax(axis=-1)
 
     @property

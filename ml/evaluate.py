@@ -54,7 +54,15 @@ def select_images(table: pd.DataFrame, model_dir: Path, split: str) -> tuple[pd.
 
 
 def compute_metrics(
-    y, probs_raw, probs, groups, thresholds: dict, class_names, malignant_classes, n_boot: int, seed: int = 0,
+    y,
+    probs_raw,
+    probs,
+    groups,
+    thresholds: dict,
+    class_names,
+    malignant_classes,
+    n_boot: int,
+    seed: int = 0,
     decide=M.argmax_decision,
 ) -> dict:
     """Every number of metrics.json from labels, uncalibrated and calibrated probabilities.
@@ -138,14 +146,26 @@ def evaluate(
     y = np.asarray([class_names.index(dx) for dx in table["dx"]])
     manifest = predictor.manifest
     metrics = compute_metrics(
-        y, probs_raw, probs, table["lesion_id"].to_numpy(), manifest.get("thresholds") or {},
-        class_names, manifest["malignant_classes"], n_boot, seed, decide=predictor.decision.choose,
+        y,
+        probs_raw,
+        probs,
+        table["lesion_id"].to_numpy(),
+        manifest.get("thresholds") or {},
+        class_names,
+        manifest["malignant_classes"],
+        n_boot,
+        seed,
+        decide=predictor.decision.choose,
     )
     metrics.update(
         model={"name": manifest["name"], "version": manifest["version"], "folder": str(model_dir)},
-        data=str(data), split=split, tta=tta, temperature=predictor.temperature,
+        data=str(data),
+        split=split,
+        tta=tta,
+        temperature=predictor.temperature,
         decision=predictor.decision.to_manifest(),
-        lesions=int(table["lesion_id"].nunique()), images_seen_in_training=leaked,
+        lesions=int(table["lesion_id"].nunique()),
+        images_seen_in_training=leaked,
     )
     _write_predictions(out_dir / "predictions.csv", table, probs, predictor.decision.choose(probs), class_names)
     figures = _write_figures(out_dir, y, probs_raw, probs, metrics, class_names)
@@ -155,7 +175,11 @@ def evaluate(
     write_report(out_dir, metrics, figures, class_names)
     log.info(
         "%s: balanced accuracy %.3f, macro AUC %s, ECE %.3f -> %s",
-        split, metrics["balanced_accuracy"], metrics["macro_auc"], metrics["ece"], out_dir,
+        split,
+        metrics["balanced_accuracy"],
+        metrics["macro_auc"],
+        metrics["ece"],
+        out_dir,
     )
     return metrics
 
@@ -172,9 +196,13 @@ def _write_figures(out_dir: Path, y, probs_raw, probs, metrics, class_names) -> 
     from ml import report as R
 
     return {
-        "Confusion matrix": R.plot_confusion_matrices(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png"),
+        "Confusion matrix": R.plot_confusion_matrices(
+            metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png"
+        ),
         "ROC curves": R.plot_roc_curves(y, probs, class_names, out_dir / "roc_curves.png"),
-        "Reliability before and after calibration": R.plot_reliability(y, probs_raw, probs, out_dir / "reliability.png"),
+        "Reliability before and after calibration": R.plot_reliability(
+            y, probs_raw, probs, out_dir / "reliability.png"
+        ),
         "Confidence histogram": R.plot_confidence_histogram(probs_raw, probs, out_dir / "confidence_histogram.png"),
     }
 
@@ -182,7 +210,9 @@ def _write_figures(out_dir: Path, y, probs_raw, probs, metrics, class_names) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ml.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="artifact or run folder (has manifest.json)")
-    parser.add_argument("--data", required=True, help="dataset folder (HAM10000 layout, class folders) or ISIC 2019 CSV")
+    parser.add_argument(
+        "--data", required=True, help="dataset folder (HAM10000 layout, class folders) or ISIC 2019 CSV"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips)")
@@ -191,7 +221,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     m = evaluate(args.model, args.data, args.out, args.split, args.tta, args.bootstrap, batch_size=args.batch_size)
-    summary = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated")}
+    summary = {
+        k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated")
+    }
     print(json.dumps(summary))
 
 

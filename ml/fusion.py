@@ -28,13 +28,27 @@ log = logging.getLogger("ml.fusion")
 SEXES = ("male", "female")
 # HAM10000's `localization` vocabulary without "unknown" (a missing site is its own feature).
 SITES = (
-    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-    "lower extremity", "neck", "scalp", "trunk", "upper extremity",
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
 )
 METADATA_FEATURES = (
     ("age_over_100", "age_missing")
-    + tuple(f"sex_{s}" for s in SEXES) + ("sex_missing",)
-    + tuple(f"site_{s}" for s in SITES) + ("site_missing",)
+    + tuple(f"sex_{s}" for s in SEXES)
+    + ("sex_missing",)
+    + tuple(f"site_{s}" for s in SITES)
+    + ("site_missing",)
 )
 FUSION_FILE = "fusion.npz"
 DROP_FRACTION = 0.5
@@ -65,9 +79,13 @@ MISSING_METADATA = metadata_vector()
 def metadata_matrix(table: pd.DataFrame) -> np.ndarray:
     """Metadata features of every row of a table with (some of) the columns age, sex, localization."""
     get = lambda row, key: row.get(key) if key in row else None  # noqa: E731
-    return np.stack([
-        metadata_vector(get(r, "age"), get(r, "sex"), get(r, "localization")) for r in table.to_dict("records")
-    ]) if len(table) else np.zeros((0, len(METADATA_FEATURES)), dtype=np.float32)
+    return (
+        np.stack(
+            [metadata_vector(get(r, "age"), get(r, "sex"), get(r, "localization")) for r in table.to_dict("records")]
+        )
+        if len(table)
+        else np.zeros((0, len(METADATA_FEATURES)), dtype=np.float32)
+    )
 
 
 @dataclass

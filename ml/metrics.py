@@ -84,9 +84,7 @@ def classification_metrics(y_true, probs, class_names=CLASS_NAMES, decide=argmax
     y_true, probs = _check_inputs(y_true, probs)
     y_pred = np.asarray(decide(probs))
     labels = list(range(probs.shape[1]))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = support > 0
     per_class = {
         name: {
@@ -189,9 +187,7 @@ def binary_at_threshold(y_bin, score, threshold: float) -> dict:
     }
 
 
-def bootstrap_ci(
-    statistic, y_true, probs, groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> dict:
+def bootstrap_ci(statistic, y_true, probs, groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile bootstrap interval of `statistic(y_true, probs)`, resampling groups (lesions).
 
     Images of one lesion are correlated, so whole lesions are drawn with replacement when

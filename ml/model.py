@@ -134,7 +134,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["input_size"] = tuple(known.get("input_size", (150, 200)))
         known["cbam_stages"] = tuple(known.get("cbam_stages", ()))
@@ -164,7 +164,9 @@ def _backbone_weights(weights: str) -> str | None:
         _require_cached_imagenet_weights()
         return "imagenet"
     if not os.path.isfile(weights):
-        raise ValueError(f"Backbone weights file {weights!r} does not exist; use 'none', 'imagenet' or a local .h5 path.")
+        raise ValueError(
+            f"Backbone weights file {weights!r} does not exist; use 'none', 'imagenet' or a local .h5 path."
+        )
     return weights
 
 
@@ -181,7 +183,10 @@ def _require_cached_imagenet_weights() -> None:
     if os.environ.get("DERMPORTAL_ALLOW_DOWNLOAD") == "1":
         return
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    candidates = [os.path.join(keras_home, "models", IMAGENET_WEIGHTS_FILE), os.path.join("/tmp/.keras/models", IMAGENET_WEIGHTS_FILE)]
+    candidates = [
+        os.path.join(keras_home, "models", IMAGENET_WEIGHTS_FILE),
+        os.path.join("/tmp/.keras/models", IMAGENET_WEIGHTS_FILE),
+    ]
     if not any(os.path.isfile(c) for c in candidates):
         raise ValueError(
             f"ImageNet weights are not cached at {candidates[0]!r} and will not be downloaded (no network at run "
@@ -207,7 +212,7 @@ def _insert_stage_cbam(backbone: keras.Model, config: ModelConfig) -> keras.Mode
     def call_with_cbam(layer, *args, **kwargs):
         out = layer(*args, **kwargs)
         if layer.name in ends:
-            stage = layer.name[len("block"):].split("_")[0][:-1]
+            stage = layer.name[len("block") :].split("_")[0][:-1]
             out = cbam_block(out, f"cbam_stage{stage}", config.cbam_ratio)
         return out
 

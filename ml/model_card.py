@@ -57,7 +57,9 @@ def fmt_ci(ci: dict | None) -> str:
     if ci.get("low") is None:
         return fmt(ci.get("estimate"))
     level = round(float(ci.get("level", 0.95)) * 100)
-    return f"{fmt(ci['estimate'])} ({level} % CI {fmt(ci['low'])}-{fmt(ci['high'])}, lesion bootstrap x{ci.get('n_boot')})"
+    return (
+        f"{fmt(ci['estimate'])} ({level} % CI {fmt(ci['low'])}-{fmt(ci['high'])}, lesion bootstrap x{ci.get('n_boot')})"
+    )
 
 
 def target_rows(metrics: dict) -> list[str]:
@@ -72,8 +74,10 @@ def target_rows(metrics: dict) -> list[str]:
 def per_class_rows(metrics: dict, long_names: dict) -> list[str]:
     rows = []
     for name, m in metrics.get("per_class", {}).items():
-        rows.append(f"| {name} ({long_names.get(name, name)}) | {m['support']} | {fmt(m['recall'])} | "
-                    f"{fmt(m['precision'])} | {fmt(m['roc_auc'])} |")
+        rows.append(
+            f"| {name} ({long_names.get(name, name)}) | {m['support']} | {fmt(m['recall'])} | "
+            f"{fmt(m['precision'])} | {fmt(m['roc_auc'])} |"
+        )
     return rows
 
 
@@ -127,8 +131,22 @@ def training_lines(manifest: dict, run_args: dict | None) -> list[str]:
         f"- Calibration: temperature {fmt(manifest.get('temperature'))} fitted on the validation split.",
     ]
     if run_args:
-        keys = ("img_size", "batch_size", "optimizer", "lr", "weight_decay", "gamma", "class_weight_power",
-                "dropout", "no_augment", "monitor", "patience", "lr_patience", "seed", "split")
+        keys = (
+            "img_size",
+            "batch_size",
+            "optimizer",
+            "lr",
+            "weight_decay",
+            "gamma",
+            "class_weight_power",
+            "dropout",
+            "no_augment",
+            "monitor",
+            "patience",
+            "lr_patience",
+            "seed",
+            "split",
+        )
         lines.append("- Arguments: " + ", ".join(f"`{k}={run_args[k]}`" for k in keys if k in run_args) + ".")
     return lines
 
@@ -162,9 +180,16 @@ def render(manifest: dict, metrics: dict | None, run_args: dict | None, commands
         "",
     ]
     if metrics is not None:
-        lines += ["| target (issue 4) | reached | goal | |", "| --- | --- | --- | --- |", *target_rows(metrics), "",
-                  "| class | test images | recall | precision | ROC AUC |", "| --- | --- | --- | --- | --- |",
-                  *per_class_rows(metrics, manifest.get("class_long_names", {})), ""]
+        lines += [
+            "| target (issue 4) | reached | goal | |",
+            "| --- | --- | --- | --- |",
+            *target_rows(metrics),
+            "",
+            "| class | test images | recall | precision | ROC AUC |",
+            "| --- | --- | --- | --- | --- |",
+            *per_class_rows(metrics, manifest.get("class_long_names", {})),
+            "",
+        ]
     lines += [
         "## Training data and split",
         "",
@@ -174,26 +199,46 @@ def render(manifest: dict, metrics: dict | None, run_args: dict | None, commands
     ]
     if split_rows(split):
         lines += ["| part | images | lesions | per class |", "| --- | --- | --- | --- |", *split_rows(split), ""]
-    lines += ["## Training", "", *training_lines(manifest, run_args), "",
-              "## Reproduce", "", "```", *commands, "```", "",
-              "## Known limits", "",
-              f"- Low resolution: {h}x{w} from 200x150 downscales; fine structures (dots, globules, vessels) are largely lost.",
-              "- No ImageNet pretraining (weights could not be downloaded) and a short CPU training run: the model",
-              "  is far from what the architecture reaches with pretraining (see the targets above).",
-              "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair skin (Fitzpatrick I-III); darker",
-              "  skin types are under-represented, and performance on them is unknown.",
-              "- Rare classes (df, vasc, akiec) have few test images: their per-class figures have wide intervals.",
-              *([f"- Classes this model rarely finds on the test split: {weak_classes(metrics)}."] if weak_classes(metrics) else []),
-              "- Test images come from the same distribution as training (no external validation, no prospective study).",
-              "",
-              "## Next steps to a better model", "", NEXT_STEPS,
-              "## Licence and citation", "",
-              "Trained on HAM10000 (CC BY-NC 4.0); the weights carry the same licence. See `LICENSE-DATA.md`.", ""]
+    lines += [
+        "## Training",
+        "",
+        *training_lines(manifest, run_args),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "## Known limits",
+        "",
+        f"- Low resolution: {h}x{w} from 200x150 downscales; fine structures (dots, globules, vessels) are largely lost.",
+        "- No ImageNet pretraining (weights could not be downloaded) and a short CPU training run: the model",
+        "  is far from what the architecture reaches with pretraining (see the targets above).",
+        "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair skin (Fitzpatrick I-III); darker",
+        "  skin types are under-represented, and performance on them is unknown.",
+        "- Rare classes (df, vasc, akiec) have few test images: their per-class figures have wide intervals.",
+        *(
+            [f"- Classes this model rarely finds on the test split: {weak_classes(metrics)}."]
+            if weak_classes(metrics)
+            else []
+        ),
+        "- Test images come from the same distribution as training (no external validation, no prospective study).",
+        "",
+        "## Next steps to a better model",
+        "",
+        NEXT_STEPS,
+        "## Licence and citation",
+        "",
+        "Trained on HAM10000 (CC BY-NC 4.0); the weights carry the same licence. See `LICENSE-DATA.md`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_model_card(artifact: Path, eval_dir: Path | None = None, run_dir: Path | None = None,
-                     commands: list[str] | None = None) -> Path:
+def write_model_card(
+    artifact: Path, eval_dir: Path | None = None, run_dir: Path | None = None, commands: list[str] | None = None
+) -> Path:
     """Writes MODEL_CARD.md (and LICENSE-DATA.md) into `artifact`; returns the card's path.
 
     Raises:
@@ -216,7 +261,9 @@ def main(argv=None) -> None:
     parser.add_argument("--artifact", required=True, type=Path, help="artifact folder (manifest.json + weights)")
     parser.add_argument("--eval", type=Path, help="the test evaluation folder (default ARTIFACT/eval_test)")
     parser.add_argument("--run", type=Path, help="the training run folder, for its args.json")
-    parser.add_argument("--command", action="append", default=[], help="a command that reproduces the artifact (repeatable)")
+    parser.add_argument(
+        "--command", action="append", default=[], help="a command that reproduces the artifact (repeatable)"
+    )
     args = parser.parse_args(argv)
     print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command)}")
 

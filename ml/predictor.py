@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.artifact import WEIGHTS, build_manifest, read_manifest, weights_dtype, convert_weights_file
+from ml.artifact import WEIGHTS, build_manifest, convert_weights_file, read_manifest, weights_dtype
 from ml.calibration import apply_temperature
-from ml.decision import Decision
 from ml.data import resize_image
+from ml.decision import Decision
 from ml.model import EMBEDDING_LAYER, ModelConfig, build_model
 
 DEFAULT_UNTRAINED_SIZE = (120, 160)
@@ -64,7 +64,7 @@ class Predictor:
     # ----------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, batch_size: int = 16) -> "Predictor":
+    def load(cls, folder: str | os.PathLike, batch_size: int = 16) -> Predictor:
         """Rebuilds the model described by `folder/manifest.json` and loads its weights.
 
         Args:
@@ -91,7 +91,7 @@ class Predictor:
         return cls(model, manifest, batch_size)
 
     @classmethod
-    def untrained(cls, input_size: tuple[int, int] = DEFAULT_UNTRAINED_SIZE, seed: int = UNTRAINED_SEED) -> "Predictor":
+    def untrained(cls, input_size: tuple[int, int] = DEFAULT_UNTRAINED_SIZE, seed: int = UNTRAINED_SEED) -> Predictor:
         """EfficientNetB3+CBAM with random (seeded) weights, for development without a trained model.
 
         Raises:
@@ -103,7 +103,7 @@ class Predictor:
         return cls(model, manifest)
 
     @classmethod
-    def load_default(cls, model_dir: str | os.PathLike | None) -> "Predictor":
+    def load_default(cls, model_dir: str | os.PathLike | None) -> Predictor:
         """`load(model_dir)` when it has a manifest.json, else `untrained()`.
 
         The untrained input size comes from UNTRAINED_INPUT_SIZE ("H,W") when set.
@@ -180,10 +180,7 @@ class Predictor:
         )
 
     def _forward_batched(self, batch: np.ndarray) -> np.ndarray:
-        out = [
-            self._forward(batch[i : i + self.batch_size]).numpy()
-            for i in range(0, len(batch), self.batch_size)
-        ]
+        out = [self._forward(batch[i : i + self.batch_size]).numpy() for i in range(0, len(batch), self.batch_size)]
         return np.concatenate(out).astype(np.float32)
 
     def __repr__(self) -> str:

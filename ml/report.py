@@ -27,15 +27,32 @@ def plot_confusion_matrices(confusion, class_names, path: Path) -> str:
     rows = cm.sum(axis=1, keepdims=True)
     normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, matrix, title, fmt in ((axes[0], cm, "Counts", "{:.0f}"), (axes[1], normalised, "Row-normalised (recall)", "{:.2f}")):
+    for ax, matrix, title, fmt in (
+        (axes[0], cm, "Counts", "{:.0f}"),
+        (axes[1], normalised, "Row-normalised (recall)", "{:.2f}"),
+    ):
         im = ax.imshow(matrix, cmap="Blues", vmin=0)
-        ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xticklabels=class_names,
-               yticklabels=class_names, xlabel="Predicted", ylabel="True", title=title)
+        ax.set(
+            xticks=range(len(class_names)),
+            yticks=range(len(class_names)),
+            xticklabels=class_names,
+            yticklabels=class_names,
+            xlabel="Predicted",
+            ylabel="True",
+            title=title,
+        )
         high = matrix.max() / 2 if matrix.max() else 0.5
         for i in range(len(class_names)):
             for j in range(len(class_names)):
-                ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > high else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] > high else "black",
+                )
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 
@@ -58,7 +75,10 @@ def plot_roc_curves(y_true, probs, class_names, path: Path) -> str:
 def plot_reliability(y_true, probs_before, probs_after, path: Path, n_bins: int = 15) -> str:
     """Reliability diagrams of the top-label confidence before and after temperature scaling."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, probs, title in ((axes[0], probs_before, "Before calibration"), (axes[1], probs_after, "After temperature scaling")):
+    for ax, probs, title in (
+        (axes[0], probs_before, "Before calibration"),
+        (axes[1], probs_after, "After temperature scaling"),
+    ):
         bins = reliability_bins(y_true, probs, n_bins)
         edges = np.asarray(bins["edges"])
         centres = (edges[:-1] + edges[1:]) / 2

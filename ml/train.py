@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights", default="none", help="backbone init: none | imagenet | PATH to .h5")
     p.add_argument(
-        "--loss", choices=["focal", "ce", "logit_adjusted"], default="focal",
+        "--loss",
+        choices=["focal", "ce", "logit_adjusted"],
+        default="focal",
         help="focal (class-weighted), ce (class-weighted), logit_adjusted (cross-entropy on log p + tau log prior)",
     )
     p.add_argument("--la-tau", type=float, default=1.0, help="prior weight of the logit-adjusted loss")
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="class_weight",
         help="class_weight: per-class loss weights (focal alpha); sampling: every class drawn equally often",
     )
-    p.add_argument("--class-weight-power", type=float, default=0.5, help="weights (n/(k n_c))**power; 1 = fully balanced")
+    p.add_argument(
+        "--class-weight-power", type=float, default=0.5, help="weights (n/(k n_c))**power; 1 = fully balanced"
+    )
     p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
     p.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau", help="learning-rate schedule")
     p.add_argument("--lr-warmup-epochs", type=int, default=0, help="cosine: linear warm-up epochs")
@@ -93,24 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", type=float, nargs=3, default=[0.70, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--malignant-sensitivity", type=float, default=None, help="malignant threshold rule (default Youden)")
+    p.add_argument(
+        "--malignant-sensitivity", type=float, default=None, help="malignant threshold rule (default Youden)"
+    )
     p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="off", help="XLA for the train step (much slower on CPU)")
-    p.add_argument("--run-eagerly", action="store_true", help="no graph tracing: for debugging and tiny smoke runs only")
+    p.add_argument(
+        "--jit-compile",
+        choices=["auto", "on", "off"],
+        default="off",
+        help="XLA for the train step (much slower on CPU)",
+    )
+    p.add_argument(
+        "--run-eagerly", action="store_true", help="no graph tracing: for debugging and tiny smoke runs only"
+    )
     p.add_argument("--no-test-eval", action="store_true", help="skip evaluating the test split at the end")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the final test evaluation")
     p.add_argument("--model-name", default=None)
     p.add_argument("--model-version", default=None, help="default: YYYY.MM.DD of the end of training")
     p.add_argument(
-        "--pack-resume", action="store_true",
+        "--pack-resume",
+        action="store_true",
         help="write the compact float16 carry-over (resume/) of the run in --out and exit; commit it so a later session can --resume",
     )
     p.add_argument(
-        "--snapshot", default=None, metavar="DIR",
+        "--snapshot",
+        default=None,
+        metavar="DIR",
         help="write an artifact of the run's best weights so far to DIR (calibrated, with its decision and test "
         "evaluation) and exit; the run itself goes on with --resume",
     )
-    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras fit verbosity (default: bar on a terminal)")
+    p.add_argument(
+        "--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras fit verbosity (default: bar on a terminal)"
+    )
     return p
 
 
@@ -142,7 +160,9 @@ def _merge_saved_args(args: argparse.Namespace, explicit: set[str]) -> argparse.
     for key in explicit - {"resume", "out"}:
         new, old = getattr(args, key), saved.get(key)
         if key in FIXED_ON_RESUME and new != old and not (key == "data" and _same_path(new, old)):
-            raise ValueError(f"--{key.replace('_', '-')} {new!r} differs from the run's {old!r}; it cannot change on --resume.")
+            raise ValueError(
+                f"--{key.replace('_', '-')} {new!r} differs from the run's {old!r}; it cannot change on --resume."
+            )
         setattr(merged, key, new)  # e.g. --epochs to extend, --verbose
     return merged
 
@@ -184,12 +204,11 @@ def setup_logging(run_dir: Path) -> None:
 
 
 def library_versions() -> dict:
+    import cv2
     import keras
     import pandas
     import sklearn
     import tensorflow as tf
-
-    import cv2
 
     return {
         "python": platform.python_version(),
@@ -399,7 +418,12 @@ def _make_callbacks():
             if self.early_stopping and s["es_wait"] >= self.args.patience:
                 s["stopped_early"] = True
                 self.model.stop_training = True
-            row = {"epoch": epoch + 1, "stage": s["stage"], "lr": lr, "seconds": round(time.time() - self._epoch_start, 1)}
+            row = {
+                "epoch": epoch + 1,
+                "stage": s["stage"],
+                "lr": lr,
+                "seconds": round(time.time() - self._epoch_start, 1),
+            }
             row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
             self._append_history(row)
             s.update(epoch=epoch + 1, lr=lr)
@@ -419,7 +443,13 @@ def _make_callbacks():
                 new = max(lr * self.args.lr_factor, self.args.min_lr)
                 self.model.optimizer.learning_rate = new
                 s["lr_wait"] = 0
-                log.info("validation %s has not improved for %d epochs: learning rate %.3g -> %.3g", self.monitor, self.args.lr_patience, lr, new)
+                log.info(
+                    "validation %s has not improved for %d epochs: learning rate %.3g -> %.3g",
+                    self.monitor,
+                    self.args.lr_patience,
+                    lr,
+                    new,
+                )
                 return new
             return lr
 
@@ -568,7 +598,13 @@ def prepare_split(args, run_dir: Path):
         D.save_split(table, split_csv)
     for name in D.SPLITS:
         part = table[table["split"] == name]
-        log.info("%s: %d images, %d lesions, %s", name, len(part), part["lesion_id"].nunique(), part["dx"].value_counts().to_dict())
+        log.info(
+            "%s: %d images, %d lesions, %s",
+            name,
+            len(part),
+            part["lesion_id"].nunique(),
+            part["dx"].value_counts().to_dict(),
+        )
     if not (table["split"] == "train").any() or not (table["split"] == "val").any():
         raise ValueError("The split left no training or no validation images; the dataset is too small.")
     return table
@@ -597,7 +633,6 @@ def train(args) -> Path:
         write_json(run_dir / "args.json", json.loads((run_dir / "args.json").read_text()) | {"epochs": args.epochs})
     log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
 
-
     from ml import augment as A
     from ml import data as D
     from ml.model import build_model
@@ -612,7 +647,11 @@ def train(args) -> Path:
     x_val = D.load_images(val_rows["path"], size)
     y_val = D.labels_to_indices(val_rows["dx"])
     weights = D.class_weights(y_train, power=args.class_weight_power)
-    log.info("class weights (power %s): %s", args.class_weight_power, {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)})
+    log.info(
+        "class weights (power %s): %s",
+        args.class_weight_power,
+        {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)},
+    )
 
     recipe = A.NO_AUGMENTATION if args.no_augment else A.AugmentRecipe()
     train_ds = A.ImageBatches(
@@ -631,10 +670,19 @@ def train(args) -> Path:
         state = checkpoints.read_state(latest)
         checkpoints.restore_model(model, latest)
         restored = True
-        log.info("restored %s (epoch %d, best %s=%s at epoch %s)", latest.name, state["epoch"], args.monitor, state["best"], state["best_epoch"])
+        log.info(
+            "restored %s (epoch %d, best %s=%s at epoch %s)",
+            latest.name,
+            state["epoch"],
+            args.monitor,
+            state["best"],
+            state["best_epoch"],
+        )
     elif args.resume and (carried := unpack_carryover(run_dir, model)) is not None:
         state, restored = carried, True
-        log.info("restored the float16 carry-over %s/ (epoch %d); the optimizer's moments restart", CARRYOVER, state["epoch"])
+        log.info(
+            "restored the float16 carry-over %s/ (epoch %d); the optimizer's moments restart", CARRYOVER, state["epoch"]
+        )
     elif args.init_from:
         load_model_weights(model, args.init_from)
         log.info("warm start from %s", args.init_from)
@@ -657,8 +705,11 @@ def train(args) -> Path:
         set_trainable(model, stage.trainable, args.unfreeze_from_block)
         lr = state["lr"] if resuming_stage else stage.lr
         model.compile(
-            optimizer=make_optimizer(args, lr), loss=loss_fn, metrics=["accuracy"],
-            jit_compile=_jit(args), run_eagerly=bool(getattr(args, "run_eagerly", False)),
+            optimizer=make_optimizer(args, lr),
+            loss=loss_fn,
+            metrics=["accuracy"],
+            jit_compile=_jit(args),
+            run_eagerly=bool(getattr(args, "run_eagerly", False)),
         )
         if resuming_stage:
             if latest is not None:
@@ -669,8 +720,12 @@ def train(args) -> Path:
         controller.early_stopping = stage is stages[-1]
         log.info(
             "stage %s: epochs %d-%d, lr %.3g, %d trainable weights of %d",
-            stage.name, max(begin, state["epoch"]) + 1, stage.end_epoch, lr,
-            len(model.trainable_weights), len(model.weights),
+            stage.name,
+            max(begin, state["epoch"]) + 1,
+            stage.end_epoch,
+            lr,
+            len(model.trainable_weights),
+            len(model.weights),
         )
         model.fit(
             train_ds,
@@ -690,8 +745,15 @@ def train(args) -> Path:
 
 def _initial_state(stage: Stage, args) -> dict:
     return {
-        "epoch": 0, "stage": stage.name, "lr": stage.lr, "best": None, "best_epoch": None,
-        "es_wait": 0, "lr_wait": 0, "stopped_early": False, "monitor": args.monitor,
+        "epoch": 0,
+        "stage": stage.name,
+        "lr": stage.lr,
+        "best": None,
+        "best_epoch": None,
+        "es_wait": 0,
+        "lr_wait": 0,
+        "stopped_early": False,
+        "monitor": args.monitor,
     }
 
 
@@ -713,7 +775,6 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
     from ml import data as D
     from ml import metrics as M
     from ml.artifact import WEIGHTS, build_manifest, write_manifest
-
     from ml.decision import class_prior, fit_decision
     from ml.model import shift_head_bias
 
@@ -738,35 +799,57 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
     calibrated = C.apply_temperature(probs, temperature["temperature"])
     thresholds = _fit_thresholds_or_default(y_val, calibrated, args)
     decision, tau_scores = fit_decision(y_val, calibrated, prior)
-    log.info("decision: tau %.2f, validation balanced accuracy %.3f (plain argmax %.3f)", decision.tau, tau_scores[decision.tau], tau_scores[0.0])
+    log.info(
+        "decision: tau %.2f, validation balanced accuracy %.3f (plain argmax %.3f)",
+        decision.tau,
+        tau_scores[decision.tau],
+        tau_scores[0.0],
+    )
     val_metrics = M.classification_metrics(y_val, calibrated, decide=decision.choose)
     val_metrics["ece"] = M.expected_calibration_error(y_val, calibrated)
     val_metrics["ece_uncalibrated"] = M.expected_calibration_error(y_val, probs)
     write_json(out_dir / "calibration.json", {**temperature, "thresholds": thresholds})
-    log.info("temperature %.3f (val NLL %.4f -> %.4f); thresholds %s", temperature["temperature"], temperature["nll_before"], temperature["nll_after"], thresholds)
+    log.info(
+        "temperature %.3f (val NLL %.4f -> %.4f); thresholds %s",
+        temperature["temperature"],
+        temperature["nll_before"],
+        temperature["nll_after"],
+        thresholds,
+    )
 
     train_rows = table[table["split"] == "train"]
     manifest = build_manifest(
         model_config(args),
         name=args.model_name,
-        version=args.model_version or datetime.now(timezone.utc).strftime("%Y.%m.%d"),
+        version=args.model_version or datetime.now(UTC).strftime("%Y.%m.%d"),
         trained=True,
         trained_on=_describe_data(args, table),
         temperature=temperature["temperature"],
         thresholds={"malignant": thresholds["malignant"], "melanoma": thresholds["melanoma"]},
         data_fingerprint=D.data_fingerprint(train_rows),
-        split={"seed": args.seed, "fractions": list(args.split), "grouped_by": "lesion_id", "stratified_by": "dx", **D.split_summary(table)},
+        split={
+            "seed": args.seed,
+            "fractions": list(args.split),
+            "grouped_by": "lesion_id",
+            "stratified_by": "dx",
+            **D.split_summary(table),
+        },
         metrics={"validation": _summary(val_metrics)},
         extra={
             "decision": decision.to_manifest(),
             "decision_fit": {"split": "val", "metric": "balanced_accuracy", "by_tau": tau_scores},
             "threshold_rules": thresholds.get("rules"),
             "training": {
-                "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "monitor": f"val_{args.monitor}",
-                "best_value": state["best"], "stopped_early": bool(state.get("stopped_early")),
-                "loss": args.loss, "balance": args.balance, "weights_init": args.weights,
+                "epochs_run": state["epoch"],
+                "best_epoch": state["best_epoch"],
+                "monitor": f"val_{args.monitor}",
+                "best_value": state["best"],
+                "stopped_early": bool(state.get("stopped_early")),
+                "loss": args.loss,
+                "balance": args.balance,
+                "weights_init": args.weights,
             },
-            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
     write_manifest(out_dir, manifest)
@@ -776,7 +859,9 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
 
         # The in-memory model holds exactly the weights just written: no need to rebuild it.
         predictor = Predictor(model, manifest, batch_size=args.batch_size)
-        test = evaluate(out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor)
+        test = evaluate(
+            out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor
+        )
         manifest["metrics"]["test"] = _summary(test)
         write_manifest(out_dir, manifest)
     log.info("%s is a model artifact (manifest.json + %s)", out_dir, WEIGHTS)
@@ -795,8 +880,20 @@ def _fit_thresholds_or_default(y_val, calibrated, args) -> dict:
 
 
 def _summary(m: dict) -> dict:
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "nll", "ece", "ece_uncalibrated",
-            "balanced_accuracy_ci", "macro_auc_ci", "melanoma", "malignant")
+    keep = (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "macro_auc",
+        "nll",
+        "ece",
+        "ece_uncalibrated",
+        "balanced_accuracy_ci",
+        "macro_auc_ci",
+        "melanoma",
+        "malignant",
+    )
     return {k: m[k] for k in keep if k in m}
 
 

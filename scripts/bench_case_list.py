@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,10 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 SITES = ["back", "face", "chest", "trunk", "lower extremity", "upper extremity", "abdomen", "scalp"]
 QUERIES = [
-    "", "predicted=mel", "reference=mel", "reference=nv&predicted=nv", "review=unreviewed", "review=reviewed",
-    "agreement=disagree", "status=failed", "sex=female&site=back", "age_min=40&age_max=60",
-    "date_from={d1}&date_to={d2}", "batch=3", "uploader=2", "model_version=2&predicted=nv", "sort=-age",
-    "predicted=bcc&sex=male&age_min=50", "q=HAM_00012", "reference=any&review=reviewed_by_me", "sort=oldest",
+    "",
+    "predicted=mel",
+    "reference=mel",
+    "reference=nv&predicted=nv",
+    "review=unreviewed",
+    "review=reviewed",
+    "agreement=disagree",
+    "status=failed",
+    "sex=female&site=back",
+    "age_min=40&age_max=60",
+    "date_from={d1}&date_to={d2}",
+    "batch=3",
+    "uploader=2",
+    "model_version=2&predicted=nv",
+    "sort=-age",
+    "predicted=bcc&sex=male&age_min=50",
+    "q=HAM_00012",
+    "reference=any&review=reviewed_by_me",
+    "sort=oldest",
     "agreement=matches_reference&model_version=1",
 ]
 
@@ -39,65 +54,148 @@ def seed(app, n_cases: int, rng: random.Random) -> None:
     from webapp.db import db
     from webapp.models import Analysis, Batch, BatchItem, Case, Image, Job, ModelVersion, Review, User
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     t0 = time.perf_counter()
     with app.app_context():
         users = []
-        for i, (email, role) in enumerate([("admin@bench", "admin"), ("res@bench", "researcher"),
-                                            ("rev1@bench", "reviewer"), ("rev2@bench", "reviewer"), ("rev3@bench", "reviewer")]):
+        for email, role in [
+            ("admin@bench", "admin"),
+            ("res@bench", "researcher"),
+            ("rev1@bench", "reviewer"),
+            ("rev2@bench", "reviewer"),
+            ("rev3@bench", "reviewer"),
+        ]:
             user = User(email=email, role=role)
             user.set_password("benchmark-password")
             users.append(user)
         db.session.add_all(users)
         for version, trained in (("untrained", False), ("2026.11.0", True)):
-            db.session.add(ModelVersion(name="efficientnetb3-cbam", version=version, trained=trained, class_names=CLASSES,
-                                        manifest={"malignant_classes": ["akiec", "bcc", "mel"], "class_long_names": {}}))
+            db.session.add(
+                ModelVersion(
+                    name="efficientnetb3-cbam",
+                    version=version,
+                    trained=trained,
+                    class_names=CLASSES,
+                    manifest={"malignant_classes": ["akiec", "bcc", "mel"], "class_long_names": {}},
+                )
+            )
         db.session.add_all([Batch(name=f"batch {i}", source="api", created_by_id=2) for i in range(1, 11)])
         db.session.commit()
 
         def chunks(rows, size=20_000):
             for start in range(0, len(rows), size):
-                yield rows[start:start + size]
+                yield rows[start : start + size]
 
         cases, images, jobs, analyses, items = [], [], [], [], []
         for i in range(1, n_cases + 1):
             batch = (i % 10) + 1 if i % 5 == 0 else None
-            cases.append({"id": i, "created_at": now - timedelta(minutes=n_cases - i), "uploader_id": rng.choice((1, 2)),
-                          "age": rng.choice([None] + list(range(5, 90, 5))), "sex": rng.choice(("male", "female", "unknown")),
-                          "site": rng.choice(SITES), "lesion_ref": f"HAM_{i:07d}",
-                          "reference_dx": rng.choice(CLASSES) if i % 3 else None,
-                          "reference_dx_type": "histo" if i % 3 else None, "batch_id": batch})
+            cases.append(
+                {
+                    "id": i,
+                    "created_at": now - timedelta(minutes=n_cases - i),
+                    "uploader_id": rng.choice((1, 2)),
+                    "age": rng.choice([None] + list(range(5, 90, 5))),
+                    "sex": rng.choice(("male", "female", "unknown")),
+                    "site": rng.choice(SITES),
+                    "lesion_ref": f"HAM_{i:07d}",
+                    "reference_dx": rng.choice(CLASSES) if i % 3 else None,
+                    "reference_dx_type": "histo" if i % 3 else None,
+                    "batch_id": batch,
+                }
+            )
             digest = f"{i:064x}"
-            images.append({"id": i, "case_id": i, "content_hash": digest, "storage_key": f"images/00/00/{digest}.png",
-                           "width": 600, "height": 450, "original_filename": f"ISIC_{i:07d}.jpg", "created_at": now})
+            images.append(
+                {
+                    "id": i,
+                    "case_id": i,
+                    "content_hash": digest,
+                    "storage_key": f"images/00/00/{digest}.png",
+                    "width": 600,
+                    "height": 450,
+                    "original_filename": f"ISIC_{i:07d}.jpg",
+                    "created_at": now,
+                }
+            )
             failed = i % 97 == 0
             top = rng.choice(CLASSES)
             probs = {c: 0.4 if c == top else 0.1 for c in CLASSES}
             if not failed:
-                analyses.append({"image_id": i, "model_version_id": 1, "status": "succeeded", "probabilities": probs,
-                                 "top_class": top, "timings": {"predict_ms": 40.0}, "created_at": now, "finished_at": now})
+                analyses.append(
+                    {
+                        "image_id": i,
+                        "model_version_id": 1,
+                        "status": "succeeded",
+                        "probabilities": probs,
+                        "top_class": top,
+                        "timings": {"predict_ms": 40.0},
+                        "created_at": now,
+                        "finished_at": now,
+                    }
+                )
             if i % 5 == 1:
-                analyses.append({"image_id": i, "model_version_id": 2, "status": "succeeded", "probabilities": probs,
-                                 "top_class": rng.choice(CLASSES), "created_at": now, "finished_at": now})
-            jobs.append({"kind": "analyse", "status": "failed" if failed else "succeeded", "image_id": i,
-                         "model_version_id": 1, "attempts": 1, "created_at": now})
+                analyses.append(
+                    {
+                        "image_id": i,
+                        "model_version_id": 2,
+                        "status": "succeeded",
+                        "probabilities": probs,
+                        "top_class": rng.choice(CLASSES),
+                        "created_at": now,
+                        "finished_at": now,
+                    }
+                )
+            jobs.append(
+                {
+                    "kind": "analyse",
+                    "status": "failed" if failed else "succeeded",
+                    "image_id": i,
+                    "model_version_id": 1,
+                    "attempts": 1,
+                    "created_at": now,
+                }
+            )
             if batch:
-                items.append({"batch_id": batch, "filename": f"ISIC_{i:07d}.jpg", "case_id": i, "image_id": i,
-                              "duplicate": False, "created_at": now})
+                items.append(
+                    {
+                        "batch_id": batch,
+                        "filename": f"ISIC_{i:07d}.jpg",
+                        "case_id": i,
+                        "image_id": i,
+                        "duplicate": False,
+                        "created_at": now,
+                    }
+                )
         reviews = []
         for case_id in rng.sample(range(1, n_cases + 1), n_cases // 10):
             for reviewer in rng.sample((3, 4, 5), rng.choice((1, 1, 2))):
-                reviews.append({"case_id": case_id, "reviewer_id": reviewer, "diagnosis": rng.choice(CLASSES),
-                                "agrees_with_model": rng.random() < 0.7, "confidence": rng.randint(1, 5),
-                                "created_at": now, "updated_at": now})
-        for model, rows in ((Case, cases), (Image, images), (Analysis, analyses), (Job, jobs), (BatchItem, items), (Review, reviews)):
+                reviews.append(
+                    {
+                        "case_id": case_id,
+                        "reviewer_id": reviewer,
+                        "diagnosis": rng.choice(CLASSES),
+                        "agrees_with_model": rng.random() < 0.7,
+                        "confidence": rng.randint(1, 5),
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+        for model, rows in (
+            (Case, cases),
+            (Image, images),
+            (Analysis, analyses),
+            (Job, jobs),
+            (BatchItem, items),
+            (Review, reviews),
+        ):
             for part in chunks(rows):
                 db.session.execute(insert(model), part)
         db.session.commit()
         db.session.execute(db.text("ANALYZE"))
         db.session.commit()
-    print(f"seeded {n_cases} cases, {len(analyses)} analyses, {len(reviews)} reviews in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    print(
+        f"seeded {n_cases} cases, {len(analyses)} analyses, {len(reviews)} reviews in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
@@ -115,8 +213,16 @@ def main() -> None:
 
         db_file = args.keep or Path(tmp) / "bench.db"
         reuse = db_file.exists()
-        app = create_app({"TESTING": True, "INSTANCE_DIR": tmp, "DATABASE_URL": f"sqlite:///{db_file}",
-                          "STORAGE_DIR": f"{tmp}/storage", "REDIS_URL": "redis://127.0.0.1:1/0", "CSRF_ENABLED": False})
+        app = create_app(
+            {
+                "TESTING": True,
+                "INSTANCE_DIR": tmp,
+                "DATABASE_URL": f"sqlite:///{db_file}",
+                "STORAGE_DIR": f"{tmp}/storage",
+                "REDIS_URL": "redis://127.0.0.1:1/0",
+                "CSRF_ENABLED": False,
+            }
+        )
         with app.app_context():
             upgrade()
         if not reuse:
@@ -133,8 +239,11 @@ def main() -> None:
             db.session.commit()
             db.session.remove()
         headers = {"Authorization": f"Bearer {token}"}
-        today = datetime.now(timezone.utc).date()
-        queries = [q.format(d1=(today - timedelta(days=20)).isoformat(), d2=(today - timedelta(days=10)).isoformat()) for q in QUERIES]
+        today = datetime.now(UTC).date()
+        queries = [
+            q.format(d1=(today - timedelta(days=20)).isoformat(), d2=(today - timedelta(days=10)).isoformat())
+            for q in QUERIES
+        ]
         timings: dict[str, list[float]] = {}
         all_ms: list[float] = []
         for url in ("/cases?", "/api/v1/cases?"):  # warm-up
@@ -156,14 +265,19 @@ def main() -> None:
                 all_ms.append((time.perf_counter() - started) * 1000)
         all_ms.sort()
         slowest = sorted(((statistics.median(v), k) for k, v in timings.items()), reverse=True)[:5]
-        print(json.dumps({
-            "cases": args.cases,
-            "requests": len(all_ms),
-            "case_list_p50_ms": round(statistics.median(all_ms), 1),
-            "case_list_p95_ms": round(all_ms[int(0.95 * (len(all_ms) - 1))], 1),
-            "case_list_max_ms": round(all_ms[-1], 1),
-            "slowest_median_ms": {k: round(v, 1) for v, k in slowest},
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "cases": args.cases,
+                    "requests": len(all_ms),
+                    "case_list_p50_ms": round(statistics.median(all_ms), 1),
+                    "case_list_p95_ms": round(all_ms[int(0.95 * (len(all_ms) - 1))], 1),
+                    "case_list_max_ms": round(all_ms[-1], 1),
+                    "slowest_median_ms": {k: round(v, 1) for v, k in slowest},
+                },
+                indent=1,
+            )
+        )
 
 
 def logging_quiet() -> None:

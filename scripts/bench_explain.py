@@ -29,7 +29,9 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"  # ../shared beside the repo
+IMAGES = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"
+)  # ../shared beside the repo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,13 +126,15 @@ def main(argv=None) -> None:
     result.update(bench_gradcam(predictor, images[0], args.repeats))
     print(json.dumps(result), flush=True)
     result.update(bench_shap(predictor, images[: args.shap_images], args))
-    result.update({
-        "shap_batch_size": args.shap_batch_size,
-        "shap_top_k": args.top_k,
-        "cpu_count": os.cpu_count(),
-        "loadavg_1min_before": round(load_before, 2),
-        "loadavg_1min_after": round(os.getloadavg()[0], 2),
-    })
+    result.update(
+        {
+            "shap_batch_size": args.shap_batch_size,
+            "shap_top_k": args.top_k,
+            "cpu_count": os.cpu_count(),
+            "loadavg_1min_before": round(load_before, 2),
+            "loadavg_1min_after": round(os.getloadavg()[0], 2),
+        }
+    )
     print(json.dumps(result))
 
 

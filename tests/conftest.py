@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from portal_helpers import ENV_VARS, login, make_token, make_user
 from pg_support import fresh_postgres_url, postgres_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
+from portal_helpers import ENV_VARS, login, make_token, make_user
 
 # webapp is imported inside the fixtures, not at module level: tests/ml/ may check that ml/ runs
 # without Flask.
@@ -29,15 +28,17 @@ def app(tmp_path):
     from webapp import create_app
     from webapp.db import db
 
-    app = create_app({
-        "TESTING": True,
-        "INSTANCE_DIR": tmp_path / "instance",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'test.db'}",
-        "STORAGE_DIR": tmp_path / "storage",
-        "MODEL_DIR": tmp_path / "no-model",
-        "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there: the broker is "down"
-        "BROKER_TIMEOUT": 0.5,
-    })
+    app = create_app(
+        {
+            "TESTING": True,
+            "INSTANCE_DIR": tmp_path / "instance",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'test.db'}",
+            "STORAGE_DIR": tmp_path / "storage",
+            "MODEL_DIR": tmp_path / "no-model",
+            "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there: the broker is "down"
+            "BROKER_TIMEOUT": 0.5,
+        }
+    )
     with app.app_context():
         db.create_all()
     yield app

@@ -63,13 +63,28 @@ def postgres_url():
     workdir.chmod(0o700)
     port = _free_port()
     run = lambda argv: subprocess.run(_as_postgres(argv), capture_output=True, text=True, timeout=120)  # noqa: E731
-    result = run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync", "--locale=C"])
+    result = run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]
+    )
     if result.returncode != 0:
         shutil.rmtree(workdir, ignore_errors=True)
         pytest.fail(f"initdb failed:\n{result.stdout}\n{result.stderr}")
-    options = (f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-               "-c full_page_writes=off -c max_connections=50")
+    options = (
+        f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=50"
+    )
     result = run([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60", "start"])
     if result.returncode != 0:
         text = log.read_text(errors="replace") if log.exists() else ""

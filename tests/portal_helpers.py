@@ -11,11 +11,30 @@ SMALL_IMAGES = ["ISIC_0025964.jpg", "ISIC_0024698.jpg", "ISIC_0028155.jpg", "ISI
 FULLRES_IMAGE = "ISIC_0024318.jpg"  # 600x450, as a dermatoscope exports it
 PASSWORD = "correct horse battery"
 ENV_VARS = (
-    "PORTAL_ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL", "STORAGE_DIR", "MODEL_DIR", "INSTANCE_DIR",
-    "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "UNTRAINED_INPUT_SIZE", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT",
-    "SHAP_TOP_K", "SHAP_MAX_EVALS", "SHAP_BATCH_SIZE", "GRADCAM_PLUS_PLUS",
-    "SWEEP_INTERVAL", "SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN", "TASK_MAX_ATTEMPTS",
-    "PREDICT_BATCH_SIZE", "PREDICT_WARMUP", "LOGIN_RATE_LIMIT", "UPLOAD_RATE_LIMIT",
+    "PORTAL_ENV",
+    "SECRET_KEY",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "STORAGE_DIR",
+    "MODEL_DIR",
+    "INSTANCE_DIR",
+    "MAX_UPLOAD_MB",
+    "MAX_IMAGE_PIXELS",
+    "UNTRAINED_INPUT_SIZE",
+    "TASK_SOFT_TIME_LIMIT",
+    "TASK_TIME_LIMIT",
+    "SHAP_TOP_K",
+    "SHAP_MAX_EVALS",
+    "SHAP_BATCH_SIZE",
+    "GRADCAM_PLUS_PLUS",
+    "SWEEP_INTERVAL",
+    "SWEEP_QUEUED_AFTER",
+    "SWEEP_RUNNING_MARGIN",
+    "TASK_MAX_ATTEMPTS",
+    "PREDICT_BATCH_SIZE",
+    "PREDICT_WARMUP",
+    "LOGIN_RATE_LIMIT",
+    "UPLOAD_RATE_LIMIT",
 )
 
 
@@ -61,7 +80,13 @@ def login(client, email, password=PASSWORD):
 # The manifest of the stand-in predictors in the worker tests (an untrained model's shape).
 FAKE_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 FAKE_MANIFEST = {
-    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
-    "class_names": FAKE_CLASSES, "class_long_names": {c: c.upper() for c in FAKE_CLASSES},
-    "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64], "temperature": 1.0,
+    "name": "efficientnetb3-cbam",
+    "version": "untrained",
+    "trained": False,
+    "trained_on": None,
+    "class_names": FAKE_CLASSES,
+    "class_long_names": {c: c.upper() for c in FAKE_CLASSES},
+    "malignant_classes": ["akiec", "bcc", "mel"],
+    "input_size": [64, 64],
+    "temperature": 1.0,
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from portal_helpers import IMAGES, SMALL_IMAGES
 
@@ -13,8 +13,14 @@ CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 CSV_HEADER = "image_id,lesion_id,dx,dx_type,age,sex,localization\n"
 HAM_CSV = CSV_HEADER + "".join(
     f"{name[:-4]},HAM_{i:07d},{dx},histo,{40 + i},{sex},{site}\n"
-    for i, (name, dx, sex, site) in enumerate(zip(
-        SMALL_IMAGES, ["mel", "nv", "bcc", "bkl"], ["male", "female", "male", "female"], ["back", "face", "chest", "trunk"]))
+    for i, (name, dx, sex, site) in enumerate(
+        zip(
+            SMALL_IMAGES,
+            ["mel", "nv", "bcc", "bkl"],
+            ["male", "female", "male", "female"],
+            ["back", "face", "chest", "trunk"],
+        )
+    )
 )
 
 
@@ -23,9 +29,14 @@ def model_version(app, name="efficientnetb3-cbam", version="untrained", trained=
     from webapp.models import ModelVersion
 
     with app.app_context():
-        mv = ModelVersion(name=name, version=version, trained=trained, trained_on="HAM10000 test" if trained else None,
-                          class_names=CLASSES, manifest={"class_long_names": {}, "malignant_classes": ["akiec", "bcc", "mel"],
-                                                         "input_size": [64, 64]})
+        mv = ModelVersion(
+            name=name,
+            version=version,
+            trained=trained,
+            trained_on="HAM10000 test" if trained else None,
+            class_names=CLASSES,
+            manifest={"class_long_names": {}, "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64]},
+        )
         db.session.add(mv)
         db.session.commit()
         return mv.id
@@ -37,21 +48,41 @@ def seed_case(app, *, top=None, mv_id=None, probability=0.6, created=None, job_s
     from webapp.models import Analysis, Case, Image, Job
 
     with app.app_context():
-        case = Case(created_at=created or datetime.now(timezone.utc), **fields)
-        digest = hashlib.sha256(repr((fields, created, top, id(case))).encode() + str(datetime.now().timestamp()).encode()).hexdigest()
-        image = Image(case=case, content_hash=digest, storage_key=f"images/{digest[:2]}/{digest[2:4]}/{digest}.png",
-                      width=10, height=10, original_filename=f"{fields.get('lesion_ref') or 'img'}.jpg")
+        case = Case(created_at=created or datetime.now(UTC), **fields)
+        digest = hashlib.sha256(
+            repr((fields, created, top, id(case))).encode() + str(datetime.now().timestamp()).encode()
+        ).hexdigest()
+        image = Image(
+            case=case,
+            content_hash=digest,
+            storage_key=f"images/{digest[:2]}/{digest[2:4]}/{digest}.png",
+            width=10,
+            height=10,
+            original_filename=f"{fields.get('lesion_ref') or 'img'}.jpg",
+        )
         db.session.add_all([case, image])
         db.session.flush()
         analysis = None
         if top is not None:
             rest = (1 - probability) / (len(CLASSES) - 1)
-            analysis = Analysis(image_id=image.id, model_version_id=mv_id, status="succeeded", top_class=top,
-                                probabilities={c: probability if c == top else rest for c in CLASSES})
+            analysis = Analysis(
+                image_id=image.id,
+                model_version_id=mv_id,
+                status="succeeded",
+                top_class=top,
+                probabilities={c: probability if c == top else rest for c in CLASSES},
+            )
             db.session.add(analysis)
             db.session.flush()
-        db.session.add(Job(kind="analyse", status=job_status, image_id=image.id, model_version_id=mv_id,
-                           analysis_id=analysis.id if analysis else None))
+        db.session.add(
+            Job(
+                kind="analyse",
+                status=job_status,
+                image_id=image.id,
+                model_version_id=mv_id,
+                analysis_id=analysis.id if analysis else None,
+            )
+        )
         db.session.commit()
         return case.id
 
@@ -64,7 +95,7 @@ def zip_bytes(entries: dict[str, bytes], *, symlinks=(), compression=zipfile.ZIP
             info.compress_type = compression
             if name in symlinks:
                 info.create_system = 3
-                info.external_attr = (0o120777 << 16)
+                info.external_attr = 0o120777 << 16
             zf.writestr(info, data)
     return buffer.getvalue()
 

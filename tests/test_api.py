@@ -3,8 +3,8 @@ import time
 
 import pytest
 from PIL import Image
-
 from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes, make_token, make_user
+
 from webapp.config import DISCLAIMER
 from webapp.db import db
 from webapp.models import Case, Job
@@ -18,14 +18,21 @@ def upload(client, headers, data=None, name=SMALL_IMAGES[0], **fields):
 
 
 def test_upload_commits_case_image_job_and_sends_the_task(app, client, auth_headers, sent_tasks):
-    response = upload(client, auth_headers, age="45", sex="female", site="lower extremity",
-                      patient_ref="P-001", lesion_ref="L-7")
+    response = upload(
+        client, auth_headers, age="45", sex="female", site="lower extremity", patient_ref="P-001", lesion_ref="L-7"
+    )
     assert response.status_code == 202, response.json
     body = response.json
     assert body["url"] == f"/api/v1/cases/{body['id']}" and response.headers["Location"] == body["url"]
     with app.app_context():
         case = db.session.get(Case, body["id"])
-        assert (case.age, case.sex, case.site, case.patient_ref, case.lesion_ref) == (45, "female", "lower extremity", "P-001", "L-7")
+        assert (case.age, case.sex, case.site, case.patient_ref, case.lesion_ref) == (
+            45,
+            "female",
+            "lower extremity",
+            "P-001",
+            "L-7",
+        )
         image = case.images[0]
         assert (image.width, image.height, image.original_filename) == (200, 150, SMALL_IMAGES[0])
         job = image.jobs[0]

@@ -4,7 +4,6 @@ whether the import is at module level or inside a function), and webapp/ keeps i
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

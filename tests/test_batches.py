@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pytest
-
 from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes
 from research_helpers import CSV_HEADER, HAM_CSV, fixture_images, zip_bytes
 
@@ -21,17 +20,28 @@ def _counts(app):
 def test_batch_from_files_with_metadata_then_a_chunk_and_a_duplicate(app, client, auth_headers, sent_tasks):
     images = fixture_images()
     first = SMALL_IMAGES[:2]
-    response = client.post("/api/v1/batches", headers=auth_headers, data={
-        "images": [(io.BytesIO(images[n]), f"folder/{n}") for n in first] + [(io.BytesIO(b"not an image"), "folder/notes.jpg")],
-        "metadata": (io.BytesIO(HAM_CSV.encode()), "HAM10000_metadata.csv"),
-    })
+    response = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={
+            "images": [(io.BytesIO(images[n]), f"folder/{n}") for n in first]
+            + [(io.BytesIO(b"not an image"), "folder/notes.jpg")],
+            "metadata": (io.BytesIO(HAM_CSV.encode()), "HAM10000_metadata.csv"),
+        },
+    )
     assert response.status_code == 202, response.json
     batch_url = response.json["url"]
     assert response.json["stored"] == 2 and response.json["errors"][0]["file"] == "folder/notes.jpg"
 
     # A second chunk: two new images and one already stored (linked, not stored twice).
-    chunk = client.post(f"{batch_url}/files", headers=auth_headers, data={
-        "images": [(io.BytesIO(images[n]), n) for n in SMALL_IMAGES[2:]] + [(io.BytesIO(images[first[0]]), "again.jpg")]})
+    chunk = client.post(
+        f"{batch_url}/files",
+        headers=auth_headers,
+        data={
+            "images": [(io.BytesIO(images[n]), n) for n in SMALL_IMAGES[2:]]
+            + [(io.BytesIO(images[first[0]]), "again.jpg")]
+        },
+    )
     assert chunk.status_code == 202, chunk.json
     assert chunk.json["stored"] == 2 and chunk.json["duplicates"] == 1
     assert len(sent_tasks) == 4
@@ -45,8 +55,14 @@ def test_batch_from_files_with_metadata_then_a_chunk_and_a_duplicate(app, client
     assert _counts(app)["images"] == 4
 
     case = client.get(f"/api/v1/cases/{progress['case_ids'][0]}", headers=auth_headers).json
-    assert (case["reference_dx"], case["reference_dx_type"], case["age"], case["sex"], case["site"], case["lesion_ref"]) == (
-        "mel", "histo", 40, "male", "back", "HAM_0000000")
+    assert (
+        case["reference_dx"],
+        case["reference_dx_type"],
+        case["age"],
+        case["sex"],
+        case["site"],
+        case["lesion_ref"],
+    ) == ("mel", "histo", 40, "male", "back", "HAM_0000000")
 
 
 def test_zip_with_csv_inside(app, client, auth_headers, sent_tasks):
@@ -54,8 +70,9 @@ def test_zip_with_csv_inside(app, client, auth_headers, sent_tasks):
     entries["ham/metadata.csv"] = HAM_CSV.encode()
     entries["__MACOSX/ham/._x.jpg"] = b"junk"
     entries["ham/readme.txt"] = b"hello"
-    response = client.post("/api/v1/batches", headers=auth_headers,
-                           data={"archive": (io.BytesIO(zip_bytes(entries)), "ham.zip")})
+    response = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries)), "ham.zip")}
+    )
     assert response.status_code == 202, response.json
     progress = client.get(response.json["url"], headers=auth_headers).json
     assert len(progress["case_ids"]) == 4 and progress["errors"][0]["file"] == "ham/readme.txt"
@@ -77,8 +94,9 @@ HOSTILE_ZIPS = [
 
 @pytest.mark.parametrize("label, entries, options, message", HOSTILE_ZIPS, ids=[h[0] for h in HOSTILE_ZIPS])
 def test_hostile_zip_is_refused_and_nothing_stored(app, client, auth_headers, label, entries, options, message):
-    response = client.post("/api/v1/batches", headers=auth_headers,
-                           data={"archive": (io.BytesIO(zip_bytes(entries, **options)), "x.zip")})
+    response = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries, **options)), "x.zip")}
+    )
     assert response.status_code in (400, 413), response.json
     assert message in response.json["error"]
     assert _counts(app) == {"batches": 0, "batch_items": 0, "cases": 0, "images": 0}
@@ -89,13 +107,15 @@ def test_zip_limits_and_garbage(app, client, auth_headers):
     many = zip_bytes({f"{i}.jpg": b"x" for i in range(4)})
     response = client.post("/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(many), "m.zip")})
     assert response.status_code == 413 and "entries" in response.json["error"]
-    garbage = client.post("/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(b"PK nonsense"), "g.zip")})
+    garbage = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(b"PK nonsense"), "g.zip")}
+    )
     assert garbage.status_code == 400 and "not a readable zip" in garbage.json["error"]
 
 
 BAD_CSVS = [
     ("missing column", "image_id,dx\nISIC_1,mel\n", "lacks the column"),
-    ("formula", CSV_HEADER + "ISIC_1,=HYPERLINK(\"x\"),mel,histo,40,male,back\n", "formula"),
+    ("formula", CSV_HEADER + 'ISIC_1,=HYPERLINK("x"),mel,histo,40,male,back\n', "formula"),
     ("at sign", CSV_HEADER + "ISIC_1,@SUM(A1),mel,histo,40,male,back\n", "formula"),
     ("tab", CSV_HEADER + "ISIC_1,\tx,mel,histo,40,male,back\n", "formula"),
     ("too long", CSV_HEADER + "ISIC_1," + "L" * 65 + ",mel,histo,40,male,back\n", "longer than 64"),
@@ -109,8 +129,14 @@ BAD_CSVS = [
 
 @pytest.mark.parametrize("label, text, message", BAD_CSVS, ids=[b[0] for b in BAD_CSVS])
 def test_bad_metadata_csv_is_a_clear_400(app, client, auth_headers, label, text, message):
-    response = client.post("/api/v1/batches", headers=auth_headers, data={
-        "images": [(io.BytesIO(image_bytes()), SMALL_IMAGES[0])], "metadata": (io.BytesIO(text.encode()), "m.csv")})
+    response = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={
+            "images": [(io.BytesIO(image_bytes()), SMALL_IMAGES[0])],
+            "metadata": (io.BytesIO(text.encode()), "m.csv"),
+        },
+    )
     assert response.status_code == 400, response.json
     assert message in response.json["error"], response.json
     assert _counts(app)["cases"] == 0 and _counts(app)["batches"] == 0
@@ -123,8 +149,13 @@ def test_non_utf8_csv(app, client, auth_headers):
 
 
 def test_row_errors_are_listed_per_row(app, client, auth_headers):
-    text = CSV_HEADER + "ISIC_1,HAM_1,mel,histo,40,male,back\nISIC_2,HAM_2,mel,histo,40,martian,back\nISIC_3,HAM_3,mel,histo,40,male,moon\n"
-    response = client.post("/api/v1/batches", headers=auth_headers, data={"metadata": (io.BytesIO(text.encode()), "m.csv")})
+    text = (
+        CSV_HEADER
+        + "ISIC_1,HAM_1,mel,histo,40,male,back\nISIC_2,HAM_2,mel,histo,40,martian,back\nISIC_3,HAM_3,mel,histo,40,male,moon\n"
+    )
+    response = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"metadata": (io.BytesIO(text.encode()), "m.csv")}
+    )
     assert response.status_code == 400
     assert [(r["row"], r["image_id"]) for r in response.json["rows"]] == [(3, "ISIC_2"), (4, "ISIC_3")]
 
@@ -137,7 +168,9 @@ def test_roles_and_unknown_batch(app, client, auth_headers):
     assert client.post("/api/v1/batches", headers=reviewer, data={}).status_code == 403
     assert client.get("/api/v1/batches/99", headers=auth_headers).status_code == 404
     assert client.post("/api/v1/batches/99/files", headers=auth_headers, data={}).status_code == 404
-    assert client.post("/api/v1/batches", headers=auth_headers, data={}).status_code == 201  # empty batch, chunks follow
+    assert (
+        client.post("/api/v1/batches", headers=auth_headers, data={}).status_code == 201
+    )  # empty batch, chunks follow
 
 
 def test_browser_flow_uses_csrf_header_and_chunks(app, logged_in, sent_tasks):
@@ -146,12 +179,20 @@ def test_browser_flow_uses_csrf_header_and_chunks(app, logged_in, sent_tasks):
     assert "webkitdirectory" in page
     token = csrf_from(page)
     headers = {"X-CSRF-Token": token, "Accept": "application/json"}
-    assert client.post("/batches", data={"expected_files": "2"}, headers={"Accept": "application/json"}).status_code == 400
-    created = client.post("/batches", headers=headers, data={
-        "expected_files": "2", "metadata": (io.BytesIO(HAM_CSV.encode()), "meta.csv")})
+    assert (
+        client.post("/batches", data={"expected_files": "2"}, headers={"Accept": "application/json"}).status_code == 400
+    )
+    created = client.post(
+        "/batches",
+        headers=headers,
+        data={"expected_files": "2", "metadata": (io.BytesIO(HAM_CSV.encode()), "meta.csv")},
+    )
     assert created.status_code == 201, created.json
-    chunk = client.post(created.json["files_url"], headers=headers, data={
-        "images": [(io.BytesIO(image_bytes(n)), f"dir/{n}") for n in SMALL_IMAGES[:2]]})
+    chunk = client.post(
+        created.json["files_url"],
+        headers=headers,
+        data={"images": [(io.BytesIO(image_bytes(n)), f"dir/{n}") for n in SMALL_IMAGES[:2]]},
+    )
     assert chunk.status_code == 200 and chunk.json["stored"] == 2
     progress = client.get(f"/batches/{created.json['id']}/progress.json").json
     assert progress["total"] == 2 and progress["expected"] == 2 and not progress["finished"]
@@ -205,8 +246,11 @@ def test_each_further_file_of_a_chunk_costs_a_fixed_few_statements(app, client, 
 
     def post_chunk(images: list[bytes]) -> int:
         statements.clear()
-        response = client.post(batch["files_url"], headers=auth_headers, data={
-            "images": [(io.BytesIO(data), f"lesion-{i}.png") for i, data in enumerate(images)]})
+        response = client.post(
+            batch["files_url"],
+            headers=auth_headers,
+            data={"images": [(io.BytesIO(data), f"lesion-{i}.png") for i, data in enumerate(images)]},
+        )
         assert response.status_code == 202 and response.json["stored"] == len(images), response.json
         return len(statements)
 

@@ -6,12 +6,12 @@ import io
 
 import numpy as np
 import pytest
-
+from portal_helpers import FAKE_CLASSES as CLASSES
+from portal_helpers import FAKE_MANIFEST as MANIFEST
 from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+
 from webapp.db import db
 from webapp.models import Analysis, Job
-
-from portal_helpers import FAKE_CLASSES as CLASSES, FAKE_MANIFEST as MANIFEST
 
 
 class BatchRecordingPredictor:
@@ -86,13 +86,16 @@ def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks,
     assert predictors["predictor"].calls == [4]
     with app.app_context():
         per_image = db.session.execute(
-            db.select(Analysis.image_id, db.func.count(Analysis.id)).group_by(Analysis.image_id)).all()
+            db.select(Analysis.image_id, db.func.count(Analysis.id)).group_by(Analysis.image_id)
+        ).all()
         assert sorted(n for _, n in per_image) == [1, 1, 1, 1]
         assert db.session.scalar(db.select(db.func.count(Job.id)).where(Job.attempts != 1)) == 0
 
 
 def test_batch_size_limits_the_jobs_taken_along(app, client, sent_tasks, tasks, predictors, monkeypatch):
-    monkeypatch.setitem(app.extensions, "settings", dataclasses.replace(app.extensions["settings"], PREDICT_BATCH_SIZE=3))
+    monkeypatch.setitem(
+        app.extensions, "settings", dataclasses.replace(app.extensions["settings"], PREDICT_BATCH_SIZE=3)
+    )
     job_ids = upload_all(app, client, sent_tasks)
     tasks.analyse(job_ids[0])
     with app.app_context():
@@ -149,6 +152,7 @@ def test_padded_batches_predict_what_unpadded_ones_do(tiny_predictor, monkeypatc
     np.testing.assert_allclose(probs, unpadded.probs, atol=1e-5)
     np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
     for (index, heatmap, error), expected_index, expected_map, image in zip(
-            gradcams, unpadded.class_indices, unpadded.maps, images):
+        gradcams, unpadded.class_indices, unpadded.maps, images
+    ):
         assert error is None and index == expected_index and heatmap.shape == image.shape[:2]
         np.testing.assert_allclose(heatmap, expected_map, atol=1e-5)

@@ -26,7 +26,11 @@ print(json.dumps({"heavy": heavy, "seconds": elapsed}))
 def test_create_app_does_not_import_tensorflow(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path), json.dumps(HEAVY)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event
-
 from portal_helpers import make_token, make_user
 from research_helpers import model_version, seed_case
+from sqlalchemy import event
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 @pytest.fixture
@@ -23,9 +22,20 @@ def seeded(app, researcher):
     mv1 = model_version(app)
     mv2 = model_version(app, version="2026.11.0", trained=True)
     ids = {
-        "mel_ref_mel": seed_case(app, top="mel", mv_id=mv1, reference_dx="mel", age=70, sex="male", site="back", lesion_ref="L1"),
-        "nv_ref_mel": seed_case(app, top="nv", mv_id=mv1, reference_dx="mel", age=30, sex="female", site="face", lesion_ref="L2",
-                                created=NOW - timedelta(days=10)),
+        "mel_ref_mel": seed_case(
+            app, top="mel", mv_id=mv1, reference_dx="mel", age=70, sex="male", site="back", lesion_ref="L1"
+        ),
+        "nv_ref_mel": seed_case(
+            app,
+            top="nv",
+            mv_id=mv1,
+            reference_dx="mel",
+            age=30,
+            sex="female",
+            site="face",
+            lesion_ref="L2",
+            created=NOW - timedelta(days=10),
+        ),
         "bcc_noref": seed_case(app, top="bcc", mv_id=mv1, age=50, sex="female", site="back", lesion_ref="=danger"),
         "queued": seed_case(app, job_status="queued", lesion_ref="L4"),
         "failed": seed_case(app, job_status="failed", lesion_ref="L5", age=5),
@@ -35,13 +45,33 @@ def seeded(app, researcher):
         from webapp.models import Analysis, Image
 
         image = db.session.scalar(db.select(Image).where(Image.case_id == seed_case_id))
-        db.session.add(Analysis(image_id=image.id, model_version_id=mv2, status="succeeded", top_class="bkl",
-                                probabilities={"bkl": 0.9}))
+        db.session.add(
+            Analysis(
+                image_id=image.id, model_version_id=mv2, status="succeeded", top_class="bkl", probabilities={"bkl": 0.9}
+            )
+        )
         me = db.session.scalar(db.select(User).where(User.email == researcher))
-        db.session.add(Review(case_id=ids["bcc_noref"], reviewer_id=me.id, diagnosis="bcc", agrees_with_model=True,
-                              confidence=4, notes="+1 looks typical", updated_at=NOW))
-        db.session.add(Review(case_id=ids["nv_ref_mel"], reviewer_id=me.id, diagnosis="mel", agrees_with_model=False,
-                              confidence=3, updated_at=NOW))
+        db.session.add(
+            Review(
+                case_id=ids["bcc_noref"],
+                reviewer_id=me.id,
+                diagnosis="bcc",
+                agrees_with_model=True,
+                confidence=4,
+                notes="+1 looks typical",
+                updated_at=NOW,
+            )
+        )
+        db.session.add(
+            Review(
+                case_id=ids["nv_ref_mel"],
+                reviewer_id=me.id,
+                diagnosis="mel",
+                agrees_with_model=False,
+                confidence=3,
+                updated_at=NOW,
+            )
+        )
         db.session.commit()
     return {"ids": ids, "mv1": mv1, "mv2": mv2}
 
@@ -105,7 +135,7 @@ def test_list_page_uses_a_fixed_number_of_queries(app, logged_in, seeded):
         statements = []
         with app.app_context():
             engine = db.engine
-        listener = lambda *args: statements.append(args[2])  # noqa: E731
+        listener = lambda *args, seen=statements: seen.append(args[2])  # noqa: E731
         event.listen(engine, "before_cursor_execute", listener)
         try:
             page = logged_in.get("/cases?per_page=50")

@@ -31,9 +31,14 @@ def test_production_requires_a_secret_key(tmp_path):
 
 def test_environment_then_overrides(tmp_path):
     env = {
-        "INSTANCE_DIR": str(tmp_path), "DATABASE_URL": "postgresql+psycopg2://u:p@db/portal",
-        "REDIS_URL": "redis://redis:6379/1", "STORAGE_DIR": "/data/storage", "MODEL_DIR": "/models/x",
-        "MAX_UPLOAD_MB": "5", "MAX_IMAGE_PIXELS": "1000000", "UNTRAINED_INPUT_SIZE": "64,64",
+        "INSTANCE_DIR": str(tmp_path),
+        "DATABASE_URL": "postgresql+psycopg2://u:p@db/portal",
+        "REDIS_URL": "redis://redis:6379/1",
+        "STORAGE_DIR": "/data/storage",
+        "MODEL_DIR": "/models/x",
+        "MAX_UPLOAD_MB": "5",
+        "MAX_IMAGE_PIXELS": "1000000",
+        "UNTRAINED_INPUT_SIZE": "64,64",
     }
     s = Settings.load({"MAX_UPLOAD_MB": 1, "STORAGE_DIR": str(tmp_path / "s")}, environ=env)
     assert s.DATABASE_URL.startswith("postgresql") and s.REDIS_URL == "redis://redis:6379/1"

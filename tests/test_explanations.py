@@ -8,15 +8,21 @@ import io
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-
 from portal_helpers import csrf_from, image_bytes, login, make_token, make_user
+
 from webapp.db import db
 from webapp.models import Analysis, Case, Explanation, ModelVersion, utcnow
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-MANIFEST = {"name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
-            "class_names": CLASSES, "class_long_names": {c: c.upper() for c in CLASSES},
-            "malignant_classes": ["akiec", "bcc", "mel"]}
+MANIFEST = {
+    "name": "efficientnetb3-cbam",
+    "version": "untrained",
+    "trained": False,
+    "trained_on": None,
+    "class_names": CLASSES,
+    "class_long_names": {c: c.upper() for c in CLASSES},
+    "malignant_classes": ["akiec", "bcc", "mel"],
+}
 
 
 @pytest.fixture
@@ -47,29 +53,59 @@ def case_id(app, client, sent, token):
     from webapp.cases.explanations import explanation_keys
     from webapp.storage import storage_from_settings
 
-    response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes()), "x.jpg")},
-                           headers={"Authorization": f"Bearer {token}"})
+    response = client.post(
+        "/api/v1/cases",
+        data={"image": (io.BytesIO(image_bytes()), "x.jpg")},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert response.status_code == 202
     with app.app_context():
         case = db.session.get(Case, response.json["id"])
         image, job = case.images[0], case.images[0].jobs[0]
-        mv = ModelVersion(name=MANIFEST["name"], version="untrained", trained=False, class_names=CLASSES, manifest=MANIFEST)
+        mv = ModelVersion(
+            name=MANIFEST["name"], version="untrained", trained=False, class_names=CLASSES, manifest=MANIFEST
+        )
         probs = dict(zip(CLASSES, [0.05, 0.10, 0.05, 0.05, 0.60, 0.10, 0.05]))
-        analysis = Analysis(image=image, model_version=mv, status="succeeded", probabilities=probs, top_class="mel",
-                            finished_at=utcnow())
+        analysis = Analysis(
+            image=image,
+            model_version=mv,
+            status="succeeded",
+            probabilities=probs,
+            top_class="mel",
+            finished_at=utcnow(),
+        )
         job.status, job.analysis, job.model_version = "succeeded", analysis, mv
         db.session.add_all([mv, analysis])
         db.session.flush()
         raw_key, overlay_key = explanation_keys(image.content_hash, mv.id, "gradcam", "mel")
         storage = storage_from_settings(app.extensions["settings"])
-        storage.save(raw_key, npy(np.linspace(0, 1, image.height * image.width, dtype=np.float32).reshape(image.height, image.width)))
+        storage.save(
+            raw_key,
+            npy(np.linspace(0, 1, image.height * image.width, dtype=np.float32).reshape(image.height, image.width)),
+        )
         storage.save(overlay_key, png(image.width, image.height))
-        db.session.add_all([
-            Explanation(analysis=analysis, image=image, model_version=mv, method="gradcam", class_name="mel",
-                        status="done", raw_key=raw_key, overlay_key=overlay_key, attempts=1, finished_at=utcnow()),
-            Explanation(analysis=analysis, image=image, model_version=mv, method="shap", class_name="mel", status="queued"),
-            Explanation(analysis=analysis, image=image, model_version=mv, method="shap", class_name="bcc", status="queued"),
-        ])
+        db.session.add_all(
+            [
+                Explanation(
+                    analysis=analysis,
+                    image=image,
+                    model_version=mv,
+                    method="gradcam",
+                    class_name="mel",
+                    status="done",
+                    raw_key=raw_key,
+                    overlay_key=overlay_key,
+                    attempts=1,
+                    finished_at=utcnow(),
+                ),
+                Explanation(
+                    analysis=analysis, image=image, model_version=mv, method="shap", class_name="mel", status="queued"
+                ),
+                Explanation(
+                    analysis=analysis, image=image, model_version=mv, method="shap", class_name="bcc", status="queued"
+                ),
+            ]
+        )
         db.session.commit()
         return case.id
 
@@ -86,13 +122,27 @@ def test_unique_per_image_model_version_method_and_class(app, case_id):
 
     with app.app_context():
         first = db.session.scalars(db.select(Explanation)).first()
-        db.session.add(Explanation(analysis_id=first.analysis_id, image_id=first.image_id,
-                                   model_version_id=first.model_version_id, method="gradcam", class_name="mel"))
+        db.session.add(
+            Explanation(
+                analysis_id=first.analysis_id,
+                image_id=first.image_id,
+                model_version_id=first.model_version_id,
+                method="gradcam",
+                class_name="mel",
+            )
+        )
         with pytest.raises(IntegrityError):
             db.session.commit()
         db.session.rollback()
-        db.session.add(Explanation(analysis_id=first.analysis_id, image_id=first.image_id,
-                                   model_version_id=first.model_version_id, method="lime", class_name="mel"))
+        db.session.add(
+            Explanation(
+                analysis_id=first.analysis_id,
+                image_id=first.image_id,
+                model_version_id=first.model_version_id,
+                method="lime",
+                class_name="mel",
+            )
+        )
         with pytest.raises(IntegrityError):
             db.session.commit()
 
@@ -103,13 +153,19 @@ def test_api_lists_explanations_with_method_class_status_and_urls(client, case_i
     assert analysis["model"]["version"] == "untrained" and "Untrained model" in analysis["warning"]
     assert body["disclaimer"] == "Research use only — not a diagnostic device." and body["explanations_pending"]
     gradcam, shap_mel, shap_bcc = analysis["explanations"]
-    assert {k: gradcam[k] for k in ("method", "class", "status")} == {"method": "gradcam", "class": "mel", "status": "done"}
+    assert {k: gradcam[k] for k in ("method", "class", "status")} == {
+        "method": "gradcam",
+        "class": "mel",
+        "status": "done",
+    }
     assert gradcam["url"] == f"/cases/{case_id}/explanations/{gradcam['id']}/overlay.png"
     assert gradcam["raw_url"] == f"/cases/{case_id}/explanations/{gradcam['id']}/raw.npy"
     assert gradcam["model"] == {"name": "efficientnetb3-cbam", "version": "untrained", "trained": False}
     assert gradcam["class_name"] == "MEL" and gradcam["method_label"] == "Grad-CAM"
     assert [(e["method"], e["class"], e["status"], e["url"], e["raw_url"]) for e in (shap_mel, shap_bcc)] == [
-        ("shap", "mel", "queued", None, None), ("shap", "bcc", "queued", None, None)]
+        ("shap", "mel", "queued", None, None),
+        ("shap", "bcc", "queued", None, None),
+    ]
 
 
 def test_explanation_files_need_a_login_or_a_token(app, client, case_id, token):
@@ -140,14 +196,19 @@ def test_explanation_files_need_a_login_or_a_token(app, client, case_id, token):
     assert client.get(f"/cases/{case_id}/explanations/9999/raw.npy").status_code == 404
 
 
-@pytest.mark.parametrize("body, status, match", [
-    ({"method": "lime", "class": "mel"}, 400, "method must be one of"),
-    ({"method": "gradcam", "class": "melanoma"}, 400, "class must be one of"),
-    ({"method": "gradcam", "class": "mel", "analysis_id": "x"}, 400, "analysis_id must be a whole number"),
-    ({"method": "gradcam", "class": "mel", "analysis_id": 99}, 404, "no finished analysis with id 99"),
-])
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        ({"method": "lime", "class": "mel"}, 400, "method must be one of"),
+        ({"method": "gradcam", "class": "melanoma"}, 400, "class must be one of"),
+        ({"method": "gradcam", "class": "mel", "analysis_id": "x"}, 400, "analysis_id must be a whole number"),
+        ({"method": "gradcam", "class": "mel", "analysis_id": 99}, 404, "no finished analysis with id 99"),
+    ],
+)
 def test_bad_explanation_requests(client, case_id, token, sent, body, status, match):
-    response = client.post(f"/api/v1/cases/{case_id}/explanations", json=body, headers={"Authorization": f"Bearer {token}"})
+    response = client.post(
+        f"/api/v1/cases/{case_id}/explanations", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == status and match in response.json["error"]
     assert not [c for c in sent if c[0].startswith("worker.tasks.explain")]
 
@@ -163,11 +224,15 @@ def test_explanation_requests_need_a_token_and_a_finished_analysis(app, client, 
 
 def test_requesting_a_map_queues_it_once(app, client, case_id, token, sent):
     headers = {"Authorization": f"Bearer {token}"}
-    first = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam++", "class": "nv"}, headers=headers)
+    first = client.post(
+        f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam++", "class": "nv"}, headers=headers
+    )
     assert first.status_code == 202
     assert (first.json["method"], first.json["class"], first.json["status"]) == ("gradcam++", "nv", "queued")
     assert sent[-1] == ("worker.tasks.explain_gradcam", (first.json["id"],), "explain")
-    done = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam", "class": "mel"}, headers=headers)
+    done = client.post(
+        f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam", "class": "mel"}, headers=headers
+    )
     assert done.status_code == 200 and done.json["status"] == "done" and done.json["url"]
     shap = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "shap", "class": "df"}, headers=headers)
     assert shap.status_code == 202 and sent[-1][0] == "worker.tasks.explain_shap"
@@ -201,11 +266,15 @@ def test_case_page_shows_original_gradcam_and_shap_with_controls(app, client, ca
 def test_page_form_requests_a_map(app, client, case_id, researcher, sent):
     login(client, researcher)
     page = client.get(f"/cases/{case_id}").get_data(as_text=True)
-    response = client.post(f"/cases/{case_id}/explanations",
-                           data={"csrf_token": csrf_from(page), "method": "gradcam", "class": "bkl", "analysis_id": "1"})
+    response = client.post(
+        f"/cases/{case_id}/explanations",
+        data={"csrf_token": csrf_from(page), "method": "gradcam", "class": "bkl", "analysis_id": "1"},
+    )
     assert response.status_code == 302 and response.headers["Location"].endswith(f"/cases/{case_id}#explanations")
     assert sent[-1][0] == "worker.tasks.explain_gradcam"
-    assert client.post(f"/cases/{case_id}/explanations", data={"method": "gradcam", "class": "bkl"}).status_code == 400  # no CSRF
+    assert (
+        client.post(f"/cases/{case_id}/explanations", data={"method": "gradcam", "class": "bkl"}).status_code == 400
+    )  # no CSRF
 
 
 def test_reviewers_see_maps_too(app, client, case_id, sent):
@@ -230,7 +299,10 @@ def test_sweep_fails_stale_running_rows_and_resends_old_queued_ones(app, case_id
     counts = sweep_explanations(app, now=later, send_fn=lambda name, *args: sent.append((name, args)))
     assert counts == {"failed": 1, "resent": 1}
     assert sent == [("worker.tasks.explain_shap", (1,))]
-    assert sweep_explanations(app, now=later + timedelta(minutes=1), send_fn=lambda *a: sent.append(a)) == {"failed": 0, "resent": 0}
+    assert sweep_explanations(app, now=later + timedelta(minutes=1), send_fn=lambda *a: sent.append(a)) == {
+        "failed": 0,
+        "resent": 0,
+    }
     with app.app_context():
         failed = db.session.scalar(db.select(Explanation).where(Explanation.status == "failed"))
         assert failed.class_name == "mel" and "its worker stopped" in failed.error

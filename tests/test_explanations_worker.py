@@ -14,7 +14,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-
 from portal_helpers import image_bytes, make_token, make_user
 
 pytestmark = pytest.mark.slow
@@ -71,8 +70,21 @@ def rows(app):
 
     with app.app_context():
         return [
-            {c: getattr(e, c) for c in ("id", "analysis_id", "method", "class_name", "status", "raw_key",
-                                         "overlay_key", "error", "params", "attempts")}
+            {
+                c: getattr(e, c)
+                for c in (
+                    "id",
+                    "analysis_id",
+                    "method",
+                    "class_name",
+                    "status",
+                    "raw_key",
+                    "overlay_key",
+                    "error",
+                    "params",
+                    "attempts",
+                )
+            }
             for e in db.session.scalars(db.select(Explanation).order_by(Explanation.id))
         ]
 
@@ -148,8 +160,9 @@ def test_running_twice_duplicates_nothing(app, tasks, job_id, worker_sent):
     assert [c[0] for c in worker_sent] == [SHAP_TASK]  # nothing left to queue the second time
 
 
-def test_shap_failure_ends_failed_with_reason_and_can_be_requested_again(app, client, tasks, job_id, headers,
-                                                                           web_sent, monkeypatch):
+def test_shap_failure_ends_failed_with_reason_and_can_be_requested_again(
+    app, client, tasks, job_id, headers, web_sent, monkeypatch
+):
     tasks.analyse(job_id)
     analysis_id = rows(app)[0]["analysis_id"]
 
@@ -165,8 +178,9 @@ def test_shap_failure_ends_failed_with_reason_and_can_be_requested_again(app, cl
     assert all(e["status"] == "failed" and "masker exploded" in e["error"] and e["url"] is None for e in shown)
 
     # Asking again re-queues the failed row (and sends the task once more).
-    response = client.post("/api/v1/cases/1/explanations", json={"method": "shap", "class": failed[0]["class_name"]},
-                           headers=headers)
+    response = client.post(
+        "/api/v1/cases/1/explanations", json={"method": "shap", "class": failed[0]["class_name"]}, headers=headers
+    )
     assert response.status_code == 202 and response.json["status"] == "queued"
     assert web_sent[-1] == (SHAP_TASK, (analysis_id,), "explain")
 
@@ -191,8 +205,14 @@ def test_soft_time_limit_and_wrong_model_version_fail_the_rows(app, tasks, job_i
         other = ModelVersion(name="other", version="1", trained=True, class_names=["a"], manifest={})
         db.session.add(other)
         row = db.session.scalar(db.select(Explanation).where(Explanation.method == "gradcam"))
-        extra = Explanation(analysis_id=row.analysis_id, image_id=row.image_id, model_version=other,
-                            method="gradcam++", class_name="mel", status="queued")
+        extra = Explanation(
+            analysis_id=row.analysis_id,
+            image_id=row.image_id,
+            model_version=other,
+            method="gradcam++",
+            class_name="mel",
+            status="queued",
+        )
         db.session.add(extra)
         db.session.commit()
         extra_id = extra.id

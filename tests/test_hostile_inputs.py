@@ -16,19 +16,20 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-
 from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes
 
 CSV_HEADER = "image_id,lesion_id,dx,dx_type,age,sex,localization\n"
 
 
 # --- builders -------------------------------------------------------------------------------------
+
 
 def png_bytes(image: PILImage.Image, **save) -> bytes:
     buffer = io.BytesIO()
@@ -49,6 +50,7 @@ def small_png(seed: int = 0) -> bytes:
 
 def png_with_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height (valid CRC) followed by a tiny IDAT."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -61,7 +63,7 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     data = bytearray(image_bytes(SMALL_IMAGES[0]))
     i = 2
     while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
             struct.pack_into(">HH", data, i + 5, height, width)
             return bytes(data)
@@ -89,14 +91,23 @@ def zip_bomb() -> bytes:
 
 
 def raw_multipart(filename: bytes, data: bytes) -> tuple[bytes, str]:
-    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"" + filename + b"\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--XyZ--\r\n")
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="' + filename + b'"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--XyZ--\r\n"
+    )
     return body, "multipart/form-data; boundary=XyZ"
 
 
 def csv_row(**overrides) -> str:
-    row = {"image_id": "ok", "lesion_id": "HAM_0000001", "dx": "nv", "dx_type": "histo", "age": "40",
-           "sex": "female", "localization": "back"}
+    row = {
+        "image_id": "ok",
+        "lesion_id": "HAM_0000001",
+        "dx": "nv",
+        "dx_type": "histo",
+        "age": "40",
+        "sex": "female",
+        "localization": "back",
+    }
     row.update(overrides)
     return ",".join(row.values()) + "\n"
 
@@ -126,6 +137,7 @@ def batch_upload(archive: bytes | None = None, csv: bytes | None = None, images=
             data["metadata"] = (io.BytesIO(csv), "metadata.csv")
         data["images"] = [(io.BytesIO(d), n) for n, d in (images or [("ok.png", small_png(1))])]
         return {"data": data}
+
     return build
 
 
@@ -133,21 +145,53 @@ def raw_case(filename: bytes) -> Callable[[], dict[str, Any]]:
     def build():
         body, content_type = raw_multipart(filename, small_png(5))
         return {"data": body, "content_type": content_type}
+
     return build
 
 
 HTML = b"<!doctype html><html><body><script>alert(document.cookie)</script></body></html>"
-SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><rect width="9" height="9"/></svg>'
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><rect width="9" height="9"/></svg>'
+)
 GOOD_JPEG = image_bytes(SMALL_IMAGES[1])
 
 HOSTILE = [
     # single images: POST /api/v1/cases
-    Row("text-named-jpg", "/api/v1/cases", case_upload(b"just some text, not an image\n" * 20), (415,), "not a JPEG or PNG"),
-    Row("truncated-jpeg", "/api/v1/cases", case_upload(image_bytes(FULLRES_IMAGE)[:6000]), (400,), "could not be decoded"),
-    Row("jpeg-magic-then-garbage", "/api/v1/cases", case_upload(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 100), (400,), "could not be decoded"),
+    Row(
+        "text-named-jpg",
+        "/api/v1/cases",
+        case_upload(b"just some text, not an image\n" * 20),
+        (415,),
+        "not a JPEG or PNG",
+    ),
+    Row(
+        "truncated-jpeg",
+        "/api/v1/cases",
+        case_upload(image_bytes(FULLRES_IMAGE)[:6000]),
+        (400,),
+        "could not be decoded",
+    ),
+    Row(
+        "jpeg-magic-then-garbage",
+        "/api/v1/cases",
+        case_upload(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 100),
+        (400,),
+        "could not be decoded",
+    ),
     Row("decompression-bomb-jpeg", "/api/v1/cases", case_upload(jpeg_declaring(60000, 60000)), (413,), "pixels"),
-    Row("png-absurd-dimensions", "/api/v1/cases", case_upload(png_with_header(2**31 - 1, 2**31 - 1), "x.png"), (400, 413)),
-    Row("png-huge-declared-size", "/api/v1/cases", case_upload(png_with_header(100_000, 100_000), "x.png"), (413,), "pixels"),
+    Row(
+        "png-absurd-dimensions",
+        "/api/v1/cases",
+        case_upload(png_with_header(2**31 - 1, 2**31 - 1), "x.png"),
+        (400, 413),
+    ),
+    Row(
+        "png-huge-declared-size",
+        "/api/v1/cases",
+        case_upload(png_with_header(100_000, 100_000), "x.png"),
+        (413,),
+        "pixels",
+    ),
     Row("png-zero-width", "/api/v1/cases", case_upload(png_with_header(0, 10), "x.png"), (400,)),
     Row("empty-file", "/api/v1/cases", case_upload(b""), (400,), "empty"),
     Row("html-named-jpg", "/api/v1/cases", case_upload(HTML), (415,), "not a JPEG or PNG"),
@@ -155,28 +199,95 @@ HOSTILE = [
     Row("svg-named-png", "/api/v1/cases", case_upload(SVG, "x.png"), (415,)),
     Row("gif-named-jpg", "/api/v1/cases", case_upload(b"GIF89a" + b"\0" * 64), (415,)),
     Row("over-long-file-name", "/api/v1/cases", case_upload(GOOD_JPEG, "a" * 300 + ".jpg"), (400,), "file name"),
-    Row("control-chars-in-file-name", "/api/v1/cases", case_upload(GOOD_JPEG, "le\x07sion\x1b.jpg"), (400,), "file name"),
+    Row(
+        "control-chars-in-file-name", "/api/v1/cases", case_upload(GOOD_JPEG, "le\x07sion\x1b.jpg"), (400,), "file name"
+    ),
     Row("non-utf8-file-name", "/api/v1/cases", raw_case(b"l\xe9\xff\xfesion.png"), (400,)),
     Row("over-long-patient-ref", "/api/v1/cases", case_upload(GOOD_JPEG, patient_ref="p" * 65), (400,), "patient_ref"),
     Row("huge-age", "/api/v1/cases", case_upload(GOOD_JPEG, age="9" * 40), (400,), "age"),
     Row("unknown-sex", "/api/v1/cases", case_upload(GOOD_JPEG, sex="robot"), (400,), "sex"),
     Row("unknown-site", "/api/v1/cases", case_upload(GOOD_JPEG, site="elbow pit"), (400,), "site"),
-    Row("formula-in-lesion-ref", "/api/v1/cases", case_upload(GOOD_JPEG, lesion_ref="=cmd|' /C calc'!A0"), (400,), "formula|start with"),
+    Row(
+        "formula-in-lesion-ref",
+        "/api/v1/cases",
+        case_upload(GOOD_JPEG, lesion_ref="=cmd|' /C calc'!A0"),
+        (400,),
+        "formula|start with",
+    ),
     # archives and metadata: POST /api/v1/batches
-    Row("zip-path-traversal", "/api/v1/batches", batch_upload(zip_of([("ok.png", small_png(1)), ("../../evil.png", small_png(2))])), (400, 422), r"\.\."),
-    Row("zip-absolute-entry", "/api/v1/batches", batch_upload(zip_of([("ok.png", small_png(1)), ("/etc/evil.png", small_png(2))])), (400, 422), "absolute"),
-    Row("zip-windows-absolute-entry", "/api/v1/batches", batch_upload(zip_of([("C:/evil.png", small_png(2))])), (400, 422), "absolute"),
+    Row(
+        "zip-path-traversal",
+        "/api/v1/batches",
+        batch_upload(zip_of([("ok.png", small_png(1)), ("../../evil.png", small_png(2))])),
+        (400, 422),
+        r"\.\.",
+    ),
+    Row(
+        "zip-absolute-entry",
+        "/api/v1/batches",
+        batch_upload(zip_of([("ok.png", small_png(1)), ("/etc/evil.png", small_png(2))])),
+        (400, 422),
+        "absolute",
+    ),
+    Row(
+        "zip-windows-absolute-entry",
+        "/api/v1/batches",
+        batch_upload(zip_of([("C:/evil.png", small_png(2))])),
+        (400, 422),
+        "absolute",
+    ),
     Row("zip-bomb", "/api/v1/batches", batch_upload(zip_bomb()), (413,)),
     Row("zip-symlink", "/api/v1/batches", batch_upload(symlink_zip()), (400, 422), "link"),
-    Row("nested-zip", "/api/v1/batches", batch_upload(zip_of([("ok.png", small_png(1)), ("inner.zip", zip_of([("a.png", small_png(3))]))])), (400, 415, 422), "nested|archive"),
+    Row(
+        "nested-zip",
+        "/api/v1/batches",
+        batch_upload(zip_of([("ok.png", small_png(1)), ("inner.zip", zip_of([("a.png", small_png(3))]))])),
+        (400, 415, 422),
+        "nested|archive",
+    ),
     Row("not-a-zip", "/api/v1/batches", batch_upload(b"PK\x03\x04 this is not really a zip"), (400, 415, 422)),
     Row("csv-wrong-columns", "/api/v1/batches", batch_upload(csv=b"name,diagnosis\nok,nv\n"), (400, 422), "column"),
-    Row("csv-formula-injection", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="=cmd|' /C calc'!A0")).encode()), (400, 422), "formula"),
-    Row("csv-formula-plus", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="+SUM(A1:A9)")).encode()), (400, 422), "formula"),
-    Row("csv-over-long-field", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="L" * 500)).encode()), (400, 422)),
-    Row("csv-unknown-sex", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(sex="robot")).encode()), (400, 422), "sex"),
-    Row("csv-unknown-site", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(localization="elbow pit")).encode()), (400, 422), "localization|site"),
-    Row("csv-not-utf8", "/api/v1/batches", batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="L\xe9sion")).encode("latin-1")), (400, 422), "UTF-8"),
+    Row(
+        "csv-formula-injection",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="=cmd|' /C calc'!A0")).encode()),
+        (400, 422),
+        "formula",
+    ),
+    Row(
+        "csv-formula-plus",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="+SUM(A1:A9)")).encode()),
+        (400, 422),
+        "formula",
+    ),
+    Row(
+        "csv-over-long-field",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="L" * 500)).encode()),
+        (400, 422),
+    ),
+    Row(
+        "csv-unknown-sex",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(sex="robot")).encode()),
+        (400, 422),
+        "sex",
+    ),
+    Row(
+        "csv-unknown-site",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(localization="elbow pit")).encode()),
+        (400, 422),
+        "localization|site",
+    ),
+    Row(
+        "csv-not-utf8",
+        "/api/v1/batches",
+        batch_upload(csv=(CSV_HEADER + csv_row(lesion_id="L\xe9sion")).encode("latin-1")),
+        (400, 422),
+        "UTF-8",
+    ),
 ]
 
 
@@ -193,8 +304,11 @@ def row_counts(app) -> dict[str, int]:
 
     names = ["Case", "Image", "Job", "Analysis", "Batch", "BatchItem"]
     with app.app_context():
-        return {n: db.session.scalar(select(func.count()).select_from(getattr(models, n)))
-                for n in names if hasattr(models, n)}
+        return {
+            n: db.session.scalar(select(func.count()).select_from(getattr(models, n)))
+            for n in names
+            if hasattr(models, n)
+        }
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=r.marks) for r in HOSTILE])
@@ -215,6 +329,7 @@ def test_hostile_input_is_refused_and_nothing_is_stored(app, client, auth_header
 
 
 # --- accepted and converted -----------------------------------------------------------------------
+
 
 def _solid(mode: str, size, color) -> PILImage.Image:
     return PILImage.new(mode, size, color)
@@ -247,7 +362,13 @@ def _gray16(value: int) -> bytes:
 
 ACCEPTED = [
     # id, bytes, expected (width, height), {(x, y): expected RGB}, tolerance
-    ("cmyk-jpeg", jpeg_bytes(_solid("RGB", (16, 16), (200, 40, 60)).convert("CMYK")), (16, 16), {(8, 8): (200, 40, 60)}, 8),
+    (
+        "cmyk-jpeg",
+        jpeg_bytes(_solid("RGB", (16, 16), (200, 40, 60)).convert("CMYK")),
+        (16, 16),
+        {(8, 8): (200, 40, 60)},
+        8,
+    ),
     ("grayscale-jpeg", jpeg_bytes(_solid("L", (16, 16), 90)), (16, 16), {(8, 8): (90, 90, 90)}, 3),
     ("grayscale-png", png_bytes(_solid("L", (16, 16), 77)), (16, 16), {(8, 8): (77, 77, 77)}, 0),
     ("gray-alpha-png", png_bytes(_solid("LA", (16, 16), (0, 0))), (16, 16), {(8, 8): (255, 255, 255)}, 0),
@@ -262,7 +383,9 @@ ACCEPTED = [
 
 
 @pytest.mark.parametrize("name, data, size, pixels, tolerance", ACCEPTED, ids=[a[0] for a in ACCEPTED])
-def test_unusual_images_are_accepted_and_converted(app, client, auth_headers, sent_tasks, name, data, size, pixels, tolerance):
+def test_unusual_images_are_accepted_and_converted(
+    app, client, auth_headers, sent_tasks, name, data, size, pixels, tolerance
+):
     response = client.post("/api/v1/cases", headers=auth_headers, data={"image": (io.BytesIO(data), f"{name}.img")})
     assert response.status_code == 202, response.get_json()
     from webapp.db import db

@@ -2,8 +2,8 @@ import io
 
 import pytest
 from PIL import Image
-
 from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes
+
 from webapp.imaging import UploadError, process_upload
 
 MB = 1024 * 1024
@@ -80,7 +80,17 @@ def png_claiming_to_be_jpeg() -> bytes:
         (lambda: image_bytes(FULLRES_IMAGE), 100_000, 10**6, 413, "larger than the limit"),
         (lambda: image_bytes(FULLRES_IMAGE), MB, 600 * 450 - 1, 413, "more than the limit"),
     ],
-    ids=["empty", "text", "gif", "pdf", "truncated-jpeg", "wrong-magic", "garbage-png", "too-many-bytes", "too-many-pixels"],
+    ids=[
+        "empty",
+        "text",
+        "gif",
+        "pdf",
+        "truncated-jpeg",
+        "wrong-magic",
+        "garbage-png",
+        "too-many-bytes",
+        "too-many-pixels",
+    ],
 )
 def test_bad_uploads_are_refused(make, max_bytes, max_pixels, status, message):
     with pytest.raises(UploadError, match=message) as info:

@@ -34,7 +34,11 @@ def test_stop_all_ends_children_and_their_children(launcher, tmp_path):
     # A child that starts a grandchild (like Celery's pool) and ignores nothing.
     script = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)"
     child = sup.start("worker", [sys.executable, "-c", script], dict(os.environ))
-    stubborn = sup.start("web", [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"], dict(os.environ))
+    stubborn = sup.start(
+        "web",
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
+        dict(os.environ),
+    )
     deadline = time.monotonic() + 10
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline

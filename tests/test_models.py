@@ -5,9 +5,14 @@ from webapp.db import db
 from webapp.models import Analysis, ApiToken, Case, Image, Job, ModelVersion, User, hash_token
 
 MANIFEST = {
-    "name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None,
+    "name": "efficientnetb3-cbam",
+    "version": "untrained",
+    "trained": False,
+    "trained_on": None,
     "class_names": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
-    "class_long_names": {"mel": "melanoma"}, "malignant_classes": ["akiec", "bcc", "mel"], "input_size": [64, 64],
+    "class_long_names": {"mel": "melanoma"},
+    "malignant_classes": ["akiec", "bcc", "mel"],
+    "input_size": [64, 64],
 }
 
 
@@ -20,8 +25,14 @@ def add_image(h="a" * 64):
 
 
 def model_version(version="untrained"):
-    mv = ModelVersion(name="efficientnetb3-cbam", version=version, trained=False, trained_on=None,
-                      class_names=MANIFEST["class_names"], manifest=MANIFEST)
+    mv = ModelVersion(
+        name="efficientnetb3-cbam",
+        version=version,
+        trained=False,
+        trained_on=None,
+        class_names=MANIFEST["class_names"],
+        manifest=MANIFEST,
+    )
     db.session.add(mv)
     db.session.commit()
     return mv
@@ -31,8 +42,13 @@ def test_rows_round_trip_with_utc_times(app):
     with app.app_context():
         image = add_image()
         mv = model_version()
-        analysis = Analysis(image=image, model_version=mv, status="succeeded",
-                            probabilities={c: 1 / 7 for c in MANIFEST["class_names"]}, top_class="mel")
+        analysis = Analysis(
+            image=image,
+            model_version=mv,
+            status="succeeded",
+            probabilities={c: 1 / 7 for c in MANIFEST["class_names"]},
+            top_class="mel",
+        )
         job = Job(image=image, analysis=analysis, model_version=mv, status="succeeded")
         db.session.add_all([analysis, job])
         db.session.commit()
@@ -118,5 +134,11 @@ def test_naive_datetimes_are_refused(app):
 
 def test_naming_convention_names_constraints():
     names = {c.name for t in db.metadata.tables.values() for c in t.constraints}
-    assert {"pk_users", "uq_users_email", "ck_cases_age_range", "uq_analyses_image_id_model_version_id",
-            "fk_images_case_id_cases", "uq_model_versions_name_version"} <= names
+    assert {
+        "pk_users",
+        "uq_users_email",
+        "ck_cases_age_range",
+        "uq_analyses_image_id_model_version_id",
+        "fk_images_case_id_cases",
+        "uq_model_versions_name_version",
+    } <= names

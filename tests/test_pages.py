@@ -1,17 +1,21 @@
 import io
 
 import pytest
-
 from portal_helpers import csrf_from, image_bytes, login, make_user
+
 from webapp.db import db
 from webapp.models import Analysis, Case, Image, ModelVersion, utcnow
 
 pytestmark = pytest.mark.usefixtures("sent_tasks")
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 LONG = {
-    "akiec": "actinic keratosis / intraepithelial carcinoma", "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesion", "df": "dermatofibroma", "mel": "melanoma",
-    "nv": "melanocytic nevus", "vasc": "vascular lesion",
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
 }
 
 
@@ -23,19 +27,37 @@ def upload_page(client, data=None, **fields):
 
 def finish(app, case_id, trained, failed=False):
     """Stores what the worker would: a model version and an analysis (or a failure)."""
-    manifest = {"name": "efficientnetb3-cbam", "version": "2026.11.0" if trained else "untrained", "trained": trained,
-                "trained_on": "HAM10000 200x150, lesion-grouped split" if trained else None,
-                "class_names": CLASSES, "class_long_names": LONG, "malignant_classes": ["akiec", "bcc", "mel"]}
+    manifest = {
+        "name": "efficientnetb3-cbam",
+        "version": "2026.11.0" if trained else "untrained",
+        "trained": trained,
+        "trained_on": "HAM10000 200x150, lesion-grouped split" if trained else None,
+        "class_names": CLASSES,
+        "class_long_names": LONG,
+        "malignant_classes": ["akiec", "bcc", "mel"],
+    }
     with app.app_context():
         job = db.session.get(Case, case_id).images[0].jobs[0]
         if failed:
             job.status, job.error, job.attempts = "failed", "ValueError: the model exploded", 1
         else:
-            mv = ModelVersion(name=manifest["name"], version=manifest["version"], trained=trained,
-                              trained_on=manifest["trained_on"], class_names=CLASSES, manifest=manifest)
+            mv = ModelVersion(
+                name=manifest["name"],
+                version=manifest["version"],
+                trained=trained,
+                trained_on=manifest["trained_on"],
+                class_names=CLASSES,
+                manifest=manifest,
+            )
             probs = dict(zip(CLASSES, [0.05, 0.10, 0.05, 0.05, 0.60, 0.10, 0.05]))
-            analysis = Analysis(image=job.image, model_version=mv, status="succeeded", probabilities=probs,
-                                top_class="mel", finished_at=utcnow())
+            analysis = Analysis(
+                image=job.image,
+                model_version=mv,
+                status="succeeded",
+                probabilities=probs,
+                top_class="mel",
+                finished_at=utcnow(),
+            )
             job.status, job.analysis, job.model_version = "succeeded", analysis, mv
         db.session.commit()
 
@@ -69,8 +91,16 @@ def test_status_json_and_finished_untrained_result(app, logged_in):
     status = logged_in.get("/cases/1/status.json").json
     assert status["done"] is True and status["status"] == "succeeded"
     page = logged_in.get("/cases/1").get_data(as_text=True)
-    for text in [*LONG.values(), "Untrained model — not a diagnosis", "efficientnetb3-cbam", "untrained",
-                 "Top class: <strong>melanoma</strong>", "60.0%", "malignant", "Research use only"]:
+    for text in [
+        *LONG.values(),
+        "Untrained model — not a diagnosis",
+        "efficientnetb3-cbam",
+        "untrained",
+        "Top class: <strong>melanoma</strong>",
+        "60.0%",
+        "malignant",
+        "Research use only",
+    ]:
         assert text in page, text
     assert page.count('class="bar"') == 7
     assert "Untrained model" in status["html"] and "melanoma" in status["html"]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import io
 
 import pytest
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
-
-from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 
 pytestmark = pytest.mark.db_backends
 
@@ -33,9 +32,17 @@ def migrated_app(db_url, tmp_path):
     from webapp import create_app
     from webapp.db import db
 
-    app = create_app({"TESTING": True, "INSTANCE_DIR": tmp_path / "instance", "DATABASE_URL": db_url,
-                      "STORAGE_DIR": tmp_path / "storage", "MODEL_DIR": tmp_path / "no-model",
-                      "REDIS_URL": "redis://127.0.0.1:1/0", "BROKER_TIMEOUT": 0.5})
+    app = create_app(
+        {
+            "TESTING": True,
+            "INSTANCE_DIR": tmp_path / "instance",
+            "DATABASE_URL": db_url,
+            "STORAGE_DIR": tmp_path / "storage",
+            "MODEL_DIR": tmp_path / "no-model",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "BROKER_TIMEOUT": 0.5,
+        }
+    )
     with app.app_context():
         upgrade()
     yield app
@@ -78,10 +85,14 @@ def test_model_constraints(migrated_app):
         bad = [
             (lambda: Case(age=130), "age_range"),
             (lambda: Case(sex="robot"), "ck_cases_sex"),
-            (lambda: Image(case_id=case.id, content_hash="d" * 64, storage_key="k2", width=1, height=1),
-             "uq_images_content_hash|UNIQUE"),
-            (lambda: Image(case_id=987654, content_hash="e" * 64, storage_key="k3", width=1, height=1),
-             "FOREIGN KEY|foreign key"),
+            (
+                lambda: Image(case_id=case.id, content_hash="d" * 64, storage_key="k2", width=1, height=1),
+                "uq_images_content_hash|UNIQUE",
+            ),
+            (
+                lambda: Image(case_id=987654, content_hash="e" * 64, storage_key="k3", width=1, height=1),
+                "FOREIGN KEY|foreign key",
+            ),
             (lambda: Job(image_id=image.id, status="lost"), "ck_jobs_status|CHECK"),
         ]
         for make, message in bad:
@@ -100,8 +111,11 @@ def test_upload_flow_through_the_api(migrated_app, sent_tasks):
     headers = {"Authorization": f"Bearer {make_token(migrated_app, 'pg@example.org')}"}
     client = migrated_app.test_client()
     data = image_bytes(SMALL_IMAGES[2])
-    response = client.post("/api/v1/cases", headers=headers,
-                           data={"image": (io.BytesIO(data), "lesion.jpg"), "age": "52", "sex": "male", "site": "back"})
+    response = client.post(
+        "/api/v1/cases",
+        headers=headers,
+        data={"image": (io.BytesIO(data), "lesion.jpg"), "age": "52", "sex": "male", "site": "back"},
+    )
     assert response.status_code == 202, response.get_json()
     body = client.get(response.json["url"], headers=headers).get_json()
     assert body["age"] == 52 and body["site"] == "back" and body["status"] == "queued"

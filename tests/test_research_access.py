@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from portal_helpers import csrf_from, login, make_token, make_user
+from portal_helpers import csrf_from, login, make_user
 
 PUBLIC = {"/login", "/api/v1/health", "/static/<path:filename>"}
 
@@ -32,11 +31,20 @@ def test_anonymous_requests_never_get_through(app, client):
     assert checked > 40
 
 
-@pytest.mark.parametrize("role, path, status", [
-    ("reviewer", "/batches/new", 403), ("reviewer", "/cases/new", 403), ("researcher", "/review/next", 403),
-    ("researcher", "/admin", 403), ("reviewer", "/admin/audit", 403), ("admin", "/admin", 200),
-    ("reviewer", "/dashboard", 200), ("reviewer", "/batches", 200), ("researcher", "/cases", 200),
-])
+@pytest.mark.parametrize(
+    "role, path, status",
+    [
+        ("reviewer", "/batches/new", 403),
+        ("reviewer", "/cases/new", 403),
+        ("researcher", "/review/next", 403),
+        ("researcher", "/admin", 403),
+        ("reviewer", "/admin/audit", 403),
+        ("admin", "/admin", 200),
+        ("reviewer", "/dashboard", 200),
+        ("reviewer", "/batches", 200),
+        ("researcher", "/cases", 200),
+    ],
+)
 def test_roles_on_pages(app, client, role, path, status):
     make_user(app, f"{role}@example.org", role=role)
     login(client, f"{role}@example.org")
@@ -63,16 +71,29 @@ def test_admin_page_manages_users_and_tokens(app, client):
     make_user(app, "admin@example.org", role="admin")
     login(client, "admin@example.org")
     csrf = csrf_from(client.get("/admin").get_data(as_text=True))
-    assert client.post("/admin/users", data={"csrf_token": csrf, "email": "New@Example.org", "role": "reviewer",
-                                              "password": "long enough pw"}).status_code == 302
-    assert client.post("/admin/users", data={"csrf_token": csrf, "email": "x@example.org", "role": "reviewer",
-                                              "password": "short"}).status_code == 302
+    assert (
+        client.post(
+            "/admin/users",
+            data={"csrf_token": csrf, "email": "New@Example.org", "role": "reviewer", "password": "long enough pw"},
+        ).status_code
+        == 302
+    )
+    assert (
+        client.post(
+            "/admin/users", data={"csrf_token": csrf, "email": "x@example.org", "role": "reviewer", "password": "short"}
+        ).status_code
+        == 302
+    )
     with app.app_context():
         new = db.session.scalar(db.select(User).where(User.email == "new@example.org"))
-        assert new.role == "reviewer" and db.session.scalar(db.select(User).where(User.email == "x@example.org")) is None
+        assert (
+            new.role == "reviewer" and db.session.scalar(db.select(User).where(User.email == "x@example.org")) is None
+        )
         new_id, admin_id = new.id, db.session.scalar(db.select(User.id).where(User.email == "admin@example.org"))
     client.post(f"/admin/users/{new_id}", data={"csrf_token": csrf, "role": "researcher", "active": "1"})
-    page = client.post(f"/admin/users/{new_id}/tokens", data={"csrf_token": csrf, "label": "laptop"}).get_data(as_text=True)
+    page = client.post(f"/admin/users/{new_id}/tokens", data={"csrf_token": csrf, "label": "laptop"}).get_data(
+        as_text=True
+    )
     token = re.search(r'id="new-token">([^<]+)<', page).group(1)
     assert client.get("/api/v1/cases", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     with app.app_context():
@@ -107,8 +128,9 @@ def test_cli_roles_tokens_and_model_versions(app, tmp_path):
     assert runner.invoke(args=["users", "deactivate", "boss@example.org"]).exit_code != 0  # last admin
     artifact = tmp_path / "model"
     artifact.mkdir()
-    (artifact / "manifest.json").write_text(json.dumps({"name": "m", "version": "1", "trained": True, "trained_on": "HAM",
-                                                        "class_names": ["nv", "mel"]}))
+    (artifact / "manifest.json").write_text(
+        json.dumps({"name": "m", "version": "1", "trained": True, "trained_on": "HAM", "class_names": ["nv", "mel"]})
+    )
     result = runner.invoke(args=["models", "register", str(artifact)])
     assert result.exit_code == 0 and "m 1" in result.output
     assert str(artifact) in runner.invoke(args=["models", "list"]).output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from portal_helpers import csrf_from, login, make_token, make_user
 from research_helpers import model_version, seed_case
 
@@ -29,8 +28,10 @@ def test_cohen_kappa_matches_a_hand_computation():
 @pytest.fixture
 def reviewed(app):
     mv = model_version(app)
-    cases = [seed_case(app, top=top, mv_id=mv, reference_dx=ref) for top, ref in
-             [("mel", "mel"), ("nv", "mel"), ("nv", None), ("bcc", None), ("nv", None)]]
+    cases = [
+        seed_case(app, top=top, mv_id=mv, reference_dx=ref)
+        for top, ref in [("mel", "mel"), ("nv", "mel"), ("nv", None), ("bcc", None), ("nv", None)]
+    ]
     make_user(app, "rev1@example.org", role="reviewer")
     make_user(app, "rev2@example.org", role="reviewer")
     return {"mv": mv, "cases": cases}
@@ -39,18 +40,28 @@ def reviewed(app):
 def _review(client, case_id, **values):
     page = client.get(f"/cases/{case_id}/review")
     assert page.status_code == 200
-    return client.post(f"/cases/{case_id}/review", data={"csrf_token": csrf_from(page.get_data(as_text=True)), **values})
+    return client.post(
+        f"/cases/{case_id}/review", data={"csrf_token": csrf_from(page.get_data(as_text=True)), **values}
+    )
 
 
 def test_review_is_created_updated_and_audited(app, client, reviewed):
     case_id = reviewed["cases"][2]
     login(client, "rev1@example.org")
-    assert _review(client, case_id, diagnosis="nv", agrees_with_model="agree", confidence="4", notes="typical").status_code == 302
+    assert (
+        _review(client, case_id, diagnosis="nv", agrees_with_model="agree", confidence="4", notes="typical").status_code
+        == 302
+    )
     assert _review(client, case_id, diagnosis="mel", agrees_with_model="disagree", confidence="high").status_code == 302
     assert _review(client, case_id, diagnosis="nonsense", confidence="3").status_code == 400
     headers = {"Authorization": f"Bearer {make_token(app, 'rev1@example.org')}"}
     (review,) = client.get(f"/api/v1/cases/{case_id}/reviews", headers=headers).json["reviews"]
-    assert (review["diagnosis"], review["agrees_with_model"], review["confidence"], review["notes"]) == ("mel", False, 4, None)  # the form sends every field
+    assert (review["diagnosis"], review["agrees_with_model"], review["confidence"], review["notes"]) == (
+        "mel",
+        False,
+        4,
+        None,
+    )  # the form sends every field
     assert review["analysis_id"] is not None
     page = client.get(f"/cases/{case_id}").get_data(as_text=True)
     assert "review.create" in page and "review.update" in page and "Review history (2)" in page
@@ -66,11 +77,26 @@ def test_review_is_created_updated_and_audited(app, client, reviewed):
 
     # Through the API: a second reviewer, and a researcher who may not review.
     headers2 = {"Authorization": f"Bearer {make_token(app, 'rev2@example.org')}"}
-    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=headers2).status_code == 201
-    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 9}, headers=headers2).status_code == 400
+    assert (
+        client.put(
+            f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=headers2
+        ).status_code
+        == 201
+    )
+    assert (
+        client.put(
+            f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 9}, headers=headers2
+        ).status_code
+        == 400
+    )
     make_user(app, "res@example.org", role="researcher")
     researcher = {"Authorization": f"Bearer {make_token(app, 'res@example.org')}"}
-    assert client.put(f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=researcher).status_code == 403
+    assert (
+        client.put(
+            f"/api/v1/cases/{case_id}/reviews", json={"diagnosis": "mel", "confidence": 2}, headers=researcher
+        ).status_code
+        == 403
+    )
 
 
 def test_review_queue_gives_the_next_unreviewed_case_and_skips(app, client, reviewed):
@@ -79,8 +105,10 @@ def test_review_queue_gives_the_next_unreviewed_case_and_skips(app, client, revi
     response = client.get("/review/next")
     assert response.status_code == 302 and f"/cases/{first}/review?queue=1" in response.location
     page = client.get(response.location).get_data(as_text=True)
-    assert "data-key=\"1\"" in page and "review.js" in page and 'id="skip-form"' in page
-    response = client.post(f"/cases/{first}/review?queue=1", data={"csrf_token": csrf_from(page), "diagnosis": "mel", "confidence": "3"})
+    assert 'data-key="1"' in page and "review.js" in page and 'id="skip-form"' in page
+    response = client.post(
+        f"/cases/{first}/review?queue=1", data={"csrf_token": csrf_from(page), "diagnosis": "mel", "confidence": "3"}
+    )
     assert response.status_code == 302 and response.location.endswith("/review/next")
     assert f"/cases/{second}/review" in client.get("/review/next").location
     client.post(f"/review/skip/{second}", data={"csrf_token": csrf_from(page)})
@@ -93,10 +121,17 @@ def test_dashboard_uses_dataset_dx_then_consensus_and_kappa(app, client, reviewe
 
     cases = reviewed["cases"]
     with app.app_context():
-        r1, r2 = (db.session.scalar(db.select(User).where(User.email == e)).id for e in ("rev1@example.org", "rev2@example.org"))
+        r1, r2 = (
+            db.session.scalar(db.select(User).where(User.email == e)).id
+            for e in ("rev1@example.org", "rev2@example.org")
+        )
         for case_id, d1, d2 in [(cases[2], "nv", "nv"), (cases[3], "bcc", "mel"), (cases[4], "mel", "mel")]:
-            db.session.add_all([Review(case_id=case_id, reviewer_id=r1, diagnosis=d1, confidence=3),
-                                Review(case_id=case_id, reviewer_id=r2, diagnosis=d2, confidence=3)])
+            db.session.add_all(
+                [
+                    Review(case_id=case_id, reviewer_id=r1, diagnosis=d1, confidence=3),
+                    Review(case_id=case_id, reviewer_id=r2, diagnosis=d2, confidence=3),
+                ]
+            )
         db.session.commit()
     headers = {"Authorization": f"Bearer {make_token(app, 'rev1@example.org')}"}
     data = client.get("/api/v1/dashboard", headers=headers).json
@@ -113,7 +148,9 @@ def test_dashboard_uses_dataset_dx_then_consensus_and_kappa(app, client, reviewe
     assert 'id="confusion-matrix"' in html and "0.500" in html and "untrained" in html
 
 
-def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client, auth_headers, sent_tasks, monkeypatch):
+def test_rerun_with_another_model_version_keeps_results_side_by_side(
+    app, client, auth_headers, sent_tasks, monkeypatch
+):
     from webapp.db import db
     from webapp.models import Analysis, AuditEntry, Job
 
@@ -122,13 +159,19 @@ def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client
     cases = [seed_case(app, top="nv", mv_id=mv1, age=a) for a in (20, 60, 61)]
     response = client.post(f"/api/v1/cases/{cases[0]}/rerun", json={"model_version_id": mv2}, headers=auth_headers)
     assert response.status_code == 202 and response.json["queued"] == 1
-    again = client.post(f"/api/v1/cases/rerun?age_min=18", json={"model_version_id": mv2}, headers=auth_headers)
+    again = client.post("/api/v1/cases/rerun?age_min=18", json={"model_version_id": mv2}, headers=auth_headers)
     assert again.json["queued"] == 2 and again.json["skipped"] == 1  # the first one is still waiting
-    assert client.post(f"/api/v1/cases/{cases[0]}/rerun", json={"model_version_id": 999}, headers=auth_headers).status_code == 400
+    assert (
+        client.post(f"/api/v1/cases/{cases[0]}/rerun", json={"model_version_id": 999}, headers=auth_headers).status_code
+        == 400
+    )
     with app.app_context():
         jobs = db.session.scalars(db.select(Job).where(Job.model_version_id == mv2)).all()
         assert len(jobs) == 3 and {j.status for j in jobs} == {"queued"}
-        assert db.session.scalar(db.select(db.func.count()).select_from(AuditEntry).where(AuditEntry.action == "rerun")) == 2
+        assert (
+            db.session.scalar(db.select(db.func.count()).select_from(AuditEntry).where(AuditEntry.action == "rerun"))
+            == 2
+        )
         job_id = jobs[0].id
     assert [name for name, *_ in sent_tasks] == ["worker.tasks.analyse"] * 3
 
@@ -152,5 +195,7 @@ def test_rerun_with_another_model_version_keeps_results_side_by_side(app, client
     monkeypatch.setattr(predict, "read_image", lambda key, storage=None: np.zeros((8, 8, 3), dtype=np.uint8))
     assert tasks.analyse(job_id) == "succeeded"
     with app.app_context():
-        rows = db.session.scalars(db.select(Analysis).join(Job, Job.image_id == Analysis.image_id).where(Job.id == job_id)).all()
+        rows = db.session.scalars(
+            db.select(Analysis).join(Job, Job.image_id == Analysis.image_id).where(Job.id == job_id)
+        ).all()
         assert sorted((r.model_version_id, r.top_class) for r in rows) == [(mv1, "nv"), (mv2, "mel")]

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +21,13 @@ def _fill(rule) -> str:
     url = rule.rule
     for arg in rule.arguments:
         converter = rule._converters[arg].__class__.__name__
-        value = "1" if converter in ("IntegerConverter", "NumberConverter") else "images/ab/cd/" + "ab" * 32 + ".png" \
-            if converter == "PathConverter" else "1"
+        value = (
+            "1"
+            if converter in ("IntegerConverter", "NumberConverter")
+            else "images/ab/cd/" + "ab" * 32 + ".png"
+            if converter == "PathConverter"
+            else "1"
+        )
         url = re.sub(r"<(?:[^<>:]+:)?" + re.escape(arg) + r">", value, url)
     return url
 
@@ -37,17 +41,20 @@ def test_every_route_needs_a_session_or_token(app, client):
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             response = client.open(url, method=method)
             location = response.headers.get("Location", "")
-            refused = (response.status_code in (401, 403)
-                       or (response.status_code == 302 and "/login" in location)
-                       or (method != "GET" and response.status_code == 400 and not url.startswith("/api/")))  # CSRF
+            refused = (
+                response.status_code in (401, 403)
+                or (response.status_code == 302 and "/login" in location)
+                or (method != "GET" and response.status_code == 400 and not url.startswith("/api/"))
+            )  # CSRF
             assert refused, f"{method} {url} ({rule.endpoint}) answered {response.status_code} without a login"
             checked += 1
     assert checked >= 8
 
 
 def test_stored_files_need_a_session(app, client, auth_headers, sent_tasks):
-    response = client.post("/api/v1/cases", headers=auth_headers,
-                           data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), "x.jpg")})
+    response = client.post(
+        "/api/v1/cases", headers=auth_headers, data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), "x.jpg")}
+    )
     assert response.status_code == 202
     h = client.get(response.json["url"], headers=auth_headers).json["images"][0]["content_hash"]
     url = f"/files/images/{h[:2]}/{h[2:4]}/{h}.png"  # the key is guessable from the hash: it must not be enough
@@ -86,8 +93,15 @@ def test_session_cookie_flags(app, client, researcher):
 def test_production_cookies_are_secure_and_hsts_is_sent(tmp_path):
     from webapp import create_app
 
-    app = create_app({"PORTAL_ENV": "production", "SECRET_KEY": "x" * 64, "INSTANCE_DIR": tmp_path,
-                      "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}", "REDIS_URL": "redis://127.0.0.1:1/0"})
+    app = create_app(
+        {
+            "PORTAL_ENV": "production",
+            "SECRET_KEY": "x" * 64,
+            "INSTANCE_DIR": tmp_path,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+        }
+    )
     assert app.config["SESSION_COOKIE_SECURE"] and app.config["SESSION_COOKIE_HTTPONLY"]
     assert app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
     with app.test_client() as client:
@@ -96,8 +110,9 @@ def test_production_cookies_are_secure_and_hsts_is_sent(tmp_path):
 
 def _attempt(client, email, password, ip="10.0.0.1"):
     token = csrf_from(client.get("/login").get_data(as_text=True))
-    return client.post("/login", data={"email": email, "password": password, "csrf_token": token},
-                       environ_base={"REMOTE_ADDR": ip})
+    return client.post(
+        "/login", data={"email": email, "password": password, "csrf_token": token}, environ_base={"REMOTE_ADDR": ip}
+    )
 
 
 def test_login_is_rate_limited_per_email_and_address(app, client, researcher):
@@ -137,17 +152,27 @@ def test_only_failed_logins_count(client, researcher):
 
 def _upload_page(client):
     token = csrf_from(client.get("/cases/new").get_data(as_text=True))
-    return client.post("/cases/new", data={"csrf_token": token, "image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])),
-                                                                          "y.jpg")})
+    return client.post(
+        "/cases/new", data={"csrf_token": token, "image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])), "y.jpg")}
+    )
 
 
 def test_uploads_are_rate_limited_per_user_over_pages_and_api(tmp_path, sent_tasks):
     from webapp import create_app
     from webapp.db import db
 
-    app = create_app({"TESTING": True, "INSTANCE_DIR": tmp_path / "i", "DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}",
-                      "STORAGE_DIR": tmp_path / "s", "MODEL_DIR": tmp_path / "m", "REDIS_URL": "redis://127.0.0.1:1/0",
-                      "BROKER_TIMEOUT": 0.5, "UPLOAD_RATE_LIMIT": "2 per hour"})
+    app = create_app(
+        {
+            "TESTING": True,
+            "INSTANCE_DIR": tmp_path / "i",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}",
+            "STORAGE_DIR": tmp_path / "s",
+            "MODEL_DIR": tmp_path / "m",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "BROKER_TIMEOUT": 0.5,
+            "UPLOAD_RATE_LIMIT": "2 per hour",
+        }
+    )
     with app.app_context():
         db.create_all()
     make_user(app)
@@ -182,8 +207,14 @@ SECRET_PATTERNS = [
 
 def test_no_secrets_in_the_repository():
     try:
-        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         pytest.skip("not a git checkout")
     assert ".env" not in files and not any(f.startswith("instance/") for f in files)
@@ -197,7 +228,11 @@ def test_no_secrets_in_the_repository():
         text = path.read_text(errors="ignore")
         for pattern in SECRET_PATTERNS:
             for match in pattern.finditer(text):
-                if "test" in name or "example" in match.group(0).lower() or "change-me" in text[match.start():match.end() + 40]:
+                if (
+                    "test" in name
+                    or "example" in match.group(0).lower()
+                    or "change-me" in text[match.start() : match.end() + 40]
+                ):
                     continue
                 found.append(f"{name}: {match.group(0)[:40]}")
     assert not found, found

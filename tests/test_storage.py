@@ -21,7 +21,17 @@ def test_save_open_exists_url_delete(tmp_path):
 
 @pytest.mark.parametrize(
     "key",
-    ["../etc/passwd", "/etc/passwd", "images/../../x", "images//x", "Images/X.png", "", "a/./b", "images/x\0.png", "a\\b"],
+    [
+        "../etc/passwd",
+        "/etc/passwd",
+        "images/../../x",
+        "images//x",
+        "Images/X.png",
+        "",
+        "a/./b",
+        "images/x\0.png",
+        "a\\b",
+    ],
 )
 def test_unsafe_keys_are_refused(tmp_path, key):
     storage = LocalStorage(tmp_path)

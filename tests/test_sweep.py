@@ -23,8 +23,13 @@ def make_job(app):
             n = next(counter)
             case = Case()
             image = Image(case=case, content_hash=f"{n:064x}", storage_key=f"images/k{n}.png", width=1, height=1)
-            job = Job(image=image, status=status, attempts=attempts, claimed_by=claimed_by,
-                      created_at=utcnow() - timedelta(seconds=age))
+            job = Job(
+                image=image,
+                status=status,
+                attempts=attempts,
+                claimed_by=claimed_by,
+                created_at=utcnow() - timedelta(seconds=age),
+            )
             if started_age is not None:
                 job.started_at = utcnow() - timedelta(seconds=started_age)
             db.session.add_all([case, image, job])
@@ -45,8 +50,14 @@ def run_sweep(app, sent, **overrides):
 
     from worker.recovery import sweep_once
 
-    settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=30, TASK_SOFT_TIME_LIMIT=20,
-                       SWEEP_QUEUED_AFTER=10, SWEEP_RUNNING_MARGIN=5, **overrides)
+    settings = replace(
+        app.extensions["settings"],
+        TASK_TIME_LIMIT=30,
+        TASK_SOFT_TIME_LIMIT=20,
+        SWEEP_QUEUED_AFTER=10,
+        SWEEP_RUNNING_MARGIN=5,
+        **overrides,
+    )
     return sweep_once(app, lambda task, job_id, queue: sent.append((task, job_id, queue)) or "id", settings)
 
 
@@ -100,8 +111,9 @@ def test_jobs_of_a_dead_process_on_this_host_are_requeued_at_once(app, make_job)
     unknown = make_job(status="running", started_age=1, attempts=1)
     sent: list = []
     settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=3600)
-    counts = requeue_orphans(app, lambda task, job_id, queue: sent.append((task, job_id, queue)) or "id", host,
-                             settings)
+    counts = requeue_orphans(
+        app, lambda task, job_id, queue: sent.append((task, job_id, queue)) or "id", host, settings
+    )
     assert counts == {"requeued": 1, "failed": 1, "send_errors": 0}
     assert sent == [("worker.tasks.analyse", orphan, "predict")]
     status, attempts, error = status_of(app, orphan)
@@ -141,8 +153,9 @@ def test_pending_job_ids_reads_queues_and_unacked():
 
     def message(job_id):
         body = base64.b64encode(json.dumps([[job_id], {}, {}]).encode()).decode()
-        return json.dumps({"body": body, "headers": {"task": "worker.tasks.analyse"},
-                           "properties": {"body_encoding": "base64"}})
+        return json.dumps(
+            {"body": body, "headers": {"task": "worker.tasks.analyse"}, "properties": {"body_encoding": "base64"}}
+        )
 
     class FakeRedis:
         def lrange(self, name, start, end):
@@ -157,13 +170,19 @@ def test_pending_job_ids_reads_queues_and_unacked():
 
 # --- claims ------------------------------------------------------------------------------------------
 
+
 def claim(app, job_id, redelivered=False, retries=0, **settings_overrides):
     from dataclasses import replace
 
     from worker.recovery import claim as claim_job
 
-    settings = replace(app.extensions["settings"], TASK_TIME_LIMIT=30, TASK_SOFT_TIME_LIMIT=20,
-                       SWEEP_RUNNING_MARGIN=5, **settings_overrides)
+    settings = replace(
+        app.extensions["settings"],
+        TASK_TIME_LIMIT=30,
+        TASK_SOFT_TIME_LIMIT=20,
+        SWEEP_RUNNING_MARGIN=5,
+        **settings_overrides,
+    )
     request = SimpleNamespace(delivery_info={"redelivered": redelivered}, retries=retries)
     with app.app_context():
         return claim_job(db.session.get(Job, job_id), request, settings, utcnow())
@@ -212,14 +231,14 @@ def test_transient_errors_are_recognised():
 def test_a_transient_error_puts_the_job_back_and_retries(app, monkeypatch):
     """analyse() with a database hiccup in the middle: the job is queued again and a retry raised."""
     from celery.exceptions import Retry
+    from portal_helpers import image_bytes
     from sqlalchemy.exc import OperationalError
+    from test_worker_tasks import FakePredictor
 
     import worker.batching as batching
     import worker.celery_app as celery_app
     import worker.predict as predict
     import worker.tasks as tasks
-    from test_worker_tasks import FakePredictor
-    from portal_helpers import image_bytes
     from webapp.storage import storage_from_settings
 
     monkeypatch.setattr(celery_app, "_flask_app", app)

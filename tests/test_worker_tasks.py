@@ -4,12 +4,12 @@ import io
 
 import numpy as np
 import pytest
-
+from portal_helpers import FAKE_CLASSES as CLASSES
+from portal_helpers import FAKE_MANIFEST as MANIFEST
 from portal_helpers import image_bytes, make_user
+
 from webapp.db import db
 from webapp.models import Analysis, Job, ModelVersion
-
-from portal_helpers import FAKE_CLASSES as CLASSES, FAKE_MANIFEST as MANIFEST
 
 
 class FakePredictor:

@@ -6,7 +6,8 @@ Imports nothing from `ml/` or `worker/` and no TensorFlow/Keras/shap: tasks are 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask
 from flask_migrate import Migrate
@@ -44,7 +45,6 @@ BLUEPRINTS = (
     batches_cli.bp,
     model_versions_cli.bp,
 )
-
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from limits import parse_many
 
@@ -50,8 +51,9 @@ def _parse_rate_limit(name: str, value: str) -> str:
     try:
         parse_many(value)
     except ValueError:
-        raise ConfigError(f"{name} must look like '5 per 15 minutes' (several separated by ';'), got {value!r}.") \
-            from None
+        raise ConfigError(
+            f"{name} must look like '5 per 15 minutes' (several separated by ';'), got {value!r}."
+        ) from None
     return value
 
 
@@ -112,7 +114,7 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Builds the settings from defaults, then `environ` (default `os.environ`), then `overrides`.
 
         Raises:
@@ -140,8 +142,11 @@ class Settings:
         if environ.get("TASK_MAX_ATTEMPTS"):
             values["TASK_MAX_ATTEMPTS"] = _parse_positive("TASK_MAX_ATTEMPTS", environ["TASK_MAX_ATTEMPTS"])
         if environ.get("SWEEP_INTERVAL"):  # 0 turns the sweep off
-            values["SWEEP_INTERVAL"] = 0.0 if environ["SWEEP_INTERVAL"].strip() in ("0", "0.0") else \
-                _parse_positive("SWEEP_INTERVAL", environ["SWEEP_INTERVAL"], float)
+            values["SWEEP_INTERVAL"] = (
+                0.0
+                if environ["SWEEP_INTERVAL"].strip() in ("0", "0.0")
+                else _parse_positive("SWEEP_INTERVAL", environ["SWEEP_INTERVAL"], float)
+            )
         for name in ("SHAP_MAX_EVALS", "SHAP_BATCH_SIZE"):
             if environ.get(name):
                 values[name] = _parse_positive(name, environ[name])
@@ -172,7 +177,7 @@ class Settings:
         settings = cls(**values, extra=extra)
         return settings._finish()
 
-    def _finish(self) -> "Settings":
+    def _finish(self) -> Settings:
         if self.PORTAL_ENV not in ENVIRONMENTS:
             raise ConfigError(f"PORTAL_ENV must be one of {ENVIRONMENTS}, got {self.PORTAL_ENV!r}.")
         instance = Path(self.INSTANCE_DIR)
@@ -224,7 +229,7 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def worker_layout(settings: "Settings", pool_processes: int | None = None) -> tuple[int, int]:
+def worker_layout(settings: Settings, pool_processes: int | None = None) -> tuple[int, int]:
     """(pool processes, TensorFlow threads per process) of a prediction worker.
 
     Why several single-threaded processes: EfficientNetB3's small depthwise convolutions scale badly

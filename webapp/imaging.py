@@ -89,7 +89,9 @@ def check_filename(name: str | None) -> str | None:
     if any(not ch.isprintable() for ch in base):
         raise UploadError("The file name contains control characters; rename the file and upload it again.")
     if len(base.encode("utf-8")) > MAX_FILENAME_BYTES:
-        raise UploadError(f"The file name is longer than {MAX_FILENAME_BYTES} bytes; rename the file and upload it again.")
+        raise UploadError(
+            f"The file name is longer than {MAX_FILENAME_BYTES} bytes; rename the file and upload it again."
+        )
     return base or None
 
 

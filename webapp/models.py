@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask_login import UserMixin
-from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -24,8 +34,21 @@ UPLOAD_ROLES = ("admin", "researcher")
 SEXES = ("male", "female", "unknown")
 # The HAM10000 `localization` vocabulary.
 SITES = (
-    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-    "lower extremity", "neck", "scalp", "trunk", "upper extremity", "unknown",
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
+    "unknown",
 )
 JOB_STATUSES = tuple(JobStatus)
 JOB_KINDS = tuple(JobKind)
@@ -36,7 +59,7 @@ TOKEN_PREFIX = "dp_"
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -48,11 +71,11 @@ class UTCDateTime(TypeDecorator):
     def process_bind_param(self, value, dialect):
         if value is not None and value.tzinfo is None:
             raise ValueError("Store timezone-aware datetimes (use webapp.models.utcnow()).")
-        return value.astimezone(timezone.utc) if value is not None else None
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
@@ -71,7 +94,7 @@ class User(UserMixin, db.Model):
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user", cascade="all, delete-orphan")
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)
@@ -111,7 +134,7 @@ class ApiToken(db.Model):
     user: Mapped[User] = relationship(back_populates="tokens")
 
     @classmethod
-    def issue(cls, user: User, label: str | None = None) -> tuple["ApiToken", str]:
+    def issue(cls, user: User, label: str | None = None) -> tuple[ApiToken, str]:
         """A new token row for `user` and the plain token (which is not stored anywhere)."""
         plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
         return cls(user=user, token_hash=hash_token(plain), label=label), plain
@@ -139,7 +162,7 @@ class Case(db.Model):
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
 
     uploader: Mapped[User | None] = relationship()
-    images: Mapped[list["Image"]] = relationship(back_populates="case", order_by="Image.id", cascade="all, delete-orphan")
+    images: Mapped[list[Image]] = relationship(back_populates="case", order_by="Image.id", cascade="all, delete-orphan")
 
 
 class Image(db.Model):
@@ -155,8 +178,8 @@ class Image(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     case: Mapped[Case] = relationship(back_populates="images")
-    analyses: Mapped[list["Analysis"]] = relationship(back_populates="image", order_by="Analysis.id")
-    jobs: Mapped[list["Job"]] = relationship(back_populates="image", order_by="Job.id")
+    analyses: Mapped[list[Analysis]] = relationship(back_populates="image", order_by="Analysis.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="image", order_by="Job.id")
 
 
 class ModelVersion(db.Model):
@@ -208,7 +231,7 @@ class Analysis(db.Model):
 
     image: Mapped[Image] = relationship(back_populates="analyses")
     model_version: Mapped[ModelVersion] = relationship()
-    explanations: Mapped[list["Explanation"]] = relationship(back_populates="analysis", order_by="Explanation.id")
+    explanations: Mapped[list[Explanation]] = relationship(back_populates="analysis", order_by="Explanation.id")
 
     @property
     def malignant_probability(self) -> float | None:
@@ -297,9 +320,13 @@ class Job(db.Model):
 # data set's vocabulary, not a model's: each model version still brings its own class names.
 DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DX_LONG_NAMES = {
-    "akiec": "actinic keratosis / intraepithelial carcinoma", "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesion", "df": "dermatofibroma", "mel": "melanoma",
-    "nv": "melanocytic nevus", "vasc": "vascular lesion",
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
 }
 DX_TYPES = ("histo", "follow_up", "consensus", "confocal")
 REVIEW_DIAGNOSES = DX_CLASSES + ("other", "uncertain")

@@ -106,8 +106,13 @@ def case_dict(case: Case) -> dict[str, Any]:
         "batch_id": case.batch_id,
         "reviews": _reviews(case),
         "images": [
-            {"id": im.id, "width": im.width, "height": im.height, "content_hash": im.content_hash,
-             "original_filename": im.original_filename}
+            {
+                "id": im.id,
+                "width": im.width,
+                "height": im.height,
+                "content_hash": im.content_hash,
+                "original_filename": im.original_filename,
+            }
             for im in case.images
         ],
         "jobs": [job_dict(j) for j in latest_jobs(case)],
@@ -118,7 +123,9 @@ def case_dict(case: Case) -> dict[str, Any]:
 
 
 def _reviews(case: Case) -> list[dict[str, Any]]:
-    return [review_dict(r) for r in db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id))]
+    return [
+        review_dict(r) for r in db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id))
+    ]
 
 
 def review_dict(review: Review, email: str | None = None) -> dict[str, Any]:

@@ -29,18 +29,20 @@ from .errors import error_response
 
 CSRF_MESSAGE = "The form has expired or did not come from this site; reload the page and try again."
 
-CSP = "; ".join([
-    "default-src 'self'",
-    "script-src 'self'",
-    "style-src 'self' 'unsafe-inline'",
-    "img-src 'self' data: blob:",
-    "connect-src 'self'",
-    "font-src 'self'",
-    "object-src 'none'",
-    "base-uri 'self'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-])
+CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -64,11 +66,11 @@ def upload_key() -> str:
 
 
 csrf = CSRFProtect()
-limiter = Limiter(key_func=client_ip, key_prefix="dermportal", in_memory_fallback_enabled=True,
-                  swallow_errors=True)
+limiter = Limiter(key_func=client_ip, key_prefix="dermportal", in_memory_fallback_enabled=True, swallow_errors=True)
 # One count per user over every upload route (single image and folder upload; pages and API).
-upload_limit = limiter.shared_limit(lambda: current_app.config["UPLOAD_RATE_LIMIT"], "uploads",
-                                    key_func=upload_key, methods=["POST"])
+upload_limit = limiter.shared_limit(
+    lambda: current_app.config["UPLOAD_RATE_LIMIT"], "uploads", key_func=upload_key, methods=["POST"]
+)
 
 
 def retry_after() -> int:
@@ -83,8 +85,10 @@ def init_app(app: Flask) -> None:
     app.config.update(
         WTF_CSRF_ENABLED=app.config.get("CSRF_ENABLED", True),
         RATELIMIT_STORAGE_URI=app.config["REDIS_URL"],
-        RATELIMIT_STORAGE_OPTIONS={"socket_connect_timeout": min(app.config["BROKER_TIMEOUT"], 0.5),
-                                   "socket_timeout": app.config["BROKER_TIMEOUT"]},
+        RATELIMIT_STORAGE_OPTIONS={
+            "socket_connect_timeout": min(app.config["BROKER_TIMEOUT"], 0.5),
+            "socket_timeout": app.config["BROKER_TIMEOUT"],
+        },
     )
     csrf.init_app(app)
     limiter.init_app(app)

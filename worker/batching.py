@@ -54,6 +54,7 @@ T = TypeVar("T")
 
 # --- sizes ----------------------------------------------------------------------------------------
 
+
 def bucket_sizes(limit: int) -> list[int]:
     """The padded batch sizes: powers of two below `limit`, then `limit` (e.g. 16 -> 1, 2, 4, 8, 16)."""
     sizes, size = [], 1
@@ -76,8 +77,10 @@ def pad(images: Sequence[T], size: int) -> list[T]:
 
 # --- the batched pass -----------------------------------------------------------------------------
 
-def predict_batch(model: Predictor, images: Sequence[np.ndarray], limit: int | None = None,
-                  plus_plus: bool = False) -> tuple[np.ndarray, list[explain.GradCam] | None]:
+
+def predict_batch(
+    model: Predictor, images: Sequence[np.ndarray], limit: int | None = None, plus_plus: bool = False
+) -> tuple[np.ndarray, list[explain.GradCam] | None]:
     """Probabilities and Grad-CAM maps of `images` from one padded forward pass.
 
     Args:
@@ -126,6 +129,7 @@ def warm_up(model: Predictor, limit: int | None = None) -> float:
 
 # --- claiming companions ----------------------------------------------------------------------------
 
+
 def claim_companions(lead: Job, model_version_id: int | None, count: int, now: datetime) -> list[Job]:
     """Claims up to `count` further queued analyse jobs of the same model version, oldest first.
 
@@ -134,12 +138,20 @@ def claim_companions(lead: Job, model_version_id: int | None, count: int, now: d
     """
     if count <= 0:
         return []
-    same_version = Job.model_version_id.is_(None) if model_version_id is None else Job.model_version_id == model_version_id
+    same_version = (
+        Job.model_version_id.is_(None) if model_version_id is None else Job.model_version_id == model_version_id
+    )
     candidates = db.session.execute(
         select(Job.id, Job.attempts)
-        .where(Job.status == JobStatus.QUEUED, Job.kind == lead.kind, Job.id != lead.id, same_version,
-               Job.attempts < current_settings().TASK_MAX_ATTEMPTS)
-        .order_by(Job.id).limit(count)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.kind == lead.kind,
+            Job.id != lead.id,
+            same_version,
+            Job.attempts < current_settings().TASK_MAX_ATTEMPTS,
+        )
+        .order_by(Job.id)
+        .limit(count)
     ).all()
     claimed = [job_id for job_id, attempts in candidates if recovery.take(job_id, JobStatus.QUEUED, attempts, now)]
     db.session.commit()
@@ -149,8 +161,9 @@ def claim_companions(lead: Job, model_version_id: int | None, count: int, now: d
 def uploads_streaming(lead: Job, window: float = 0.5) -> bool:
     """Whether another analyse job was created in the last `window` seconds (a folder is being uploaded)."""
     since = utcnow() - timedelta(seconds=window)
-    newest = db.session.scalar(select(Job.created_at).where(Job.kind == JobKind.ANALYSE, Job.id != lead.id)
-                               .order_by(Job.id.desc()).limit(1))
+    newest = db.session.scalar(
+        select(Job.created_at).where(Job.kind == JobKind.ANALYSE, Job.id != lead.id).order_by(Job.id.desc()).limit(1)
+    )
     return newest is not None and newest > since
 
 
@@ -168,6 +181,7 @@ def gather(lead: Job, version_id: int | None, count: int) -> list[Job]:
 
 
 # --- one batch ---------------------------------------------------------------------------------------
+
 
 def run_batch(lead: Job) -> None:
     """analyse's work for the claimed job `lead` plus the queued jobs it takes along.
@@ -248,12 +262,17 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
         class_names = list(model_version.class_names)
         for analysis_probs, (analysis, _, seconds) in zip(probs, ok):
             # predict_ms: the batched pass this image was part of (len(ok) images).
-            predict.store_prediction(analysis, analysis_probs, class_names,
-                                     {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms})
+            predict.store_prediction(
+                analysis,
+                analysis_probs,
+                class_names,
+                {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms},
+            )
         if gradcams is not None:
             succeeded = [a for a, _, _ in ok]
-            overlays = list(_decoder_pool().map(_overlay, [heatmap if error is None else None
-                                                           for _, heatmap, error in gradcams]))
+            overlays = list(
+                _decoder_pool().map(_overlay, [heatmap if error is None else None for _, heatmap, error in gradcams])
+            )
             shap_pending = explain.record_prediction_pass(succeeded, gradcams, overlays, class_names)
         log.info("Predicted %d image(s) in one pass of %.0f ms.", len(ok), predict_ms)
 

@@ -22,7 +22,9 @@ from webapp.config import Settings
 from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, PREDICT_QUEUE, broker_options
 
 log = logging.getLogger(__name__)
-logging.getLogger("alembic").setLevel(logging.WARNING)  # create_app() loads Flask-Migrate; its INFO lines are noise here
+logging.getLogger("alembic").setLevel(
+    logging.WARNING
+)  # create_app() loads Flask-Migrate; its INFO lines are noise here
 
 settings = Settings.load()
 _flask_app: Flask | None = None
@@ -54,17 +56,23 @@ class FlaskTask(Task):
             return self.run(*args, **kwargs)
 
 
-app = Celery("dermportal", broker=settings.REDIS_URL, task_cls=FlaskTask,
-             include=["worker.tasks", "worker.process", "worker.sweep"])
+app = Celery(
+    "dermportal",
+    broker=settings.REDIS_URL,
+    task_cls=FlaskTask,
+    include=["worker.tasks", "worker.process", "worker.sweep"],
+)
 app.conf.update(broker_options(settings.BROKER_TIMEOUT))
 # A worker consuming `-Q predict,explain` polls predict first, always (Redis BRPOP takes the first
 # non-empty list): SHAP never starts while an upload waits (worker/priority.py).
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 app.conf.update(
     task_default_queue=PREDICT_QUEUE,
-    task_routes={ANALYSE_TASK: {"queue": PREDICT_QUEUE},
-                 SHAP_TASK: {"queue": EXPLAIN_QUEUE},
-                 GRADCAM_TASK: {"queue": EXPLAIN_QUEUE}},
+    task_routes={
+        ANALYSE_TASK: {"queue": PREDICT_QUEUE},
+        SHAP_TASK: {"queue": EXPLAIN_QUEUE},
+        GRADCAM_TASK: {"queue": EXPLAIN_QUEUE},
+    },
     task_create_missing_queues=True,
     # A task is acknowledged after it ran, so a worker that dies mid-task does not lose it;
     # one message at a time per process, since a prediction holds the CPU for seconds.
@@ -107,5 +115,16 @@ def consumes(queue: str) -> bool:
     return not consume_from or queue in consume_from
 
 
-__all__ = ["app", "celery", "settings", "EXPLAIN_QUEUE", "FlaskTask", "flask_app", "current_settings", "send",
-           "consumes", "SHAP_TASK", "GRADCAM_TASK"]
+__all__ = [
+    "app",
+    "celery",
+    "settings",
+    "EXPLAIN_QUEUE",
+    "FlaskTask",
+    "flask_app",
+    "current_settings",
+    "send",
+    "consumes",
+    "SHAP_TASK",
+    "GRADCAM_TASK",
+]

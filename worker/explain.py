@@ -58,6 +58,7 @@ def gradcam_method(plus_plus: bool) -> ExplanationMethod:
 
 # --- files --------------------------------------------------------------------------------------------
 
+
 def npy_bytes(values: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(values, dtype=np.float32), allow_pickle=False)
@@ -95,8 +96,9 @@ def shap_layer_png(values: np.ndarray, vmax: float) -> bytes:
     return rgba_png(colours, np.rint(alpha).astype(np.uint8))
 
 
-def store_explanation(row: Explanation, image: Image, values: np.ndarray, overlay_png: bytes,
-                      params: dict[str, Any] | None = None) -> None:
+def store_explanation(
+    row: Explanation, image: Image, values: np.ndarray, overlay_png: bytes, params: dict[str, Any] | None = None
+) -> None:
     """Saves the raw map and overlay under the row's keys and marks it done (the caller commits).
 
     Every explanation (Grad-CAM of the prediction pass, requested Grad-CAM, SHAP) is stored here.
@@ -112,20 +114,34 @@ def store_explanation(row: Explanation, image: Image, values: np.ndarray, overla
 
 # --- rows after a prediction ------------------------------------------------------------------------
 
+
 def _rows_of(analyses: Sequence[Analysis]) -> dict[RowKey, Explanation]:
     """The explanation rows of the analyses' (image, model version) pairs, in one query."""
-    return {(r.image_id, r.method, r.class_name): r for r in db.session.scalars(select(Explanation).where(
-        Explanation.image_id.in_([a.image_id for a in analyses]),
-        Explanation.model_version_id == analyses[0].model_version_id))}
+    return {
+        (r.image_id, r.method, r.class_name): r
+        for r in db.session.scalars(
+            select(Explanation).where(
+                Explanation.image_id.in_([a.image_id for a in analyses]),
+                Explanation.model_version_id == analyses[0].model_version_id,
+            )
+        )
+    }
 
 
-def _row_for(rows: dict[RowKey, Explanation], analysis: Analysis, method: str, class_name: str,
-             **fields: Any) -> Explanation:
+def _row_for(
+    rows: dict[RowKey, Explanation], analysis: Analysis, method: str, class_name: str, **fields: Any
+) -> Explanation:
     """The row of (analysis, method, class), created with `fields` if there is none yet."""
     row = rows.get((analysis.image_id, method, class_name))
     if row is None:
-        row = Explanation(analysis=analysis, image_id=analysis.image_id, model_version_id=analysis.model_version_id,
-                          method=method, class_name=class_name, **fields)
+        row = Explanation(
+            analysis=analysis,
+            image_id=analysis.image_id,
+            model_version_id=analysis.model_version_id,
+            method=method,
+            class_name=class_name,
+            **fields,
+        )
         db.session.add(row)
         rows[(analysis.image_id, method, class_name)] = row
     return row
@@ -136,15 +152,25 @@ def _queue_shap_rows(rows: dict[RowKey, Explanation], analysis: Analysis) -> boo
     settings = current_settings()
     ranked = sorted(analysis.probabilities, key=analysis.probabilities.get, reverse=True)
     pending = False
-    for class_name in ranked[:int(settings.SHAP_TOP_K)]:
-        row = _row_for(rows, analysis, ExplanationMethod.SHAP, class_name, status=ExplanationStatus.QUEUED,
-                       params={"max_evals": int(settings.SHAP_MAX_EVALS)})
+    for class_name in ranked[: int(settings.SHAP_TOP_K)]:
+        row = _row_for(
+            rows,
+            analysis,
+            ExplanationMethod.SHAP,
+            class_name,
+            status=ExplanationStatus.QUEUED,
+            params={"max_evals": int(settings.SHAP_MAX_EVALS)},
+        )
         pending = pending or row.status == ExplanationStatus.QUEUED
     return pending
 
 
-def record_prediction_pass(analyses: Sequence[Analysis], gradcams: Sequence[GradCam],
-                           overlays: Sequence[bytes | BaseException | None], class_names: Sequence[str]) -> list[int]:
+def record_prediction_pass(
+    analyses: Sequence[Analysis],
+    gradcams: Sequence[GradCam],
+    overlays: Sequence[bytes | BaseException | None],
+    class_names: Sequence[str],
+) -> list[int]:
     """The Grad-CAM rows of a prediction pass (done, or failed with the reason: a storage problem never
     costs the prediction) and the queued SHAP rows of the top SHAP_TOP_K classes. The caller commits,
     then sends the SHAP tasks (`send_shap`).
@@ -171,8 +197,13 @@ def record_prediction_pass(analyses: Sequence[Analysis], gradcams: Sequence[Grad
             if error is None:
                 t0 = time.perf_counter()
                 try:
-                    store_explanation(row, analysis.image, heatmap, overlay,
-                                      {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]})
+                    store_explanation(
+                        row,
+                        analysis.image,
+                        heatmap,
+                        overlay,
+                        {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]},
+                    )
                     row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
                 except SoftTimeLimitExceeded:
                     raise
@@ -214,9 +245,11 @@ def _queue_followups(analysis_id: int) -> None:
         return
     rows = _rows_of([analysis])
     shap_pending = _queue_shap_rows(rows, analysis)
-    gradcam = (rows.get((analysis.image_id, ExplanationMethod.GRADCAM, analysis.top_class))
-               or rows.get((analysis.image_id, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class))
-               or _row_for(rows, analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED))
+    gradcam = (
+        rows.get((analysis.image_id, ExplanationMethod.GRADCAM, analysis.top_class))
+        or rows.get((analysis.image_id, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class))
+        or _row_for(rows, analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED)
+    )
     db.session.commit()
     if gradcam.status == ExplanationStatus.QUEUED:
         send(GRADCAM_TASK, gradcam.id)
@@ -225,6 +258,7 @@ def _queue_followups(analysis_id: int) -> None:
 
 
 # --- SHAP and requested Grad-CAM ------------------------------------------------------------------------
+
 
 def model_for(row: Explanation) -> Predictor:
     """The predictor of the row's model version: the served one, or one loaded from its artifact.
@@ -255,9 +289,11 @@ def run_shap(task: Task, analysis_id: int) -> str:
     if waiting:
         db.session.remove()
         return priority.defer(task, analysis_id, waiting)
-    rows = db.session.scalars(select(Explanation).where(
-        Explanation.analysis_id == analysis_id, Explanation.method == ExplanationMethod.SHAP)
-        .order_by(Explanation.id)).all()
+    rows = db.session.scalars(
+        select(Explanation)
+        .where(Explanation.analysis_id == analysis_id, Explanation.method == ExplanationMethod.SHAP)
+        .order_by(Explanation.id)
+    ).all()
     claimed = claim_explanations(rows)
     if not claimed:
         db.session.remove()
@@ -286,20 +322,35 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
     fn = probability_function(model.model, predictor_temperature(model))
     if task is not None:
         fn = priority.yielding(fn, task)  # stops between model batches when predictions are waiting
-    result = shap_values(fn, model.preprocess(pixels), max_evals=max_evals, batch_size=batch_size,
-                         class_indices=indices, blur=blur)
+    result = shap_values(
+        fn, model.preprocess(pixels), max_evals=max_evals, batch_size=batch_size, class_indices=indices, blur=blur
+    )
     t2 = time.perf_counter()
     maps = [resize_values(v, pixels.shape[:2]) for v in result.values]
     vmax = max(float(np.max(np.abs(m))) for m in maps) or 1.0  # one scale for every class of the image
     for row, values, base in zip(rows, maps, result.base_values):
         index = model.class_names.index(row.class_name)
-        store_explanation(row, analysis.image, values, shap_layer_png(values, vmax), {
-            "max_evals": max_evals, "batch_size": batch_size, "blur": blur, "vmax": vmax,
-            "base_value": float(base), "probability": float(result.probs[index]),
-            "sum": float(np.sum(values)), "units": "probability, summed over colour channels",
-        })
-        row.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "shap_ms": round((t2 - t1) * 1000, 1),
-                       "store_ms": round((time.perf_counter() - t2) * 1000, 1)}
+        store_explanation(
+            row,
+            analysis.image,
+            values,
+            shap_layer_png(values, vmax),
+            {
+                "max_evals": max_evals,
+                "batch_size": batch_size,
+                "blur": blur,
+                "vmax": vmax,
+                "base_value": float(base),
+                "probability": float(result.probs[index]),
+                "sum": float(np.sum(values)),
+                "units": "probability, summed over colour channels",
+            },
+        )
+        row.timings = {
+            "load_image_ms": round((t1 - t0) * 1000, 1),
+            "shap_ms": round((t2 - t1) * 1000, 1),
+            "store_ms": round((time.perf_counter() - t2) * 1000, 1),
+        }
     db.session.commit()
 
 
@@ -330,14 +381,28 @@ def compute_gradcam(row: Explanation) -> None:
     t0 = time.perf_counter()
     pixels = read_image(row.image.storage_key)
     t1 = time.perf_counter()
-    result = explain_gradcam(model, [pixels], row.class_name, plus_plus=row.method == ExplanationMethod.GRADCAM_PLUS_PLUS)
+    result = explain_gradcam(
+        model, [pixels], row.class_name, plus_plus=row.method == ExplanationMethod.GRADCAM_PLUS_PLUS
+    )
     t2 = time.perf_counter()
     heatmap = result.maps[0]
-    store_explanation(row, row.image, heatmap, gradcam_layer_png(heatmap),
-                      {"in_prediction_pass": False, "cmap": "jet", "range": [0.0, 1.0],
-                       "probability": float(result.probs[0][int(result.class_indices[0])])})
-    row.timings = {"load_image_ms": round((t1 - t0) * 1000, 1), "gradcam_ms": round((t2 - t1) * 1000, 1),
-                   "store_ms": round((time.perf_counter() - t2) * 1000, 1)}
+    store_explanation(
+        row,
+        row.image,
+        heatmap,
+        gradcam_layer_png(heatmap),
+        {
+            "in_prediction_pass": False,
+            "cmap": "jet",
+            "range": [0.0, 1.0],
+            "probability": float(result.probs[0][int(result.class_indices[0])]),
+        },
+    )
+    row.timings = {
+        "load_image_ms": round((t1 - t0) * 1000, 1),
+        "gradcam_ms": round((t2 - t1) * 1000, 1),
+        "store_ms": round((time.perf_counter() - t2) * 1000, 1),
+    }
     db.session.commit()
 
 

@@ -41,6 +41,7 @@ _versioned_predictors: dict[int, Predictor] = {}  # ModelVersion.id -> predictor
 
 # --- predictors ---------------------------------------------------------------------------------------
 
+
 def artifact_dir() -> str | None:
     """MODEL_DIR when it holds a model artifact (a manifest), else None (the untrained model)."""
     model_dir = Path(current_settings().MODEL_DIR)
@@ -55,8 +56,11 @@ def load_predictor() -> Predictor:
     folder = artifact_dir()
     if folder is not None:
         return Predictor.load(folder)
-    log.warning("No model artifact at %s; using an UNTRAINED model of input size %s.", settings.MODEL_DIR,
-                settings.UNTRAINED_INPUT_SIZE)
+    log.warning(
+        "No model artifact at %s; using an UNTRAINED model of input size %s.",
+        settings.MODEL_DIR,
+        settings.UNTRAINED_INPUT_SIZE,
+    )
     return Predictor.untrained(input_size=tuple(settings.UNTRAINED_INPUT_SIZE))
 
 
@@ -96,7 +100,10 @@ def predictor_for_version(mv: ModelVersion) -> Predictor:
         RuntimeError: a trained version whose artifact folder is not on this worker.
     """
     default = _state["predictor"]
-    if default is not None and (str(default.manifest["name"]), str(default.manifest["version"])) == (mv.name, mv.version):
+    if default is not None and (str(default.manifest["name"]), str(default.manifest["version"])) == (
+        mv.name,
+        mv.version,
+    ):
         return default  # the served model: never a second copy in the cache
     model = _versioned_predictors.get(mv.id)
     if model is None:
@@ -152,6 +159,7 @@ def read_image(storage_key: str, storage: Storage | None = None) -> np.ndarray:
 
 # --- analyses -----------------------------------------------------------------------------------------
 
+
 def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[list[Job], list[int]]:
     """Gives each claimed job its analysis of (image, model version) and commits.
 
@@ -167,8 +175,12 @@ def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[li
     db.session().expire_on_commit = False
     image_ids = [job.image_id for job in jobs]
     db.session.scalars(select(Image).where(Image.id.in_(image_ids))).all()  # one query, not one per job
-    existing = {a.image_id: a for a in db.session.scalars(
-        select(Analysis).where(Analysis.image_id.in_(image_ids), Analysis.model_version_id == model_version.id))}
+    existing = {
+        a.image_id: a
+        for a in db.session.scalars(
+            select(Analysis).where(Analysis.image_id.in_(image_ids), Analysis.model_version_id == model_version.id)
+        )
+    }
     todo, reused = [], []
     for job in jobs:
         job.model_version = model_version
@@ -188,8 +200,9 @@ def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[li
     return todo, list(dict.fromkeys(reused))
 
 
-def store_prediction(analysis: Analysis, probs: Sequence[float], class_names: Sequence[str],
-                     timings: dict[str, float]) -> None:
+def store_prediction(
+    analysis: Analysis, probs: Sequence[float], class_names: Sequence[str], timings: dict[str, float]
+) -> None:
     """The analysis's probabilities per class, top class and timings; `succeeded` (the caller commits).
 
     Raises:

@@ -56,20 +56,31 @@ def queued_predictions() -> int:
     # Its own short connection: the SHAP task's session may hold a read transaction, and on SQLite
     # (WAL) that snapshot would never show the jobs uploaded since it began.
     with db.engine.connect() as conn:
-        queued = int(conn.execute(select(func.count(Job.id)).where(
-            Job.status == JobStatus.QUEUED, Job.kind == JobKind.ANALYSE)).scalar() or 0)
+        queued = int(
+            conn.execute(
+                select(func.count(Job.id)).where(Job.status == JobStatus.QUEUED, Job.kind == JobKind.ANALYSE)
+            ).scalar()
+            or 0
+        )
         if queued:
             return queued
-        newest = conn.execute(select(Job.created_at).where(Job.kind == JobKind.ANALYSE)
-                              .order_by(Job.id.desc()).limit(1)).scalar()
+        newest = conn.execute(
+            select(Job.created_at).where(Job.kind == JobKind.ANALYSE).order_by(Job.id.desc()).limit(1)
+        ).scalar()
     return int(newest is not None and (utcnow() - newest).total_seconds() < EXPLAIN_QUIET_S)
 
 
 def defer_countdown(queued: int) -> float:
     """Seconds before a deferred SHAP task looks again. Each look is a task run (~5 ms), so the wait
     grows with the SHAP tasks waiting (all of them cycle) and with the predictions queued; jittered."""
-    pending = int(db.session.scalar(select(func.count(Explanation.id)).where(
-        Explanation.method == ExplanationMethod.SHAP, Explanation.status == ExplanationStatus.QUEUED)) or 0)
+    pending = int(
+        db.session.scalar(
+            select(func.count(Explanation.id)).where(
+                Explanation.method == ExplanationMethod.SHAP, Explanation.status == ExplanationStatus.QUEUED
+            )
+        )
+        or 0
+    )
     pending_tasks = pending / max(1, int(current_settings().SHAP_TOP_K))
     return float(min(120.0, 3.0 + 0.1 * pending_tasks + 0.05 * queued) + random.uniform(0.0, 2.0))
 
@@ -89,7 +100,9 @@ def defer(task: Task, analysis_id: int, queued: int) -> str:
     return "deferred"
 
 
-def yielding(fn: Callable[[np.ndarray], Any], task: Task, chunk: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def yielding(
+    fn: Callable[[np.ndarray], Any], task: Task, chunk: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """Wraps a SHAP model function so that it gives way to predictions: each call (SHAP_BATCH_SIZE
     masked images, ~2 s on 2 cores) runs in chunks of PREDICT_BATCH_SIZE, and before each chunk
     it stops (PredictionsWaiting) if analyse jobs wait. A prediction then waits ~0.5 s at most."""
@@ -102,7 +115,7 @@ def yielding(fn: Callable[[np.ndarray], Any], task: Task, chunk: int | None = No
         for i in range(0, len(images), chunk):
             if queued_predictions():
                 raise PredictionsWaiting()
-            parts.append(np.asarray(fn(images[i:i + chunk])))
+            parts.append(np.asarray(fn(images[i : i + chunk])))
         return np.concatenate(parts)
 
     return wrapped
@@ -113,9 +126,11 @@ def requeue_explanations(task: Task, analysis_id: int, row_ids: Sequence[int]) -
     task is re-sent with a countdown."""
     db.session.rollback()
     db.session.execute(
-        update(Explanation).where(Explanation.id.in_(list(row_ids)), Explanation.status == ExplanationStatus.RUNNING)
+        update(Explanation)
+        .where(Explanation.id.in_(list(row_ids)), Explanation.status == ExplanationStatus.RUNNING)
         .values(status=ExplanationStatus.QUEUED, attempts=Explanation.attempts - 1)
-        .execution_options(synchronize_session=False))
+        .execution_options(synchronize_session=False)
+    )
     db.session.commit()
     queued = queued_predictions()
     db.session.remove()

@@ -61,8 +61,11 @@ def warm_up() -> None:
         return
     try:
         seconds = batching.warm_up(model)
-        log.info("Prediction pass warmed up for batch sizes %s in %.1f s.",
-                 batching.bucket_sizes(predict.batch_limit()), seconds)
+        log.info(
+            "Prediction pass warmed up for batch sizes %s in %.1f s.",
+            batching.bucket_sizes(predict.batch_limit()),
+            seconds,
+        )
     except Exception:  # a failed warm-up only means a slow first request
         log.exception("Warm-up failed (the first predictions will be slower).")
     try:

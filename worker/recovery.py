@@ -82,8 +82,12 @@ BATCH = 500  # jobs per pass and kind of problem
 # --- errors worth a retry ---------------------------------------------------------------------------
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError, ConnectionError, TimeoutError,
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, KombuOperationalError,
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    KombuOperationalError,
 )
 
 
@@ -108,6 +112,7 @@ class RetryLater(Exception):
 
 
 # --- who runs a job ---------------------------------------------------------------------------------
+
 
 def worker_identity() -> str:
     """This process as `host:pid`, what a claim records."""
@@ -139,6 +144,7 @@ def stale_after(settings: Settings) -> timedelta:
 
 # --- claiming, releasing and failing jobs -------------------------------------------------------------
 
+
 def take(job_id: int, seen_status: str, seen_attempts: int, now: datetime) -> bool:
     """The conditional UPDATE that makes this process the job's owner: `running`, attempts + 1,
     claimed by `worker_identity()`, if status and attempts are still as seen. Not committed.
@@ -149,8 +155,13 @@ def take(job_id: int, seen_status: str, seen_attempts: int, now: datetime) -> bo
     result = db.session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
-        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=now, error=None,
-                claimed_by=worker_identity())
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            error=None,
+            claimed_by=worker_identity(),
+        )
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -181,8 +192,10 @@ def claim(job: Job, request: Any, settings: Settings, now: datetime) -> str | No
             return JobStatus.RUNNING
     if job.attempts >= settings.TASK_MAX_ATTEMPTS:
         job.status, job.finished_at = JobStatus.FAILED, now
-        job.error = (f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
-                     "restarted) during each.")
+        job.error = (
+            f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
+            "restarted) during each."
+        )
         db.session.commit()
         return JobStatus.FAILED
     won = take(job.id, job.status, job.attempts, now)
@@ -199,7 +212,8 @@ def release(job_id: int) -> None:
     try:
         db.session.rollback()
         db.session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
             .values(status=JobStatus.QUEUED, attempts=Job.attempts - 1)
             .execution_options(synchronize_session=False)
         )
@@ -276,6 +290,7 @@ def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
 
 # --- explanation rows ---------------------------------------------------------------------------------
 
+
 def _claimable(row: Explanation, now: datetime) -> bool:
     """Queued, or left running by a worker that died longer ago than the hard time limit."""
     if row.status == ExplanationStatus.QUEUED:
@@ -333,6 +348,7 @@ def run_explanations(ids: Sequence[int], work: Callable[[], None]) -> str:
 
 # --- backstops for failures outside a task body -------------------------------------------------------
 
+
 def _failure_message(exception: BaseException, settings: Settings) -> str:
     if isinstance(exception, TimeLimitExceeded):
         return f"TimeLimitExceeded: stopped by the hard time limit of {settings.TASK_TIME_LIMIT} s."
@@ -371,15 +387,20 @@ def _mark_job_failed(job_id: int, exception: BaseException) -> None:
 
 def _mark_explanations_failed(name: str, arg: int, exception: BaseException) -> None:
     if name == SHAP_TASK:
-        ids = db.session.scalars(select(Explanation.id).where(
-            Explanation.analysis_id == arg, Explanation.method == ExplanationMethod.SHAP,
-            Explanation.status == ExplanationStatus.RUNNING)).all()
+        ids = db.session.scalars(
+            select(Explanation.id).where(
+                Explanation.analysis_id == arg,
+                Explanation.method == ExplanationMethod.SHAP,
+                Explanation.status == ExplanationStatus.RUNNING,
+            )
+        ).all()
     else:
         ids = [arg]
     fail_explanations(ids, _failure_message(exception, current_settings()))
 
 
 # --- the sweep: one pass ------------------------------------------------------------------------------
+
 
 def connect_redis(settings: Settings) -> redis.Redis:
     """A client of the broker's Redis with the broker's timeouts (for the sweep's guard and lock)."""
@@ -433,8 +454,13 @@ def pending_job_ids(r: redis.Redis | None, queues: Iterable[str]) -> set[int] | 
 SendJob = Callable[[str, int, str], Any]  # send(task_name, job_id, queue) -> task id, or None / raises
 
 
-def sweep_once(app: Flask, send_job: SendJob, settings: Settings | None = None, now: datetime | None = None,
-               redis_client: redis.Redis | None = None) -> dict[str, int]:
+def sweep_once(
+    app: Flask,
+    send_job: SendJob,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    redis_client: redis.Redis | None = None,
+) -> dict[str, int]:
     """One pass over stuck jobs.
 
     Args:
@@ -458,17 +484,25 @@ def sweep_once(app: Flask, send_job: SendJob, settings: Settings | None = None, 
             # 2. running too long: back to queued (or failed), with a conditional update so that a
             # worker finishing it at this moment wins.
             stale = now - stale_after(settings)
-            for job in db.session.scalars(select(Job).where(
-                    Job.status == JobStatus.RUNNING, Job.kind.in_(kinds), Job.started_at < stale).limit(BATCH)).all():
-                reason = f"attempt {job.attempts} did not finish within {settings.TASK_TIME_LIMIT} s (its worker stopped)"
+            for job in db.session.scalars(
+                select(Job)
+                .where(Job.status == JobStatus.RUNNING, Job.kind.in_(kinds), Job.started_at < stale)
+                .limit(BATCH)
+            ).all():
+                reason = (
+                    f"attempt {job.attempts} did not finish within {settings.TASK_TIME_LIMIT} s (its worker stopped)"
+                )
                 _count(counts, _requeue_running(job, reason, send_job, settings, now, redis_client))
 
             # 1. queued too long, and no message for it in the broker: send again (at most once per
             # guard_ttl, in case the broker's contents cannot be read).
             old = now - timedelta(seconds=float(settings.SWEEP_QUEUED_AFTER))
-            waiting = db.session.execute(select(Job.id, Job.kind).where(
-                Job.status == JobStatus.QUEUED, Job.kind.in_(kinds), Job.created_at < old)
-                .order_by(Job.id).limit(BATCH)).all()
+            waiting = db.session.execute(
+                select(Job.id, Job.kind)
+                .where(Job.status == JobStatus.QUEUED, Job.kind.in_(kinds), Job.created_at < old)
+                .order_by(Job.id)
+                .limit(BATCH)
+            ).all()
             pending = pending_job_ids(redis_client, {q for _, q in KIND_TASKS.values()}) if waiting else None
             for job_id, kind in waiting:
                 if pending is not None and job_id in pending:
@@ -492,8 +526,14 @@ def sweep_once(app: Flask, send_job: SendJob, settings: Settings | None = None, 
     return counts
 
 
-def requeue_orphans(app: Flask, send_job: SendJob, host: str, settings: Settings | None = None,
-                    now: datetime | None = None, redis_client: redis.Redis | None = None) -> dict[str, int]:
+def requeue_orphans(
+    app: Flask,
+    send_job: SendJob,
+    host: str,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    redis_client: redis.Redis | None = None,
+) -> dict[str, int]:
     """Re-queues (or fails) the `running` jobs claimed by processes of `host` that no longer exist: a
     pool process killed mid-batch (out of memory, kill -9) or a whole worker that was restarted. Each
     worker's main process runs this every interval for its own host, whoever holds the sweep lock:
@@ -507,9 +547,13 @@ def requeue_orphans(app: Flask, send_job: SendJob, host: str, settings: Settings
     counts = {"requeued": 0, "failed": 0, "send_errors": 0}
     with app.app_context():
         try:
-            running = db.session.scalars(select(Job).where(
-                Job.status == JobStatus.RUNNING, Job.kind.in_(list(KIND_TASKS)), Job.claimed_by.like(f"{host}:%"))
-                .limit(BATCH)).all()
+            running = db.session.scalars(
+                select(Job)
+                .where(
+                    Job.status == JobStatus.RUNNING, Job.kind.in_(list(KIND_TASKS)), Job.claimed_by.like(f"{host}:%")
+                )
+                .limit(BATCH)
+            ).all()
             for job in running:
                 if orphaned(job.claimed_by, host):
                     reason = f"the process running attempt {job.attempts} ({job.claimed_by}) is gone"
@@ -521,20 +565,29 @@ def requeue_orphans(app: Flask, send_job: SendJob, host: str, settings: Settings
     return counts
 
 
-def _requeue_running(job: Job, reason: str, send_job: SendJob, settings: Settings, now: datetime,
-                     redis_client: redis.Redis | None) -> str | None:
+def _requeue_running(
+    job: Job, reason: str, send_job: SendJob, settings: Settings, now: datetime, redis_client: redis.Redis | None
+) -> str | None:
     """A running job nobody works on any more goes back to `queued` and its task is sent again, or,
     out of attempts, ends `failed`. The update is conditional on the attempt seen, so that a worker
     finishing it at this moment wins. Returns "failed", "requeued", "send_error" or None (lost the race)."""
     if job.attempts >= settings.TASK_MAX_ATTEMPTS:
-        values = {"status": JobStatus.FAILED, "finished_at": now, "error": (
-            f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
-            "restarted) during each.")}
+        values = {
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "error": (
+                f"Gave up after {job.attempts} attempts: the worker stopped (killed, out of memory or "
+                "restarted) during each."
+            ),
+        }
     else:
         values = {"status": JobStatus.QUEUED, "error": f"Re-queued by the sweep: {reason}."}
     done = db.session.execute(
-        update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.started_at == job.started_at)
-        .values(**values).execution_options(synchronize_session=False)).rowcount
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.started_at == job.started_at)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
     db.session.commit()
     if not done:
         return None
@@ -558,8 +611,13 @@ def _send(send_job: SendJob, task: str, job_id: int, queue: str) -> bool:
         return False
 
 
-def sweep_explanations(app: Flask, now: datetime | None = None, send_fn: Callable[..., Any] | None = None,
-                       queued_after: float | None = None, running_margin: float = 60.0) -> dict[str, int]:
+def sweep_explanations(
+    app: Flask,
+    now: datetime | None = None,
+    send_fn: Callable[..., Any] | None = None,
+    queued_after: float | None = None,
+    running_margin: float = 60.0,
+) -> dict[str, int]:
     """One pass for the periodic sweep: no explanation stays pending.
 
     - `running` longer than TASK_TIME_LIMIT + running_margin: its worker died without the
@@ -582,17 +640,23 @@ def sweep_explanations(app: Flask, now: datetime | None = None, send_fn: Callabl
     with app.app_context():
         try:
             stale = now - timedelta(seconds=float(settings.TASK_TIME_LIMIT) + running_margin)
-            for row in db.session.scalars(select(Explanation).where(
-                    Explanation.status == ExplanationStatus.RUNNING, Explanation.started_at < stale)).all():
+            for row in db.session.scalars(
+                select(Explanation).where(
+                    Explanation.status == ExplanationStatus.RUNNING, Explanation.started_at < stale
+                )
+            ).all():
                 row.status, row.finished_at = ExplanationStatus.FAILED, now
-                row.error = (f"Stopped without finishing within {settings.TASK_TIME_LIMIT} s (its worker stopped); "
-                             "request it again.")
+                row.error = (
+                    f"Stopped without finishing within {settings.TASK_TIME_LIMIT} s (its worker stopped); "
+                    "request it again."
+                )
                 counts["failed"] += 1
             db.session.commit()
             old = now - timedelta(seconds=queued_after)
             shap_analyses: set[int] = set()
-            for row in db.session.scalars(select(Explanation).where(
-                    Explanation.status == ExplanationStatus.QUEUED, Explanation.created_at < old)).all():
+            for row in db.session.scalars(
+                select(Explanation).where(Explanation.status == ExplanationStatus.QUEUED, Explanation.created_at < old)
+            ).all():
                 resent = (row.params or {}).get("resent_at")
                 if resent and now - datetime.fromisoformat(resent) < timedelta(seconds=10 * queued_after):
                     continue

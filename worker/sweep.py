@@ -92,8 +92,12 @@ class Sweeper:
             return
         self.thread = threading.Thread(target=self._loop, name="dermportal-sweep", daemon=True)
         self.thread.start()
-        log.info("Sweep every %.0f s (queued > %.0f s re-sent; running > %.0f s re-queued).", self.interval,
-                 self.settings.SWEEP_QUEUED_AFTER, self.settings.TASK_TIME_LIMIT + self.settings.SWEEP_RUNNING_MARGIN)
+        log.info(
+            "Sweep every %.0f s (queued > %.0f s re-sent; running > %.0f s re-queued).",
+            self.interval,
+            self.settings.SWEEP_QUEUED_AFTER,
+            self.settings.TASK_TIME_LIMIT + self.settings.SWEEP_RUNNING_MARGIN,
+        )
 
     def stop(self) -> None:
         self.stopped.set()

@@ -121,11 +121,13 @@ def explain_folder(predictor, paths: list[Path], args) -> list[dict]:
         np.save(args.out / f"{path.stem}.npy", values.astype(np.float32))
         (args.out / f"{path.stem}.png").write_bytes(encode_png(picture))
         names = list(predictor.class_names)
-        rows.append({
-            "image": path.name,
-            "explained_class": names[class_index],
-            "probabilities": {n: float(p) for n, p in zip(names, probs)},
-        })
+        rows.append(
+            {
+                "image": path.name,
+                "explained_class": names[class_index],
+                "probabilities": {n: float(p) for n, p in zip(names, probs)},
+            }
+        )
         print(f"{path.name}: {args.method} for {names[class_index]} -> {args.out / path.stem}.png", flush=True)
     return rows
 

@@ -21,7 +21,8 @@ Typical use::
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import cv2
 import keras
@@ -31,7 +32,7 @@ import tensorflow as tf
 from ml.calibration import calibrated_softmax as calibrate
 
 # model -> {(layer_name, plus_plus): tf.function}; weak so that dropping a model frees its graphs.
-_FUNCTION_CACHE: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+_FUNCTION_CACHE: weakref.WeakKeyDictionary[keras.Model, dict] = weakref.WeakKeyDictionary()
 
 
 class GradCamExplanation(NamedTuple):
@@ -74,7 +75,7 @@ def _feature_layer(model: keras.Model, layer_name: str | None) -> keras.layers.L
     try:
         layer = model.get_layer(layer_name)
     except ValueError:
-        names = [l.name for l in model.layers if _output_rank(l) == 4][-5:]
+        names = [layer.name for layer in model.layers if _output_rank(layer) == 4][-5:]
         raise ValueError(
             f"Model {model.name!r} has no layer named {layer_name!r}; its last feature-map layers are {names}."
         ) from None
@@ -226,8 +227,10 @@ def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size):
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     fn = gradcam_function(model, layer_name, plus_plus)
-    parts = [fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]))
-             for i in range(0, len(batch), batch_size)]
+    parts = [
+        fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]))
+        for i in range(0, len(batch), batch_size)
+    ]
     return tuple(np.concatenate([p[k].numpy() for p in parts]) for k in range(4))
 
 

@@ -73,8 +73,9 @@ def colorize(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: flo
     return palette[indices]
 
 
-def colour_indices(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0,
-                   vmax: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def colour_indices(
+    values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """`colorize` as indices into the colour map's table: ((H, W) uint8 indices, (N, 3) uint8 RGB
     table), N <= 256. A palette PNG of these is pixel for pixel `colorize`'s image, and cheaper to
     write. Raises what `colorize` raises."""

@@ -16,7 +16,8 @@ Typical use::
 from __future__ import annotations
 
 import weakref
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -31,7 +32,7 @@ from ml.explain.gradcam import (
 )
 
 # model -> {temperature: compiled function}, so a long-lived worker traces each model once.
-_FUNCTION_CACHE: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+_FUNCTION_CACHE: weakref.WeakKeyDictionary[keras.Model, dict] = weakref.WeakKeyDictionary()
 
 
 class ShapExplanation(NamedTuple):

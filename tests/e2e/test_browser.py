@@ -15,17 +15,26 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from e2e_support import ROOT, celery_worker_argv, free_port
 from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
-CSV = ("image_id,lesion_id,dx,dx_type,age,sex,localization\n"
-       f"{SMALL_IMAGES[0][:-4]},HAM_0000001,mel,histo,55,male,back\n"
-       f"{SMALL_IMAGES[1][:-4]},HAM_0000002,nv,follow_up,35,female,face\n")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+CSV = (
+    "image_id,lesion_id,dx,dx_type,age,sex,localization\n"
+    f"{SMALL_IMAGES[0][:-4]},HAM_0000001,mel,histo,55,male,back\n"
+    f"{SMALL_IMAGES[1][:-4]},HAM_0000002,nv,follow_up,35,female,face\n"
+)
 
 
 def _chromium() -> Path:
@@ -33,8 +42,10 @@ def _chromium() -> Path:
         script = ROOT / "scripts" / "install_system_deps.sh"
         subprocess.run(["bash", str(script)], capture_output=True, timeout=900)
     if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing and scripts/install_system_deps.sh could not install it "
-                    "(needs root and the Debian package mirror)")
+        pytest.skip(
+            "/usr/bin/chromium is missing and scripts/install_system_deps.sh could not install it "
+            "(needs root and the Debian package mirror)"
+        )
     return CHROMIUM
 
 
@@ -100,8 +111,8 @@ def test_folder_upload_progress_and_review_in_chromium(web_app, server, start_wo
             page.wait_for_load_state("load")  # review.js (deferred) listens for the keys
             page.keyboard.press("5")  # mel
             page.keyboard.press("a")  # agrees with the model
-            expect(page.locator('input[name=diagnosis][value=mel]')).to_be_checked()
-            expect(page.locator('input[name=agrees_with_model][value=agree]')).to_be_checked()
+            expect(page.locator("input[name=diagnosis][value=mel]")).to_be_checked()
+            expect(page.locator("input[name=agrees_with_model][value=agree]")).to_be_checked()
             page.fill("#notes", "pigment network atypical")
             page.evaluate("document.activeElement.blur()")  # leave the notes field, so that Enter submits
             page.keyboard.press("Enter")

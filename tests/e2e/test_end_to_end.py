@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 
 import pytest
-
 from e2e_support import celery_worker_argv, wait_for
 from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes, login, make_token, make_user
 
@@ -28,14 +27,20 @@ def test_upload_through_the_api_is_analysed_by_the_worker(web_app, start_worker)
     # Two cases: a 200x150 image with metadata and a 600x450 original.
     response = client.post(
         "/api/v1/cases",
-        data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), SMALL_IMAGES[0]),
-              "age": "40", "sex": "female", "site": "chest", "lesion_ref": "HAM_0000871"},
+        data={
+            "image": (io.BytesIO(image_bytes(SMALL_IMAGES[0])), SMALL_IMAGES[0]),
+            "age": "40",
+            "sex": "female",
+            "site": "chest",
+            "lesion_ref": "HAM_0000871",
+        },
         headers=headers,
     )
     assert response.status_code == 202, response.json
     url = response.json["url"]
-    second = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(FULLRES_IMAGE)), FULLRES_IMAGE)},
-                         headers=headers)
+    second = client.post(
+        "/api/v1/cases", data={"image": (io.BytesIO(image_bytes(FULLRES_IMAGE)), FULLRES_IMAGE)}, headers=headers
+    )
     assert second.status_code == 202
 
     def finished(case_url):
@@ -46,7 +51,12 @@ def test_upload_through_the_api_is_analysed_by_the_worker(web_app, start_worker)
     assert body["status"] == "succeeded", (body["jobs"], worker.tail())
     (analysis,) = body["analyses"]
     assert analysis["status"] == "succeeded"
-    assert analysis["model"] == {"name": "efficientnetb3-cbam", "version": "untrained", "trained": False, "trained_on": None}
+    assert analysis["model"] == {
+        "name": "efficientnetb3-cbam",
+        "version": "untrained",
+        "trained": False,
+        "trained_on": None,
+    }
     assert "Untrained model" in analysis["warning"] and "not a diagnosis" in analysis["warning"]
     probs = analysis["probabilities"]
     assert list(probs) == CLASSES
@@ -65,7 +75,13 @@ def test_upload_through_the_api_is_analysed_by_the_worker(web_app, start_worker)
 
     login(client, "e2e@example.org")
     page = client.get(f"/cases/{body['id']}").get_data(as_text=True)
-    for text in ["melanoma", "melanocytic nevus", "actinic keratosis / intraepithelial carcinoma",
-                 "Untrained model — not a diagnosis", "efficientnetb3-cbam", "Research use only — not a diagnostic device."]:
+    for text in [
+        "melanoma",
+        "melanocytic nevus",
+        "actinic keratosis / intraepithelial carcinoma",
+        "Untrained model — not a diagnosis",
+        "efficientnetb3-cbam",
+        "Research use only — not a diagnostic device.",
+    ]:
         assert text in page, text
     assert page.count('class="bar"') == 7

@@ -8,9 +8,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-
 from e2e_support import celery_worker_argv, wait_for
+from PIL import Image as PILImage
 from portal_helpers import SMALL_IMAGES, image_bytes, login, make_token, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(480)]
@@ -20,13 +19,15 @@ SHAP_WAIT = 180
 
 def test_upload_gets_gradcam_with_the_prediction_and_shap_soon_after(web_app, start_worker):
     app = web_app
-    worker = start_worker(celery_worker_argv("explain-e2e"),
-                          {"SHAP_MAX_EVALS": "64", "SHAP_BATCH_SIZE": "64", "SHAP_TOP_K": "2"})
+    worker = start_worker(
+        celery_worker_argv("explain-e2e"), {"SHAP_MAX_EVALS": "64", "SHAP_BATCH_SIZE": "64", "SHAP_TOP_K": "2"}
+    )
     make_user(app, "x@example.org", role="researcher")
     headers = {"Authorization": f"Bearer {make_token(app, 'x@example.org')}"}
     client = app.test_client()
-    response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])), SMALL_IMAGES[1])},
-                           headers=headers)
+    response = client.post(
+        "/api/v1/cases", data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])), SMALL_IMAGES[1])}, headers=headers
+    )
     assert response.status_code == 202, response.json
     url = response.json["url"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from portal_helpers import PASSWORD, csrf_from, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -11,8 +10,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 def _attempt(client, email, password):
     token = csrf_from(client.get("/login").get_data(as_text=True))
-    return client.post("/login", data={"email": email, "password": password, "csrf_token": token},
-                       environ_base={"REMOTE_ADDR": "10.0.0.7"})
+    return client.post(
+        "/login",
+        data={"email": email, "password": password, "csrf_token": token},
+        environ_base={"REMOTE_ADDR": "10.0.0.7"},
+    )
 
 
 def test_failed_logins_are_counted_in_redis(portal_env, redis_url):

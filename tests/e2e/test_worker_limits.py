@@ -8,7 +8,6 @@ import io
 import sys
 
 import pytest
-
 from e2e_support import wait_for
 from portal_helpers import image_bytes, make_token, make_user
 
@@ -36,7 +35,9 @@ app.worker_main(["worker", "-Q", "predict", "-c", "1", "--pool", "prefork", "-l"
 
 
 def test_hard_time_limit_ends_the_job_failed(web_app, start_worker):
-    worker = start_worker([sys.executable, "-c", STUBBORN_WORKER], {"TASK_SOFT_TIME_LIMIT": "1", "TASK_TIME_LIMIT": "3"})
+    worker = start_worker(
+        [sys.executable, "-c", STUBBORN_WORKER], {"TASK_SOFT_TIME_LIMIT": "1", "TASK_TIME_LIMIT": "3"}
+    )
     make_user(web_app, "u@example.org")
     headers = {"Authorization": f"Bearer {make_token(web_app, 'u@example.org')}"}
     client = web_app.test_client()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ml_helpers import TINY_SIZE, run_module
 
 
@@ -19,7 +18,9 @@ def synthetic_ham(tmp_path_factory) -> Path:
     """A HAM10000-layout folder: 4 lesions per class, 1-2 images each, 60x80 JPEGs."""
     from ml.synthetic import make_ham10000_like
 
-    return make_ham10000_like(tmp_path_factory.mktemp("ham") / "data", lesions_per_class=4, size=(60, 80), max_images_per_lesion=2)
+    return make_ham10000_like(
+        tmp_path_factory.mktemp("ham") / "data", lesions_per_class=4, size=(60, 80), max_images_per_lesion=2
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,21 @@ def trained_run(synthetic_ham, tmp_path_factory) -> Path:
     """A finished one-epoch run folder made by the training CLI (also a model artifact)."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run_module(
-        "ml.train", "--data", str(synthetic_ham), "--out", str(run), "--epochs", "1",
-        "--img-size", *map(str, TINY_SIZE), "--batch-size", "16", "--bootstrap", "20", "--verbose", "2", "--run-eagerly",
+        "ml.train",
+        "--data",
+        str(synthetic_ham),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--img-size",
+        *map(str, TINY_SIZE),
+        "--batch-size",
+        "16",
+        "--bootstrap",
+        "20",
+        "--verbose",
+        "2",
+        "--run-eagerly",
     )
     return run

@@ -11,7 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SIZE = (32, 32)
-REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000-200x150"  # ../shared beside the repo
+REAL_DATA = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ham10000-200x150"
+)  # ../shared beside the repo
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -21,5 +23,7 @@ def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.Comple
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
-        pytest.fail(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

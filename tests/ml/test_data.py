@@ -8,14 +8,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from ml_helpers import REAL_DATA
 
 from ml import augment as A
 from ml import data as D
 from ml.model import CLASS_NAMES
 from ml.synthetic import make_ham10000_like, synthetic_image
-
-from ml_helpers import REAL_DATA
-
 
 # ------------------------------------------------------------------------------------ readers
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ml_helpers import TINY_SIZE
 
 from ml import Predictor
 from ml.artifact import REQUIRED_KEYS, WEIGHTS, export_artifact, read_manifest, weights_dtype, write_manifest
 from ml.model import CLASS_NAMES
-from ml_helpers import TINY_SIZE
 
 
 def _images(n=3, seed=0):

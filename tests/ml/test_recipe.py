@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ml_helpers import TINY_SIZE, run_module
 
 from ml import fusion as F
 from ml.calibration import calibrated_softmax
 from ml.decision import Decision, class_prior, fit_decision
 from ml.losses import LogitAdjustedCrossentropy
 from ml.train import cosine_lr
-from ml_helpers import TINY_SIZE, run_module
 
 
 def test_logit_adjusted_loss_is_cross_entropy_of_log_p_plus_tau_log_prior():
@@ -128,10 +128,32 @@ def test_fusion_head_uses_metadata_and_still_answers_without_it(tmp_path):
 def test_logit_adjusted_run_snapshot_is_a_calibrated_artifact_with_its_decision(trained_run, synthetic_ham, tmp_path):
     run = tmp_path / "la"
     run_module(
-        "ml.train", "--data", str(synthetic_ham), "--out", str(run), "--epochs", "2", "--img-size", *map(str, TINY_SIZE),
-        "--batch-size", "16", "--loss", "logit_adjusted", "--label-smoothing", "0.1", "--balance", "none",
-        "--schedule", "cosine", "--init-from", str(trained_run / "model.weights.h5"), "--bootstrap", "10",
-        "--verbose", "2", "--run-eagerly",
+        "ml.train",
+        "--data",
+        str(synthetic_ham),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--img-size",
+        *map(str, TINY_SIZE),
+        "--batch-size",
+        "16",
+        "--loss",
+        "logit_adjusted",
+        "--label-smoothing",
+        "0.1",
+        "--balance",
+        "none",
+        "--schedule",
+        "cosine",
+        "--init-from",
+        str(trained_run / "model.weights.h5"),
+        "--bootstrap",
+        "10",
+        "--verbose",
+        "2",
+        "--run-eagerly",
     )
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["decision"]["rule"] in ("argmax", "logit_adjusted_argmax")
@@ -140,8 +162,19 @@ def test_logit_adjusted_run_snapshot_is_a_calibrated_artifact_with_its_decision(
     history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
     assert len(history) == 2 and float(history[1][2]) < float(history[0][2])  # cosine: the rate falls
     snapshot = tmp_path / "snapshot"
-    run_module("ml.train", "--out", str(run), "--snapshot", str(snapshot), "--model-version", "9.9.9",
-               "--bootstrap", "10", "--data", str(synthetic_ham))
+    run_module(
+        "ml.train",
+        "--out",
+        str(run),
+        "--snapshot",
+        str(snapshot),
+        "--model-version",
+        "9.9.9",
+        "--bootstrap",
+        "10",
+        "--data",
+        str(synthetic_ham),
+    )
     shot = json.loads((snapshot / "manifest.json").read_text())
     assert shot["version"] == "9.9.9" and (snapshot / "eval_test" / "metrics.json").is_file()
     assert (snapshot / "split.csv").read_text() == (run / "split.csv").read_text()

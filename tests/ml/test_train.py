@@ -9,17 +9,27 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from ml_helpers import TINY_SIZE, run_module
 
 from ml.artifact import REQUIRED_KEYS, read_manifest
 from ml.train import RunCheckpoints, parse_args, plan_stages
-from ml_helpers import TINY_SIZE, run_module
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated", "per_class")
 
 
 def test_training_run_folder_is_a_complete_artifact(trained_run):
-    for name in ("args.json", "versions.json", "split.csv", "history.csv", "train.log", "best.weights.h5",
-                 "model.weights.h5", "manifest.json", "calibration.json", "state.json"):
+    for name in (
+        "args.json",
+        "versions.json",
+        "split.csv",
+        "history.csv",
+        "train.log",
+        "best.weights.h5",
+        "model.weights.h5",
+        "manifest.json",
+        "calibration.json",
+        "state.json",
+    ):
         assert (trained_run / name).is_file(), name
     manifest = read_manifest(trained_run)
     assert set(REQUIRED_KEYS) <= set(manifest)
@@ -58,8 +68,20 @@ def test_test_evaluation_at_the_end_of_training(trained_run):
 
 def test_evaluate_cli_with_tta_on_all_images(trained_run, synthetic_ham, tmp_path):
     out = tmp_path / "eval"
-    proc = run_module("ml.evaluate", "--model", str(trained_run), "--data", str(synthetic_ham), "--out", str(out),
-                      "--split", "all", "--tta", "--bootstrap", "10")
+    proc = run_module(
+        "ml.evaluate",
+        "--model",
+        str(trained_run),
+        "--data",
+        str(synthetic_ham),
+        "--out",
+        str(out),
+        "--split",
+        "all",
+        "--tta",
+        "--bootstrap",
+        "10",
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["n"] == metrics["n"] == len(pd.read_csv(synthetic_ham / "HAM10000_metadata.csv"))
@@ -86,8 +108,19 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(trained_run, run)
     args = json.loads((run / "args.json").read_text())
-    run_module("ml.train", "--out", str(run), "--resume", "--epochs", "2", "--no-test-eval", "--verbose", "0",
-               "--data", args["data"])
+    run_module(
+        "ml.train",
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2",
+        "--no-test-eval",
+        "--verbose",
+        "0",
+        "--data",
+        args["data"],
+    )
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     state = json.loads((run / "checkpoints" / "epoch-0002" / "state.json").read_text())
@@ -109,8 +142,19 @@ def test_resume_from_the_compact_carry_over_alone(trained_run, tmp_path):
     shutil.rmtree(run / "checkpoints")
     (run / "best.weights.h5").unlink()
     args = json.loads((run / "args.json").read_text())
-    run_module("ml.train", "--out", str(run), "--resume", "--epochs", "2", "--no-test-eval", "--verbose", "0",
-               "--data", args["data"])
+    run_module(
+        "ml.train",
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2",
+        "--no-test-eval",
+        "--verbose",
+        "0",
+        "--data",
+        args["data"],
+    )
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1, 2]
     assert "restored the float16 carry-over" in (run / "train.log").read_text()
     assert (run / "best.weights.h5").is_file()
@@ -151,7 +195,9 @@ def test_stages_one_from_scratch_two_when_pretrained():
     assert [(s.name, s.end_epoch, s.trainable) for s in scratch] == [("scratch", 10, "all")]
     pretrained = plan_stages(SimpleNamespace(weights="imagenet", **base))
     assert [(s.name, s.end_epoch, s.lr, s.trainable) for s in pretrained] == [
-        ("warmup", 3, 1e-3, "head"), ("finetune", 10, 1e-4, "top_blocks")]
+        ("warmup", 3, 1e-3, "head"),
+        ("finetune", 10, 1e-4, "top_blocks"),
+    ]
 
 
 def test_fine_tuning_keeps_batchnorm_frozen(tiny_predictor):
@@ -160,12 +206,12 @@ def test_fine_tuning_keeps_batchnorm_frozen(tiny_predictor):
     model = tiny_predictor.model
     try:
         set_trainable(model, "top_blocks", unfreeze_from_block=6)
-        trainable = {l.name for l in model.layers if l.trainable and l.weights}
+        trainable = {layer.name for layer in model.layers if layer.trainable and layer.weights}
         assert "block6a_expand_conv" in trainable and "block5a_expand_conv" not in trainable
         assert "cbam_top_channel" in trainable and "predictions" in trainable
         assert not any(isinstance(model.get_layer(n), keras.layers.BatchNormalization) for n in trainable)
         set_trainable(model, "head")
-        assert "block7a_expand_conv" not in {l.name for l in model.layers if l.trainable and l.weights}
+        assert "block7a_expand_conv" not in {layer.name for layer in model.layers if layer.trainable and layer.weights}
     finally:
         set_trainable(model, "all")
 

@@ -98,8 +98,10 @@ def activate(email: str) -> None:
 def list_tokens(email: str) -> None:
     """List the API tokens of EMAIL (id, label, created, last used, revoked)."""
     for row in _existing(email).tokens:
-        click.echo(f"{row.id}\t{row.label or ''}\t{row.created_at:%Y-%m-%d %H:%M}\t"
-                   f"{row.last_used_at or 'never used'}\t{'revoked' if row.revoked_at else 'active'}")
+        click.echo(
+            f"{row.id}\t{row.label or ''}\t{row.created_at:%Y-%m-%d %H:%M}\t"
+            f"{row.last_used_at or 'never used'}\t{'revoked' if row.revoked_at else 'active'}"
+        )
 
 
 @bp.cli.command("revoke-token")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from sqlalchemy import select
 
-from ..auth.sessions import role_required
-from .service import AccountError, create_user, issue_token, revoke_token, update_user
 from ..audit import entry_dict
+from ..auth.sessions import role_required
 from ..db import db
 from ..models import ROLES, ApiToken, AuditEntry, ModelVersion, User
+from .service import AccountError, create_user, issue_token, revoke_token, update_user
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 100
@@ -35,7 +35,9 @@ def index():
 @role_required("admin")
 def add_user():
     try:
-        user = create_user(request.form.get("email", ""), request.form.get("role", ""), request.form.get("password", ""), g.user)
+        user = create_user(
+            request.form.get("email", ""), request.form.get("role", ""), request.form.get("password", ""), g.user
+        )
         flash(f"Created {user.role} {user.email}.", "info")
     except AccountError as exc:
         flash(exc.message, "error")
@@ -48,8 +50,12 @@ def change_user(user_id: int):
     user = _user_or_404(user_id)
     active = request.form.get("active")
     try:
-        update_user(user, g.user, role=request.form.get("role") or None,
-                    active=None if active is None else active in ("1", "true", "on", "yes"))
+        update_user(
+            user,
+            g.user,
+            role=request.form.get("role") or None,
+            active=None if active is None else active in ("1", "true", "on", "yes"),
+        )
         flash(f"Updated {user.email}: {user.role}, {'active' if user.active else 'deactivated'}.", "info")
     except AccountError as exc:
         flash(exc.message, "error")
@@ -84,5 +90,8 @@ def audit_log():
     if before:
         query = query.where(AuditEntry.id < before)
     entries = db.session.scalars(query).all()
-    return render_template("admin/audit.html", entries=[entry_dict(e) for e in entries],
-                           next_before=entries[-1].id if len(entries) == AUDIT_PAGE else None)
+    return render_template(
+        "admin/audit.html",
+        entries=[entry_dict(e) for e in entries],
+        next_before=entries[-1].id if len(entries) == AUDIT_PAGE else None,
+    )

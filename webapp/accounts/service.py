@@ -19,8 +19,11 @@ class AccountError(ValueError):
 
 
 def _active_admins(excluding: User) -> int:
-    return db.session.scalar(select(func.count()).select_from(User).where(
-        User.role == "admin", User.active.is_(True), User.id != excluding.id))
+    return db.session.scalar(
+        select(func.count())
+        .select_from(User)
+        .where(User.role == "admin", User.active.is_(True), User.id != excluding.id)
+    )
 
 
 def create_user(email: str, role: str, password: str, actor: User | None) -> User:
@@ -71,7 +74,13 @@ def issue_token(user: User, label: str | None, actor: User | None) -> tuple[ApiT
 def revoke_token(row: ApiToken, actor: User | None) -> ApiToken:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        audit.record("token.revoke", "api_token", row.id, user=actor, old={"revoked": False},
-                     new={"revoked": True, "user": row.user.email})
+        audit.record(
+            "token.revoke",
+            "api_token",
+            row.id,
+            user=actor,
+            old={"revoked": False},
+            new={"revoked": True, "user": row.user.email},
+        )
         db.session.commit()
     return row

@@ -50,4 +50,3 @@ def show_batch(batch_id: int):
     """Progress: total, counts (queued, running, done, failed), case_ids and per-file errors."""
     batch = get_or_404(Batch, batch_id)
     return jsonify(batch_service.batch_progress(batch))
-

@@ -6,9 +6,9 @@ from flask import g, jsonify, request, url_for
 
 from ..cases.explanations import ExplanationRequestError
 from ..cases.explanations import request_explanation as request_one
+from ..cases.export import csv_response
 from ..cases.intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from ..cases.listing import FilterError, fetch_page, parse_filters
-from ..cases.export import csv_response
 from ..config import DISCLAIMER
 from ..errors import get_or_404
 from ..models import Case
@@ -61,7 +61,9 @@ def request_explanation(case_id: int):
         row, queued = request_one(case, body.get("method"), body.get("class"), body.get("analysis_id"))
     except ExplanationRequestError as exc:
         return error(exc.status, exc.message)
-    return jsonify({**explanation_dict(row), "case_url": f"/api/v1/cases/{case_id}", "disclaimer": DISCLAIMER}), (202 if queued else 200)
+    return jsonify({**explanation_dict(row), "case_url": f"/api/v1/cases/{case_id}", "disclaimer": DISCLAIMER}), (
+        202 if queued else 200
+    )
 
 
 @bp.get("/cases")
@@ -74,9 +76,17 @@ def list_cases():
     except FilterError as exc:
         return error(400, exc.message, field=exc.field)
     next_url = url_for("api.list_cases", **filters.query_args(cursor=page.next_cursor)) if page.next_cursor else None
-    return jsonify({"cases": page.rows, "total": page.total, "per_page": filters.per_page,
-                    "next_cursor": page.next_cursor, "next": next_url, "filters": filters.query_args(cursor=""),
-                    "disclaimer": DISCLAIMER})
+    return jsonify(
+        {
+            "cases": page.rows,
+            "total": page.total,
+            "per_page": filters.per_page,
+            "next_cursor": page.next_cursor,
+            "next": next_url,
+            "filters": filters.query_args(cursor=""),
+            "disclaimer": DISCLAIMER,
+        }
+    )
 
 
 @bp.get("/cases.csv")
@@ -87,4 +97,3 @@ def export_cases():
         return csv_response(request.args, g.api_user)
     except FilterError as exc:
         return error(400, exc.message, field=exc.field)
-

@@ -8,8 +8,8 @@ from sqlalchemy import select
 from ..cases.listing import FilterError, parse_filters
 from ..db import db
 from ..errors import get_or_404
-from ..models import Batch, Case, ModelVersion
 from ..model_versions.service import RerunError, model_version_or_error, rerun_batch, rerun_case, rerun_filtered
+from ..models import Batch, Case, ModelVersion
 from .blueprint import bp, error, request_body, token_required, uploader_required
 
 
@@ -17,10 +17,23 @@ from .blueprint import bp, error, request_body, token_required, uploader_require
 @token_required
 def model_versions():
     rows = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
-    return jsonify({"model_versions": [
-        {"id": mv.id, "name": mv.name, "version": mv.version, "trained": mv.trained, "trained_on": mv.trained_on,
-         "class_names": mv.class_names, "artifact_path": mv.artifact_path, "created": mv.created_at.isoformat()}
-        for mv in rows]})
+    return jsonify(
+        {
+            "model_versions": [
+                {
+                    "id": mv.id,
+                    "name": mv.name,
+                    "version": mv.version,
+                    "trained": mv.trained,
+                    "trained_on": mv.trained_on,
+                    "class_names": mv.class_names,
+                    "artifact_path": mv.artifact_path,
+                    "created": mv.created_at.isoformat(),
+                }
+                for mv in rows
+            ]
+        }
+    )
 
 
 @bp.post("/batches/<int:batch_id>/rerun")
@@ -29,7 +42,9 @@ def rerun_batch_api(batch_id: int):
     """Re-runs the batch's images with another model version: JSON {"model_version_id"}."""
     get_or_404(Batch, batch_id)
     try:
-        return jsonify(rerun_batch(batch_id, model_version_or_error(request_body().get("model_version_id")), g.api_user)), 202
+        return jsonify(
+            rerun_batch(batch_id, model_version_or_error(request_body().get("model_version_id")), g.api_user)
+        ), 202
     except RerunError as exc:
         return error(exc.status, exc.message)
 
@@ -40,7 +55,9 @@ def rerun_selection():
     """Re-runs every case matching the query-string filters: JSON {"model_version_id"}."""
     try:
         filters = parse_filters(request.args)
-        return jsonify(rerun_filtered(filters, model_version_or_error(request_body().get("model_version_id")), g.api_user)), 202
+        return jsonify(
+            rerun_filtered(filters, model_version_or_error(request_body().get("model_version_id")), g.api_user)
+        ), 202
     except FilterError as exc:
         return error(400, exc.message, field=exc.field)
     except RerunError as exc:
@@ -53,7 +70,8 @@ def rerun_case_api(case_id: int):
     """Re-runs one case with another model version: JSON {"model_version_id"}."""
     get_or_404(Case, case_id)
     try:
-        return jsonify(rerun_case(case_id, model_version_or_error(request_body().get("model_version_id")), g.api_user)), 202
+        return jsonify(
+            rerun_case(case_id, model_version_or_error(request_body().get("model_version_id")), g.api_user)
+        ), 202
     except RerunError as exc:
         return error(exc.status, exc.message)
-

@@ -33,4 +33,3 @@ def put_review(case_id: int):
     except ReviewError as exc:
         return error(400, exc.message, field=exc.field)
     return jsonify(review_dict(review)), 201 if created else 200
-

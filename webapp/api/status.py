@@ -57,4 +57,3 @@ def openapi():
             response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
             return response, status
     return jsonify(build_spec(current_app))
-

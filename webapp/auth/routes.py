@@ -37,8 +37,13 @@ def _too_many_failures(limit: RequestLimit):
 
 
 @bp.route("/login", methods=("GET", "POST"))
-@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT"], key_func=_login_key, methods=["POST"],
-               deduct_when=lambda response: response.status_code == 401, on_breach=_too_many_failures)
+@limiter.limit(
+    lambda: current_app.config["LOGIN_RATE_LIMIT"],
+    key_func=_login_key,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 401,
+    on_breach=_too_many_failures,
+)
 def login():
     if request.method == "POST":
         email = request.form.get("email", "")[:254]

@@ -56,6 +56,7 @@ def find_user(email: str) -> User | None:
 
 # --- API tokens ---------------------------------------------------------------------------------
 
+
 def user_from_bearer() -> tuple[User | None, str | None]:
     """The user of the request's `Authorization: Bearer <token>`, or None and the reason."""
     header = request.headers.get("Authorization", "")

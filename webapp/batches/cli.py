@@ -44,15 +44,27 @@ def import_folder(folder: Path, metadata: Path | None, email: str | None, name: 
             details = "".join(f"\n  row {r['row']} ({r['image_id']}): {r['error']}" for r in exc.rows[:20])
             raise click.ClickException(exc.message + details) from None
     root = folder.resolve()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-                   and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    batch = service.create_batch(user, source="cli", name=name or root.name, expected_files=len(files),
-                                 metadata=rows, metadata_filename=metadata.name if metadata else None)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    batch = service.create_batch(
+        user,
+        source="cli",
+        name=name or root.name,
+        expected_files=len(files),
+        metadata=rows,
+        metadata_filename=metadata.name if metadata else None,
+    )
     cap = int(current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
     with click.progressbar(length=len(files), label=f"Batch {batch.id}", file=click.get_text_stream("stderr")) as bar:
         for start in range(0, len(files), CHUNK):
             triples = []
-            for path in files[start:start + CHUNK]:
+            for path in files[start : start + CHUNK]:
                 with open(path, "rb") as f:
                     triples.append((str(path.relative_to(root)), f.read(cap + 1), None))
             service.add_files(batch, triples, user)

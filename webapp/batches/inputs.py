@@ -39,7 +39,7 @@ LIMITS = {
     "BATCH_MAX_CSV_BYTES": 20 * 1024 * 1024,
     "BATCH_MAX_CSV_ROWS": 200_000,
     "BATCH_MAX_ZIP_ENTRIES": 5_000,
-    "BATCH_MAX_ZIP_TOTAL_BYTES": 4 * 1024 ** 3,
+    "BATCH_MAX_ZIP_TOTAL_BYTES": 4 * 1024**3,
     "BATCH_MAX_ZIP_RATIO": 100,
     "BATCH_MAX_REQUEST_MB": 1024,
     "BATCH_MAX_FILES_PER_REQUEST": 500,
@@ -65,6 +65,7 @@ class BatchInputError(ValueError):
 
 
 # --- metadata CSV -----------------------------------------------------------------------------
+
 
 def _normalise_site(value: str) -> str:
     return " ".join(value.lower().replace("_", " ").split())
@@ -128,7 +129,9 @@ def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
         BatchInputError: not UTF-8, too large, missing columns, or any invalid row (all listed).
     """
     if len(data) > limit("BATCH_MAX_CSV_BYTES"):
-        raise BatchInputError(f"The metadata CSV is larger than {limit('BATCH_MAX_CSV_BYTES') // 1024 // 1024} MB.", 413)
+        raise BatchInputError(
+            f"The metadata CSV is larger than {limit('BATCH_MAX_CSV_BYTES') // 1024 // 1024} MB.", 413
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -161,8 +164,13 @@ def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
                 raise BatchInputError(f"The metadata CSV has more than {max_rows} rows.", 413)
             image_id = (row[header.index("image_id")] if len(row) > header.index("image_id") else "").strip()[:MAX_CELL]
             if len(row) != len(header):
-                errors.append({"row": lineno, "image_id": neutralise(image_id),
-                               "error": f"the row has {len(row)} cells, the header {len(header)}."})
+                errors.append(
+                    {
+                        "row": lineno,
+                        "image_id": neutralise(image_id),
+                        "error": f"the row has {len(row)} cells, the header {len(header)}.",
+                    }
+                )
                 continue
             try:
                 image_id, fields = _row_fields(dict(zip(header, row)))
@@ -186,6 +194,7 @@ def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
 
 
 # --- zip archives -----------------------------------------------------------------------------
+
 
 @dataclass
 class Archive:
@@ -235,7 +244,9 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
     if len(infos) > limit("BATCH_MAX_ZIP_ENTRIES"):
         raise BatchInputError(
             f"The archive has {len(infos)} entries, more than the limit of {limit('BATCH_MAX_ZIP_ENTRIES')}; "
-            "upload the folder from the browser (sent in chunks) or split the archive.", 413)
+            "upload the folder from the browser (sent in chunks) or split the archive.",
+            413,
+        )
     archive = Archive(zf)
     total = 0
     csvs: list[zipfile.ZipInfo] = []
@@ -252,14 +263,18 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
             continue  # Finder's resource forks and hidden files
         lower = parts[-1].lower()
         if lower.endswith(ARCHIVE_EXTENSIONS):
-            raise BatchInputError(f"The archive entry {info.filename!r} is itself an archive; nested archives are refused.")
+            raise BatchInputError(
+                f"The archive entry {info.filename!r} is itself an archive; nested archives are refused."
+            )
         total += info.file_size
         if total > limit("BATCH_MAX_ZIP_TOTAL_BYTES"):
             raise BatchInputError("The archive declares more uncompressed data than the limit allows; refused.", 413)
         if info.file_size > 1024 * 1024 and info.file_size > limit("BATCH_MAX_ZIP_RATIO") * max(info.compress_size, 1):
             raise BatchInputError(
                 f"The archive entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}-fold; "
-                "images do not compress like that (zip bomb?); refused.", 413)
+                "images do not compress like that (zip bomb?); refused.",
+                413,
+            )
         if lower.endswith(".csv"):
             if info.file_size > limit("BATCH_MAX_CSV_BYTES"):
                 raise BatchInputError(f"The archive's CSV {info.filename!r} is too large.", 413)
@@ -268,7 +283,9 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
             if info.file_size > max_image_bytes:
                 raise BatchInputError(
                     f"The archive entry {info.filename!r} declares {info.file_size} bytes, more than the image limit "
-                    f"of {max_image_bytes}; refused.", 413)
+                    f"of {max_image_bytes}; refused.",
+                    413,
+                )
             archive.images.append(info)
         else:
             archive.other.append("/".join(parts))
@@ -281,5 +298,3 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
     elif len(csvs) > 1:
         archive.other.extend(c.filename for c in csvs)
     return archive
-
-

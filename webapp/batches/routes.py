@@ -52,8 +52,14 @@ def create_batch():
         return render_template("batches/new.html", per_request=50, rows=exc.rows), exc.status
     url = url_for("batches.show_batch", batch_id=batch.id)
     if wants_json():
-        return jsonify({"id": batch.id, "url": url, "files_url": url_for("batches.add_batch_files", batch_id=batch.id),
-                        **batch_service.items_summary(items)}), 201
+        return jsonify(
+            {
+                "id": batch.id,
+                "url": url,
+                "files_url": url_for("batches.add_batch_files", batch_id=batch.id),
+                **batch_service.items_summary(items),
+            }
+        ), 201
     return redirect(url)
 
 
@@ -76,8 +82,9 @@ def add_batch_files(batch_id: int):
 def show_batch(batch_id: int):
     batch = get_or_404(Batch, batch_id)
     versions = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
-    return render_template("batches/show.html", batch=batch, progress=batch_service.batch_progress(batch),
-                           model_versions=versions)
+    return render_template(
+        "batches/show.html", batch=batch, progress=batch_service.batch_progress(batch), model_versions=versions
+    )
 
 
 @bp.get("/batches/<int:batch_id>/progress.json")

@@ -9,14 +9,15 @@ and image instead of storing it twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from flask import current_app
 from sqlalchemy import func, select
 
-from ..cases.intake import DuplicateImage, store_image
 from .. import queue
+from ..cases.intake import DuplicateImage, store_image
 from ..db import db
 from ..imaging import UploadError
 from ..models import Batch, BatchItem, Image, Job, User
@@ -33,8 +34,8 @@ from .inputs import (
 log = logging.getLogger(__name__)
 
 
-
 # --- storing ----------------------------------------------------------------------------------
+
 
 def clean_filename(name: str | None) -> str:
     """The relative path as sent (folders kept for the record), without control characters."""
@@ -47,25 +48,41 @@ def file_stem(name: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
-def create_batch(user: User | None, *, source: str, name: str | None = None, expected_files: int | None = None,
-                 metadata: dict[str, dict[str, Any]] | None = None, metadata_filename: str | None = None) -> Batch:
-    batch = Batch(created_by=user, source=source, name=(name or "").strip()[:200] or None,
-                  expected_files=expected_files, metadata_rows=metadata,
-                  metadata_filename=clean_filename(metadata_filename) if metadata_filename else None)
+def create_batch(
+    user: User | None,
+    *,
+    source: str,
+    name: str | None = None,
+    expected_files: int | None = None,
+    metadata: dict[str, dict[str, Any]] | None = None,
+    metadata_filename: str | None = None,
+) -> Batch:
+    batch = Batch(
+        created_by=user,
+        source=source,
+        name=(name or "").strip()[:200] or None,
+        expected_files=expected_files,
+        metadata_rows=metadata,
+        metadata_filename=clean_filename(metadata_filename) if metadata_filename else None,
+    )
     db.session.add(batch)
     db.session.commit()
     return batch
 
 
 def _latest_job_id(image_id: int) -> int | None:
-    return db.session.scalar(
-        select(func.max(Job.id)).where(Job.image_id == image_id, Job.kind == "analyse")
-    )
+    return db.session.scalar(select(func.max(Job.id)).where(Job.image_id == image_id, Job.kind == "analyse"))
 
 
 def _link_duplicate(batch: Batch, filename: str, image: Image) -> BatchItem:
-    item = BatchItem(batch_id=batch.id, filename=filename, case_id=image.case_id, image_id=image.id,
-                     job_id=_latest_job_id(image.id), duplicate=True)
+    item = BatchItem(
+        batch_id=batch.id,
+        filename=filename,
+        case_id=image.case_id,
+        image_id=image.id,
+        job_id=_latest_job_id(image.id),
+        duplicate=True,
+    )
     db.session.add(item)
     db.session.commit()
     return item
@@ -78,8 +95,9 @@ def _error_item(batch: Batch, filename: str, message: str) -> BatchItem:
     return item
 
 
-def add_file(batch: Batch, filename: str, data: bytes | None, user: User | None,
-             error: str | None = None) -> tuple[BatchItem, int | None]:
+def add_file(
+    batch: Batch, filename: str, data: bytes | None, user: User | None, error: str | None = None
+) -> tuple[BatchItem, int | None]:
     """Stores one file of the batch; returns its item and the id of the job to send (None if none).
 
     A bad file becomes an item with `error`; a duplicate an item linked to the existing case.
@@ -111,7 +129,9 @@ def send_jobs(job_ids: Iterable[int]) -> int:
     return sent
 
 
-def add_files(batch: Batch, files: Iterable[tuple[str, bytes | None, str | None]], user: User | None) -> list[BatchItem]:
+def add_files(
+    batch: Batch, files: Iterable[tuple[str, bytes | None, str | None]], user: User | None
+) -> list[BatchItem]:
     """Stores (filename, bytes, error) triples one by one (a commit each), then sends their jobs."""
     items, job_ids = [], []
     session = db.session()
@@ -142,6 +162,7 @@ def archive_files(archive: Archive) -> Iterator[tuple[str, bytes | None, str | N
 
 
 # --- progress ---------------------------------------------------------------------------------
+
 
 def item_state(error: str | None, job_status: str | None) -> str:
     if error:
@@ -193,12 +214,15 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
 
 # --- from a multipart request (API and pages) --------------------------------------------------
 
+
 def _uploaded_images(request) -> list:
     images = [f for f in request.files.getlist("images") if f and f.filename]
     if len(images) > limit("BATCH_MAX_FILES_PER_REQUEST"):
         raise BatchInputError(
             f"{len(images)} files in one request; send at most {limit('BATCH_MAX_FILES_PER_REQUEST')} per request "
-            "(add the rest with POST .../files).", 413)
+            "(add the rest with POST .../files).",
+            413,
+        )
     return images
 
 
@@ -219,7 +243,10 @@ def batch_from_request(request, user: User, source: str) -> tuple[Batch, list[Ba
     metadata, metadata_name = None, None
     meta_file = request.files.get("metadata")
     if meta_file is not None and meta_file.filename:
-        metadata, metadata_name = parse_metadata_csv(meta_file.stream.read(limit("BATCH_MAX_CSV_BYTES") + 1)), meta_file.filename
+        metadata, metadata_name = (
+            parse_metadata_csv(meta_file.stream.read(limit("BATCH_MAX_CSV_BYTES") + 1)),
+            meta_file.filename,
+        )
     archive_file = request.files.get("archive")
     archive = None
     if archive_file is not None and archive_file.filename:
@@ -233,9 +260,14 @@ def batch_from_request(request, user: User, source: str) -> tuple[Batch, list[Ba
         if not expected.isdigit() or int(expected) > 10_000_000:
             raise BatchInputError("expected_files must be a whole number of files.")
     name = request.form.get("name") or (archive_file.filename if archive is not None else None)
-    batch = create_batch(user, source="zip" if archive is not None else source, name=name,
-                         expected_files=int(expected) if expected else None,
-                         metadata=metadata, metadata_filename=metadata_name)
+    batch = create_batch(
+        user,
+        source="zip" if archive is not None else source,
+        name=name,
+        expected_files=int(expected) if expected else None,
+        metadata=metadata,
+        metadata_filename=metadata_name,
+    )
     items = add_files(batch, _image_triples(images), user)
     if archive is not None:
         items += add_files(batch, archive_files(archive), user)

@@ -49,8 +49,9 @@ def _send_stored(key: str, mimetype: str, download_name: str | None = None):
         handle = storage.open(key)
     except StorageError:
         abort(404, description="The stored map is missing.")
-    response = send_file(handle, mimetype=mimetype, as_attachment=download_name is not None,
-                         download_name=download_name, max_age=3600)
+    response = send_file(
+        handle, mimetype=mimetype, as_attachment=download_name is not None, download_name=download_name, max_age=3600
+    )
     response.headers["Cache-Control"] = "private, max-age=3600"  # never in shared caches
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
@@ -82,13 +83,16 @@ def request_from_page(case_id: int):
         return redirect(url_for("auth.login", next=f"/cases/{case_id}"))
     case = get_or_404(Case, case_id)
     try:
-        row, queued = request_explanation(case, request.form.get("method"), request.form.get("class"),
-                                          request.form.get("analysis_id"))
+        row, queued = request_explanation(
+            case, request.form.get("method"), request.form.get("class"), request.form.get("analysis_id")
+        )
     except ExplanationRequestError as exc:
         flash(exc.message, "error")
     else:
         label = f"{METHOD_LABELS[row.method]} for {row.class_name}"
-        flash(f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info")
+        flash(
+            f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info"
+        )
     return redirect(url_for("cases.show", case_id=case_id) + "#explanations")
 
 

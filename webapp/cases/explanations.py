@@ -14,18 +14,25 @@ from typing import Any
 from flask import url_for
 from sqlalchemy import select
 
+from .. import queue
 from ..db import db
 from ..models import EXPLANATION_METHODS, Analysis, Case, Explanation
 from ..presenters import explanation_dict
-from .. import queue
 from ..queue import EXPLAIN_QUEUE
 from ..storage import check_key
 
 SHAP_TASK = "worker.tasks.explain_shap"  # args: analysis_id; computes every queued SHAP row of it
 GRADCAM_TASK = "worker.tasks.explain_gradcam"  # args: explanation_id
-METHOD_ALIASES = {"gradcam": "gradcam", "grad-cam": "gradcam", "gradcam++": "gradcam++", "gradcampp": "gradcam++",
-                  "grad-cam++": "gradcam++", "shap": "shap"}
+METHOD_ALIASES = {
+    "gradcam": "gradcam",
+    "grad-cam": "gradcam",
+    "gradcam++": "gradcam++",
+    "gradcampp": "gradcam++",
+    "grad-cam++": "gradcam++",
+    "shap": "shap",
+}
 METHOD_SLUGS = {"gradcam": "gradcam", "gradcam++": "gradcampp", "shap": "shap"}  # storage keys allow no '+'
+
 
 class ExplanationRequestError(ValueError):
     """A request for an explanation that cannot be served; `status` is the HTTP status to answer."""
@@ -60,7 +67,10 @@ def explanation_panels(case_id: int) -> list[dict[str, Any]]:
                 continue
             mv = analysis.model_version
             rows = [explanation_dict(e) for e in analysis.explanations]
-            classes = sorted({r["class"] for r in rows}, key=lambda c: (c != analysis.top_class, -(analysis.probabilities or {}).get(c, 0.0)))
+            classes = sorted(
+                {r["class"] for r in rows},
+                key=lambda c: (c != analysis.top_class, -(analysis.probabilities or {}).get(c, 0.0)),
+            )
             by_class = {c: {"gradcam": None, "shap": None} for c in classes}
             for r in rows:
                 slot = "shap" if r["method"] == "shap" else "gradcam"
@@ -68,23 +78,31 @@ def explanation_panels(case_id: int) -> list[dict[str, Any]]:
                 # Grad-CAM and Grad-CAM++ share a slot: a finished map wins over a pending one.
                 if current is None or (current["status"] != "done" and r["status"] == "done"):
                     by_class[r["class"]][slot] = r
-            panels.append({
-                "analysis_id": analysis.id,
-                "image_url": url_for("cases.stored_file", key=image.storage_key),
-                "width": image.width,
-                "height": image.height,
-                "model": {"name": mv.name, "version": mv.version, "trained": mv.trained, "trained_on": mv.trained_on},
-                "top_class": analysis.top_class,
-                "class_names": list(mv.class_names),
-                "class_long_names": mv.class_long_names,
-                "classes": classes,
-                "maps": by_class,
-                "rows": rows,
-            })
+            panels.append(
+                {
+                    "analysis_id": analysis.id,
+                    "image_url": url_for("cases.stored_file", key=image.storage_key),
+                    "width": image.width,
+                    "height": image.height,
+                    "model": {
+                        "name": mv.name,
+                        "version": mv.version,
+                        "trained": mv.trained,
+                        "trained_on": mv.trained_on,
+                    },
+                    "top_class": analysis.top_class,
+                    "class_names": list(mv.class_names),
+                    "class_long_names": mv.class_long_names,
+                    "classes": classes,
+                    "maps": by_class,
+                    "rows": rows,
+                }
+            )
     return panels
 
 
 # --- requesting ---------------------------------------------------------------------------------
+
 
 def _pick_analysis(case: Case, analysis_id: Any) -> Analysis:
     finished = [a for im in case.images for a in im.analyses if a.status == "succeeded"]
@@ -98,7 +116,9 @@ def _pick_analysis(case: Case, analysis_id: Any) -> Analysis:
                 return analysis
         raise ExplanationRequestError(404, f"Case {case.id} has no finished analysis with id {wanted}.")
     if not finished:
-        raise ExplanationRequestError(409, f"Case {case.id} has no finished analysis yet; explanations follow the prediction.")
+        raise ExplanationRequestError(
+            409, f"Case {case.id} has no finished analysis yet; explanations follow the prediction."
+        )
     return max(finished, key=lambda a: a.id)
 
 
@@ -119,15 +139,25 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
     class_name = str(class_name or analysis.top_class or "").strip()
     if class_name not in mv.class_names:
         raise ExplanationRequestError(400, f"class must be one of {', '.join(mv.class_names)}, got {class_name!r}.")
-    row = db.session.scalar(select(Explanation).where(
-        Explanation.image_id == analysis.image_id, Explanation.model_version_id == mv.id,
-        Explanation.method == method_key, Explanation.class_name == class_name,
-    ))
+    row = db.session.scalar(
+        select(Explanation).where(
+            Explanation.image_id == analysis.image_id,
+            Explanation.model_version_id == mv.id,
+            Explanation.method == method_key,
+            Explanation.class_name == class_name,
+        )
+    )
     if row is not None and row.status in ("running", "done"):
         return row, False
     if row is None:
-        row = Explanation(analysis=analysis, image_id=analysis.image_id, model_version_id=mv.id,
-                          method=method_key, class_name=class_name, status="queued")
+        row = Explanation(
+            analysis=analysis,
+            image_id=analysis.image_id,
+            model_version_id=mv.id,
+            method=method_key,
+            class_name=class_name,
+            status="queued",
+        )
         db.session.add(row)
     else:  # failed (asked again: try again) or queued (its message may have been lost: send again)
         row.status, row.error, row.attempts, row.started_at, row.finished_at = "queued", None, 0, None, None

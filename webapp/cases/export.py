@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from flask import Response, stream_with_context
 
@@ -13,12 +14,33 @@ from ..models import User
 from ..security import neutralise
 from .listing import CaseFilters, fetch_page, parse_filters
 
-
 EXPORT_COLUMNS = (
-    "case_id", "created", "uploader", "batch_id", "filename", "patient_ref", "lesion_ref", "age", "sex", "site",
-    "reference_dx", "reference_dx_type", "status", "model_name", "model_version", "model_trained", "model_trained_on",
-    "predicted_class", "predicted_probability", "malignant_probability", "other_predictions",
-    "review_count", "review_consensus", "reviews_agree", "reviews_disagree", "reviews",
+    "case_id",
+    "created",
+    "uploader",
+    "batch_id",
+    "filename",
+    "patient_ref",
+    "lesion_ref",
+    "age",
+    "sex",
+    "site",
+    "reference_dx",
+    "reference_dx_type",
+    "status",
+    "model_name",
+    "model_version",
+    "model_trained",
+    "model_trained_on",
+    "predicted_class",
+    "predicted_probability",
+    "malignant_probability",
+    "other_predictions",
+    "review_count",
+    "review_consensus",
+    "reviews_agree",
+    "reviews_disagree",
+    "reviews",
 )
 
 
@@ -39,24 +61,39 @@ def _export_record(row: dict[str, Any]) -> list[Any]:
     others = [q for q in row["predictions"] if q is not row["prediction"]]
     reviews = row.get("reviews") or []
     values = {
-        "case_id": row["id"], "created": row["created"], "uploader": row["uploader"], "batch_id": row["batch_id"],
-        "filename": row["filename"], "patient_ref": row["patient_ref"], "lesion_ref": row["lesion_ref"],
-        "age": row["age"], "sex": row["sex"], "site": row["site"], "reference_dx": row["reference_dx"],
-        "reference_dx_type": row["reference_dx_type"], "status": row["status"],
-        "model_name": model.get("name"), "model_version": model.get("version"),
-        "model_trained": model.get("trained"), "model_trained_on": model.get("trained_on"),
+        "case_id": row["id"],
+        "created": row["created"],
+        "uploader": row["uploader"],
+        "batch_id": row["batch_id"],
+        "filename": row["filename"],
+        "patient_ref": row["patient_ref"],
+        "lesion_ref": row["lesion_ref"],
+        "age": row["age"],
+        "sex": row["sex"],
+        "site": row["site"],
+        "reference_dx": row["reference_dx"],
+        "reference_dx_type": row["reference_dx_type"],
+        "status": row["status"],
+        "model_name": model.get("name"),
+        "model_version": model.get("version"),
+        "model_trained": model.get("trained"),
+        "model_trained_on": model.get("trained_on"),
         "predicted_class": p.get("top_class"),
         "predicted_probability": round(p["probability"], 6) if p.get("probability") is not None else None,
         "malignant_probability": p.get("malignant_probability"),
         "other_predictions": "; ".join(
-            f"{q['model']['name']} {q['model']['version']}: {q['top_class']} ({q['probability']:.4f})" for q in others),
-        "review_count": row["review_summary"]["count"], "review_consensus": row["review_summary"]["consensus"],
-        "reviews_agree": row["review_summary"]["agree"], "reviews_disagree": row["review_summary"]["disagree"],
+            f"{q['model']['name']} {q['model']['version']}: {q['top_class']} ({q['probability']:.4f})" for q in others
+        ),
+        "review_count": row["review_summary"]["count"],
+        "review_consensus": row["review_summary"]["consensus"],
+        "reviews_agree": row["review_summary"]["agree"],
+        "reviews_disagree": row["review_summary"]["disagree"],
         "reviews": " | ".join(
             f"{r['reviewer']}: {r['diagnosis']}, "
             f"{'agrees' if r['agrees_with_model'] else 'disagrees' if r['agrees_with_model'] is False else 'no opinion'}"
             f", confidence {r['confidence']}" + (f", notes: {r['notes']}" if r["notes"] else "")
-            for r in reviews),
+            for r in reviews
+        ),
     }
     return [neutralise("" if values[c] is None else values[c]) for c in EXPORT_COLUMNS]
 

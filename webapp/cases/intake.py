@@ -7,17 +7,18 @@ import all call it); `create_case` adds sending the task at once, for a single u
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from .. import queue
 from ..db import db
 from ..imaging import UploadError, check_filename, process_upload
 from ..models import SEXES, SITES, Batch, BatchItem, Case, Image, Job, User
-from .. import queue
 from ..queue import ANALYSE_TASK, PREDICT_QUEUE
 from ..states import JobKind, JobStatus
 from ..storage import image_key, storage_from_settings
@@ -176,4 +177,13 @@ def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader:
     return stored.case, stored.job
 
 
-__all__ = ["CaseFields", "DuplicateImage", "FieldError", "StoredImage", "UploadError", "create_case", "parse_case_fields", "store_image"]
+__all__ = [
+    "CaseFields",
+    "DuplicateImage",
+    "FieldError",
+    "StoredImage",
+    "UploadError",
+    "create_case",
+    "parse_case_fields",
+    "store_image",
+]

@@ -9,15 +9,27 @@ jobs.status, reviews.reviewer_id, batch_items.batch_id), so they stay fast at 10
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Mapping
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, not_, or_, select
 
 from ..db import db
 from ..models import (
-    DX_CLASSES, DX_LONG_NAMES, SEXES, SITES, Analysis, BatchItem, Case, Image, Job, ModelVersion, Review, User,
+    DX_CLASSES,
+    DX_LONG_NAMES,
+    SEXES,
+    SITES,
+    Analysis,
+    BatchItem,
+    Case,
+    Image,
+    Job,
+    ModelVersion,
+    Review,
+    User,
 )
 from ..presenters import STATUS_ORDER, iso, model_dict, review_dict
 
@@ -62,7 +74,11 @@ class CaseFilters:
         out = {}
         for f in fields(self):
             value = values[f.name]
-            if value in (None, "") or (f.name == "sort" and value == "newest") or (f.name == "per_page" and value == DEFAULT_PER_PAGE):
+            if (
+                value in (None, "")
+                or (f.name == "sort" and value == "newest")
+                or (f.name == "per_page" and value == DEFAULT_PER_PAGE)
+            ):
                 continue
             out[f.name] = value.isoformat() if isinstance(value, date) else str(value)
         return out
@@ -133,7 +149,11 @@ def parse_filters(args: Mapping[str, str]) -> CaseFilters:
 def _analyses_of(f: CaseFilters, *conditions):
     # top_class is set only when an analysis succeeded, so the (top_class, model_version_id, image_id)
     # indexes answer this without reading the analyses rows.
-    query = select(Image.case_id).join(Analysis, Analysis.image_id == Image.id).where(Analysis.top_class.is_not(None), *conditions)
+    query = (
+        select(Image.case_id)
+        .join(Analysis, Analysis.image_id == Image.id)
+        .where(Analysis.top_class.is_not(None), *conditions)
+    )
     if f.model_version:
         query = query.where(Analysis.model_version_id == f.model_version)
     return query
@@ -149,11 +169,15 @@ def conditions(f: CaseFilters, user: User | None) -> list:
         else:
             # A prefix search (case-sensitive), answered from the indexes on the three columns.
             upper = f.q + "\U0010ffff"
-            where.append(or_(
-                and_(Case.lesion_ref >= f.q, Case.lesion_ref < upper),
-                and_(Case.patient_ref >= f.q, Case.patient_ref < upper),
-                Case.id.in_(select(Image.case_id).where(Image.original_filename >= f.q, Image.original_filename < upper)),
-            ))
+            where.append(
+                or_(
+                    and_(Case.lesion_ref >= f.q, Case.lesion_ref < upper),
+                    and_(Case.patient_ref >= f.q, Case.patient_ref < upper),
+                    Case.id.in_(
+                        select(Image.case_id).where(Image.original_filename >= f.q, Image.original_filename < upper)
+                    ),
+                )
+            )
     if f.predicted:
         where.append(Case.id.in_(_analyses_of(f, Analysis.top_class == f.predicted)))
     elif f.model_version and f.agreement not in ("matches_reference", "differs_from_reference"):  # those imply it
@@ -178,17 +202,25 @@ def conditions(f: CaseFilters, user: User | None) -> list:
     elif f.agreement in ("matches_reference", "differs_from_reference"):
         # Correlated EXISTS, not IN: SQLite then walks the page's cases in index order and checks
         # each one's analyses, instead of first joining every analysis with every labelled case.
-        compare = Analysis.top_class == Case.reference_dx if f.agreement == "matches_reference" else Analysis.top_class != Case.reference_dx
+        compare = (
+            Analysis.top_class == Case.reference_dx
+            if f.agreement == "matches_reference"
+            else Analysis.top_class != Case.reference_dx
+        )
         where.append(Case.reference_dx.is_not(None))
         where.append(_analyses_of(f, compare).where(Image.case_id == Case.id).correlate(Case).exists())
     if f.status:
-        where.append(Case.id.in_(
-            select(Image.case_id).join(Job, Job.image_id == Image.id).where(Job.status == f.status, Job.kind == "analyse")
-        ))
+        where.append(
+            Case.id.in_(
+                select(Image.case_id)
+                .join(Job, Job.image_id == Image.id)
+                .where(Job.status == f.status, Job.kind == "analyse")
+            )
+        )
     if f.date_from:
-        where.append(Case.created_at >= datetime.combine(f.date_from, time.min, timezone.utc))
+        where.append(Case.created_at >= datetime.combine(f.date_from, time.min, UTC))
     if f.date_to:
-        where.append(Case.created_at < datetime.combine(f.date_to + timedelta(days=1), time.min, timezone.utc))
+        where.append(Case.created_at < datetime.combine(f.date_to + timedelta(days=1), time.min, UTC))
     if f.age_min is not None:
         where.append(Case.age >= f.age_min)
     if f.age_max is not None:
@@ -259,6 +291,7 @@ def fetch_page(f: CaseFilters, user: User | None, with_reviews: bool = False, co
 
 # --- what a row shows ---------------------------------------------------------------------------
 
+
 def _prediction(analysis: Analysis, mv: ModelVersion) -> dict[str, Any]:
     probs = analysis.probabilities or {}
     malignant = sum(float(probs.get(c, 0.0)) for c in mv.malignant_classes)
@@ -299,25 +332,37 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
         select(Image.case_id, Image.original_filename, Analysis, ModelVersion)
         .outerjoin(Analysis, and_(Analysis.image_id == Image.id, Analysis.status == "succeeded"))
         .outerjoin(ModelVersion, ModelVersion.id == Analysis.model_version_id)
-        .where(Image.case_id.in_(ids)).order_by(Image.id, Analysis.id)
+        .where(Image.case_id.in_(ids))
+        .order_by(Image.id, Analysis.id)
     ):
         filenames.setdefault(case_id, filename)
         if analysis is not None:
             analyses.setdefault(case_id, []).append((analysis, mv))
     jobs: dict[int, dict[tuple[int, str], str]] = {}
     for case_id, image_id, kind, status in db.session.execute(
-        select(Image.case_id, Job.image_id, Job.kind, Job.status).join(Job, Job.image_id == Image.id)
-        .where(Image.case_id.in_(ids)).order_by(Job.id)
+        select(Image.case_id, Job.image_id, Job.kind, Job.status)
+        .join(Job, Job.image_id == Image.id)
+        .where(Image.case_id.in_(ids))
+        .order_by(Job.id)
     ):
         jobs.setdefault(case_id, {})[(image_id, kind)] = status
     reviews: dict[int, list[tuple[Review, str]]] = {}
     for review, email in db.session.execute(
-        select(Review, User.email).join(User, User.id == Review.reviewer_id).where(Review.case_id.in_(ids)).order_by(Review.id)
+        select(Review, User.email)
+        .join(User, User.id == Review.reviewer_id)
+        .where(Review.case_id.in_(ids))
+        .order_by(Review.id)
     ):
         reviews.setdefault(review.case_id, []).append((review, email))
-    uploader_emails = dict(db.session.execute(
-        select(User.id, User.email).where(User.id.in_({c.uploader_id for c in cases if c.uploader_id}))
-    ).all()) if any(c.uploader_id for c in cases) else {}
+    uploader_emails = (
+        dict(
+            db.session.execute(
+                select(User.id, User.email).where(User.id.in_({c.uploader_id for c in cases if c.uploader_id}))
+            ).all()
+        )
+        if any(c.uploader_id for c in cases)
+        else {}
+    )
 
     rows = []
     for case in cases:

@@ -26,8 +26,8 @@ from ..presenters import case_dict
 from ..review.service import can_review
 from ..security import upload_limit
 from ..storage import StorageError, storage_from_settings
-from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from .export import csv_response
+from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from .listing import FilterError, fetch_page, parse_filters
 
 bp = Blueprint("cases", __name__)
@@ -55,7 +55,9 @@ def index():
         "model_versions": db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all(),
         "uploaders": db.session.execute(select(User.id, User.email).order_by(User.email)).all(),
         "batches": db.session.execute(select(Batch.id, Batch.name).order_by(Batch.id.desc()).limit(200)).all(),
-        "classes": DX_CLASSES, "sexes": SEXES, "sites": SITES,
+        "classes": DX_CLASSES,
+        "sexes": SEXES,
+        "sites": SITES,
     }
     start = request.args.get("start", 1, type=int)
     return render_template("cases/index.html", page=page, f=filters, choices=choices, start=max(start, 1)), status

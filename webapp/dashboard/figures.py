@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
 from itertools import combinations
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -71,11 +72,23 @@ def _consensus(diagnoses: list[str]) -> str | None:
 
 def model_versions_with_results() -> list[dict[str, Any]]:
     rows = db.session.execute(
-        select(ModelVersion, func.count(Analysis.id)).join(Analysis, Analysis.model_version_id == ModelVersion.id)
-        .where(Analysis.status == "succeeded").group_by(ModelVersion.id).order_by(ModelVersion.id)
+        select(ModelVersion, func.count(Analysis.id))
+        .join(Analysis, Analysis.model_version_id == ModelVersion.id)
+        .where(Analysis.status == "succeeded")
+        .group_by(ModelVersion.id)
+        .order_by(ModelVersion.id)
     ).all()
-    return [{"id": mv.id, "name": mv.name, "version": mv.version, "trained": mv.trained, "trained_on": mv.trained_on,
-             "analyses": n} for mv, n in rows]
+    return [
+        {
+            "id": mv.id,
+            "name": mv.name,
+            "version": mv.version,
+            "trained": mv.trained,
+            "trained_on": mv.trained_on,
+            "analyses": n,
+        }
+        for mv, n in rows
+    ]
 
 
 def model_against_reference(model_version_id: int) -> dict[str, Any]:
@@ -85,8 +98,13 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
     # Cases with a dataset diagnosis: counted in SQL.
     for reference, predicted, n in db.session.execute(
         select(Case.reference_dx, Analysis.top_class, func.count())
-        .join(Image, Image.case_id == Case.id).join(Analysis, Analysis.image_id == Image.id)
-        .where(Analysis.model_version_id == model_version_id, Analysis.status == "succeeded", Case.reference_dx.is_not(None))
+        .join(Image, Image.case_id == Case.id)
+        .join(Analysis, Analysis.image_id == Image.id)
+        .where(
+            Analysis.model_version_id == model_version_id,
+            Analysis.status == "succeeded",
+            Case.reference_dx.is_not(None),
+        )
         .group_by(Case.reference_dx, Analysis.top_class)
     ):
         pairs.extend([(reference, predicted)] * n)
@@ -94,24 +112,37 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
     # Cases without one: the reviewers' consensus.
     votes: dict[int, list[str]] = defaultdict(list)
     for case_id, diagnosis in db.session.execute(
-        select(Review.case_id, Review.diagnosis).join(Case, Case.id == Review.case_id).where(Case.reference_dx.is_(None))
+        select(Review.case_id, Review.diagnosis)
+        .join(Case, Case.id == Review.case_id)
+        .where(Case.reference_dx.is_(None))
     ):
         votes[case_id].append(diagnosis)
     agreed = {case_id: dx for case_id, d in votes.items() if (dx := _consensus(d))}
     ids = list(agreed)
     for start in range(0, len(ids), 500):
         for case_id, predicted in db.session.execute(
-            select(Image.case_id, Analysis.top_class).join(Analysis, Analysis.image_id == Image.id)
-            .where(Analysis.model_version_id == model_version_id, Analysis.status == "succeeded",
-                   Image.case_id.in_(ids[start:start + 500]))
+            select(Image.case_id, Analysis.top_class)
+            .join(Analysis, Analysis.image_id == Image.id)
+            .where(
+                Analysis.model_version_id == model_version_id,
+                Analysis.status == "succeeded",
+                Image.case_id.in_(ids[start : start + 500]),
+            )
         ):
             pairs.append((agreed[case_id], predicted))
     matrix = confusion_matrix(pairs, classes)
     correct = sum(matrix[i][i] for i in range(len(classes)))
     total = sum(map(sum, matrix))
     return {
-        "model_version": {"id": mv.id, "name": mv.name, "version": mv.version, "trained": mv.trained,
-                          "trained_on": mv.trained_on} if mv else None,
+        "model_version": {
+            "id": mv.id,
+            "name": mv.name,
+            "version": mv.version,
+            "trained": mv.trained,
+            "trained_on": mv.trained_on,
+        }
+        if mv
+        else None,
         "classes": classes,
         "matrix": matrix,
         "n": total,
@@ -126,9 +157,15 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
 def reviewer_agreement(min_shared: int = 2) -> list[dict[str, Any]]:
     """Cohen's kappa for each pair of reviewers over the cases both reviewed (at least `min_shared`)."""
     by_reviewer: dict[int, dict[int, str]] = defaultdict(dict)
-    for case_id, reviewer_id, diagnosis in db.session.execute(select(Review.case_id, Review.reviewer_id, Review.diagnosis)):
+    for case_id, reviewer_id, diagnosis in db.session.execute(
+        select(Review.case_id, Review.reviewer_id, Review.diagnosis)
+    ):
         by_reviewer[reviewer_id][case_id] = diagnosis
-    emails = dict(db.session.execute(select(User.id, User.email).where(User.id.in_(list(by_reviewer)))).all()) if by_reviewer else {}
+    emails = (
+        dict(db.session.execute(select(User.id, User.email).where(User.id.in_(list(by_reviewer)))).all())
+        if by_reviewer
+        else {}
+    )
     out = []
     for r1, r2 in combinations(sorted(by_reviewer), 2):
         shared = sorted(set(by_reviewer[r1]) & set(by_reviewer[r2]))
@@ -136,8 +173,14 @@ def reviewer_agreement(min_shared: int = 2) -> list[dict[str, Any]]:
             continue
         a = [by_reviewer[r1][c] for c in shared]
         b = [by_reviewer[r2][c] for c in shared]
-        out.append({"reviewers": [emails.get(r1), emails.get(r2)], "shared_cases": len(shared),
-                    "observed_agreement": sum(x == y for x, y in zip(a, b)) / len(shared), "kappa": cohen_kappa(a, b)})
+        out.append(
+            {
+                "reviewers": [emails.get(r1), emails.get(r2)],
+                "shared_cases": len(shared),
+                "observed_agreement": sum(x == y for x, y in zip(a, b)) / len(shared),
+                "kappa": cohen_kappa(a, b),
+            }
+        )
     return out
 
 
@@ -147,7 +190,9 @@ def dashboard(model_version_id: int | None = None) -> dict[str, Any]:
         model_version_id = max(versions, key=lambda v: v["analyses"])["id"]
     counts = {
         "cases": db.session.scalar(select(func.count()).select_from(Case)),
-        "with_reference": db.session.scalar(select(func.count()).select_from(Case).where(Case.reference_dx.is_not(None))),
+        "with_reference": db.session.scalar(
+            select(func.count()).select_from(Case).where(Case.reference_dx.is_not(None))
+        ),
         "reviewed": db.session.scalar(select(func.count(func.distinct(Review.case_id)))),
         "reviews": db.session.scalar(select(func.count()).select_from(Review)),
     }

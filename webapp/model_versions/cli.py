@@ -28,13 +28,19 @@ def register(folder: Path) -> None:
         name, version = str(manifest["name"]), str(manifest["version"])
         list(manifest["class_names"])  # a manifest without class names is refused here
     except (ValueError, KeyError, TypeError) as exc:
-        raise click.ClickException(f"{manifest_path} is not a valid manifest ({exc.__class__.__name__}: {exc}).") from None
+        raise click.ClickException(
+            f"{manifest_path} is not a valid manifest ({exc.__class__.__name__}: {exc})."
+        ) from None
     row = register_model_version(manifest, folder)
-    click.echo(f"Model version {row.id}: {name} {version} ({'trained on ' + str(row.trained_on) if row.trained else 'untrained'}) at {row.artifact_path}")
+    click.echo(
+        f"Model version {row.id}: {name} {version} ({'trained on ' + str(row.trained_on) if row.trained else 'untrained'}) at {row.artifact_path}"
+    )
 
 
 @bp.cli.command("list")
 def list_versions() -> None:
     """List the registered model versions."""
     for mv in db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-        click.echo(f"{mv.id}\t{mv.name}\t{mv.version}\t{'trained' if mv.trained else 'untrained'}\t{mv.artifact_path or ''}")
+        click.echo(
+            f"{mv.id}\t{mv.name}\t{mv.version}\t{'trained' if mv.trained else 'untrained'}\t{mv.artifact_path or ''}"
+        )

@@ -33,7 +33,10 @@ def _rerun_and_flash(rerun, target_id: int) -> None:
     """Runs a case or batch re-run with the form's model version and flashes what it queued."""
     try:
         summary = rerun(target_id, model_version_or_error(request.form.get("model_version_id")), g.user)
-        flash(f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.", "info")
+        flash(
+            f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.",
+            "info",
+        )
     except RerunError as exc:
         flash(exc.message, "error")
 
@@ -45,7 +48,10 @@ def rerun_selection():
     try:
         filters = parse_filters(request.args)
         summary = rerun_filtered(filters, model_version_or_error(request.form.get("model_version_id")), g.user)
-        flash(f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.", "info")
+        flash(
+            f"Re-run with {summary['model']}: {summary['queued']} image(s) queued, {summary['skipped']} already done or waiting.",
+            "info",
+        )
     except (RerunError, FilterError) as exc:
         flash(exc.message, "error")
     return redirect(url_for("cases.index", **{k: v for k, v in request.args.items() if k != "cursor"}))

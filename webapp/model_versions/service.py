@@ -81,16 +81,32 @@ def rerun_images(image_ids_query, mv: ModelVersion, user: User, scope: dict[str,
         raise RerunError(f"The selection has more than {MAX_RERUN_IMAGES} images; narrow the filters.")
     done: set[int] = set()
     for start in range(0, len(image_ids), 500):
-        chunk = image_ids[start:start + 500]
-        done.update(db.session.scalars(select(Analysis.image_id).where(
-            Analysis.model_version_id == mv.id, Analysis.status == "succeeded", Analysis.image_id.in_(chunk))))
-        done.update(db.session.scalars(select(Job.image_id).where(
-            Job.model_version_id == mv.id, Job.status.in_(("queued", "running")), Job.image_id.in_(chunk))))
+        chunk = image_ids[start : start + 500]
+        done.update(
+            db.session.scalars(
+                select(Analysis.image_id).where(
+                    Analysis.model_version_id == mv.id, Analysis.status == "succeeded", Analysis.image_id.in_(chunk)
+                )
+            )
+        )
+        done.update(
+            db.session.scalars(
+                select(Job.image_id).where(
+                    Job.model_version_id == mv.id, Job.status.in_(("queued", "running")), Job.image_id.in_(chunk)
+                )
+            )
+        )
     todo = [i for i in image_ids if i not in done]
     jobs = [Job(kind="analyse", status="queued", image_id=i, model_version_id=mv.id) for i in todo]
     db.session.add_all(jobs)
-    summary = {"model_version_id": mv.id, "model": f"{mv.name} {mv.version}", "images": len(image_ids),
-               "queued": len(jobs), "skipped": len(image_ids) - len(jobs), **scope}
+    summary = {
+        "model_version_id": mv.id,
+        "model": f"{mv.name} {mv.version}",
+        "images": len(image_ids),
+        "queued": len(jobs),
+        "skipped": len(image_ids) - len(jobs),
+        **scope,
+    }
     audit.record("rerun", "model_version", mv.id, user=user, case_id=scope.get("case_id"), new=summary)
     db.session.commit()
     summary["sent"] = send_jobs(j.id for j in jobs)
@@ -98,11 +114,17 @@ def rerun_images(image_ids_query, mv: ModelVersion, user: User, scope: dict[str,
 
 
 def rerun_case(case_id: int, mv: ModelVersion, user: User) -> dict[str, Any]:
-    return rerun_images(select(Image.id).where(Image.case_id == case_id).order_by(Image.id), mv, user, {"case_id": case_id})
+    return rerun_images(
+        select(Image.id).where(Image.case_id == case_id).order_by(Image.id), mv, user, {"case_id": case_id}
+    )
 
 
 def rerun_batch(batch_id: int, mv: ModelVersion, user: User) -> dict[str, Any]:
-    query = select(Image.id).where(Image.id.in_(select(BatchItem.image_id).where(BatchItem.batch_id == batch_id))).order_by(Image.id)
+    query = (
+        select(Image.id)
+        .where(Image.id.in_(select(BatchItem.image_id).where(BatchItem.batch_id == batch_id)))
+        .order_by(Image.id)
+    )
     return rerun_images(query, mv, user, {"batch_id": batch_id})
 
 
@@ -110,5 +132,7 @@ def rerun_filtered(filters, mv: ModelVersion, user: User) -> dict[str, Any]:
     from ..cases.listing import conditions
     from ..models import Case
 
-    query = select(Image.id).where(Image.case_id.in_(select(Case.id).where(*conditions(filters, user)))).order_by(Image.id)
+    query = (
+        select(Image.id).where(Image.case_id.in_(select(Case.id).where(*conditions(filters, user)))).order_by(Image.id)
+    )
     return rerun_images(query, mv, user, {"filters": filters.query_args(cursor="")})

@@ -59,6 +59,15 @@ def review_case(case_id: int):
 
 def _review_page(case: Case, in_queue: bool, batch: int | None, form):
     mine = db.session.scalar(select(Review).where(Review.case_id == case.id, Review.reviewer_id == g.user.id))
-    return render_template("review/form.html", case=case, data=case_dict(case), mine=mine, form=form,
-                           in_queue=in_queue, batch=batch, diagnoses=REVIEW_DIAGNOSES, dx_names=DX_LONG_NAMES,
-                           confidence_levels=CONFIDENCE_LEVELS)
+    return render_template(
+        "review/form.html",
+        case=case,
+        data=case_dict(case),
+        mine=mine,
+        form=form,
+        in_queue=in_queue,
+        batch=batch,
+        diagnoses=REVIEW_DIAGNOSES,
+        dx_names=DX_LONG_NAMES,
+        confidence_levels=CONFIDENCE_LEVELS,
+    )

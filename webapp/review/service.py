@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import func, not_, select
 
@@ -57,13 +58,19 @@ def parse_review(form: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _snapshot(review: Review) -> dict[str, Any]:
-    return {"diagnosis": review.diagnosis, "agrees_with_model": review.agrees_with_model,
-            "confidence": review.confidence, "notes": review.notes, "analysis_id": review.analysis_id}
+    return {
+        "diagnosis": review.diagnosis,
+        "agrees_with_model": review.agrees_with_model,
+        "confidence": review.confidence,
+        "notes": review.notes,
+        "analysis_id": review.analysis_id,
+    }
 
 
 def latest_analysis_id(case: Case) -> int | None:
     return db.session.scalar(
-        select(func.max(Analysis.id)).join(Image, Image.id == Analysis.image_id)
+        select(func.max(Analysis.id))
+        .join(Image, Image.id == Analysis.image_id)
         .where(Image.case_id == case.id, Analysis.status == "succeeded")
     )
 
@@ -84,8 +91,15 @@ def save_review(case: Case, reviewer: User, form: Mapping[str, Any]) -> tuple[Re
     db.session.flush()
     new = _snapshot(review)
     if old != new:
-        audit.record("review.create" if created else "review.update", "review", review.id, user=reviewer,
-                     case_id=case.id, old=old, new=new)
+        audit.record(
+            "review.create" if created else "review.update",
+            "review",
+            review.id,
+            user=reviewer,
+            case_id=case.id,
+            old=old,
+            new=new,
+        )
     db.session.commit()
     return review, created
 
@@ -96,7 +110,13 @@ def next_case_for(reviewer: User, skip: list[int] | None = None, batch_id: int |
 
     query = (
         select(Case)
-        .where(Case.id.in_(select(Image.case_id).join(Analysis, Analysis.image_id == Image.id).where(Analysis.status == "succeeded")))
+        .where(
+            Case.id.in_(
+                select(Image.case_id)
+                .join(Analysis, Analysis.image_id == Image.id)
+                .where(Analysis.status == "succeeded")
+            )
+        )
         .where(not_(Case.id.in_(select(Review.case_id).where(Review.reviewer_id == reviewer.id))))
     )
     if skip:
