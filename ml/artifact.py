@@ -1,4 +1,4 @@
-"""The self-describing model folder: manifest.json + model.weights.h5 (see docs/interfaces.md).
+"""The self-describing model folder: manifest.json + model.weights.h5 (see docs/model.md).
 
 A training run folder is itself an artifact; `python -m ml.export` copies one into a shipping
 folder, optionally storing the weights as float16 (half the size; loaded back into float32).

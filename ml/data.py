@@ -9,9 +9,9 @@ Every reader returns the same table, a `pandas.DataFrame` with the columns
 
 Images are decoded once with OpenCV, resized to the model's input size and kept in memory as
 uint8 (8,915 HAM10000 images at 120x160 take about 0.5 GB). That is the "decode once, cache"
-step: it happens before tf.data so that a file that does not decode is reported by name, and so
+step: it happens before training so that a file that does not decode is reported by name, and so
 that `Predictor` resizes uploads with exactly the same function (`resize_image`). Augmentation
-runs in the tf.data map after that cache, on training batches only.
+(`ml.augment`) works on that cache, on training batches only.
 """
 
 from __future__ import annotations

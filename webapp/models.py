@@ -1,6 +1,6 @@
 """The portal's tables as typed SQLAlchemy 2.0 models.
 
-Created by the one Alembic migration in `migrations/versions/`; a test checks that the migration and
+Created by the Alembic migrations in `migrations/versions/`; a test checks that the migrations and
 these models agree. The web app and the worker both import this module, so it imports nothing heavy.
 """
 
@@ -301,7 +301,7 @@ class Job(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # "host:pid" of the process that claimed the latest attempt (worker.reliability.worker_identity):
+    # "host:pid" of the process that claimed the latest attempt (worker.recovery.worker_identity):
     # lets the sweep re-queue at once a job whose process is gone, instead of after the time limit.
     claimed_by: Mapped[str | None] = mapped_column(String(255))
 

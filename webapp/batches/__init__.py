@@ -1,1 +1,2 @@
-"""Folder uploads: archives and chunks (service), their metadata CSV (metadata), progress pages (routes), server-side import (cli)."""
+"""Folder uploads: chunks and archives stored as cases (service), the metadata CSV and zip checks (inputs), progress pages
+(routes), server-side import (cli)."""

@@ -122,7 +122,7 @@ def send_jobs(job_ids: Iterable[int]) -> int:
     queued for the sweep, and the upload does not wait a second per file). Returns how many were sent."""
     sent = 0
     for job_id in job_ids:
-        # Through the cases module, so that tests that record `webapp.cases.send` see these too.
+        # Looked up on the module (`queue.send`), so that tests that record `webapp.queue.send` see these too.
         if queue.send(ANALYSE_TASK, job_id, queue=PREDICT_QUEUE) is None:
             break
         sent += 1

@@ -1,1 +1,2 @@
-"""Cases: upload (intake), the case page and history (routes, listing), explanation maps (explanations), export."""
+"""Cases: upload (intake), the case page and history (routes, listing), explanation maps (explanations,
+explanation_routes), export."""

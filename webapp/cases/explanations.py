@@ -1,9 +1,9 @@
 """Explanation maps (Grad-CAM, Grad-CAM++, SHAP): their storage keys, requesting them, the case page's panels.
 
-The worker computes and stores them (worker/explain_tasks.py); this module only reads rows and
-stored files and enqueues tasks by name, so the web process stays free of ml/ and TensorFlow.
-Files are served only through the access-checked routes below (session login or API token), never
-as static files.
+The worker computes and stores them (worker/explain.py, `store_explanation`); this module only reads
+rows and stored files and enqueues tasks by name, so the web process stays free of ml/ and TensorFlow.
+Files are served only through the access-checked routes of `explanation_routes` (session login or
+API token), never as static files.
 """
 
 from __future__ import annotations
