@@ -38,6 +38,16 @@ class Decision:
             )
         return (np.log(np.clip(probs, eps, 1.0)) - self.tau * log_prior).argmax(axis=-1)
 
+    def offsets_for_raw(self, temperature: float, num_classes: int) -> np.ndarray:
+        """Per-class offsets that make argmax(log p_raw + offsets) this decision on uncalibrated output.
+
+        Calibrated log p is log p_raw / T up to a per-row constant, so the offsets are -T tau log prior.
+        """
+        if not self.tau or self.class_prior is None:
+            return np.zeros(num_classes, np.float32)
+        log_prior = np.log(np.clip(np.asarray(self.class_prior, dtype=np.float64), 1e-12, 1.0))
+        return (-float(temperature) * self.tau * log_prior).astype(np.float32)
+
     @property
     def description(self) -> str:
         """One plain sentence for pages, API and exports."""

@@ -85,8 +85,9 @@ def bench_gradcam(predictor, image: np.ndarray, repeats: int) -> dict:
     gradcam = gradcam_function(model, predictor.gradcam_layer)
     x = tf.constant(predictor.preprocess(image)[np.newaxis])
     predicted = tf.constant([-1], tf.int32)
+    offsets = tf.constant(np.zeros(len(predictor.class_names), np.float32))
     run_forward = lambda: forward(x).numpy()  # noqa: E731
-    run_gradcam = lambda: [t.numpy() for t in gradcam(x, predicted)]  # noqa: E731
+    run_gradcam = lambda: [t.numpy() for t in gradcam(x, predicted, offsets)]  # noqa: E731
     for _ in range(3):  # trace, then warm the kernels
         run_forward(), run_gradcam()
     times = np.array([(_ms(run_forward), _ms(run_gradcam)) for _ in range(repeats)])

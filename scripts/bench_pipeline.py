@@ -137,7 +137,8 @@ def model_only(image_paths: list[Path], batch_size: int, seconds: float, threads
 
     fn = gradcam_function(predictor.model, predictor_layer(predictor), False)
     targets = tf.constant(np.full(len(batch), -1, np.int32))
-    gradcam = throughput(lambda: [o.numpy() for o in fn(tf.constant(batch), targets)], len(batch))
+    offsets = tf.constant(predictor.decision.offsets_for_raw(predictor.temperature, len(predictor.class_names)))
+    gradcam = throughput(lambda: [o.numpy() for o in fn(tf.constant(batch), targets, offsets)], len(batch))
 
     # The naive loop: PIL open + resize per image, Keras model.predict on a batch of one.
     model = predictor.model

@@ -25,9 +25,10 @@ def upload_page(client, data=None, **fields):
     return client.post("/cases/new", data=body, content_type="multipart/form-data")
 
 
-def finish(app, case_id, trained, failed=False):
+def finish(app, case_id, trained, failed=False, decision=None):
     """Stores what the worker would: a model version and an analysis (or a failure)."""
     manifest = {
+        **({"decision": decision} if decision else {}),
         "name": "efficientnetb3-cbam",
         "version": "2026.11.0" if trained else "untrained",
         "trained": trained,
@@ -113,6 +114,18 @@ def test_trained_model_names_its_data(app, logged_in):
     assert "Untrained model" not in page
     assert "2026.11.0" in page and "trained on HAM10000 200x150, lesion-grouped split" in page
     assert "malignant classes (akiec, bcc, mel) together 75.0%" in page
+    assert "The top class is the class with the highest probability." in page
+
+
+def test_the_case_page_and_the_api_say_how_the_top_class_is_chosen(app, logged_in, auth_headers):
+    rule = "The top class is the class with the highest probability after each probability is divided by ..."
+    upload_page(logged_in)
+    finish(app, 1, trained=True, decision={"rule": "logit_adjusted_argmax", "tau": 0.5, "description": rule})
+    assert rule in logged_in.get("/cases/1").get_data(as_text=True)
+    analysis = logged_in.get("/api/v1/cases/1", headers=auth_headers).json["analyses"][0]
+    assert analysis["model"]["top_class_rule"] == rule
+    export = logged_in.get("/cases/export.csv").get_data(as_text=True)
+    assert "top_class_rule" in export.splitlines()[0] and rule in export
 
 
 def test_failed_job_shows_its_reason(app, logged_in):

@@ -24,8 +24,22 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+ARGMAX_RULE = "The top class is the class with the highest probability."
+
+
+def top_class_rule(mv: ModelVersion) -> str:
+    """The one sentence saying how this version's top class is chosen (from its artifact's manifest)."""
+    return ((mv.manifest or {}).get("decision") or {}).get("description") or ARGMAX_RULE
+
+
 def model_dict(mv: ModelVersion) -> dict[str, Any]:
-    return {"name": mv.name, "version": mv.version, "trained": mv.trained, "trained_on": mv.trained_on}
+    return {
+        "name": mv.name,
+        "version": mv.version,
+        "trained": mv.trained,
+        "trained_on": mv.trained_on,
+        "top_class_rule": top_class_rule(mv),
+    }
 
 
 def analysis_dict(analysis: Analysis) -> dict[str, Any]:

@@ -260,11 +260,13 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
         probs, gradcams = predict_batch(model, [pixels for _, pixels, _ in ok], plus_plus=settings.GRADCAM_PLUS_PLUS)
         predict_ms = round((time.perf_counter() - t0) * 1000, 1)
         class_names = list(model_version.class_names)
-        for analysis_probs, (analysis, _, seconds) in zip(probs, ok):
+        top = predict.top_class_indices(model, probs)
+        for analysis_probs, top_index, (analysis, _, seconds) in zip(probs, top, ok):
             # predict_ms: the batched pass this image was part of (len(ok) images).
             predict.store_prediction(
                 analysis,
                 analysis_probs,
+                top_index,
                 class_names,
                 {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms},
             )

@@ -200,8 +200,15 @@ def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[li
     return todo, list(dict.fromkeys(reused))
 
 
+def top_class_indices(model: Any, probs: np.ndarray) -> np.ndarray:
+    """The class each row of probabilities is shown as: the model's decision (`ml.decision`), or the
+    argmax for a model without one (test doubles)."""
+    decision = getattr(model, "decision", None)
+    return decision.choose(probs) if decision is not None else np.asarray(probs).argmax(axis=-1)
+
+
 def store_prediction(
-    analysis: Analysis, probs: Sequence[float], class_names: Sequence[str], timings: dict[str, float]
+    analysis: Analysis, probs: Sequence[float], top_index: int, class_names: Sequence[str], timings: dict[str, float]
 ) -> None:
     """The analysis's probabilities per class, top class and timings; `succeeded` (the caller commits).
 
@@ -210,9 +217,8 @@ def store_prediction(
     """
     if len(probs) != len(class_names):
         raise ValueError(f"The model returned {len(probs)} probabilities for {len(class_names)} classes.")
-    probabilities = {c: float(p) for c, p in zip(class_names, probs)}
-    analysis.probabilities = probabilities
-    analysis.top_class = max(probabilities, key=probabilities.get)
+    analysis.probabilities = {c: float(p) for c, p in zip(class_names, probs)}
+    analysis.top_class = class_names[int(top_index)]
     analysis.timings = timings
     analysis.status, analysis.finished_at = AnalysisStatus.SUCCEEDED, utcnow()
 

@@ -147,15 +147,18 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
         input_signature=[
             tf.TensorSpec((None, height, width, 3), tf.float32, name="images"),
             tf.TensorSpec((None,), tf.int32, name="class_indices"),
+            tf.TensorSpec((None,), tf.float32, name="class_offsets"),
         ]
     )
-    def gradcam(images, class_indices):
+    def gradcam(images, class_indices, class_offsets):
         with tf.GradientTape() as tape:
             features, probs, *head_input = grad_model(images, training=False)
             features, probs = tf.cast(features, tf.float32), tf.cast(probs, tf.float32)
             # Without a softmax head to undo, the probability itself is the differentiated score.
             logits = _head_logits(head, head_input[0]) if head is not None else tf.math.log(probs + 1e-12)
-            predicted = tf.argmax(probs, axis=-1, output_type=tf.int32)
+            # The served decision: argmax of log p plus a per-class offset (ml.decision), computed as
+            # p * exp(offset) so that zero offsets give exactly the plain argmax.
+            predicted = tf.argmax(probs * tf.exp(class_offsets), axis=-1, output_type=tf.int32)
             targets = tf.where(class_indices < 0, predicted, class_indices)
             scores = tf.gather(logits if head is not None else probs, targets, axis=1, batch_dims=1)
         grads = tape.gradient(scores, features)
@@ -175,9 +178,10 @@ def gradcam_function(model: keras.Model, layer_name: str | None = None, plus_plu
         plus_plus: Grad-CAM++ weights instead of averaged gradients.
 
     Returns:
-        A `tf.function` `(images float32 (N, H, W, 3), class_indices int32 (N,)) ->
-        (probs (N, C), logits (N, C), targets (N,), maps (N, H, W))`, where a class index of -1
-        means the predicted class. Its input signature is fixed, so it is traced once.
+        A `tf.function` `(images float32 (N, H, W, 3), class_indices int32 (N,), class_offsets
+        float32 (C,)) -> (probs (N, C), logits (N, C), targets (N,), maps (N, H, W))`, where a class
+        index of -1 means the predicted class, argmax(log p + class_offsets). Its input signature
+        is fixed, so it is traced once.
 
     Raises:
         ValueError: if the layer does not exist or is not a 4-D feature map.
@@ -219,16 +223,17 @@ def _class_targets(class_index, n: int, num_classes: int) -> np.ndarray:
     return targets.astype(np.int32)
 
 
-def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size):
+def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, class_offsets=None):
     """(probs, logits, targets, maps) as NumPy arrays, processed in chunks of `batch_size`."""
     batch = _as_batch(model, images)
     num_classes = int(model.output.shape[-1])
     targets = _class_targets(class_index, len(batch), num_classes)
+    offsets = np.zeros(num_classes, np.float32) if class_offsets is None else np.asarray(class_offsets, np.float32)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     fn = gradcam_function(model, layer_name, plus_plus)
     parts = [
-        fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]))
+        fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]), tf.constant(offsets))
         for i in range(0, len(batch), batch_size)
     ]
     return tuple(np.concatenate([p[k].numpy() for p in parts]) for k in range(4))
@@ -322,7 +327,7 @@ def explain_gradcam(
         predictor: an `ml.Predictor` (uses `.model`, `.preprocess`, `.class_names`,
             `.gradcam_layer` and its temperature, `.temperature` or `.manifest['temperature']`).
         images: list of HxWx3 uint8 RGB arrays of any size.
-        class_names: None for each image's predicted class, one class name for all images, or a
+        class_names: None for each image's top class (the predictor's decision), one class name for all images, or a
             list with one name (or None) per image.
         plus_plus: use Grad-CAM++ weights.
         batch_size: images per compiled call.
@@ -339,9 +344,12 @@ def explain_gradcam(
         raise ValueError("explain_gradcam needs at least one image.")
     batch = np.stack([predictor.preprocess(image) for image in images]).astype(np.float32)
     class_index = class_indices_from_names(predictor.class_names, class_names, len(images))
+    temperature = predictor_temperature(predictor)
+    decision = getattr(predictor, "decision", None)
+    offsets = decision.offsets_for_raw(temperature, len(predictor.class_names)) if decision is not None else None
     _, logits, targets, maps = _run_gradcam(
-        predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size
+        predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size, offsets
     )
-    probs = calibrate(logits, predictor_temperature(predictor))
+    probs = calibrate(logits, temperature)
     resized = [np.clip(resize_map(m, np.shape(img)[:2]), 0.0, 1.0) for m, img in zip(maps, images)]
     return GradCamExplanation(probs, targets.astype(np.int64), resized)

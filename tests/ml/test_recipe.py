@@ -179,3 +179,23 @@ def test_logit_adjusted_run_snapshot_is_a_calibrated_artifact_with_its_decision(
     assert shot["version"] == "9.9.9" and (snapshot / "eval_test" / "metrics.json").is_file()
     assert (snapshot / "split.csv").read_text() == (run / "split.csv").read_text()
     assert "recall_at_decision" in json.loads((snapshot / "eval_test" / "metrics.json").read_text())["melanoma"]
+
+
+def test_grad_cam_of_the_top_class_explains_the_decided_class(tiny_predictor):
+    from ml.explain import explain_gradcam
+
+    images = [np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8) for i in range(4)]
+    plain = explain_gradcam(tiny_predictor, images)
+    saved = tiny_predictor.decision
+    try:
+        # A prior under which one class (the first image's runner-up) is so rare that it always wins.
+        favoured = int(np.argsort(plain.probs[0])[-2])
+        prior = np.full(7, 0.5)
+        prior[favoured] = 1e-6
+        tiny_predictor.decision = Decision(1.0, tuple(prior / prior.sum()))
+        decided = explain_gradcam(tiny_predictor, images)
+    finally:
+        tiny_predictor.decision = saved
+    np.testing.assert_allclose(decided.probs, plain.probs, atol=1e-6)  # the shown probabilities do not change
+    np.testing.assert_array_equal(decided.class_indices, [favoured] * 4)
+    assert (decided.class_indices != plain.class_indices).any()
