@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Writes requirements-web.lock: the pinned packages the web image needs, and nothing of TensorFlow.
 
-The web process imports Flask, SQLAlchemy, Celery (as a client), redis, Pillow and psycopg2, never
-ml/ (tested). This walks the dependency closure of those top-level packages through the metadata of
-what is installed in .venv, so the versions are exactly those of requirements.lock. `make lock`
+The web process imports Flask and its extensions, spectree and pydantic (the API schemas),
+SQLAlchemy, Celery (as a client), redis, Pillow and psycopg2, never ml/ (tested). This walks the
+dependency closure of those top-level packages through the metadata of what is installed in .venv,
+so the versions are exactly those of requirements.lock. `make lock`
 runs it after pinning requirements.lock.
 """
 
@@ -19,6 +20,11 @@ WEB_PACKAGES = [
     "flask",
     "flask-sqlalchemy",
     "flask-migrate",
+    "flask-login",
+    "flask-wtf",
+    "flask-limiter",
+    "spectree",
+    "pydantic",  # spectree's model backend (its "pydantic" extra, which the walk below does not follow)
     "sqlalchemy",
     "alembic",
     "celery",

@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
+import functools
+
 from flask import g, jsonify, request
+from spectree import Response
 
 from ..batches import service as batch_service
 from ..batches.service import BatchInputError
 from ..errors import get_or_404
 from ..models import Batch
 from ..security import upload_limit
-from .blueprint import bp, error, token_required, uploader_required
+from .blueprint import bp, error, spec, token_required, uploader_required
+from .schemas import BatchCreated, BatchFiles, BatchProgress, BatchUpload, ErrorBody
+
+
+def batch_size_limit(view):
+    """Raises the request size limit to BATCH_MAX_REQUEST_MB before anything reads the form."""
+
+    @functools.wraps(view)
+    def wrapped(**kwargs):
+        request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
+        return view(**kwargs)
+
+    return wrapped
 
 
 @bp.post("/batches")
 @uploader_required
 @upload_limit
+@batch_size_limit
+@spec.validate(
+    form=BatchUpload,
+    resp=Response(
+        HTTP_201=(BatchCreated, "an empty batch: add files at files_url"),
+        HTTP_202=(BatchCreated, "files stored and queued"),
+        HTTP_403=ErrorBody,
+        HTTP_413=ErrorBody,
+        HTTP_415=ErrorBody,
+    ),
+)
 def create_batch():
     """Creates a batch from multipart `images` (many), optional `metadata` (HAM10000 CSV) or one `archive` (zip).
 
     201 for an empty batch (add files with POST /batches/<id>/files), 202 when files were stored and queued.
     """
-    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
     try:
         batch, items = batch_service.batch_from_request(request, g.api_user, "api")
     except BatchInputError as exc:
@@ -33,9 +58,10 @@ def create_batch():
 
 @bp.post("/batches/<int:batch_id>/files")
 @uploader_required
+@batch_size_limit
+@spec.validate(form=BatchFiles, resp=Response(HTTP_202=BatchCreated, HTTP_403=ErrorBody, HTTP_404=ErrorBody))
 def add_files(batch_id: int):
     """Adds a chunk of multipart `images` to a batch."""
-    request.max_content_length = batch_service.limit("BATCH_MAX_REQUEST_MB") * 1024 * 1024
     batch = get_or_404(Batch, batch_id)
     try:
         items = batch_service.chunk_from_request(request, batch, g.api_user)
@@ -46,6 +72,7 @@ def add_files(batch_id: int):
 
 @bp.get("/batches/<int:batch_id>")
 @token_required
+@spec.validate(resp=Response(HTTP_200=BatchProgress, HTTP_404=ErrorBody))
 def show_batch(batch_id: int):
     """Progress: total, counts (queued, running, done, failed), case_ids and per-file errors."""
     batch = get_or_404(Batch, batch_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import g, jsonify, request, url_for
+from spectree import Response
 
 from ..cases.explanations import ExplanationRequestError
 from ..cases.explanations import request_explanation as request_one
@@ -14,13 +15,28 @@ from ..errors import get_or_404
 from ..models import Case
 from ..presenters import case_dict, explanation_dict
 from ..security import upload_limit
-from .blueprint import bp, error, request_body, token_required
+from .blueprint import bp, error, request_body, spec, token_required
+from .schemas import (
+    CaseBody,
+    CaseFilters,
+    CasePage,
+    CaseQueued,
+    CaseUpload,
+    ErrorBody,
+    ExplanationBody,
+    ExplanationRequest,
+)
 
 
 @bp.post("/cases")
 @token_required
 @upload_limit
+@spec.validate(
+    form=CaseUpload,
+    resp=Response(HTTP_202=CaseQueued, HTTP_403=ErrorBody, HTTP_409=ErrorBody, HTTP_413=ErrorBody, HTTP_415=ErrorBody),
+)
 def create():
+    """Uploads one image as a case (multipart `image`, optional `age`, `sex`, `site`, references); 202 when queued."""
     if not g.api_user.can_upload:
         return error(403, f"Role {g.api_user.role!r} may not upload cases.")
     file = request.files.get("image")
@@ -43,13 +59,19 @@ def create():
 
 @bp.get("/cases/<int:case_id>")
 @token_required
+@spec.validate(resp=Response(HTTP_200=CaseBody, HTTP_404=ErrorBody))
 def show(case_id: int):
+    """The case with its images, jobs, analyses (probabilities, model, explanations) and reviews."""
     case = get_or_404(Case, case_id)
     return jsonify(case_dict(case))
 
 
 @bp.post("/cases/<int:case_id>/explanations")
 @token_required
+@spec.validate(
+    json=ExplanationRequest,
+    resp=Response(HTTP_200=ExplanationBody, HTTP_202=ExplanationBody, HTTP_404=ErrorBody, HTTP_409=ErrorBody),
+)
 def request_explanation(case_id: int):
     """Queues an explanation: JSON {"method": "gradcam"|"gradcam++"|"shap", "class": "mel", "analysis_id"?}.
 
@@ -68,6 +90,7 @@ def request_explanation(case_id: int):
 
 @bp.get("/cases")
 @token_required
+@spec.validate(query=CaseFilters, resp=Response(HTTP_200=CasePage))
 def list_cases():
     """The filtered case list with metadata, predictions and reviews, paginated by cursor."""
     try:
@@ -91,6 +114,7 @@ def list_cases():
 
 @bp.get("/cases.csv")
 @token_required
+@spec.validate(query=CaseFilters, resp=Response(HTTP_200=(None, "CSV (text/csv), streamed")))
 def export_cases():
     """The filtered case list as CSV (every match; cells neutralised against spreadsheet formulas)."""
     try:

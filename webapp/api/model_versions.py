@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import g, jsonify, request
+from spectree import Response
 from sqlalchemy import select
 
 from ..cases.listing import FilterError, parse_filters
@@ -10,12 +11,17 @@ from ..db import db
 from ..errors import get_or_404
 from ..model_versions.service import RerunError, model_version_or_error, rerun_batch, rerun_case, rerun_filtered
 from ..models import Batch, Case, ModelVersion
-from .blueprint import bp, error, request_body, token_required, uploader_required
+from .blueprint import bp, error, request_body, spec, token_required, uploader_required
+from .schemas import CaseFilters, ErrorBody, ModelVersionList, RerunRequest, RerunResult
+
+RERUN = Response(HTTP_202=RerunResult, HTTP_403=ErrorBody, HTTP_404=ErrorBody)
 
 
 @bp.get("/model-versions")
 @token_required
+@spec.validate(resp=Response(HTTP_200=ModelVersionList))
 def model_versions():
+    """The registered model versions: name, version, training data, class names."""
     rows = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
     return jsonify(
         {
@@ -38,6 +44,7 @@ def model_versions():
 
 @bp.post("/batches/<int:batch_id>/rerun")
 @uploader_required
+@spec.validate(json=RerunRequest, resp=RERUN)
 def rerun_batch_api(batch_id: int):
     """Re-runs the batch's images with another model version: JSON {"model_version_id"}."""
     get_or_404(Batch, batch_id)
@@ -51,6 +58,7 @@ def rerun_batch_api(batch_id: int):
 
 @bp.post("/cases/rerun")
 @uploader_required
+@spec.validate(query=CaseFilters, json=RerunRequest, resp=RERUN)
 def rerun_selection():
     """Re-runs every case matching the query-string filters: JSON {"model_version_id"}."""
     try:
@@ -66,6 +74,7 @@ def rerun_selection():
 
 @bp.post("/cases/<int:case_id>/rerun")
 @uploader_required
+@spec.validate(json=RerunRequest, resp=RERUN)
 def rerun_case_api(case_id: int):
     """Re-runs one case with another model version: JSON {"model_version_id"}."""
     get_or_404(Case, case_id)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from flask import current_app, g, jsonify, request
+from flask import g, jsonify, request
+from spectree import Response
 from sqlalchemy import text
 
 from ..auth.sessions import user_from_bearer
@@ -12,11 +13,12 @@ from ..config import DISCLAIMER
 from ..dashboard.figures import dashboard
 from ..db import db
 from ..queue import broker_status, worker_status
-from .blueprint import bp, error, token_required
-from .openapi import build_spec
+from .blueprint import bp, error, spec, token_required
+from .schemas import Dashboard, DashboardQuery, Health
 
 
 @bp.get("/health")
+@spec.validate(resp=Response(HTTP_200=Health, HTTP_503=(Health, "a part is down")), security={})
 def health():
     """Web, database, broker and worker state; the worker is asked with a short timeout."""
     started = time.monotonic()
@@ -42,12 +44,14 @@ def health():
 
 @bp.get("/dashboard")
 @token_required
+@spec.validate(query=DashboardQuery, resp=Response(HTTP_200=Dashboard))
 def dashboard_api():
     """Model against reference (confusion matrix, sensitivity, balanced accuracy) and reviewer kappa."""
-    return jsonify({**dashboard(request.args.get("model_version", type=int)), "disclaimer": DISCLAIMER})
+    return jsonify({**dashboard(request.context.query.model_version), "disclaimer": DISCLAIMER})
 
 
 @bp.get("/openapi.json")
+@spec.validate(resp=Response(HTTP_200=(None, "this document")))
 def openapi():
     """This API's OpenAPI 3 description (needs a token or a signed-in session)."""
     if g.get("user") is None:
@@ -56,4 +60,4 @@ def openapi():
             response, status = error(401, reason)
             response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
             return response, status
-    return jsonify(build_spec(current_app))
+    return jsonify(spec.spec)

@@ -1,0 +1,230 @@
+"""The request and response schemas of /api/v1: spectree validates them and builds the OpenAPI document from them.
+
+The schemas say what type each field has; the rules on values (vocabularies, ranges, the class names
+of a model version) stay in the services that pages, API and CLI share, so each rule is written once.
+Form fields are strings on the wire: their rules live in `parse_case_fields`, `parse_filters` and the
+batch service alone. Response schemas name the fields the API promises and allow more.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from ..cases.explanations import METHOD_ALIASES
+from ..cases.listing import AGREEMENTS, DEFAULT_PER_PAGE, MAX_PER_PAGE, REVIEW_STATES, SORTS, STATUSES
+from ..models import CONFIDENCE_LEVELS, DX_CLASSES, REVIEW_DIAGNOSES, SEXES
+
+File = Annotated[Any, WithJsonSchema({"type": "string", "format": "binary"})]
+
+
+def _text(description: str) -> Any:
+    return Field(None, description=description)
+
+
+class Open(BaseModel):
+    """A response body: the fields named here are promised, more may come."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+class CaseUpload(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"required": ["image"]})
+
+    image: File = Field(None, description="one JPEG or PNG dermoscopic image")
+    age: str | None = _text("whole number of years, 0-120")
+    sex: str | None = _text(" | ".join(SEXES))
+    site: str | None = _text("HAM10000 localization, e.g. 'upper extremity'")
+    patient_ref: str | None = _text("at most 64 characters")
+    lesion_ref: str | None = _text("at most 64 characters")
+
+
+class BatchUpload(BaseModel):
+    images: list[File] = Field([], description="the images (many)")
+    metadata: File = Field(None, description="HAM10000 CSV: image_id, lesion_id, dx, dx_type, age, sex, localization")
+    archive: File = Field(None, description="one .zip of images (and optionally the CSV)")
+    name: str | None = _text("the batch's name")
+    expected_files: str | None = _text("whole number: the batch is finished once this many files arrived")
+
+
+class BatchFiles(BaseModel):
+    images: list[File] = Field([], description="a chunk of the batch's images")
+
+
+class CaseFilters(BaseModel):
+    """The case-list filters; `parse_filters` checks their values (400 naming the bad one)."""
+
+    q: str | None = _text(
+        "prefix (case-sensitive) of a lesion or patient reference or a file name; '#123' for a case id"
+    )
+    predicted: str | None = _text("predicted top class (e.g. mel), by any model version or by `model_version`")
+    model_version: str | None = _text("model version id")
+    reference: str | None = _text(f"reference diagnosis: {' | '.join(DX_CLASSES)} | any | none")
+    review: str | None = _text(" | ".join(REVIEW_STATES))
+    agreement: str | None = _text(" | ".join(AGREEMENTS))
+    status: str | None = _text(f"{' | '.join(STATUSES)} (analysis jobs)")
+    date_from: str | None = _text("uploaded on or after (YYYY-MM-DD)")
+    date_to: str | None = _text("uploaded on or before (YYYY-MM-DD)")
+    age_min: str | None = _text("0-120")
+    age_max: str | None = _text("0-120")
+    sex: str | None = _text(" | ".join(SEXES))
+    site: str | None = _text("HAM10000 localization")
+    batch: str | None = _text("batch id")
+    uploader: str | None = _text("user id")
+    sort: str | None = _text(" | ".join(SORTS))
+    per_page: str | None = _text(f"1-{MAX_PER_PAGE} (default {DEFAULT_PER_PAGE})")
+    cursor: str | None = _text("the `next_cursor` of the previous page")
+
+
+class DashboardQuery(BaseModel):
+    model_version: int | None = Field(None, description="model version id (default: the one with most results)")
+
+
+class ExplanationRequest(BaseModel):
+    method: str | None = _text(" | ".join(METHOD_ALIASES))
+    class_: str | None = Field(None, alias="class", description="a class name of the analysis' model version")
+    analysis_id: int | None = Field(None, description="a finished analysis of the case (default: the latest)")
+
+
+class ReviewRequest(BaseModel):
+    diagnosis: str | None = _text(" | ".join(REVIEW_DIAGNOSES))
+    agrees_with_model: bool | str | None = _text("true | false, or agree | disagree")
+    confidence: int | str | None = _text(f"1-5 ({', '.join(CONFIDENCE_LEVELS.values())}) or low | medium | high")
+    notes: str | None = _text("free text")
+
+
+class RerunRequest(BaseModel):
+    model_version_id: int = Field(description="a registered model version")
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+class ErrorBody(Open):
+    error: str
+    status: int
+    field: str | None = Field(None, description="the request field that was refused, where one was")
+
+
+class CaseQueued(Open):
+    id: int
+    url: str
+    status: str
+    job_id: int
+    disclaimer: str
+
+
+class CaseBody(Open):
+    id: int
+    status: str
+    created: str | None
+    age: int | None
+    sex: str | None
+    site: str | None
+    reviews: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]
+    analyses: list[dict[str, Any]]
+    explanations_pending: bool
+    disclaimer: str
+
+
+class CasePage(Open):
+    cases: list[dict[str, Any]]
+    total: int
+    per_page: int
+    next_cursor: str | None
+    next: str | None
+    filters: dict[str, Any]
+    disclaimer: str
+
+
+class ExplanationBody(Open):
+    id: int
+    method: str
+    class_: str = Field(alias="class")
+    status: str
+    url: str | None
+    raw_url: str | None
+    case_url: str
+    disclaimer: str
+
+
+class ReviewBody(Open):
+    id: int
+    reviewer: str | None
+    diagnosis: str | None
+    agrees_with_model: bool | None
+    confidence: int | None
+    notes: str | None
+    created: str | None
+    updated: str | None
+
+
+class ReviewList(Open):
+    case_id: int
+    reviews: list[ReviewBody]
+
+
+class FileError(BaseModel):
+    file: str | None
+    error: str
+
+
+class BatchCreated(Open):
+    id: int
+    url: str
+    received: int
+    stored: int
+    duplicates: int
+    errors: list[FileError]
+
+
+class BatchProgress(Open):
+    id: int
+    url: str
+    total: int
+    expected: int | None
+    counts: dict[str, int] = Field(description="queued, running, done, failed")
+    finished: bool
+    case_ids: list[int]
+    errors: list[FileError]
+
+
+class ModelVersionBody(Open):
+    id: int
+    name: str
+    version: str
+    trained: bool
+    trained_on: str | None
+    class_names: list[str]
+    created: str
+
+
+class ModelVersionList(Open):
+    model_versions: list[ModelVersionBody]
+
+
+class RerunResult(Open):
+    model_version_id: int
+    model: str
+    images: int
+    queued: int
+    skipped: int
+
+
+class Health(Open):
+    status: str = Field(description="ok | degraded")
+    web: dict[str, Any]
+    database: dict[str, Any]
+    broker: dict[str, Any]
+    worker: dict[str, Any]
+    elapsed_ms: float
+
+
+class Dashboard(Open):
+    disclaimer: str
