@@ -184,6 +184,45 @@ def evaluate(
     return metrics
 
 
+def agreement(model_dir, data, reference_data, out_dir, predictor=None) -> dict:
+    """How often the model's top class on the images of `data` (e.g. full resolution) is its top class on
+    the same image ids in `reference_data` (e.g. the 200x150 copies); writes `out_dir/agreement.json`.
+
+    Raises:
+        ValueError: when the two datasets share no image id.
+    """
+    from ml.predictor import Predictor
+
+    predictor = predictor or Predictor.load(model_dir)
+    table = D.read_dataset(data)
+    reference = D.read_dataset(reference_data).set_index("image_id")
+    table = table[table["image_id"].isin(reference.index)]
+    if table.empty:
+        raise ValueError(f"{data} and {reference_data} share no image id.")
+    y = np.asarray([predictor.class_names.index(dx) for dx in table["dx"]])
+    probs, chosen = {}, {}
+    for name, paths in (("fullres", table["path"]), ("reference", reference.loc[table["image_id"], "path"])):
+        images = [D.decode_image_file(p) for p in paths]  # the Predictor resizes, as it does for uploads
+        probs[name] = predictor.predict(images)
+        chosen[name] = predictor.decision.choose(probs[name])
+    agree = int((chosen["fullres"] == chosen["reference"]).sum())
+    result = {
+        "n": len(table),
+        "agree": agree,
+        "agreement": agree / len(table),
+        "max_probability_difference": float(np.abs(probs["fullres"] - probs["reference"]).max()),
+        "balanced_accuracy_fullres": M.balanced_accuracy(y, chosen["fullres"]),
+        "balanced_accuracy_200x150": M.balanced_accuracy(y, chosen["reference"]),
+        "data": str(data),
+        "reference_data": str(reference_data),
+        "model": {"name": predictor.manifest["name"], "version": predictor.manifest["version"]},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def _write_predictions(path: Path, table: pd.DataFrame, probs: np.ndarray, chosen: np.ndarray, class_names) -> None:
     out = table[["image_id", "lesion_id", "dx"]].reset_index(drop=True).copy()
     out["predicted"] = [class_names[i] for i in chosen]
@@ -218,8 +257,16 @@ def main(argv=None) -> None:
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 to skip)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--agreement-with",
+        metavar="DIR",
+        help="instead: agreement of the top class on --data with the same images in DIR",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.agreement_with:
+        print(json.dumps(agreement(args.model, args.data, args.agreement_with, args.out)))
+        return
     m = evaluate(args.model, args.data, args.out, args.split, args.tta, args.bootstrap, batch_size=args.batch_size)
     summary = {
         k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "ece_uncalibrated")

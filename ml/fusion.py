@@ -1,7 +1,8 @@
 """Metadata fusion: age, sex and anatomical site combined with the network's image embedding.
 
-A small head (multinomial logistic regression on the standardised 1536-d `avg_pool` embedding of the
-frozen EfficientNetB3 + CBAM network plus a metadata vector) is fitted on the training split. Half of
+A small head (multinomial logistic regression on image features of the frozen EfficientNetB3 + CBAM
+network, either its standardised 1536-d `avg_pool` embedding or its calibrated log-probabilities,
+whichever validates better, plus a metadata vector) is fitted on the training split. Half of
 its training rows have their metadata blanked, so a case without metadata still gets a sound
 image-only answer. `dx_type` is never used: it says how the diagnosis was made and leaks the answer.
 
@@ -163,22 +164,37 @@ def fit_for_artifact(model_dir: Path, data: str, write: bool = False) -> dict:
         emb[name], raw[name] = _embeddings(predictor, part["path"])
     k = len(predictor.class_names)
     prior = class_prior(y["train"], k)
+    # Two kinds of image features: the pooled embedding, or the network's own calibrated log-probabilities.
+    features = {
+        "embedding": emb,
+        "log_probs": {
+            n: np.log(np.clip(apply_temperature(r, predictor.temperature), 1e-7, 1.0)) for n, r in raw.items()
+        },
+    }
     best = None
-    for c in (0.01, 0.03, 0.1):
-        head = fit_head(emb["train"], meta["train"], y["train"], k, c=c)
-        logits = head.logits(emb["val"], meta["val"])
-        temperature = fit_temperature(y["val"], calibrated_softmax(logits))["temperature"]
-        probs = calibrated_softmax(logits, temperature)
-        score = _evaluate(y["val"], probs, prior)
-        log.info("C=%s: validation balanced accuracy %.3f (tau %.2f)", c, score["balanced_accuracy"], score["tau"])
-        if best is None or score["balanced_accuracy"] > best[2]["balanced_accuracy"]:
-            best = (c, head, score, temperature)
-    c, head, with_meta, temperature = best
+    for kind, image in features.items():
+        for c in (0.01, 0.1, 1.0):
+            head = fit_head(image["train"], meta["train"], y["train"], k, c=c)
+            logits = head.logits(image["val"], meta["val"])
+            temperature = fit_temperature(y["val"], calibrated_softmax(logits))["temperature"]
+            score = _evaluate(y["val"], calibrated_softmax(logits, temperature), prior)
+            log.info(
+                "%s, C=%s: validation balanced accuracy %.3f (tau %.2f)",
+                kind,
+                c,
+                score["balanced_accuracy"],
+                score["tau"],
+            )
+            if best is None or score["balanced_accuracy"] > best[3]["balanced_accuracy"]:
+                best = (kind, c, head, score, temperature)
+    kind, c, head, with_meta, temperature = best
+    image_val = features[kind]["val"]
     no_meta = np.repeat(MISSING_METADATA[None], len(y["val"]), axis=0)
-    without = _evaluate(y["val"], calibrated_softmax(head.logits(emb["val"], no_meta), temperature), prior)
+    without = _evaluate(y["val"], calibrated_softmax(head.logits(image_val, no_meta), temperature), prior)
     network = _evaluate(y["val"], apply_temperature(raw["val"], predictor.temperature), prior)
-    decision, _ = fit_decision(y["val"], calibrated_softmax(head.logits(emb["val"], meta["val"]), temperature), prior)
+    decision, _ = fit_decision(y["val"], calibrated_softmax(head.logits(image_val, meta["val"]), temperature), prior)
     report = {
+        "image_features": kind,
         "c": c,
         "temperature": temperature,
         "validation": {"with_metadata": with_meta, "head_without_metadata": without, "network_alone": network},

@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from ml_helpers import TINY_SIZE, run_module
 
@@ -199,3 +200,16 @@ def test_grad_cam_of_the_top_class_explains_the_decided_class(tiny_predictor):
     np.testing.assert_allclose(decided.probs, plain.probs, atol=1e-6)  # the shown probabilities do not change
     np.testing.assert_array_equal(decided.class_indices, [favoured] * 4)
     assert (decided.class_indices != plain.class_indices).any()
+
+
+def test_agreement_compares_the_top_class_on_two_copies_of_the_same_images(trained_run, synthetic_ham, tmp_path):
+    from ml.evaluate import agreement
+    from ml.synthetic import make_ham10000_like
+
+    larger = make_ham10000_like(tmp_path / "large", lesions_per_class=4, size=(120, 160), max_images_per_lesion=2)
+    result = agreement(trained_run, larger, synthetic_ham, tmp_path / "out")
+    assert result["n"] == len(pd.read_csv(larger / "HAM10000_metadata.csv"))
+    assert 0 <= result["agree"] <= result["n"] and result["agreement"] == result["agree"] / result["n"]
+    assert json.loads((tmp_path / "out" / "agreement.json").read_text())["n"] == result["n"]
+    same = agreement(trained_run, synthetic_ham, synthetic_ham, tmp_path / "same")
+    assert same["agreement"] == 1.0 and same["max_probability_difference"] == 0.0
