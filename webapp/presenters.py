@@ -11,12 +11,13 @@ from sqlalchemy import select
 from .config import DISCLAIMER
 from .db import db
 from .models import Analysis, Case, Explanation, Job, ModelVersion, Review
+from .states import ExplanationStatus, JobStatus
 
 UNTRAINED_WARNING = (
     "Untrained model — not a diagnosis: these probabilities come from randomly initialised weights "
     "and mean nothing; they only show that the pipeline runs."
 )
-STATUS_ORDER = ("running", "queued", "failed", "succeeded")
+STATUS_ORDER = (JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.SUCCEEDED)
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "shap": "SHAP"}
 
 
@@ -100,7 +101,7 @@ def case_status(case: Case) -> str:
     for status in STATUS_ORDER:
         if status in statuses:
             return status
-    return "queued"
+    return JobStatus.QUEUED
 
 
 def case_dict(case: Case) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def review_dict(review: Review, email: str | None = None) -> dict[str, Any]:
 
 def explanation_dict(e: Explanation) -> dict[str, Any]:
     """The API/page representation; `url`/`raw_url` are set once the maps are stored (status done)."""
-    done = e.status == "done" and e.overlay_key and e.raw_key
+    done = e.status == ExplanationStatus.DONE and e.overlay_key and e.raw_key
     case_id = e.image.case_id
     d: dict[str, Any] = {
         "id": e.id,

@@ -13,6 +13,7 @@ from ..db import db
 from ..errors import get_or_404
 from ..models import Case, Explanation
 from ..presenters import METHOD_LABELS
+from ..states import ExplanationStatus
 from ..storage import StorageError, storage_from_settings
 from .explanations import METHOD_SLUGS, ExplanationRequestError, explanation_panels, request_explanation
 
@@ -38,7 +39,7 @@ def _stored_explanation(case_id: int, explanation_id: int) -> Explanation:
     row = db.session.get(Explanation, explanation_id)
     if row is None or row.image.case_id != case_id:
         abort(404, description=f"Case {case_id} has no explanation {explanation_id}.")
-    if row.status != "done" or not row.overlay_key or not row.raw_key:
+    if row.status != ExplanationStatus.DONE or not row.overlay_key or not row.raw_key:
         abort(404, description=f"Explanation {explanation_id} is {row.status}; its maps are not stored yet.")
     return row
 

@@ -19,6 +19,7 @@ from ..db import db
 from ..models import EXPLANATION_METHODS, Analysis, Case, Explanation
 from ..presenters import explanation_dict
 from ..queue import EXPLAIN_QUEUE
+from ..states import AnalysisStatus, ExplanationStatus
 from ..storage import check_key
 
 SHAP_TASK = "worker.tasks.explain_shap"  # args: analysis_id; computes every queued SHAP row of it
@@ -63,7 +64,7 @@ def explanation_panels(case_id: int) -> list[dict[str, Any]]:
     panels = []
     for image in case.images:
         for analysis in image.analyses:
-            if analysis.status != "succeeded":
+            if analysis.status != AnalysisStatus.SUCCEEDED:
                 continue
             mv = analysis.model_version
             rows = [explanation_dict(e) for e in analysis.explanations]
@@ -76,7 +77,9 @@ def explanation_panels(case_id: int) -> list[dict[str, Any]]:
                 slot = "shap" if r["method"] == "shap" else "gradcam"
                 current = by_class[r["class"]][slot]
                 # Grad-CAM and Grad-CAM++ share a slot: a finished map wins over a pending one.
-                if current is None or (current["status"] != "done" and r["status"] == "done"):
+                if current is None or (
+                    current["status"] != ExplanationStatus.DONE and r["status"] == ExplanationStatus.DONE
+                ):
                     by_class[r["class"]][slot] = r
             panels.append(
                 {
@@ -105,7 +108,7 @@ def explanation_panels(case_id: int) -> list[dict[str, Any]]:
 
 
 def _pick_analysis(case: Case, analysis_id: Any) -> Analysis:
-    finished = [a for im in case.images for a in im.analyses if a.status == "succeeded"]
+    finished = [a for im in case.images for a in im.analyses if a.status == AnalysisStatus.SUCCEEDED]
     if analysis_id not in (None, ""):
         try:
             wanted = int(analysis_id)
@@ -147,7 +150,7 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
             Explanation.class_name == class_name,
         )
     )
-    if row is not None and row.status in ("running", "done"):
+    if row is not None and row.status in (ExplanationStatus.RUNNING, ExplanationStatus.DONE):
         return row, False
     if row is None:
         row = Explanation(
@@ -156,11 +159,17 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
             model_version_id=mv.id,
             method=method_key,
             class_name=class_name,
-            status="queued",
+            status=ExplanationStatus.QUEUED,
         )
         db.session.add(row)
     else:  # failed (asked again: try again) or queued (its message may have been lost: send again)
-        row.status, row.error, row.attempts, row.started_at, row.finished_at = "queued", None, 0, None, None
+        row.status, row.error, row.attempts, row.started_at, row.finished_at = (
+            ExplanationStatus.QUEUED,
+            None,
+            0,
+            None,
+            None,
+        )
     db.session.commit()
     if method_key == "shap":
         queue.send(SHAP_TASK, analysis.id, queue=EXPLAIN_QUEUE)

@@ -32,11 +32,12 @@ from ..models import (
     User,
 )
 from ..presenters import STATUS_ORDER, iso, model_dict, review_dict
+from ..states import AnalysisStatus, JobStatus
 
 SORTS = ("newest", "oldest", "age", "-age")
 REVIEW_STATES = ("unreviewed", "reviewed", "reviewed_by_me", "not_reviewed_by_me")
 AGREEMENTS = ("agree", "disagree", "matches_reference", "differs_from_reference")
-STATUSES = ("queued", "running", "succeeded", "failed")
+STATUSES = tuple(JobStatus)
 MAX_PER_PAGE = 200
 DEFAULT_PER_PAGE = 50
 
@@ -330,7 +331,7 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
     filenames: dict[int, str | None] = {}
     for case_id, filename, analysis, mv in db.session.execute(
         select(Image.case_id, Image.original_filename, Analysis, ModelVersion)
-        .outerjoin(Analysis, and_(Analysis.image_id == Image.id, Analysis.status == "succeeded"))
+        .outerjoin(Analysis, and_(Analysis.image_id == Image.id, Analysis.status == AnalysisStatus.SUCCEEDED))
         .outerjoin(ModelVersion, ModelVersion.id == Analysis.model_version_id)
         .where(Image.case_id.in_(ids))
         .order_by(Image.id, Analysis.id)
@@ -371,7 +372,7 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
         if f.predicted:  # show the prediction that the filter matched
             chosen = [p for p in chosen if p["top_class"] == f.predicted] or chosen
         statuses = set(jobs.get(case.id, {}).values())
-        status = next((s for s in STATUS_ORDER if s in statuses), "queued")
+        status = next((s for s in STATUS_ORDER if s in statuses), JobStatus.QUEUED)
         case_reviews = reviews.get(case.id, [])
         row = {
             "id": case.id,

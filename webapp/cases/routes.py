@@ -25,6 +25,7 @@ from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVer
 from ..presenters import case_dict
 from ..review.service import can_review
 from ..security import upload_limit
+from ..states import JobStatus
 from ..storage import StorageError, storage_from_settings
 from .export import csv_response
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
@@ -116,7 +117,7 @@ def status(case_id: int):
     data = case_dict(case)
     data["html"] = render_template("cases/_results.html", data=data)
     data["explanations_html"] = render_template("cases/_explanations.html", data=data)
-    data["done"] = data["status"] in ("succeeded", "failed") and not data["explanations_pending"]
+    data["done"] = JobStatus(data["status"]).finished and not data["explanations_pending"]
     return jsonify(data)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from ..db import db
 from ..models import DX_CLASSES, Analysis, Case, Image, ModelVersion, Review, User
+from ..states import AnalysisStatus
 
 
 def confusion_matrix(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> list[list[int]]:
@@ -74,7 +75,7 @@ def model_versions_with_results() -> list[dict[str, Any]]:
     rows = db.session.execute(
         select(ModelVersion, func.count(Analysis.id))
         .join(Analysis, Analysis.model_version_id == ModelVersion.id)
-        .where(Analysis.status == "succeeded")
+        .where(Analysis.status == AnalysisStatus.SUCCEEDED)
         .group_by(ModelVersion.id)
         .order_by(ModelVersion.id)
     ).all()
@@ -102,7 +103,7 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
         .join(Analysis, Analysis.image_id == Image.id)
         .where(
             Analysis.model_version_id == model_version_id,
-            Analysis.status == "succeeded",
+            Analysis.status == AnalysisStatus.SUCCEEDED,
             Case.reference_dx.is_not(None),
         )
         .group_by(Case.reference_dx, Analysis.top_class)
@@ -125,7 +126,7 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
             .join(Analysis, Analysis.image_id == Image.id)
             .where(
                 Analysis.model_version_id == model_version_id,
-                Analysis.status == "succeeded",
+                Analysis.status == AnalysisStatus.SUCCEEDED,
                 Image.case_id.in_(ids[start : start + 500]),
             )
         ):

@@ -18,6 +18,7 @@ from .. import audit
 from ..batches.service import send_jobs
 from ..db import db
 from ..models import Analysis, BatchItem, Image, Job, ModelVersion, User
+from ..states import AnalysisStatus, JobKind, JobStatus
 
 MAX_RERUN_IMAGES = 100_000
 
@@ -85,19 +86,23 @@ def rerun_images(image_ids_query, mv: ModelVersion, user: User, scope: dict[str,
         done.update(
             db.session.scalars(
                 select(Analysis.image_id).where(
-                    Analysis.model_version_id == mv.id, Analysis.status == "succeeded", Analysis.image_id.in_(chunk)
+                    Analysis.model_version_id == mv.id,
+                    Analysis.status == AnalysisStatus.SUCCEEDED,
+                    Analysis.image_id.in_(chunk),
                 )
             )
         )
         done.update(
             db.session.scalars(
                 select(Job.image_id).where(
-                    Job.model_version_id == mv.id, Job.status.in_(("queued", "running")), Job.image_id.in_(chunk)
+                    Job.model_version_id == mv.id,
+                    Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+                    Job.image_id.in_(chunk),
                 )
             )
         )
     todo = [i for i in image_ids if i not in done]
-    jobs = [Job(kind="analyse", status="queued", image_id=i, model_version_id=mv.id) for i in todo]
+    jobs = [Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image_id=i, model_version_id=mv.id) for i in todo]
     db.session.add_all(jobs)
     summary = {
         "model_version_id": mv.id,

@@ -10,6 +10,7 @@ from sqlalchemy import func, not_, select
 from .. import audit
 from ..db import db
 from ..models import CONFIDENCE_LEVELS, REVIEW_DIAGNOSES, REVIEW_ROLES, Analysis, Case, Image, Review, User, utcnow
+from ..states import AnalysisStatus
 
 NOTES_MAX = 4000
 CONFIDENCE_WORDS = {"low": 2, "medium": 3, "high": 4}
@@ -71,7 +72,7 @@ def latest_analysis_id(case: Case) -> int | None:
     return db.session.scalar(
         select(func.max(Analysis.id))
         .join(Image, Image.id == Analysis.image_id)
-        .where(Image.case_id == case.id, Analysis.status == "succeeded")
+        .where(Image.case_id == case.id, Analysis.status == AnalysisStatus.SUCCEEDED)
     )
 
 
@@ -114,7 +115,7 @@ def next_case_for(reviewer: User, skip: list[int] | None = None, batch_id: int |
             Case.id.in_(
                 select(Image.case_id)
                 .join(Analysis, Analysis.image_id == Image.id)
-                .where(Analysis.status == "succeeded")
+                .where(Analysis.status == AnalysisStatus.SUCCEEDED)
             )
         )
         .where(not_(Case.id.in_(select(Review.case_id).where(Review.reviewer_id == reviewer.id))))
