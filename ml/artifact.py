@@ -9,9 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
+import h5py
+import keras
 import numpy as np
+
+from ml.data import RESIZE_DESCRIPTION
+from ml.model import CLASS_LONG_NAMES, CLASS_NAMES, MALIGNANT_CLASSES, ModelConfig, gradcam_layer_name
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.weights.h5"
@@ -36,7 +42,7 @@ REQUIRED_KEYS = (
 
 
 def build_manifest(
-    config,
+    config: ModelConfig,
     *,
     version: str,
     trained: bool,
@@ -62,10 +68,6 @@ def build_manifest(
     Returns:
         The manifest dict (JSON-serialisable).
     """
-    # Imported here: ml.model loads Keras, and exporting or reading a manifest should not.
-    from ml.data import RESIZE_DESCRIPTION
-    from ml.model import CLASS_LONG_NAMES, CLASS_NAMES, MALIGNANT_CLASSES, gradcam_layer_name
-
     manifest = {
         "name": name or (MODEL_NAME if config.cbam else "efficientnetb3"),
         "version": version,
@@ -154,7 +156,7 @@ def _json_default(value):
 MODEL_WEIGHT_GROUPS = ("layers", "vars")
 
 
-def save_model_weights(model, path: str | os.PathLike) -> Path:
+def save_model_weights(model: keras.Model, path: str | os.PathLike) -> Path:
     """Writes the model's weights (without optimizer state) atomically to a .weights.h5 file.
 
     A kill while writing leaves the previous file intact: the new one is renamed into place.
@@ -169,14 +171,12 @@ def save_model_weights(model, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model_weights(model, path: str | os.PathLike) -> None:
+def load_model_weights(model: keras.Model, path: str | os.PathLike) -> None:
     """`model.load_weights` for compact files into a compiled model, without the warning.
 
     Keras warns that it skips the optimizer's variables when the file has none; that is the
     point of compact files (the optimizer's moments live in the checkpoint's optimizer.npz).
     """
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(path)
@@ -191,8 +191,6 @@ def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, d
         source, target: weight file paths (may not be the same file).
         dtype: "float16" for shipping, "float32" to restore the loadable precision, None to keep.
     """
-    import h5py
-
     with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
@@ -219,8 +217,6 @@ def convert_weights_file(source: str | os.PathLike, target: str | os.PathLike, d
 
 def weights_dtype(path: str | os.PathLike) -> str:
     """The float dtype stored in a weights file ("float16", "float32", or "mixed")."""
-    import h5py
-
     dtypes = set()
     with h5py.File(path, "r") as f:
         for group in MODEL_WEIGHT_GROUPS:

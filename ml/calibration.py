@@ -8,7 +8,10 @@ so softmax(log p / T) is exactly softmax(logits / T).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_curve
 
@@ -20,7 +23,7 @@ LOG_T_BOUNDS = (-3.0, 3.0)
 MELANOMA_SPECIFICITY = 0.80
 
 
-def calibrated_softmax(logits, temperature: float = 1.0) -> np.ndarray:
+def calibrated_softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / T) over the last axis, as float32: the one calibrated softmax of the project.
 
     Raises:
@@ -34,7 +37,7 @@ def calibrated_softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def apply_temperature(probs, temperature: float, eps: float = 1e-12) -> np.ndarray:
+def apply_temperature(probs: ArrayLike, temperature: float, eps: float = 1e-12) -> np.ndarray:
     """softmax(log p / T), row by row, as float32 (log p are the logits up to a per-row constant).
 
     Raises:
@@ -50,7 +53,7 @@ def _nll(log_probs: np.ndarray, y_true: np.ndarray, temperature: float) -> float
     return float(-log_softmax[np.arange(len(y_true)), y_true].mean())
 
 
-def fit_temperature(y_true, probs, eps: float = 1e-12) -> dict:
+def fit_temperature(y_true: ArrayLike, probs: ArrayLike, eps: float = 1e-12) -> dict:
     """Finds the temperature minimising the NLL of `probs` (bounded search over log T).
 
     Args:
@@ -78,21 +81,21 @@ def fit_temperature(y_true, probs, eps: float = 1e-12) -> dict:
     return {"temperature": temperature, "nll_before": before, "nll_after": after}
 
 
-def youden_threshold(y_bin, score) -> float:
+def youden_threshold(y_bin: ArrayLike, score: ArrayLike) -> float:
     """The threshold maximising sensitivity + specificity - 1 on the ROC curve."""
     fpr, tpr, thresholds = _roc(y_bin, score)
     best = int(np.argmax(tpr - fpr))
     return _finite_threshold(thresholds[best], score)
 
 
-def threshold_for_sensitivity(y_bin, score, sensitivity: float) -> float:
+def threshold_for_sensitivity(y_bin: ArrayLike, score: ArrayLike, sensitivity: float) -> float:
     """The highest threshold whose sensitivity reaches `sensitivity` (so the best specificity)."""
     fpr, tpr, thresholds = _roc(y_bin, score)
     best = int(np.argmax(tpr >= sensitivity - 1e-12))
     return _finite_threshold(thresholds[best], score)
 
 
-def threshold_for_specificity(y_bin, score, specificity: float) -> float:
+def threshold_for_specificity(y_bin: ArrayLike, score: ArrayLike, specificity: float) -> float:
     """The lowest threshold whose specificity is at least `specificity` (so the best sensitivity)."""
     fpr, tpr, thresholds = _roc(y_bin, score)
     ok = np.flatnonzero(fpr <= 1.0 - specificity + 1e-12)
@@ -112,10 +115,10 @@ def _finite_threshold(threshold: float, score) -> float:
 
 
 def fit_thresholds(
-    y_true,
-    probs,
-    class_names=CLASS_NAMES,
-    malignant_classes=MALIGNANT_CLASSES,
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    class_names: Sequence[str] = CLASS_NAMES,
+    malignant_classes: Sequence[str] = MALIGNANT_CLASSES,
     malignant_sensitivity: float | None = None,
     melanoma_specificity: float = MELANOMA_SPECIFICITY,
 ) -> dict:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from ml.model import CLASS_NAMES
 
@@ -383,7 +385,7 @@ def data_fingerprint(table: pd.DataFrame) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def labels_to_indices(labels) -> np.ndarray:
+def labels_to_indices(labels: Sequence[str] | pd.Series) -> np.ndarray:
     """Class names -> integer indices into `CLASS_NAMES`."""
     lookup = {c: i for i, c in enumerate(CLASS_NAMES)}
     unknown = sorted(set(labels) - set(lookup))
@@ -434,7 +436,12 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=interpolation)
 
 
-def load_images(paths, size: tuple[int, int], workers: int | None = None, progress: bool = True) -> np.ndarray:
+def load_images(
+    paths: Sequence[str | os.PathLike] | pd.Series,
+    size: tuple[int, int],
+    workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Decodes and resizes image files into one (N, H, W, 3) uint8 array.
 
     Args:
@@ -460,8 +467,6 @@ def load_images(paths, size: tuple[int, int], workers: int | None = None, progre
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(load_one, range(len(paths)))
         if progress and len(paths) > 200:
-            from tqdm import tqdm
-
             jobs = tqdm(jobs, total=len(paths), desc=f"Decoding images at {h}x{w}", unit="img", mininterval=2)
         for _ in jobs:
             pass

@@ -10,9 +10,11 @@ balanced accuracy (never on test) and travels in the artifact's manifest.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ml.metrics import balanced_accuracy
 
@@ -84,7 +86,9 @@ def class_prior(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
     return tuple(float(c) for c in counts / counts.sum())
 
 
-def fit_decision(y_val, probs_val, prior: tuple[float, ...], taus=TAU_GRID) -> tuple[Decision, dict[float, float]]:
+def fit_decision(
+    y_val: ArrayLike, probs_val: ArrayLike, prior: tuple[float, ...], taus: Iterable[float] = TAU_GRID
+) -> tuple[Decision, dict[float, float]]:
     """The tau with the best validation balanced accuracy (the smallest on ties), and every tau's score.
 
     Args:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from ml import data as D
 from ml import metrics as M
+from ml import report as R
 from ml.calibration import apply_temperature
+from ml.predictor import Predictor
 
 log = logging.getLogger("ml.evaluate")
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -54,16 +59,16 @@ def select_images(table: pd.DataFrame, model_dir: Path, split: str) -> tuple[pd.
 
 
 def compute_metrics(
-    y,
-    probs_raw,
-    probs,
-    groups,
+    y: np.ndarray,
+    probs_raw: np.ndarray,
+    probs: np.ndarray,
+    groups: ArrayLike | None,
     thresholds: dict,
-    class_names,
-    malignant_classes,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[str],
     n_boot: int,
     seed: int = 0,
-    decide=M.argmax_decision,
+    decide: Callable[[np.ndarray], np.ndarray] = M.argmax_decision,
 ) -> dict:
     """Every number of metrics.json from labels, uncalibrated and calibrated probabilities.
 
@@ -104,15 +109,15 @@ def compute_metrics(
 
 
 def evaluate(
-    model_dir,
-    data,
-    out_dir,
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
     split: str = "test",
     tta: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
-    predictor=None,
+    predictor: Predictor | None = None,
 ) -> dict:
     """Evaluates a model folder on a dataset and writes metrics.json, predictions.csv and report.md.
 
@@ -133,8 +138,6 @@ def evaluate(
     Raises:
         FileNotFoundError, ValueError: for a missing model, bad data, or an empty selection.
     """
-    from ml.predictor import Predictor
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     predictor = predictor or Predictor.load(model_dir, batch_size=batch_size)
     table, leaked = select_images(D.read_dataset(data), model_dir, split)
@@ -170,9 +173,7 @@ def evaluate(
     _write_predictions(out_dir / "predictions.csv", table, probs, predictor.decision.choose(probs), class_names)
     figures = _write_figures(out_dir, y, probs_raw, probs, metrics, class_names)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    from ml.report import write_report
-
-    write_report(out_dir, metrics, figures, class_names)
+    R.write_report(out_dir, metrics, figures, class_names)
     log.info(
         "%s: balanced accuracy %.3f, macro AUC %s, ECE %.3f -> %s",
         split,
@@ -184,15 +185,19 @@ def evaluate(
     return metrics
 
 
-def agreement(model_dir, data, reference_data, out_dir, predictor=None) -> dict:
+def agreement(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    reference_data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    predictor: Predictor | None = None,
+) -> dict:
     """How often the model's top class on the images of `data` (e.g. full resolution) is its top class on
     the same image ids in `reference_data` (e.g. the 200x150 copies); writes `out_dir/agreement.json`.
 
     Raises:
         ValueError: when the two datasets share no image id.
     """
-    from ml.predictor import Predictor
-
     predictor = predictor or Predictor.load(model_dir)
     table = D.read_dataset(data)
     reference = D.read_dataset(reference_data).set_index("image_id")
@@ -232,8 +237,6 @@ def _write_predictions(path: Path, table: pd.DataFrame, probs: np.ndarray, chose
 
 
 def _write_figures(out_dir: Path, y, probs_raw, probs, metrics, class_names) -> dict:
-    from ml import report as R
-
     return {
         "Confusion matrix": R.plot_confusion_matrices(
             metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png"
@@ -246,7 +249,7 @@ def _write_figures(out_dir: Path, y, probs_raw, probs, metrics, class_names) -> 
     }
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ml.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="artifact or run folder (has manifest.json)")
     parser.add_argument(

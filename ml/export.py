@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+
+import numpy as np
 
 from ml.artifact import export_artifact
+from ml.predictor import Predictor
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ml.export", description=__doc__)
     parser.add_argument("--run", required=True, help="finished training run folder (has manifest.json)")
     parser.add_argument("--out", required=True, help="artifact folder to create, e.g. models/NAME")
@@ -22,9 +26,6 @@ def main(argv=None) -> None:
 
 def _check_export(run, out) -> None:
     """Both folders must give (nearly) the same probabilities on random images."""
-    import numpy as np
-
-    from ml.predictor import Predictor
 
     a, b = Predictor.load(run), Predictor.load(out)
     rng = np.random.default_rng(0)

@@ -18,11 +18,19 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn.linear_model import LogisticRegression
+
+from ml import data as D
+from ml.calibration import apply_temperature, calibrated_softmax, fit_temperature
+from ml.decision import class_prior, fit_decision
+from ml.predictor import Predictor
 
 log = logging.getLogger("ml.fusion")
 
@@ -55,7 +63,7 @@ FUSION_FILE = "fusion.npz"
 DROP_FRACTION = 0.5
 
 
-def metadata_vector(age=None, sex=None, site=None) -> np.ndarray:
+def metadata_vector(age: float | None = None, sex: str | None = None, site: str | None = None) -> np.ndarray:
     """The metadata features of one case; None, NaN, "unknown" or an unknown value count as missing."""
     v = np.zeros(len(METADATA_FEATURES), dtype=np.float32)
     age_known = age is not None and not (isinstance(age, float) and math.isnan(age)) and 0 <= float(age) <= 120
@@ -111,10 +119,10 @@ class FusionHead:
             return cls(f["mean"], f["scale"], f["weights"], f["bias"])
 
 
-def fit_head(embeddings, metadata, labels, num_classes: int, c: float = 0.05, seed: int = 42) -> FusionHead:
+def fit_head(
+    embeddings: ArrayLike, metadata: ArrayLike, labels: ArrayLike, num_classes: int, c: float = 0.05, seed: int = 42
+) -> FusionHead:
     """Fits the head on training rows, each once as given and, for a random half, without metadata."""
-    from sklearn.linear_model import LogisticRegression
-
     rng = np.random.default_rng(seed)
     embeddings = np.asarray(embeddings, np.float32)
     dropped = rng.random(len(labels)) < DROP_FRACTION
@@ -132,26 +140,17 @@ def fit_head(embeddings, metadata, labels, num_classes: int, c: float = 0.05, se
 
 
 def _embeddings(predictor, paths) -> tuple[np.ndarray, np.ndarray]:
-    from ml import data as D
-
     images = D.load_images(paths, predictor.input_size).astype(np.float32)
     return predictor.embed_and_predict_raw(images)
 
 
 def _evaluate(y, probs, prior) -> dict:
-    from ml.decision import fit_decision
-
     decision, scores = fit_decision(y, probs, prior)
     return {"tau": decision.tau, "balanced_accuracy": scores[decision.tau], "balanced_accuracy_argmax": scores[0.0]}
 
 
 def fit_for_artifact(model_dir: Path, data: str, write: bool = False) -> dict:
     """Fits the head on the artifact's training split and reports validation figures (see module doc)."""
-    from ml import data as D
-    from ml.calibration import apply_temperature, calibrated_softmax, fit_temperature
-    from ml.decision import class_prior, fit_decision
-    from ml.predictor import Predictor
-
     predictor = Predictor.load(model_dir)
     table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
     meta_csv = pd.read_csv(Path(data) / D.HAM10000_METADATA, usecols=["image_id", "age", "sex", "localization"])
@@ -210,7 +209,7 @@ def fit_for_artifact(model_dir: Path, data: str, write: bool = False) -> dict:
     return report
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ml.fusion", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="artifact folder (manifest.json, split.csv)")
     parser.add_argument("--data", required=True, help="HAM10000 folder (its metadata CSV has age, sex, localization)")

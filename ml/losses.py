@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from ml.model import Tensor
+
 
 class LogitAdjustedCrossentropy(keras.losses.Loss):
     """Cross-entropy of softmax(log p + tau log prior) against label-smoothed targets.
@@ -23,7 +25,7 @@ class LogitAdjustedCrossentropy(keras.losses.Loss):
         self.log_prior = np.log(np.clip(prior / prior.sum(), 1e-8, 1.0)).astype(np.float32)
         self.tau, self.label_smoothing = float(tau), float(label_smoothing)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         ops = keras.ops
         logits = ops.log(ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1.0)) + self.tau * self.log_prior
         k = float(self.log_prior.shape[0])

@@ -9,11 +9,16 @@ order is `class_names`. Metrics that are undefined (an AUC for a class without p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
 from ml.model import CLASS_NAMES, MALIGNANT_CLASSES
+
+# A `bootstrap_ci` statistic: (labels, probabilities) -> a number, or None where it is undefined.
+Statistic = Callable[[ArrayLike, ArrayLike], float | None]
 
 
 def _finite_or_none(x) -> float | None:
@@ -31,7 +36,7 @@ def _check_inputs(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
     return y_true, probs
 
 
-def binary_auc(y_bin, score) -> float | None:
+def binary_auc(y_bin: ArrayLike, score: ArrayLike) -> float | None:
     """ROC AUC, or None when only one class is present."""
     y_bin = np.asarray(y_bin).astype(bool)
     if y_bin.all() or not y_bin.any():
@@ -39,7 +44,7 @@ def binary_auc(y_bin, score) -> float | None:
     return float(skm.roc_auc_score(y_bin, score))
 
 
-def binary_average_precision(y_bin, score) -> float | None:
+def binary_average_precision(y_bin: ArrayLike, score: ArrayLike) -> float | None:
     """Area under the precision-recall curve (average precision), None without positives."""
     y_bin = np.asarray(y_bin).astype(bool)
     if not y_bin.any():
@@ -47,7 +52,7 @@ def binary_average_precision(y_bin, score) -> float | None:
     return float(skm.average_precision_score(y_bin, score))
 
 
-def macro_auc(y_true, probs) -> float | None:
+def macro_auc(y_true: ArrayLike, probs: ArrayLike) -> float | None:
     """Mean one-vs-rest ROC AUC over the classes for which it is defined."""
     y_true, probs = _check_inputs(y_true, probs)
     aucs = [binary_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])]
@@ -55,18 +60,23 @@ def macro_auc(y_true, probs) -> float | None:
     return float(np.mean(aucs)) if aucs else None
 
 
-def balanced_accuracy(y_true, y_pred) -> float:
+def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mean recall over the classes present in `y_true`."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     recalls = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def argmax_decision(probs) -> np.ndarray:
+def argmax_decision(probs: ArrayLike) -> np.ndarray:
     return np.asarray(probs).argmax(axis=-1)
 
 
-def classification_metrics(y_true, probs, class_names=CLASS_NAMES, decide=argmax_decision) -> dict:
+def classification_metrics(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    class_names: Sequence[str] = CLASS_NAMES,
+    decide: Callable[[np.ndarray], np.ndarray] = argmax_decision,
+) -> dict:
     """Accuracy, balanced accuracy, macro F1, macro AUC, confusion matrix and per-class scores.
 
     Args:
@@ -110,13 +120,13 @@ def classification_metrics(y_true, probs, class_names=CLASS_NAMES, decide=argmax
     }
 
 
-def negative_log_likelihood(y_true, probs, eps: float = 1e-12) -> float:
+def negative_log_likelihood(y_true: ArrayLike, probs: ArrayLike, eps: float = 1e-12) -> float:
     """Mean -log p(true class)."""
     y_true, probs = _check_inputs(y_true, probs)
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0))))
 
 
-def reliability_bins(y_true, probs, n_bins: int = 15) -> dict:
+def reliability_bins(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> dict:
     """Top-label confidence vs accuracy in equal-width confidence bins.
 
     Returns:
@@ -137,7 +147,7 @@ def reliability_bins(y_true, probs, n_bins: int = 15) -> dict:
     return {"edges": edges.tolist(), "confidence": conf, "accuracy": acc, "count": count}
 
 
-def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
+def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
     """ECE: the count-weighted mean |accuracy - confidence| over the reliability bins."""
     bins = reliability_bins(y_true, probs, n_bins)
     total = sum(bins["count"])
@@ -148,13 +158,15 @@ def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
     )
 
 
-def malignancy_score(probs, class_names=CLASS_NAMES, malignant_classes=MALIGNANT_CLASSES) -> np.ndarray:
+def malignancy_score(
+    probs: ArrayLike, class_names: Sequence[str] = CLASS_NAMES, malignant_classes: Sequence[str] = MALIGNANT_CLASSES
+) -> np.ndarray:
     """P(malignant) = the summed probability of the malignant classes."""
     idx = [list(class_names).index(c) for c in malignant_classes]
     return np.asarray(probs)[:, idx].sum(axis=1)
 
 
-def sensitivity_at_specificity(y_bin, score, specificity: float = 0.8) -> float | None:
+def sensitivity_at_specificity(y_bin: ArrayLike, score: ArrayLike, specificity: float = 0.8) -> float | None:
     """The highest sensitivity on the ROC curve whose specificity is at least `specificity`."""
     y_bin = np.asarray(y_bin).astype(bool)
     if y_bin.all() or not y_bin.any():
@@ -164,7 +176,7 @@ def sensitivity_at_specificity(y_bin, score, specificity: float = 0.8) -> float 
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def binary_at_threshold(y_bin, score, threshold: float) -> dict:
+def binary_at_threshold(y_bin: ArrayLike, score: ArrayLike, threshold: float) -> dict:
     """Sensitivity, specificity, PPV and NPV of the rule `score >= threshold`."""
     y_bin = np.asarray(y_bin).astype(bool)
     positive = np.asarray(score) >= threshold
@@ -187,7 +199,15 @@ def binary_at_threshold(y_bin, score, threshold: float) -> dict:
     }
 
 
-def bootstrap_ci(statistic, y_true, probs, groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def bootstrap_ci(
+    statistic: Statistic,
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """Percentile bootstrap interval of `statistic(y_true, probs)`, resampling groups (lesions).
 
     Images of one lesion are correlated, so whole lesions are drawn with replacement when
@@ -221,12 +241,12 @@ def bootstrap_ci(statistic, y_true, probs, groups=None, n_boot: int = 1000, seed
     }
 
 
-def balanced_accuracy_of_probs(y_true, probs) -> float:
+def balanced_accuracy_of_probs(y_true: ArrayLike, probs: ArrayLike) -> float:
     """Balanced accuracy of the argmax prediction (a `bootstrap_ci` statistic)."""
     return balanced_accuracy(y_true, np.asarray(probs).argmax(axis=1))
 
 
-def balanced_accuracy_statistic(decide=argmax_decision):
+def balanced_accuracy_statistic(decide: Callable[[np.ndarray], np.ndarray] = argmax_decision) -> Statistic:
     """A `bootstrap_ci` statistic: balanced accuracy of the decision `decide` (probabilities -> indices)."""
 
     def statistic(y_true, probs):
@@ -235,7 +255,7 @@ def balanced_accuracy_statistic(decide=argmax_decision):
     return statistic
 
 
-def recall_statistic(class_index: int, decide=argmax_decision):
+def recall_statistic(class_index: int, decide: Callable[[np.ndarray], np.ndarray] = argmax_decision) -> Statistic:
     """A `bootstrap_ci` statistic: the recall of one class under the decision `decide`."""
 
     def statistic(y_true, probs):
@@ -248,7 +268,7 @@ def recall_statistic(class_index: int, decide=argmax_decision):
     return statistic
 
 
-def melanoma_sensitivity_statistic(specificity: float = 0.8, class_names=CLASS_NAMES):
+def melanoma_sensitivity_statistic(specificity: float = 0.8, class_names: Sequence[str] = CLASS_NAMES) -> Statistic:
     """A `bootstrap_ci` statistic: melanoma sensitivity at a fixed specificity."""
     mel = list(class_names).index("mel")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeAlias
 
 import keras
 import numpy as np
 from keras import layers, ops
+from numpy.typing import ArrayLike
 
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_LONG_NAMES = {
@@ -30,6 +32,8 @@ BACKBONE_STAGES = (1, 2, 3, 4, 5, 6, 7)
 TOP_FEATURE_LAYER = "top_activation"
 CBAM_TOP_LAYER = "cbam_top_spatial"
 EMBEDDING_LAYER = "avg_pool"  # the pooled 1536-d image embedding the classifier reads
+# What Keras hands a layer: a backend tensor (tf.Tensor on TensorFlow) or, while building, a KerasTensor.
+Tensor: TypeAlias = Any
 
 
 @keras.saving.register_keras_serializable(package="dermportal")
@@ -46,7 +50,7 @@ class ChannelAttention(layers.Layer):
             raise ValueError(f"ChannelAttention ratio must be at least 1, got {ratio}.")
         self.ratio = ratio
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         channels = int(input_shape[-1])
         hidden = max(channels // self.ratio, 1)
         self.mlp_hidden = layers.Dense(hidden, activation="relu", name="mlp_hidden")
@@ -55,20 +59,20 @@ class ChannelAttention(layers.Layer):
         self.mlp_out.build((None, hidden))
         super().build(input_shape)
 
-    def attention(self, x):
+    def attention(self, x: Tensor) -> Tensor:
         """Per-channel weights in (0, 1), shaped (batch, 1, 1, channels)."""
         avg = self.mlp_out(self.mlp_hidden(ops.mean(x, axis=(1, 2))))
         mx = self.mlp_out(self.mlp_hidden(ops.max(x, axis=(1, 2))))
         weights = ops.sigmoid(avg + mx)
         return ops.expand_dims(ops.expand_dims(weights, 1), 1)
 
-    def call(self, x):
+    def call(self, x: Tensor) -> Tensor:
         return x * ops.cast(self.attention(x), x.dtype)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "ratio": self.ratio}
 
 
@@ -86,28 +90,28 @@ class SpatialAttention(layers.Layer):
             raise ValueError(f"SpatialAttention kernel_size must be odd and positive, got {kernel_size}.")
         self.kernel_size = kernel_size
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         self.conv = layers.Conv2D(1, self.kernel_size, padding="same", activation="sigmoid", name="conv")
         self.conv.build((None, None, None, 2))
         super().build(input_shape)
 
-    def attention(self, x):
+    def attention(self, x: Tensor) -> Tensor:
         """Per-position weights in (0, 1), shaped (batch, height, width, 1)."""
         avg = ops.mean(x, axis=-1, keepdims=True)
         mx = ops.max(x, axis=-1, keepdims=True)
         return self.conv(ops.concatenate([avg, mx], axis=-1))
 
-    def call(self, x):
+    def call(self, x: Tensor) -> Tensor:
         return x * ops.cast(self.attention(x), x.dtype)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "kernel_size": self.kernel_size}
 
 
-def cbam_block(x, name: str, ratio: int = 8, kernel_size: int = 7):
+def cbam_block(x: keras.KerasTensor, name: str, ratio: int = 8, kernel_size: int = 7) -> keras.KerasTensor:
     """Channel then spatial attention (Woo et al., 2018), each a named layer of the graph."""
     x = ChannelAttention(ratio, name=f"{name}_channel")(x)
     return SpatialAttention(kernel_size, name=f"{name}_spatial")(x)
@@ -256,7 +260,7 @@ def gradcam_layer_name(config: ModelConfig) -> str:
     return CBAM_TOP_LAYER if config.cbam else TOP_FEATURE_LAYER
 
 
-def shift_head_bias(model: keras.Model, shift) -> None:
+def shift_head_bias(model: keras.Model, shift: ArrayLike) -> None:
     """Adds `shift` (one value per class) to the bias of the softmax head, in place.
 
     A network trained with logit-adjusted cross-entropy outputs class-balanced posteriors; adding

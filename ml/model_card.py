@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 TARGETS = {
@@ -51,7 +52,7 @@ def load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def fmt(value, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -343,7 +344,7 @@ def write_model_card(
     return card
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ml.model_card", description=__doc__.split("\n")[0])
     parser.add_argument("--artifact", required=True, type=Path, help="artifact folder (manifest.json + weights)")
     parser.add_argument("--eval", type=Path, help="the test evaluation folder (default ARTIFACT/eval_test)")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import h5py
+import keras
 import numpy as np
+import tensorflow as tf
 
-from ml.artifact import WEIGHTS, build_manifest, convert_weights_file, read_manifest, weights_dtype
+from ml.artifact import MODEL_WEIGHT_GROUPS, WEIGHTS, build_manifest, convert_weights_file, read_manifest, weights_dtype
 from ml.calibration import apply_temperature
 from ml.data import resize_image
 from ml.decision import Decision
@@ -40,8 +44,6 @@ class Predictor:
     """
 
     def __init__(self, model, manifest: dict, batch_size: int = 16):
-        import tensorflow as tf
-
         self.model = model
         self.manifest = manifest
         self.class_names = list(manifest["class_names"])
@@ -127,7 +129,7 @@ class Predictor:
         """
         return resize_image(_as_rgb_uint8(image), self.input_size).astype(np.float32)
 
-    def predict(self, images, tta: bool = False) -> np.ndarray:
+    def predict(self, images: Sequence[np.ndarray] | np.ndarray, tta: bool = False) -> np.ndarray:
         """Calibrated probabilities, softmax(log p / T), for a list of RGB uint8 arrays.
 
         Args:
@@ -161,9 +163,6 @@ class Predictor:
         """The pooled image embedding (the `avg_pool` output) and the uncalibrated softmax output of
         preprocessed (N, H, W, 3) float32 images, from one forward pass."""
         if self._embed is None:
-            import keras
-            import tensorflow as tf
-
             both = keras.Model(self.model.inputs, [self.model.get_layer(EMBEDDING_LAYER).output, self.model.outputs[0]])
             h, w = self.input_size
             self._embed = tf.function(
@@ -239,9 +238,6 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _check_weight_shapes(model, path: Path) -> None:
-    import h5py
-
-    from ml.artifact import MODEL_WEIGHT_GROUPS
 
     stored: list[tuple] = []
     with h5py.File(path, "r") as f:

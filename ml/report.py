@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+from numpy.typing import ArrayLike  # noqa: E402
 
 matplotlib.use("Agg")  # no display on servers and in workers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,7 +23,7 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def plot_confusion_matrices(confusion, class_names, path: Path) -> str:
+def plot_confusion_matrices(confusion: ArrayLike, class_names: Sequence[str], path: Path) -> str:
     """Counts and row-normalised (recall) confusion matrices side by side."""
     cm = np.asarray(confusion, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
@@ -57,7 +59,7 @@ def plot_confusion_matrices(confusion, class_names, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_roc_curves(y_true, probs, class_names, path: Path) -> str:
+def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path) -> str:
     """One-vs-rest ROC curve of every class that has positives and negatives."""
     fig, ax = plt.subplots(figsize=(6, 6))
     for c, name in enumerate(class_names):
@@ -72,7 +74,9 @@ def plot_roc_curves(y_true, probs, class_names, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_reliability(y_true, probs_before, probs_after, path: Path, n_bins: int = 15) -> str:
+def plot_reliability(
+    y_true: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, path: Path, n_bins: int = 15
+) -> str:
     """Reliability diagrams of the top-label confidence before and after temperature scaling."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, probs, title in (
@@ -91,7 +95,7 @@ def plot_reliability(y_true, probs_before, probs_after, path: Path, n_bins: int 
     return _save(fig, path)
 
 
-def plot_confidence_histogram(probs_before, probs_after, path: Path) -> str:
+def plot_confidence_histogram(probs_before: np.ndarray, probs_after: np.ndarray, path: Path) -> str:
     """Distribution of the top-label confidence before and after calibration."""
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 26)
@@ -112,7 +116,7 @@ def _ci(ci: dict | None) -> str:
     return f" (95% CI {_fmt(ci['low'])}-{_fmt(ci['high'])})"
 
 
-def write_report(out_dir: Path, metrics: dict, figures: dict, class_names) -> Path:
+def write_report(out_dir: Path, metrics: dict, figures: dict, class_names: Sequence[str]) -> Path:
     """report.md: headline numbers, per-class table, operating points and the figures."""
     m = metrics
     mel, mal = m["melanoma"], m["malignant"]

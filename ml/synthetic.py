@@ -26,7 +26,7 @@ CLASS_COLOURS = {  # RGB
 }
 
 
-def synthetic_image(dx: str, rng: np.random.Generator, size=(150, 200)) -> np.ndarray:
+def synthetic_image(dx: str, rng: np.random.Generator, size: tuple[int, int] = (150, 200)) -> np.ndarray:
     """An HxWx3 uint8 RGB image: an ellipse of the class colour on noisy skin."""
     h, w = size
     skin = np.array([220, 180, 160]) + rng.normal(0, 8, 3)
@@ -41,7 +41,7 @@ def synthetic_image(dx: str, rng: np.random.Generator, size=(150, 200)) -> np.nd
 def make_ham10000_like(
     root: str | os.PathLike,
     lesions_per_class: int | dict = 6,
-    size=(150, 200),
+    size: tuple[int, int] = (150, 200),
     seed: int = 0,
     max_images_per_lesion: int = 3,
 ) -> Path:

@@ -21,6 +21,7 @@ blocks from --unfreeze-from-block on trainable with BatchNorm kept frozen. From 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -29,13 +30,36 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
+import keras
 import numpy as np
+import pandas
+import sklearn
+import tensorflow as tf
 
-from ml.artifact import load_model_weights, save_model_weights
+from ml import augment as A
+from ml import calibration as C
+from ml import data as D
+from ml import metrics as M
+from ml.artifact import (
+    WEIGHTS,
+    build_manifest,
+    convert_weights_file,
+    load_model_weights,
+    save_model_weights,
+    write_manifest,
+)
+from ml.augment import ImageBatches
+from ml.decision import class_prior, fit_decision
+from ml.evaluate import evaluate
+from ml.losses import LogitAdjustedCrossentropy
+from ml.model import ModelConfig, build_model, shift_head_bias
+from ml.predictor import Predictor
 
 log = logging.getLogger("ml.train")
 
@@ -132,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line; with --resume, the run's args.json wins over everything but --epochs.
 
     Raises:
@@ -204,12 +228,6 @@ def setup_logging(run_dir: Path) -> None:
 
 
 def library_versions() -> dict:
-    import cv2
-    import keras
-    import pandas
-    import sklearn
-    import tensorflow as tf
-
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -223,7 +241,7 @@ def library_versions() -> dict:
     }
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
@@ -241,9 +259,6 @@ def _json_default(value):
 
 def configure_hardware() -> str:
     """mixed_float16 on a GPU (tensor cores gain from it); float32 on CPU, where it only slows."""
-    import keras
-    import tensorflow as tf
-
     if tf.config.list_physical_devices("GPU"):
         keras.mixed_precision.set_global_policy("mixed_float16")
         return "mixed_float16"
@@ -267,7 +282,7 @@ class RunCheckpoints:
         self.dir = run_dir / CHECKPOINTS
         self.keep = max(1, keep)
 
-    def save(self, model, state: dict) -> Path:
+    def save(self, model: keras.Model, state: dict) -> Path:
         target = self.dir / f"epoch-{state['epoch']:04d}"
         if target.exists():
             shutil.rmtree(target)
@@ -289,11 +304,11 @@ class RunCheckpoints:
         return json.loads((path / STATE_FILE).read_text())
 
     @staticmethod
-    def restore_model(model, path: Path) -> None:
+    def restore_model(model: keras.Model, path: Path) -> None:
         load_model_weights(model, path / "model.weights.h5")
 
     @staticmethod
-    def restore_optimizer(model, path: Path) -> None:
+    def restore_optimizer(model: keras.Model, path: Path) -> None:
         """Builds the optimizer on the current trainable variables, then loads its saved moments."""
         optimizer = model.optimizer
         optimizer.build(model.trainable_variables)
@@ -326,8 +341,6 @@ def pack_carryover(run_dir: Path) -> Path:
     ~45 MB. Resuming from it restarts the optimizer's moments, which Adam re-estimates within a
     few hundred steps; the epoch, learning rate, best metric and early-stopping counters carry over.
     """
-    from ml.artifact import convert_weights_file
-
     latest = RunCheckpoints(run_dir).latest()
     if latest is None:
         raise ValueError(f"Run folder {str(run_dir)!r} has no complete checkpoint to pack.")
@@ -340,10 +353,8 @@ def pack_carryover(run_dir: Path) -> Path:
     return target
 
 
-def unpack_carryover(run_dir: Path, model) -> dict | None:
+def unpack_carryover(run_dir: Path, model: keras.Model) -> dict | None:
     """Restores weights (and best.weights.h5) from `resume/` when no full checkpoint is here."""
-    from ml.artifact import convert_weights_file
-
     source = run_dir / CARRYOVER
     if not (source / STATE_FILE).is_file():
         return None
@@ -358,113 +369,104 @@ def unpack_carryover(run_dir: Path, model) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _make_callbacks():
-    """Callback classes, defined once keras is imported (keeps `import ml.train` light)."""
-    import keras
+class ValidationMetrics(keras.callbacks.Callback):
+    """Predicts the validation set once per epoch and adds val_* metrics to the logs."""
 
-    from ml import metrics as M
+    def __init__(self, val_ds, val_labels, loss_fn):
+        super().__init__()
+        self.val_ds, self.val_labels, self.loss_fn = val_ds, np.asarray(val_labels), loss_fn
 
-    class ValidationMetrics(keras.callbacks.Callback):
-        """Predicts the validation set once per epoch and adds val_* metrics to the logs."""
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        probs = self.model.predict(self.val_ds, verbose=0)
+        onehot = np.eye(probs.shape[1], dtype=np.float32)[self.val_labels]
+        logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss_fn(onehot, probs))))
+        logs["val_nll"] = M.negative_log_likelihood(self.val_labels, probs)
+        logs["val_accuracy"] = float(np.mean(probs.argmax(1) == self.val_labels))
+        logs["val_balanced_accuracy"] = M.balanced_accuracy(self.val_labels, probs.argmax(1))
+        auc = M.macro_auc(self.val_labels, probs)
+        logs["val_macro_auc"] = float("nan") if auc is None else auc
 
-        def __init__(self, val_ds, val_labels, loss_fn):
-            super().__init__()
-            self.val_ds, self.val_labels, self.loss_fn = val_ds, np.asarray(val_labels), loss_fn
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            probs = self.model.predict(self.val_ds, verbose=0)
-            onehot = np.eye(probs.shape[1], dtype=np.float32)[self.val_labels]
-            logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss_fn(onehot, probs))))
-            logs["val_nll"] = M.negative_log_likelihood(self.val_labels, probs)
-            logs["val_accuracy"] = float(np.mean(probs.argmax(1) == self.val_labels))
-            logs["val_balanced_accuracy"] = M.balanced_accuracy(self.val_labels, probs.argmax(1))
-            auc = M.macro_auc(self.val_labels, probs)
-            logs["val_macro_auc"] = float("nan") if auc is None else auc
+class TrainingController(keras.callbacks.Callback):
+    """ReduceLROnPlateau + EarlyStopping + best checkpoint + history.csv + resumable state.
 
-    class TrainingController(keras.callbacks.Callback):
-        """ReduceLROnPlateau + EarlyStopping + best checkpoint + history.csv + resumable state.
+    One object holds all counters so that they are saved and restored together with the
+    weights; Keras' own callbacks reset theirs in on_train_begin, which breaks --resume.
+    """
 
-        One object holds all counters so that they are saved and restored together with the
-        weights; Keras' own callbacks reset theirs in on_train_begin, which breaks --resume.
-        """
+    def __init__(self, run_dir: Path, checkpoints: RunCheckpoints, state: dict, args):
+        super().__init__()
+        self.run_dir, self.checkpoints, self.state, self.args = run_dir, checkpoints, state, args
+        self.monitor = f"val_{args.monitor}"
+        self.early_stopping = True
+        self._epoch_start = time.time()
 
-        def __init__(self, run_dir: Path, checkpoints: RunCheckpoints, state: dict, args):
-            super().__init__()
-            self.run_dir, self.checkpoints, self.state, self.args = run_dir, checkpoints, state, args
-            self.monitor = f"val_{args.monitor}"
-            self.early_stopping = True
-            self._epoch_start = time.time()
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.time()
+        if self.args.schedule == "cosine":
+            self.model.optimizer.learning_rate = cosine_lr(epoch, self.args)
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self._epoch_start = time.time()
-            if self.args.schedule == "cosine":
-                self.model.optimizer.learning_rate = cosine_lr(epoch, self.args)
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        s = self.state
+        value = logs.get(self.monitor, float("nan"))
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        improved = math.isfinite(value) and (s["best"] is None or value > s["best"] + 1e-4)
+        if improved:
+            s.update(best=float(value), best_epoch=epoch + 1, es_wait=0, lr_wait=0)
+            save_model_weights(self.model, self.run_dir / "best.weights.h5")
+        else:
+            s["es_wait"] += 1
+            s["lr_wait"] += 1
+            if self.args.schedule == "plateau":
+                lr = self._maybe_reduce_lr(lr)
+        if self.early_stopping and s["es_wait"] >= self.args.patience:
+            s["stopped_early"] = True
+            self.model.stop_training = True
+        row = {
+            "epoch": epoch + 1,
+            "stage": s["stage"],
+            "lr": lr,
+            "seconds": round(time.time() - self._epoch_start, 1),
+        }
+        row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+        self._append_history(row)
+        s.update(epoch=epoch + 1, lr=lr)
+        self.checkpoints.save(self.model, s)
+        log.info(
+            "epoch %d/%d %s: %s%s",
+            epoch + 1,
+            self.args.epochs,
+            s["stage"],
+            " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "stage")),
+            " (best)" if improved else "",
+        )
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            s = self.state
-            value = logs.get(self.monitor, float("nan"))
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            improved = math.isfinite(value) and (s["best"] is None or value > s["best"] + 1e-4)
-            if improved:
-                s.update(best=float(value), best_epoch=epoch + 1, es_wait=0, lr_wait=0)
-                save_model_weights(self.model, self.run_dir / "best.weights.h5")
-            else:
-                s["es_wait"] += 1
-                s["lr_wait"] += 1
-                if self.args.schedule == "plateau":
-                    lr = self._maybe_reduce_lr(lr)
-            if self.early_stopping and s["es_wait"] >= self.args.patience:
-                s["stopped_early"] = True
-                self.model.stop_training = True
-            row = {
-                "epoch": epoch + 1,
-                "stage": s["stage"],
-                "lr": lr,
-                "seconds": round(time.time() - self._epoch_start, 1),
-            }
-            row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
-            self._append_history(row)
-            s.update(epoch=epoch + 1, lr=lr)
-            self.checkpoints.save(self.model, s)
+    def _maybe_reduce_lr(self, lr: float) -> float:
+        s = self.state
+        if s["lr_wait"] >= self.args.lr_patience and lr > self.args.min_lr * (1 + 1e-6):
+            new = max(lr * self.args.lr_factor, self.args.min_lr)
+            self.model.optimizer.learning_rate = new
+            s["lr_wait"] = 0
             log.info(
-                "epoch %d/%d %s: %s%s",
-                epoch + 1,
-                self.args.epochs,
-                s["stage"],
-                " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "stage")),
-                " (best)" if improved else "",
+                "validation %s has not improved for %d epochs: learning rate %.3g -> %.3g",
+                self.monitor,
+                self.args.lr_patience,
+                lr,
+                new,
             )
+            return new
+        return lr
 
-        def _maybe_reduce_lr(self, lr: float) -> float:
-            s = self.state
-            if s["lr_wait"] >= self.args.lr_patience and lr > self.args.min_lr * (1 + 1e-6):
-                new = max(lr * self.args.lr_factor, self.args.min_lr)
-                self.model.optimizer.learning_rate = new
-                s["lr_wait"] = 0
-                log.info(
-                    "validation %s has not improved for %d epochs: learning rate %.3g -> %.3g",
-                    self.monitor,
-                    self.args.lr_patience,
-                    lr,
-                    new,
-                )
-                return new
-            return lr
-
-        def _append_history(self, row: dict) -> None:
-            path = self.run_dir / "history.csv"
-            rows = _read_history(path)
-            rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
-            _write_history(path, rows)
-
-    return ValidationMetrics, TrainingController
+    def _append_history(self, row: dict) -> None:
+        path = self.run_dir / "history.csv"
+        rows = _read_history(path)
+        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
+        _write_history(path, rows)
 
 
 def _read_history(path: Path) -> list[dict]:
-    import csv
-
     if not path.is_file():
         return []
     with path.open(newline="") as f:
@@ -472,8 +474,6 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    import csv
-
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
@@ -498,7 +498,7 @@ class Stage:
     trainable: str  # "all", "head" or "top_blocks"
 
 
-def plan_stages(args) -> list[Stage]:
+def plan_stages(args: argparse.Namespace) -> list[Stage]:
     """One stage from scratch; warm-up with the backbone frozen, then fine-tuning when pretrained."""
     if args.weights in ("none", "", None):
         return [Stage("scratch", args.epochs, args.lr, "all")]
@@ -509,14 +509,12 @@ def plan_stages(args) -> list[Stage]:
     return stages
 
 
-def set_trainable(model, mode: str, unfreeze_from_block: int = 5) -> None:
+def set_trainable(model: keras.Model, mode: str, unfreeze_from_block: int = 5) -> None:
     """Chooses which layers train: all; only ours (head, CBAM); or ours + the top backbone blocks.
 
     BatchNorm stays frozen while fine-tuning a pretrained backbone: with batches of 32 its
     statistics would drift from the ones the pretrained weights were learned with.
     """
-    import keras
-
     model.trainable = True
     if mode == "all":
         return
@@ -527,7 +525,9 @@ def set_trainable(model, mode: str, unfreeze_from_block: int = 5) -> None:
         layer.trainable = ours or (in_top and not isinstance(layer, keras.layers.BatchNormalization))
 
 
-def make_loss(args, class_weight_vector: np.ndarray, class_prior: np.ndarray | None = None):
+def make_loss(
+    args: argparse.Namespace, class_weight_vector: np.ndarray, class_prior: np.ndarray | None = None
+) -> keras.losses.Loss:
     """The training loss: focal or weighted cross-entropy with per-class alpha, or logit-adjusted CE.
 
     Focal and "ce" (focal with gamma 0) weight each class by alpha = the class weights; with
@@ -535,13 +535,9 @@ def make_loss(args, class_weight_vector: np.ndarray, class_prior: np.ndarray | N
     (Menon et al., 2021) trains on log p + tau log prior instead, so that the network's own output
     is the class-balanced posterior and no weights are needed.
     """
-    import keras
-
     if args.loss == "logit_adjusted":
         if class_prior is None:
             raise ValueError("The logit-adjusted loss needs the class prior of the training split.")
-        from ml.losses import LogitAdjustedCrossentropy
-
         return LogitAdjustedCrossentropy(class_prior, tau=args.la_tau, label_smoothing=args.label_smoothing)
     alpha = class_weight_vector.tolist() if args.balance == "class_weight" else [1.0] * len(class_weight_vector)
     gamma = args.gamma if args.loss == "focal" else 0.0
@@ -550,7 +546,7 @@ def make_loss(args, class_weight_vector: np.ndarray, class_prior: np.ndarray | N
     )
 
 
-def cosine_lr(epoch: int, args) -> float:
+def cosine_lr(epoch: int, args: argparse.Namespace) -> float:
     """Learning rate of an epoch (0-based): linear warm-up, then cosine decay to --min-lr at --epochs."""
     if epoch < args.lr_warmup_epochs:
         return args.lr * (epoch + 1) / (args.lr_warmup_epochs + 1)
@@ -559,17 +555,13 @@ def cosine_lr(epoch: int, args) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(args, lr: float):
-    import keras
-
+def make_optimizer(args: argparse.Namespace, lr: float) -> keras.optimizers.Optimizer:
     if args.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def model_config(args):
-    from ml.model import ModelConfig
-
+def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(
         input_size=tuple(args.img_size),
         cbam=args.cbam,
@@ -585,10 +577,8 @@ def model_config(args):
 # ------------------------------------------------------------------------------------------------
 
 
-def prepare_split(args, run_dir: Path):
+def prepare_split(args: argparse.Namespace, run_dir: Path) -> pandas.DataFrame:
     """Reads the data and the run's split (made and saved on the first start)."""
-    from ml import data as D
-
     table = D.read_dataset(args.data)
     split_csv = run_dir / "split.csv"
     if split_csv.is_file():
@@ -610,7 +600,7 @@ def prepare_split(args, run_dir: Path):
     return table
 
 
-def train(args) -> Path:
+def train(args: argparse.Namespace) -> Path:
     """Runs (or resumes) training and finalises the run folder as a model artifact.
 
     Args:
@@ -632,10 +622,6 @@ def train(args) -> Path:
     elif args.epochs != json.loads((run_dir / "args.json").read_text())["epochs"]:
         write_json(run_dir / "args.json", json.loads((run_dir / "args.json").read_text()) | {"epochs": args.epochs})
     log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
-
-    from ml import augment as A
-    from ml import data as D
-    from ml.model import build_model
 
     policy = configure_hardware()
     log.info("precision policy %s", policy)
@@ -692,7 +678,6 @@ def train(args) -> Path:
             raise ValueError(f"Run folder {str(run_dir)!r} has no checkpoint or carry-over to take a snapshot of.")
         finalize_run(args, run_dir, model, table, x_val, y_val, state, out_dir=Path(args.snapshot))
         return Path(args.snapshot)
-    ValidationMetrics, TrainingController = _make_callbacks()
     controller = TrainingController(run_dir, checkpoints, state, args)
     callbacks = [ValidationMetrics(val_ds, y_val, loss_fn), controller]
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
@@ -766,18 +751,20 @@ def _jit(args):
 # ------------------------------------------------------------------------------------------------
 
 
-def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, out_dir: Path | None = None) -> dict:
+def finalize_run(
+    args: argparse.Namespace,
+    run_dir: Path,
+    model: keras.Model,
+    table: pandas.DataFrame,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    state: dict,
+    out_dir: Path | None = None,
+) -> dict:
     """Loads the best weights, calibrates on validation, writes the artifact files, evaluates test.
 
     The artifact is the run folder itself, or `out_dir` (a snapshot of a run that goes on).
     """
-    from ml import calibration as C
-    from ml import data as D
-    from ml import metrics as M
-    from ml.artifact import WEIGHTS, build_manifest, write_manifest
-    from ml.decision import class_prior, fit_decision
-    from ml.model import shift_head_bias
-
     best = run_dir / "best.weights.h5"
     if best.is_file():
         load_model_weights(model, best)
@@ -792,8 +779,6 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
     if out_dir != run_dir:
         shutil.copyfile(run_dir / "split.csv", out_dir / "split.csv")
     save_model_weights(model, out_dir / WEIGHTS)
-    from ml.augment import ImageBatches
-
     probs = model.predict(ImageBatches(x_val, y_val, args.batch_size, tuple(args.img_size)), verbose=0)
     temperature = C.fit_temperature(y_val, probs)
     calibrated = C.apply_temperature(probs, temperature["temperature"])
@@ -854,9 +839,6 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
     )
     write_manifest(out_dir, manifest)
     if not args.no_test_eval and (table["split"] == "test").any():
-        from ml.evaluate import evaluate
-        from ml.predictor import Predictor
-
         # The in-memory model holds exactly the weights just written: no need to rebuild it.
         predictor = Predictor(model, manifest, batch_size=args.batch_size)
         test = evaluate(
@@ -869,8 +851,6 @@ def finalize_run(args, run_dir: Path, model, table, x_val, y_val, state: dict, o
 
 
 def _fit_thresholds_or_default(y_val, calibrated, args) -> dict:
-    from ml import calibration as C
-
     try:
         return C.fit_thresholds(y_val, calibrated, malignant_sensitivity=args.malignant_sensitivity)
     except ValueError as exc:
@@ -906,7 +886,7 @@ def _describe_data(args, table) -> str:
     )
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.pack_resume:
         print(f"Packed {pack_carryover(Path(args.out))}")

@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 from flask import Flask
+from flask_migrate import upgrade
 from sqlalchemy import func, select
 
 from .db import db
@@ -20,8 +21,6 @@ DEFAULT_ADMIN = "admin@localhost"
 
 def upgrade_database(app: Flask) -> None:
     """Applies every Alembic migration (`flask db upgrade`)."""
-    from flask_migrate import upgrade
-
     with app.app_context():
         upgrade()
         db.engine.dispose()

@@ -1,7 +1,7 @@
 """Sending tasks to the worker by name, and asking the broker and worker how they are.
 
 The web process never imports `worker/` (nor TensorFlow through it): it holds a bare Celery client
-that only publishes messages. Celery is imported on first use, so `create_app()` stays light.
+that only publishes messages; the Celery app itself is created on first use.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+from celery import Celery
 from flask import Flask, current_app
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ def celery_client(app: Flask | None = None):
     app = app or current_app
     client = app.extensions.get("celery_client")
     if client is None:
-        from celery import Celery
-
         client = Celery("dermportal-web", broker=app.config["REDIS_URL"], set_as_current=False)
         client.conf.update(broker_options(app.config["BROKER_TIMEOUT"]))
         app.extensions["celery_client"] = client
@@ -63,8 +63,6 @@ def send(task_name: str, *args: Any, queue: str) -> str | None:
 def broker_status(app: Flask | None = None) -> dict[str, Any]:
     """Pings Redis directly with a short timeout."""
     app = app or current_app
-    import redis
-
     timeout = app.config["BROKER_TIMEOUT"]
     try:
         client = redis.Redis.from_url(app.config["REDIS_URL"], socket_connect_timeout=timeout, socket_timeout=timeout)

@@ -417,6 +417,7 @@ def warm_up_shap(model: Predictor) -> float | None:
     # Called in worker_process_init, after the fork; shap pulls in numba and scikit-learn.
     import shap  # noqa: F401
 
+    # ml.explain loads TensorFlow: never before the fork
     from ml.explain.gradcam import predictor_temperature
     from ml.explain.shap_explainer import default_blur, probability_function, shap_values
 

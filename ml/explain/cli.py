@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
+
+from ml.explain import gradcam, overlay, shap_explainer
+from ml.predictor import Predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -37,11 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_predictor(spec: str):
+def load_predictor(spec: str) -> Predictor:
     """`Predictor.load(spec)`, or for 'untrained' the seeded untrained model whose input size comes
     from UNTRAINED_INPUT_SIZE ("H,W"), as the worker builds it (`Predictor.load_default(None)`)."""
-    from ml import Predictor
-
     if spec == "untrained":
         return Predictor.load_default(None)
     return Predictor.load(spec)
@@ -67,8 +69,6 @@ def list_images(folder: Path) -> list[Path]:
 
 def read_rgb(path: Path) -> np.ndarray:
     """A file as an HxWx3 uint8 RGB array, EXIF orientation applied."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as image:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
@@ -83,8 +83,6 @@ def _check_args(args, class_names) -> None:
 
 
 def _gradcam_outputs(predictor, image, args):
-    from ml.explain import gradcam, overlay
-
     result = gradcam.explain_gradcam(predictor, [image], args.class_name, plus_plus=args.plus_plus)
     heat = result.maps[0]
     if args.colorbar:
@@ -95,8 +93,6 @@ def _gradcam_outputs(predictor, image, args):
 
 
 def _shap_outputs(predictor, image, args):
-    from ml.explain import overlay, shap_explainer
-
     (result,) = shap_explainer.explain_shap(
         predictor, [image], top_k=1, max_evals=args.max_evals, batch_size=args.batch_size, class_names=args.class_name
     )
@@ -108,10 +104,8 @@ def _shap_outputs(predictor, image, args):
     return values, picture, int(result.class_indices[0]), result.probs
 
 
-def explain_folder(predictor, paths: list[Path], args) -> list[dict]:
+def explain_folder(predictor: Predictor, paths: list[Path], args: argparse.Namespace) -> list[dict]:
     """Writes X.png and X.npy for each image; returns one summary row per image."""
-    from ml.explain.overlay import encode_png
-
     args.out.mkdir(parents=True, exist_ok=True)
     explain = _gradcam_outputs if args.method == "gradcam" else _shap_outputs
     rows = []
@@ -119,7 +113,7 @@ def explain_folder(predictor, paths: list[Path], args) -> list[dict]:
         image = read_rgb(path)
         values, picture, class_index, probs = explain(predictor, image, args)
         np.save(args.out / f"{path.stem}.npy", values.astype(np.float32))
-        (args.out / f"{path.stem}.png").write_bytes(encode_png(picture))
+        (args.out / f"{path.stem}.png").write_bytes(overlay.encode_png(picture))
         names = list(predictor.class_names)
         rows.append(
             {

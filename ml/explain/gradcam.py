@@ -21,8 +21,8 @@ Typical use::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
 import keras
@@ -30,6 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from ml.calibration import calibrated_softmax as calibrate
+
+if TYPE_CHECKING:
+    from ml.predictor import Predictor
 
 # model -> {(layer_name, plus_plus): tf.function}; weak so that dropping a model frees its graphs.
 _FUNCTION_CACHE: weakref.WeakKeyDictionary[keras.Model, dict] = weakref.WeakKeyDictionary()
@@ -169,7 +172,9 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
     return gradcam
 
 
-def gradcam_function(model: keras.Model, layer_name: str | None = None, plus_plus: bool = False):
+def gradcam_function(
+    model: keras.Model, layer_name: str | None = None, plus_plus: bool = False
+) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
     """The cached, compiled Grad-CAM pass for `model`.
 
     Args:
@@ -241,9 +246,9 @@ def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, 
 
 def predict_with_gradcam(
     model: keras.Model,
-    images,
+    images: np.ndarray,
     layer_name: str | None = None,
-    class_index=None,
+    class_index: int | Sequence[int] | None = None,
     plus_plus: bool = False,
     batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +283,9 @@ def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(values.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def class_indices_from_names(class_names, requested, n: int):
+def class_indices_from_names(
+    class_names: Sequence[str], requested: str | Sequence[str | None] | None, n: int
+) -> list[int] | None:
     """Map None, one class name, or one name (or None) per image to a gradcam `class_index` value.
 
     Raises:
@@ -301,7 +308,7 @@ def class_indices_from_names(class_names, requested, n: int):
     return indices
 
 
-def predictor_temperature(predictor) -> float:
+def predictor_temperature(predictor: Predictor) -> float:
     """The calibration temperature a Predictor applies (attribute first, then its manifest)."""
     temperature = getattr(predictor, "temperature", None)
     if temperature is None:
@@ -309,15 +316,15 @@ def predictor_temperature(predictor) -> float:
     return float(temperature)
 
 
-def predictor_layer(predictor) -> str | None:
+def predictor_layer(predictor: Predictor) -> str | None:
     """The Grad-CAM layer a Predictor declares (attribute first, then its manifest)."""
     return getattr(predictor, "gradcam_layer", None) or predictor.manifest.get("gradcam_layer")
 
 
 def explain_gradcam(
-    predictor,
+    predictor: Predictor,
     images: Sequence[np.ndarray],
-    class_names=None,
+    class_names: str | Sequence[str | None] | None = None,
     plus_plus: bool = False,
     batch_size: int = 16,
 ) -> GradCamExplanation:

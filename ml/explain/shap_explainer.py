@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import keras
 import numpy as np
@@ -30,6 +30,9 @@ from ml.explain.gradcam import (
     predictor_temperature,
     resize_map,
 )
+
+if TYPE_CHECKING:
+    from ml.predictor import Predictor
 
 # model -> {temperature: compiled function}, so a long-lived worker traces each model once.
 _FUNCTION_CACHE: weakref.WeakKeyDictionary[keras.Model, dict] = weakref.WeakKeyDictionary()
@@ -136,7 +139,7 @@ def shap_values(
     top_k: int = 3,
     max_evals: int = 500,
     batch_size: int = 64,
-    class_indices=None,
+    class_indices: Sequence[int] | None = None,
     blur: str | None = None,
     seed: int | None = 0,
 ) -> ShapExplanation:
@@ -190,12 +193,12 @@ def resize_values(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def explain_shap(
-    predictor,
+    predictor: Predictor,
     images: Sequence[np.ndarray],
     top_k: int = 3,
     max_evals: int = 500,
     batch_size: int = 64,
-    class_names=None,
+    class_names: str | Sequence[str | None] | None = None,
     blur: str | None = None,
 ) -> list[ShapExplanation]:
     """Calibrated SHAP explanations of uint8 images, with maps at each image's original size.

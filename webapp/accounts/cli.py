@@ -8,6 +8,7 @@ from flask import Blueprint
 from ..auth.sessions import find_user
 from ..db import db
 from ..models import ROLES, ApiToken, User
+from .service import AccountError, revoke_token, update_user
 
 bp = Blueprint("users", __name__, cli_group="users")
 
@@ -73,8 +74,6 @@ def deactivate(email: str) -> None:
 
 def _update_account(email: str, **changes):
     """Applies CHANGES to EMAIL's account (audited); refusals become a clean CLI error."""
-    from .service import AccountError, update_user
-
     user = _existing(email)
     try:
         update_user(user, None, **changes)
@@ -87,8 +86,6 @@ def _update_account(email: str, **changes):
 @click.argument("email")
 def activate(email: str) -> None:
     """Re-activate EMAIL."""
-    from .service import update_user
-
     user = update_user(_existing(email), None, active=True)
     click.echo(f"Activated {user.email}.")
 
@@ -108,8 +105,6 @@ def list_tokens(email: str) -> None:
 @click.argument("token_id", type=int)
 def revoke(token_id: int) -> None:
     """Revoke the API token with id TOKEN_ID (see `users tokens EMAIL`)."""
-    from .service import revoke_token
-
     row = db.session.get(ApiToken, token_id)
     if row is None:
         raise click.ClickException(f"No token with id {token_id}.")

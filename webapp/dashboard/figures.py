@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from ..cases.listing import consensus
 from ..db import db
 from ..models import DX_CLASSES, Analysis, Case, Image, ModelVersion, Review, User
 from ..states import AnalysisStatus
@@ -65,12 +66,6 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
     return (observed - expected) / (1 - expected)
 
 
-def _consensus(diagnoses: list[str]) -> str | None:
-    from ..cases.listing import consensus
-
-    return consensus(diagnoses)
-
-
 def model_versions_with_results() -> list[dict[str, Any]]:
     rows = db.session.execute(
         select(ModelVersion, func.count(Analysis.id))
@@ -118,7 +113,7 @@ def model_against_reference(model_version_id: int) -> dict[str, Any]:
         .where(Case.reference_dx.is_(None))
     ):
         votes[case_id].append(diagnosis)
-    agreed = {case_id: dx for case_id, d in votes.items() if (dx := _consensus(d))}
+    agreed = {case_id: dx for case_id, d in votes.items() if (dx := consensus(d))}
     ids = list(agreed)
     for start in range(0, len(ids), 500):
         for case_id, predicted in db.session.execute(

@@ -16,8 +16,9 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import audit
 from ..batches.service import send_jobs
+from ..cases.listing import conditions
 from ..db import db
-from ..models import Analysis, BatchItem, Image, Job, ModelVersion, User
+from ..models import Analysis, BatchItem, Case, Image, Job, ModelVersion, User
 from ..states import AnalysisStatus, JobKind, JobStatus
 
 MAX_RERUN_IMAGES = 100_000
@@ -134,9 +135,6 @@ def rerun_batch(batch_id: int, mv: ModelVersion, user: User) -> dict[str, Any]:
 
 
 def rerun_filtered(filters, mv: ModelVersion, user: User) -> dict[str, Any]:
-    from ..cases.listing import conditions
-    from ..models import Case
-
     query = (
         select(Image.id).where(Image.case_id.in_(select(Case.id).where(*conditions(filters, user)))).order_by(Image.id)
     )

@@ -9,7 +9,18 @@ from sqlalchemy import func, not_, select
 
 from .. import audit
 from ..db import db
-from ..models import CONFIDENCE_LEVELS, REVIEW_DIAGNOSES, REVIEW_ROLES, Analysis, Case, Image, Review, User, utcnow
+from ..models import (
+    CONFIDENCE_LEVELS,
+    REVIEW_DIAGNOSES,
+    REVIEW_ROLES,
+    Analysis,
+    BatchItem,
+    Case,
+    Image,
+    Review,
+    User,
+    utcnow,
+)
 from ..states import AnalysisStatus
 
 NOTES_MAX = 4000
@@ -107,8 +118,6 @@ def save_review(case: Case, reviewer: User, form: Mapping[str, Any]) -> tuple[Re
 
 def next_case_for(reviewer: User, skip: list[int] | None = None, batch_id: int | None = None) -> Case | None:
     """The oldest analysed case that this reviewer has not reviewed (nor skipped in this session)."""
-    from ..models import BatchItem
-
     query = (
         select(Case)
         .where(
