@@ -339,8 +339,12 @@ def save_split(table: pd.DataFrame, path: str | os.PathLike) -> None:
     table[["image_id", "lesion_id", "dx", "split"]].to_csv(path, index=False)
 
 
-def apply_split(table: pd.DataFrame, split_csv: str | os.PathLike) -> pd.DataFrame:
+def apply_split(table: pd.DataFrame, split_csv: str | os.PathLike, absent_ok: Sequence[str] = ()) -> pd.DataFrame:
     """Attaches the `split` column recorded in a run's split.csv to a freshly read table.
+
+    Args:
+        absent_ok: parts of the split whose images may be missing from the table (e.g. "test"
+            on a machine that only trains); their rows are left out.
 
     Raises:
         FileNotFoundError: if split.csv is missing.
@@ -352,6 +356,10 @@ def apply_split(table: pd.DataFrame, split_csv: str | os.PathLike) -> pd.DataFra
     split = pd.read_csv(split_csv, dtype=str)
     merged = split.merge(table, on="image_id", how="left", suffixes=("", "_data"))
     missing = merged["path"].isna()
+    merged, missing = (
+        merged[~(missing & merged["split"].isin(absent_ok))],
+        missing[~(missing & merged["split"].isin(absent_ok))],
+    )
     if missing.any():
         raise ValueError(
             f"{int(missing.sum())} image(s) of {str(split_csv)!r} are not in the dataset, "

@@ -40,7 +40,6 @@ import keras
 import numpy as np
 import pandas
 import sklearn
-import tensorflow as tf
 
 from ml import augment as A
 from ml import calibration as C
@@ -56,10 +55,8 @@ from ml.artifact import (
 )
 from ml.augment import ImageBatches
 from ml.decision import class_prior, fit_decision
-from ml.evaluate import evaluate
 from ml.losses import LogitAdjustedCrossentropy
 from ml.model import ModelConfig, build_model, shift_head_bias
-from ml.predictor import Predictor
 
 log = logging.getLogger("ml.train")
 
@@ -142,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack-resume",
         action="store_true",
         help="write the compact float16 carry-over (resume/) of the run in --out and exit; commit it so a later session can --resume",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after the epoch in which this many minutes have passed (the run can be resumed)",
     )
     p.add_argument(
         "--snapshot",
@@ -231,13 +234,14 @@ def library_versions() -> dict:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "tensorflow": tf.__version__,
+        "keras_backend": keras.backend.backend(),
+        "backend_version": _backend_module().__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "pandas": pandas.__version__,
         "scikit-learn": sklearn.__version__,
         "opencv": cv2.__version__,
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "gpus": gpu_names(),
     }
 
 
@@ -257,9 +261,26 @@ def _json_default(value):
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable.")
 
 
+def _backend_module():
+    """The array library under Keras: TensorFlow here, JAX on a GPU machine that has no TensorFlow."""
+    import importlib
+
+    return importlib.import_module(keras.backend.backend())
+
+
+def gpu_names() -> list[str]:
+    """The GPUs the Keras backend sees (empty on a CPU-only machine)."""
+    backend = _backend_module()
+    if keras.backend.backend() == "tensorflow":
+        return [d.name for d in backend.config.list_physical_devices("GPU")]
+    if keras.backend.backend() == "jax":
+        return [str(d) for d in backend.devices() if d.platform == "gpu"]
+    return []
+
+
 def configure_hardware() -> str:
     """mixed_float16 on a GPU (tensor cores gain from it); float32 on CPU, where it only slows."""
-    if tf.config.list_physical_devices("GPU"):
+    if gpu_names():
         keras.mixed_precision.set_global_policy("mixed_float16")
         return "mixed_float16"
     keras.mixed_precision.set_global_policy("float32")
@@ -400,7 +421,8 @@ class TrainingController(keras.callbacks.Callback):
         self.run_dir, self.checkpoints, self.state, self.args = run_dir, checkpoints, state, args
         self.monitor = f"val_{args.monitor}"
         self.early_stopping = True
-        self._epoch_start = time.time()
+        self._epoch_start = self._started = time.time()
+        self.out_of_time = False
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = time.time()
@@ -423,6 +445,10 @@ class TrainingController(keras.callbacks.Callback):
                 lr = self._maybe_reduce_lr(lr)
         if self.early_stopping and s["es_wait"] >= self.args.patience:
             s["stopped_early"] = True
+            self.model.stop_training = True
+        max_minutes = getattr(self.args, "max_minutes", None)
+        if max_minutes and time.time() - self._started >= max_minutes * 60:
+            self.out_of_time = True  # a lent GPU's minutes are counted: stop after this epoch
             self.model.stop_training = True
         row = {
             "epoch": epoch + 1,
@@ -582,7 +608,7 @@ def prepare_split(args: argparse.Namespace, run_dir: Path) -> pandas.DataFrame:
     table = D.read_dataset(args.data)
     split_csv = run_dir / "split.csv"
     if split_csv.is_file():
-        table = D.apply_split(table, split_csv)
+        table = D.apply_split(table, split_csv, absent_ok=("test",))  # training never reads them
     else:
         table = D.split_by_lesion(table, tuple(args.split), seed=args.seed)
         D.save_split(table, split_csv)
@@ -624,7 +650,7 @@ def train(args: argparse.Namespace) -> Path:
     log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
 
     policy = configure_hardware()
-    log.info("precision policy %s", policy)
+    log.info("Keras backend %s, precision policy %s", keras.backend.backend(), policy)
     table = prepare_split(args, run_dir)
     train_rows, val_rows = table[table["split"] == "train"], table[table["split"] == "val"]
     size = tuple(args.img_size)
@@ -722,8 +748,19 @@ def train(args: argparse.Namespace) -> Path:
         )
         if state.get("stopped_early"):
             log.info("early stopping: no improvement of %s for %d epochs", controller.monitor, args.patience)
+        if controller.out_of_time:
+            break
+    if controller.out_of_time:
+        log.info("stopped after %.1f minutes (--max-minutes); resume the run to go on", args.max_minutes)
+        return run_dir
     state["finished_training"] = True
     write_json(run_dir / "state.json", state)
+    if keras.backend.backend() != "tensorflow":
+        log.info(
+            "training done on the %s backend: finalise on a TensorFlow machine with --snapshot DIR",
+            keras.backend.backend(),
+        )
+        return run_dir
     finalize_run(args, run_dir, model, table, x_val, y_val, state)
     return run_dir
 
@@ -742,7 +779,10 @@ def _initial_state(stage: Stage, args) -> dict:
     }
 
 
-def _jit(args):
+def _jit(args: argparse.Namespace) -> bool | str:
+    # JAX runs eagerly op by op without jit: there XLA is the only sensible choice.
+    if keras.backend.backend() == "jax":
+        return True
     return {"auto": "auto", "on": True, "off": False}[args.jit_compile]
 
 
@@ -840,6 +880,10 @@ def finalize_run(
     write_manifest(out_dir, manifest)
     if not args.no_test_eval and (table["split"] == "test").any():
         # The in-memory model holds exactly the weights just written: no need to rebuild it.
+        # Serving and evaluation use TensorFlow; training itself runs on any Keras backend.
+        from ml.evaluate import evaluate
+        from ml.predictor import Predictor
+
         predictor = Predictor(model, manifest, batch_size=args.batch_size)
         test = evaluate(
             out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor
