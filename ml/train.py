@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=int, default=3, help="stage-1 epochs with a frozen pretrained backbone")
     p.add_argument("--unfreeze-from-block", type=int, default=5, help="stage 2 trains blocks >= this (1-7) and the top")
-    p.add_argument("--monitor", choices=["balanced_accuracy", "macro_auc"], default="balanced_accuracy")
+    p.add_argument(
+        "--monitor",
+        choices=["balanced_accuracy", "balanced_accuracy_decided", "macro_auc"],
+        default="balanced_accuracy_decided",
+        help="validation metric that picks the best epoch; *_decided is at the decision that would ship",
+    )
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
     p.add_argument("--lr-patience", type=int, default=3, help="ReduceLROnPlateau patience in epochs")
     p.add_argument("--lr-factor", type=float, default=0.5)
@@ -393,9 +398,10 @@ def unpack_carryover(run_dir: Path, model: keras.Model) -> dict | None:
 class ValidationMetrics(keras.callbacks.Callback):
     """Predicts the validation set once per epoch and adds val_* metrics to the logs."""
 
-    def __init__(self, val_ds, val_labels, loss_fn):
+    def __init__(self, val_ds, val_labels, loss_fn, prior: tuple[float, ...], prior_shift: np.ndarray):
         super().__init__()
         self.val_ds, self.val_labels, self.loss_fn = val_ds, np.asarray(val_labels), loss_fn
+        self.prior, self.prior_shift = prior, prior_shift
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs if logs is not None else {}
@@ -407,6 +413,20 @@ class ValidationMetrics(keras.callbacks.Callback):
         logs["val_balanced_accuracy"] = M.balanced_accuracy(self.val_labels, probs.argmax(1))
         auc = M.macro_auc(self.val_labels, probs)
         logs["val_macro_auc"] = float("nan") if auc is None else auc
+        logs["val_balanced_accuracy_decided"] = decided_balanced_accuracy(
+            self.val_labels, probs, self.prior, self.prior_shift
+        )
+
+
+def decided_balanced_accuracy(
+    y_val: np.ndarray, probs: np.ndarray, prior: tuple[float, ...], prior_shift: np.ndarray
+) -> float:
+    """Validation balanced accuracy of what would ship: the prior folded back into the outputs (a
+    logit-adjusted run), calibrated, and the decision's tau chosen on the same validation split."""
+    posterior = C.calibrated_softmax(np.log(np.clip(probs, 1e-12, 1.0)) + prior_shift)
+    calibrated = C.apply_temperature(posterior, C.fit_temperature(y_val, posterior)["temperature"])
+    decision, scores = fit_decision(y_val, calibrated, prior)
+    return scores[decision.tau]
 
 
 class TrainingController(keras.callbacks.Callback):
@@ -705,7 +725,9 @@ def train(args: argparse.Namespace) -> Path:
         finalize_run(args, run_dir, model, table, x_val, y_val, state, out_dir=Path(args.snapshot))
         return Path(args.snapshot)
     controller = TrainingController(run_dir, checkpoints, state, args)
-    callbacks = [ValidationMetrics(val_ds, y_val, loss_fn), controller]
+    prior = class_prior(y_train, len(D.CLASS_NAMES))
+    shift = args.la_tau * np.log(np.clip(prior, 1e-8, 1.0)) if args.loss == "logit_adjusted" else np.zeros(len(prior))
+    callbacks = [ValidationMetrics(val_ds, y_val, loss_fn, prior, shift), controller]
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     start = 0
     for stage in stages:
