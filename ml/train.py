@@ -240,7 +240,7 @@ def library_versions() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "keras_backend": keras.backend.backend(),
-        "backend_version": _backend_module().__version__,
+        keras.backend.backend(): _backend_module().__version__,  # e.g. "tensorflow": "2.21.0"
         "keras": keras.__version__,
         "numpy": np.__version__,
         "pandas": pandas.__version__,
