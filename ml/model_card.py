@@ -185,6 +185,9 @@ def decision_lines(manifest: dict) -> list[str]:
     return lines
 
 
+IMAGE_FEATURES = {"log_probs": "calibrated log-probabilities", "embedding": "pooled 1536-d embedding"}
+
+
 def fusion_lines(manifest: dict) -> list[str]:
     """Validation balanced accuracy with and without metadata (age, sex, site), where it was measured."""
     fusion = manifest.get("fusion")
@@ -194,7 +197,7 @@ def fusion_lines(manifest: dict) -> list[str]:
     return [
         "## Metadata (age, sex, anatomical site)",
         "",
-        f"A head on the network's {fusion.get('image_features', 'embedding')} plus age, sex and site, trained with "
+        f"A head on the network's {IMAGE_FEATURES.get(fusion.get('image_features'), 'image features')} plus age, sex and site, trained with "
         "metadata blanked for half of its rows (never `dx_type`), measured on validation (balanced accuracy at each "
         "one's own validation-chosen decision). The head is stored in the artifact (`fusion.npz`) but the portal "
         "does not apply it yet: shown results are the network's alone.",
