@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,93 +28,12 @@ from sklearn.linear_model import LogisticRegression
 from ml import data as D
 from ml.calibration import apply_temperature, calibrated_softmax, fit_temperature
 from ml.decision import class_prior, fit_decision
+from ml.metadata import FUSION_FILE, METADATA_FEATURES, MISSING_METADATA, FusionHead, metadata_matrix
 from ml.predictor import Predictor
 
 log = logging.getLogger("ml.fusion")
 
-SEXES = ("male", "female")
-# HAM10000's `localization` vocabulary without "unknown" (a missing site is its own feature).
-SITES = (
-    "abdomen",
-    "acral",
-    "back",
-    "chest",
-    "ear",
-    "face",
-    "foot",
-    "genital",
-    "hand",
-    "lower extremity",
-    "neck",
-    "scalp",
-    "trunk",
-    "upper extremity",
-)
-METADATA_FEATURES = (
-    ("age_over_100", "age_missing")
-    + tuple(f"sex_{s}" for s in SEXES)
-    + ("sex_missing",)
-    + tuple(f"site_{s}" for s in SITES)
-    + ("site_missing",)
-)
-FUSION_FILE = "fusion.npz"
 DROP_FRACTION = 0.5
-
-
-def metadata_vector(age: float | None = None, sex: str | None = None, site: str | None = None) -> np.ndarray:
-    """The metadata features of one case; None, NaN, "unknown" or an unknown value count as missing."""
-    v = np.zeros(len(METADATA_FEATURES), dtype=np.float32)
-    age_known = age is not None and not (isinstance(age, float) and math.isnan(age)) and 0 <= float(age) <= 120
-    v[0], v[1] = (float(age) / 100.0, 0.0) if age_known else (0.0, 1.0)
-    sex = str(sex).strip().lower() if sex is not None else ""
-    if sex in SEXES:
-        v[2 + SEXES.index(sex)] = 1.0
-    else:
-        v[2 + len(SEXES)] = 1.0
-    site = " ".join(str(site).lower().replace("_", " ").split()) if site is not None else ""
-    offset = 3 + len(SEXES)
-    if site in SITES:
-        v[offset + SITES.index(site)] = 1.0
-    else:
-        v[offset + len(SITES)] = 1.0
-    return v
-
-
-MISSING_METADATA = metadata_vector()
-
-
-def metadata_matrix(table: pd.DataFrame) -> np.ndarray:
-    """Metadata features of every row of a table with (some of) the columns age, sex, localization."""
-    get = lambda row, key: row.get(key) if key in row else None  # noqa: E731
-    return (
-        np.stack(
-            [metadata_vector(get(r, "age"), get(r, "sex"), get(r, "localization")) for r in table.to_dict("records")]
-        )
-        if len(table)
-        else np.zeros((0, len(METADATA_FEATURES)), dtype=np.float32)
-    )
-
-
-@dataclass
-class FusionHead:
-    """logits = [standardised embedding, metadata] @ weights + bias."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    weights: np.ndarray
-    bias: np.ndarray
-
-    def logits(self, embeddings: np.ndarray, metadata: np.ndarray) -> np.ndarray:
-        features = np.hstack([(np.asarray(embeddings, np.float32) - self.mean) / self.scale, metadata])
-        return features @ self.weights + self.bias
-
-    def save(self, path: Path) -> None:
-        np.savez(path, mean=self.mean, scale=self.scale, weights=self.weights, bias=self.bias)
-
-    @classmethod
-    def load(cls, path: Path) -> FusionHead:
-        with np.load(path) as f:
-            return cls(f["mean"], f["scale"], f["weights"], f["bias"])
 
 
 def fit_head(

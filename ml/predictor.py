@@ -21,6 +21,7 @@ from ml.artifact import MODEL_WEIGHT_GROUPS, WEIGHTS, build_manifest, convert_we
 from ml.calibration import apply_temperature
 from ml.data import resize_image
 from ml.decision import Decision
+from ml.metadata import MISSING_METADATA, MetadataHead
 from ml.model import EMBEDDING_LAYER, ModelConfig, build_model
 
 DEFAULT_UNTRAINED_SIZE = (120, 160)
@@ -50,6 +51,7 @@ class Predictor:
         self.input_size = (int(manifest["input_size"][0]), int(manifest["input_size"][1]))
         self.temperature = float(manifest["temperature"])
         self.decision = Decision.from_manifest(manifest)
+        self.metadata_head: MetadataHead | None = None  # set by `load` when the artifact ships one
         self.gradcam_layer = manifest["gradcam_layer"]
         self.batch_size = batch_size
         h, w = self.input_size
@@ -90,7 +92,9 @@ class Predictor:
         config.weights = "none"
         model = build_model(config)
         _load_weights(model, weights)
-        return cls(model, manifest, batch_size)
+        predictor = cls(model, manifest, batch_size)
+        predictor.metadata_head = MetadataHead.from_artifact(folder, manifest)
+        return predictor
 
     @classmethod
     def untrained(cls, input_size: tuple[int, int] = DEFAULT_UNTRAINED_SIZE, seed: int = UNTRAINED_SEED) -> Predictor:
@@ -147,6 +151,26 @@ class Predictor:
         if batch is None:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         return apply_temperature(self.predict_raw(batch, tta=tta), self.temperature)
+
+    def predict_with_metadata(
+        self, images: Sequence[np.ndarray], metadata: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibrated probabilities, the chosen class of each image, and whether its metadata was used.
+
+        An image whose metadata (`ml.metadata.metadata_vector` rows) is all missing keeps the network's
+        answer: the metadata head without metadata validates worse than the network alone.
+        """
+        probs = self.predict(images)
+        chosen = self.decision.choose(probs)
+        used = np.zeros(len(probs), dtype=bool)
+        if self.metadata_head is None or not len(probs):
+            return probs, chosen, used
+        metadata = np.asarray(metadata, dtype=np.float32)
+        used = ~np.all(metadata == MISSING_METADATA, axis=1)
+        if used.any():
+            probs[used] = self.metadata_head.probabilities(probs[used], metadata[used])
+            chosen[used] = self.metadata_head.decision.choose(probs[used])
+        return probs, chosen, used
 
     def top_classes(self, probs: np.ndarray) -> list[str]:
         """The class each row of calibrated probabilities is shown as (the manifest's decision)."""

@@ -12,6 +12,7 @@ import pytest
 from ml_helpers import TINY_SIZE, run_module
 
 from ml import fusion as F
+from ml import metadata as MD
 from ml.calibration import calibrated_softmax
 from ml.decision import Decision, class_prior, fit_decision
 from ml.losses import LogitAdjustedCrossentropy
@@ -98,13 +99,13 @@ def test_predictor_top_classes_follow_the_manifests_decision(tiny_predictor):
 
 
 def test_metadata_vector_marks_missing_values():
-    full = F.metadata_vector(45, "female", "Lower_Extremity")
-    names = F.METADATA_FEATURES
+    full = MD.metadata_vector(45, "female", "Lower_Extremity")
+    names = MD.METADATA_FEATURES
     assert full[names.index("age_over_100")] == pytest.approx(0.45)
     assert full[names.index("sex_female")] == 1 and full[names.index("site_lower extremity")] == 1
     assert full[[names.index(n) for n in ("age_missing", "sex_missing", "site_missing")]].sum() == 0
-    missing = F.metadata_vector(float("nan"), "unknown", "unknown")
-    np.testing.assert_array_equal(missing, F.MISSING_METADATA)
+    missing = MD.metadata_vector(float("nan"), "unknown", "unknown")
+    np.testing.assert_array_equal(missing, MD.MISSING_METADATA)
     assert missing[[names.index(n) for n in ("age_missing", "sex_missing", "site_missing")]].sum() == 3
 
 
@@ -114,15 +115,15 @@ def test_fusion_head_uses_metadata_and_still_answers_without_it(tmp_path):
     y = rng.integers(0, 3, n)
     embeddings = rng.normal(size=(n, 16)).astype(np.float32) + y[:, None] * 0.4  # weakly informative image
     sites = np.array(["back", "face", "foot"])[y]  # site tells the class
-    meta = np.stack([F.metadata_vector(50, "male", s) for s in sites])
+    meta = np.stack([MD.metadata_vector(50, "male", s) for s in sites])
     head = F.fit_head(embeddings, meta, y, num_classes=4, c=1.0)
     with_meta = head.logits(embeddings, meta).argmax(1)
-    without = head.logits(embeddings, np.repeat(F.MISSING_METADATA[None], n, 0)).argmax(1)
+    without = head.logits(embeddings, np.repeat(MD.MISSING_METADATA[None], n, 0)).argmax(1)
     assert (with_meta == y).mean() > 0.95
     assert 0.4 < (without == y).mean() < (with_meta == y).mean()
     assert head.logits(embeddings[:1], meta[:1])[0, 3] < -10  # a class absent from training
     head.save(tmp_path / "fusion.npz")
-    loaded = F.FusionHead.load(tmp_path / "fusion.npz")
+    loaded = MD.FusionHead.load(tmp_path / "fusion.npz")
     np.testing.assert_allclose(loaded.logits(embeddings, meta), head.logits(embeddings, meta), rtol=1e-6)
 
 
@@ -213,3 +214,62 @@ def test_agreement_compares_the_top_class_on_two_copies_of_the_same_images(train
     assert json.loads((tmp_path / "out" / "agreement.json").read_text())["n"] == result["n"]
     same = agreement(trained_run, synthetic_ham, synthetic_ham, tmp_path / "same")
     assert same["agreement"] == 1.0 and same["max_probability_difference"] == 0.0
+
+
+def test_metadata_changes_the_answer_only_for_cases_that_have_metadata(tiny_predictor, tmp_path):
+    rng = np.random.default_rng(5)
+    features = len(MD.METADATA_FEATURES)
+    head = MD.FusionHead(
+        np.zeros(7, np.float32),
+        np.ones(7, np.float32),
+        np.zeros((7 + features, 7), np.float32),
+        np.zeros(7, np.float32),
+    )
+    head.weights[7 + MD.METADATA_FEATURES.index("site_acral"), 3] = 50.0  # acral site: df
+    np.testing.assert_allclose(head.weights[:7], 0)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+    metadata = np.stack(
+        [MD.MISSING_METADATA, MD.metadata_vector(30, "male", "acral"), MD.metadata_vector(30, "male", "back")]
+    )
+    saved = tiny_predictor.metadata_head
+    try:
+        tiny_predictor.metadata_head = MD.MetadataHead(head, 1.0, Decision())
+        probs, chosen, used = tiny_predictor.predict_with_metadata(images, metadata)
+    finally:
+        tiny_predictor.metadata_head = saved
+    plain = tiny_predictor.predict(images)
+    assert used.tolist() == [False, True, True]
+    np.testing.assert_allclose(probs[0], plain[0], atol=1e-6)  # no metadata: the network's answer
+    assert chosen[1] == 3 and probs[1, 3] > 0.99
+    np.testing.assert_allclose(probs[2], np.full(7, 1 / 7), atol=1e-6)  # this head ignores the image
+
+
+def test_an_artifact_ships_its_metadata_head(trained_run, tmp_path):
+    import shutil
+
+    from ml.predictor import Predictor
+
+    folder = tmp_path / "artifact"
+    shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints", "eval_test"))
+    assert Predictor.load(folder).metadata_head is None
+    head = MD.FusionHead(
+        np.zeros(7, np.float32),
+        np.ones(7, np.float32),
+        np.zeros((7 + len(MD.METADATA_FEATURES), 7), np.float32),
+        np.zeros(7, np.float32),
+    )
+    head.save(folder / MD.FUSION_FILE)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["fusion"] = {
+        "file": MD.FUSION_FILE,
+        "image_features": "log_probs",
+        "temperature": 1.3,
+        "decision": Decision(0.5, (0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05)).to_manifest(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Predictor.load(folder).metadata_head
+    assert loaded.temperature == 1.3 and loaded.decision.tau == 0.5
+    manifest["fusion"]["image_features"] = "embedding"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="log-probabilities"):
+        Predictor.load(folder)
