@@ -42,6 +42,19 @@ class AugmentRecipe:
 
 
 NO_AUGMENTATION = AugmentRecipe((1.0, 1.0), 0.0, 0.0, False, 0.0, 0.0, 0.0, 0.0, 0.0)
+# By name for `ml.train --augment`; "mild" is close to the Keras-layer augmentation of the first run.
+RECIPES = {
+    "strong": AugmentRecipe(),
+    "mild": AugmentRecipe(
+        crop_scale=(0.8, 1.0),
+        aspect_jitter=0.05,
+        rot90_probability=0.0,
+        brightness=0.1,
+        contrast=0.1,
+        saturation=0.0,
+        mixup_alpha=0.0,
+    ),
+}
 
 
 def source_size(input_size: tuple[int, int]) -> tuple[int, int]:

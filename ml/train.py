@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-factor", type=float, default=0.5)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--augment",
+        choices=sorted(A.RECIPES),
+        default="strong",
+        help="strong: crops, 90-degree turns, colour, mixup; mild: flips, light crops and colour",
+    )
     p.add_argument("--cbam", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cbam-stages", type=int, nargs="*", default=[], help="also put CBAM after these backbone stages")
     p.add_argument("--dropout", type=float, default=0.3)
@@ -685,7 +691,7 @@ def train(args: argparse.Namespace) -> Path:
         {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)},
     )
 
-    recipe = A.NO_AUGMENTATION if args.no_augment else A.AugmentRecipe()
+    recipe = A.NO_AUGMENTATION if args.no_augment else A.RECIPES[args.augment]
     train_ds = A.ImageBatches(
         x_train, y_train, args.batch_size, size, training=True, recipe=recipe, balance=args.balance, seed=args.seed
     )
