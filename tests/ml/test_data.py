@@ -285,3 +285,18 @@ def test_fingerprint_depends_on_ids_and_labels_not_order(synthetic_ham):
 def test_synthetic_dataset_sizes(tmp_path):
     root = make_ham10000_like(tmp_path / "d", lesions_per_class={"mel": 2, "nv": 1}, max_images_per_lesion=1)
     assert sorted(D.read_dataset(root)["dx"]) == ["mel", "mel", "nv"]
+
+
+def test_the_mild_recipe_never_turns_an_image_and_never_mixes():
+    image = np.zeros((150, 200, 3), np.uint8)
+    image[:, :100] = 255  # a vertical edge: a 90-degree turn would make it horizontal
+    rng = np.random.default_rng(0)
+    mild = A.RECIPES["mild"]
+    for _ in range(20):
+        crop = A.random_resized_crop(image, (120, 160), rng, mild)
+        assert np.ptp(crop.mean(axis=(0, 2))) > 100 and np.ptp(crop.mean(axis=(1, 2))) < 1
+    x = np.stack([np.full((2, 2, 3), v, np.float32) for v in (0.0, 100.0)])
+    y = np.eye(7, dtype=np.float32)[[0, 1]]
+    mixed_x, mixed_y = A.mixup(x, y, rng, mild)
+    np.testing.assert_array_equal(mixed_x, x)
+    np.testing.assert_array_equal(mixed_y, y)
