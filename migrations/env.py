@@ -1,4 +1,5 @@
 import logging
+from contextlib import contextmanager
 from logging.config import fileConfig
 
 from alembic import context
@@ -56,6 +57,32 @@ def get_metadata():
     return target_db.metadata
 
 
+@contextmanager
+def foreign_keys_off_on_sqlite(connection):
+    """SQLite foreign keys off for the whole migration run, checked and switched on again after.
+
+    A batch-mode rebuild copies a table, drops the old one and renames the copy. With foreign keys
+    on, that DROP TABLE deletes the rows of every child table declared ON DELETE CASCADE (and
+    nulls the SET NULL ones), so an upgrade would silently lose images, jobs and reviews. The
+    pragma is a no-op inside a transaction, so it is set before Alembic begins one; afterwards
+    `PRAGMA foreign_key_check` makes a migration that left dangling references fail loudly.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        yield
+        dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if dangling:
+            raise RuntimeError(f"The migration left rows that reference missing rows: {dangling[:10]}")
+    finally:
+        connection.rollback()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
+
+
 def run_migrations_offline():
     """Run migrations in 'offline' mode.
 
@@ -107,7 +134,7 @@ def run_migrations_online():
 
     connectable = get_engine()
 
-    with connectable.connect() as connection:
+    with connectable.connect() as connection, foreign_keys_off_on_sqlite(connection):
         context.configure(connection=connection, target_metadata=get_metadata(), **conf_args)
 
         with context.begin_transaction():
