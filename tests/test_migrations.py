@@ -15,6 +15,7 @@ the run, and these tests fail without that.
 from __future__ import annotations
 
 import hashlib
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -344,3 +345,109 @@ def test_a_migration_that_leaves_dangling_references_fails(tmp_path):
         with pytest.raises(RuntimeError, match="reference missing rows"):
             command.upgrade(config, "head")  # alembic's own command: Flask-Migrate turns errors into exit(1)
         db.engine.dispose()
+
+
+# --- a database made by the last release ------------------------------------------------------
+
+# "Ship 2026.12.01", the last commit whose message names a release: the portal as it was shipped
+# with that model. Its schema is 0004_job_claimed_by; the test runs whatever came after it.
+RELEASE = "c314575"
+RELEASE_PASSWORD = "correct horse battery"
+# Runs inside the release's own code (its webapp/ and migrations/ first on sys.path): migrate, an
+# admin, an API token, the test images imported as a batch through its CLI. Prints the token last.
+RELEASE_SCRIPT = """
+import sys
+from webapp import create_app
+app = create_app()
+assert app.import_name == "webapp" and sys.modules["webapp"].__file__.startswith(sys.argv[1]), "not the release"
+cli = app.test_cli_runner()
+for args in (["db", "upgrade"], ["users", "create", "admin@example.org", "--role", "admin", "--password", sys.argv[2]],
+             ["users", "token", "admin@example.org"], ["batch", "import", sys.argv[3], "--user", "admin@example.org"]):
+    result = cli.invoke(args=args)
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    if args[1] == "token":
+        token = result.output.strip().splitlines()[-1]
+print(token)
+"""
+
+
+def release_tree(tmp_path: Path) -> Path:
+    """The release's webapp/, migrations/, templates/ and static/ from git (no checkout is changed)."""
+    import subprocess
+    import tarfile
+
+    tree = tmp_path / "release"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", RELEASE, "webapp", "migrations", "templates", "static"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert archive.returncode == 0, f"git archive {RELEASE} failed (a full clone is needed): {archive.stderr!r}"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def make_release_database(tree: Path, url: str, storage: Path, instance: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env |= {
+        "PYTHONPATH": str(tree),
+        "PORTAL_ENV": "testing",
+        "DATABASE_URL": url,
+        "STORAGE_DIR": str(storage),
+        "INSTANCE_DIR": str(instance),
+        "MODEL_DIR": str(instance / "no-model"),
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens: jobs stay queued, as with a broker down
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT, str(tree), RELEASE_PASSWORD, str(IMAGES)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.db_backends
+def test_a_database_of_the_last_release_upgrades_with_its_uploads_and_its_token(engine_url, tmp_path):
+    from flask_migrate import upgrade
+    from portal_helpers import login
+
+    from webapp.models import Case
+
+    tree = release_tree(tmp_path)
+    token = make_release_database(tree, engine_url, tmp_path / "storage", tmp_path / "release-instance")
+    assert token.startswith("dp_")
+    app = portal_app(engine_url, tmp_path)
+    with app.app_context():
+        made_by_release = snapshot(db.engine)
+        upgrade()
+        rows = assert_kept(made_by_release, snapshot(db.engine))
+        files = assert_files_readable(app)
+        cases = db.session.scalar(sa.select(sa.func.count()).select_from(Case))
+        db.session.remove()
+    uploads = sorted(IMAGES.glob("*.jpg"))
+    assert cases == files == len(uploads) > 0
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+    listed = client.get("/api/v1/cases", headers=headers)
+    assert listed.status_code == 200, listed.get_json()
+    assert listed.json["total"] == len(uploads)
+    shown = [client.get(f"/api/v1/cases/{row['id']}", headers=headers).json for row in listed.json["cases"]]
+    names = {image["original_filename"] for case in shown for image in case["images"]}
+    assert names == {path.name for path in uploads}
+    assert client.get("/api/v1/cases", headers={"Authorization": "Bearer dp_not-the-token"}).status_code == 401
+    assert login(client, "admin@example.org", RELEASE_PASSWORD).status_code == 302
+    with app.app_context():
+        db.engine.dispose()
+    engine = engine_url.split(":")[0].split("+")[0]
+    print(f"\nrelease {RELEASE} on {engine}: {rows} rows, {files} uploads read back, its API token and password work")
