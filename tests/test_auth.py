@@ -1,3 +1,6 @@
+import time
+
+import pytest
 from portal_helpers import PASSWORD, csrf_from, login, make_token, make_user
 
 
@@ -115,3 +118,166 @@ def test_revoked_token_and_inactive_user(app, client, researcher):
         db.session.scalars(db.select(User)).one().active = False
         db.session.commit()
     assert client.get("/api/v1/cases/1", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+# --- sessions that end (issue 14) ----------------------------------------------------------------
+
+
+def _cookie(client) -> str:
+    return client.get_cookie("session").value
+
+
+def _replay(app, cookie: str):
+    """A new browser that presents a copied session cookie."""
+    other = app.test_client()
+    other.set_cookie("session", cookie)
+    return other
+
+
+def test_a_cookie_replayed_after_logout_signs_no_one_in(app, client, researcher):
+    login(client, researcher)
+    stolen = _cookie(client)
+    assert _replay(app, stolen).get("/cases").status_code == 200
+    client.post("/logout", data={"csrf_token": csrf_from(client.get("/cases").get_data(as_text=True))})
+    for path in ("/cases", "/cases/export.csv"):
+        response = _replay(app, stolen).get(path)
+        assert response.status_code == 302 and "/login" in response.headers["Location"]
+
+
+def test_role_change_and_deactivation_end_every_session(app, client, researcher):
+    from webapp.accounts.service import update_user
+    from webapp.db import db
+    from webapp.models import User
+
+    def change(**values):
+        with app.app_context():
+            update_user(db.session.scalar(db.select(User).where(User.email == researcher)), None, **values)
+
+    login(client, researcher)
+    stolen = _cookie(client)
+    change(role="reviewer")
+    assert _replay(app, stolen).get("/cases").status_code == 302
+    login(client, researcher)
+    stolen = _cookie(client)
+    assert _replay(app, stolen).get("/cases").status_code == 200
+    change(active=False)
+    change(active=True)  # reactivated: the cookies from before stay dead
+    assert _replay(app, stolen).get("/cases").status_code == 302
+
+
+def test_the_session_lives_hours_not_days(app, client, researcher):
+    from webapp import create_app
+
+    assert app.permanent_session_lifetime.total_seconds() == 8 * 3600
+    login(client, researcher)
+    cookie = client.get_cookie("session")
+    assert cookie.expires is not None  # a permanent cookie: the browser drops it too
+    keys = ("TESTING", "INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "REDIS_URL", "BROKER_TIMEOUT")
+    short = create_app({key: app.config[key] for key in keys} | {"SESSION_HOURS": 1 / 3600})
+    replayed = short.test_client()
+    replayed.set_cookie("session", cookie.value)
+    assert replayed.get("/cases").status_code == 200
+    time.sleep(2.1)
+    assert replayed.get("/cases").status_code == 302  # the server refuses the older signature
+
+
+def _change(client, current, new, again=None):
+    page = client.get("/account/password")
+    assert page.status_code == 200
+    data = {"current": current, "new": new, "new_again": new if again is None else again}
+    return client.post("/account/password", data={**data, "csrf_token": csrf_from(page.get_data(as_text=True))})
+
+
+def test_password_change_page(app, client, researcher):
+    from webapp.db import db
+    from webapp.models import AuditEntry
+
+    login(client, researcher)
+    other_browser = _replay(app, _cookie(client))
+    assert _change(client, "wrong current pw", "a new and long passphrase").status_code == 400
+    assert _change(client, PASSWORD, "a new and long passphrase", "differs").status_code == 400
+    refused = _change(client, PASSWORD, "password1234")
+    assert refused.status_code == 400 and b"common or breached" in refused.data
+    assert _change(client, PASSWORD, "short pw").status_code == 400
+    done = _change(client, PASSWORD, "a new and long passphrase")
+    assert done.status_code == 302
+    assert client.get("/cases").status_code == 200  # this browser stays signed in
+    assert other_browser.get("/cases").status_code == 302  # every other session ended
+    client.post("/logout", data={"csrf_token": csrf_from(client.get("/cases").get_data(as_text=True))})
+    assert login(client, researcher).status_code == 401
+    assert login(client, researcher, "a new and long passphrase").status_code == 302
+    with app.app_context():
+        actions = [e.action for e in db.session.scalars(db.select(AuditEntry))]
+        entry = db.session.scalars(db.select(AuditEntry).where(AuditEntry.action == "user.password")).one()
+        assert actions.count("user.password") == 1 and entry.old is None and entry.new is None
+
+
+def test_password_page_needs_a_login(client):
+    response = client.get("/account/password")
+    assert response.status_code == 302 and "/login" in response.headers["Location"]
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        ("elevenchars", "at least 12"),
+        ("x" * 1025, "at most 1024"),
+        ("password1234", "common or breached"),
+        ("Qwertyuiop123", "common or breached"),
+        ("aaaaaaaaaaaa", "repeats or counts"),
+        ("abcabcabcabc", "repeats or counts"),
+        ("123456789012", "repeats or counts"),
+        ("researcher-2026!", "email name"),
+    ],
+)
+def test_password_rules(password, message):
+    from webapp.auth.passwords import password_problem
+
+    assert message in password_problem(password, "researcher@example.org")
+
+
+def test_a_good_password_passes_and_the_list_is_vendored():
+    from webapp.auth.passwords import common_passwords, password_problem
+
+    assert password_problem("correct horse battery", "researcher@example.org") is None
+    assert len(common_passwords()) > 19_000 and "iloveyou" in common_passwords()
+
+
+def test_every_place_that_sets_a_password_applies_the_rules(app, client, tmp_path):
+    from webapp.auth.passwords import password_problem
+    from webapp.bootstrap import ensure_admin
+    from webapp.db import db
+    from webapp.models import User
+
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["users", "create", "x@example.org", "--password", "password1234"])
+    assert result.exit_code != 0 and "common or breached" in result.output
+    make_user(app, "boss@example.org", role="admin")
+    result = runner.invoke(args=["users", "password", "boss@example.org", "--password", "aaaaaaaaaaaa"])
+    assert result.exit_code != 0 and "repeats" in result.output
+    login(client, "boss@example.org")
+    csrf = csrf_from(client.get("/admin").get_data(as_text=True))
+    form = {"csrf_token": csrf, "email": "y@example.org", "role": "reviewer", "password": "eleven char"}
+    client.post("/admin/users", data=form)
+    assert "at least 12" in client.get("/admin").get_data(as_text=True)
+    with app.app_context():  # the first admin of an empty database gets a password that passes
+        db.session.execute(db.delete(User))
+        db.session.commit()
+    password = ensure_admin(app, tmp_path / "admin-password")
+    assert password_problem(password, "admin@localhost") is None
+
+
+def test_cli_account_commands_are_audited(app):
+    from webapp.db import db
+    from webapp.models import AuditEntry
+
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["users", "create", "c@example.org", "--password", "long enough pw"]).exit_code == 0
+    assert runner.invoke(args=["users", "token", "c@example.org"]).exit_code == 0
+    assert runner.invoke(args=["users", "role", "c@example.org", "reviewer"]).exit_code == 0
+    assert runner.invoke(args=["users", "password", "c@example.org", "--password", "another long pw"]).exit_code == 0
+    assert runner.invoke(args=["users", "deactivate", "c@example.org"]).exit_code == 0
+    assert runner.invoke(args=["users", "activate", "c@example.org"]).exit_code == 0
+    with app.app_context():
+        actions = [e.action for e in db.session.scalars(db.select(AuditEntry).order_by(AuditEntry.id))]
+    assert actions == ["user.create", "token.issue", "user.update", "user.password", "user.update", "user.update"]

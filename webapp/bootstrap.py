@@ -12,6 +12,8 @@ from flask import Flask
 from flask_migrate import upgrade
 from sqlalchemy import func, select
 
+from .accounts.service import create_user
+from .auth.passwords import password_problem
 from .db import db
 from .model_versions.service import register_model_version
 from .models import User
@@ -34,11 +36,10 @@ def ensure_admin(app: Flask, password_file: Path, email: str = DEFAULT_ADMIN) ->
     with app.app_context():
         if db.session.scalar(select(func.count(User.id))):
             return None
-        password = secrets.token_urlsafe(12)
-        user = User(email=email, role="admin")
-        user.set_password(password)
-        db.session.add(user)
-        db.session.commit()
+        password = secrets.token_urlsafe(18)  # 24 characters: past the password rules' minimum
+        while password_problem(password, email):  # all but never (e.g. it holds "admin")
+            password = secrets.token_urlsafe(18)
+        create_user(email, "admin", password, None)  # the rules and the audit log of every account
         db.engine.dispose()
     password_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

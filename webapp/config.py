@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,10 @@ class Settings:
     WORKER_PROCESSES: int = 0
     PREDICT_THREADS: int = 0
     CSRF_ENABLED: bool = True
+    SESSION_HOURS: float = 8  # A signed-in session ends this many hours after its last request (cookie and server).
     # Rate limits in Flask-Limiter's syntax ("5 per 15 minutes"; several separated by ";"), counted in Redis.
     LOGIN_RATE_LIMIT: str = "5 per 15 minutes"  # Failed logins per (email, client address), then 429.
+    LOGIN_ADDRESS_RATE_LIMIT: str = "30 per 15 minutes"  # Failed logins per client address over all accounts, then 429.
     UPLOAD_RATE_LIMIT: str = "120 per minute"  # Uploads per user: single images and folder uploads, pages and API.
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
@@ -128,6 +131,8 @@ class Settings:
         for name in ("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR"):
             if environ.get(name):
                 values[name] = Path(environ[name])
+        if environ.get("SESSION_HOURS"):
+            values["SESSION_HOURS"] = _parse_positive("SESSION_HOURS", environ["SESSION_HOURS"], float)
         if environ.get("MAX_UPLOAD_MB"):
             values["MAX_UPLOAD_MB"] = _parse_positive("MAX_UPLOAD_MB", environ["MAX_UPLOAD_MB"], float)
         for name in ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT"):
@@ -158,7 +163,7 @@ class Settings:
             values["PREDICT_BATCH_SIZE"] = _parse_positive("PREDICT_BATCH_SIZE", environ["PREDICT_BATCH_SIZE"])
         if environ.get("PREDICT_WARMUP"):
             values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
-        for name in ("LOGIN_RATE_LIMIT", "UPLOAD_RATE_LIMIT"):
+        for name in ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT"):
             if environ.get(name):
                 values[name] = _parse_rate_limit(name, environ[name])
         if environ.get("UNTRAINED_INPUT_SIZE"):
@@ -216,6 +221,7 @@ class Settings:
             SESSION_COOKIE_HTTPONLY=True,
             SESSION_COOKIE_SAMESITE="Lax",
             SESSION_COOKIE_SECURE=self.PORTAL_ENV == "production",
+            PERMANENT_SESSION_LIFETIME=timedelta(hours=self.SESSION_HOURS),
         )
         config.update(self.extra)
         return config

@@ -93,6 +93,9 @@ class User(UserMixin, db.Model):
     role: Mapped[str] = mapped_column(String(20), default="researcher")
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Part of every session's id (get_id): raising it ends all of this user's signed-in sessions,
+    # since a signed cookie cannot be called back (logout, password or role change, deactivation).
+    session_generation: Mapped[int] = mapped_column(default=0, server_default="0")
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
@@ -101,6 +104,12 @@ class User(UserMixin, db.Model):
 
     def check_password(self, password: str) -> bool:
         return check_password_hash(self.password_hash, password)
+
+    def get_id(self) -> str:  # Flask-Login keeps this in the session; load_user checks it
+        return f"{self.id}:{self.session_generation}"
+
+    def end_sessions(self) -> None:
+        self.session_generation = (self.session_generation or 0) + 1
 
     @property
     def is_active(self) -> bool:  # Flask-Login: a deactivated account cannot sign in

@@ -8,7 +8,7 @@ from flask import Blueprint
 from ..auth.sessions import find_user
 from ..db import db
 from ..models import ROLES, ApiToken, User
-from .service import AccountError, revoke_token, update_user
+from .service import AccountError, create_user, issue_token, reset_password, revoke_token, update_user
 
 bp = Blueprint("users", __name__, cli_group="users")
 
@@ -17,33 +17,34 @@ bp = Blueprint("users", __name__, cli_group="users")
 @click.argument("email")
 @click.option("--role", type=click.Choice(ROLES), default="researcher", show_default=True)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True, help="Prompted for when not given.")
-def create_user(email: str, role: str, password: str) -> None:
-    """Create a user with EMAIL and a password."""
-    email = email.strip().lower()
-    if "@" not in email:
-        raise click.BadParameter(f"{email!r} is not an email address.", param_hint="EMAIL")
-    if len(password) < 8:
-        raise click.BadParameter("use at least 8 characters.", param_hint="--password")
-    if find_user(email) is not None:
-        raise click.ClickException(f"A user with email {email} already exists.")
-    user = User(email=email, role=role)
-    user.set_password(password)
-    db.session.add(user)
-    db.session.commit()
-    click.echo(f"Created {role} {email}.")
+def create(email: str, role: str, password: str) -> None:
+    """Create a user with EMAIL and a password (recorded in the audit log)."""
+    try:
+        user = create_user(email, role, password, None)
+    except AccountError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Created {user.role} {user.email}.")
+
+
+@bp.cli.command("password")
+@click.argument("email")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True, help="Prompted for when not given.")
+def set_password(email: str, password: str) -> None:
+    """Set EMAIL's password (recorded in the audit log); the user's sessions end."""
+    try:
+        reset_password(_existing(email), password, None)
+    except AccountError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Password of {email} changed; their sessions have ended.")
 
 
 @bp.cli.command("token")
 @click.argument("email")
 @click.option("--label", default=None, help="A note on what the token is for.")
 def create_token(email: str, label: str | None) -> None:
-    """Print a new API token for EMAIL (the last line of the output; only its hash is stored)."""
-    user = find_user(email)
-    if user is None:
-        raise click.ClickException(f"No user with email {email}.")
-    row, plain = ApiToken.issue(user, label)
-    db.session.add(row)
-    db.session.commit()
+    """Print a new API token for EMAIL (the last line of the output; only its hash is stored; audited)."""
+    user = _existing(email)
+    _row, plain = issue_token(user, label, None)
     click.echo(f"New API token for {user.email} (shown once; send as 'Authorization: Bearer <token>'):")
     click.echo(plain)
 
@@ -86,7 +87,7 @@ def _update_account(email: str, **changes):
 @click.argument("email")
 def activate(email: str) -> None:
     """Re-activate EMAIL."""
-    user = update_user(_existing(email), None, active=True)
+    user = _update_account(email, active=True)
     click.echo(f"Activated {user.email}.")
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from .. import audit
+from ..auth.passwords import password_problem
 from ..auth.sessions import find_user
 from ..db import db
 from ..models import ROLES, ApiToken, User, utcnow
-
-PASSWORD_MIN = 8
 
 
 class AccountError(ValueError):
@@ -32,8 +31,7 @@ def create_user(email: str, role: str, password: str, actor: User | None) -> Use
         raise AccountError(f"{email!r} is not an email address.")
     if role not in ROLES:
         raise AccountError(f"role must be one of {', '.join(ROLES)}.")
-    if len(password or "") < PASSWORD_MIN:
-        raise AccountError(f"The password must have at least {PASSWORD_MIN} characters.")
+    _check_password(password, email)
     if find_user(email) is not None:
         raise AccountError(f"A user with email {email} already exists.")
     user = User(email=email, role=role)
@@ -57,9 +55,49 @@ def update_user(user: User, actor: User | None, role: str | None = None, active:
     user.role, user.active = new_role, new_active
     new = {"role": user.role, "active": user.active}
     if new != old:
+        user.end_sessions()  # a session signed in under the old role or state must not go on
         audit.record("user.update", "user", user.id, user=actor, old=old, new=new)
     db.session.commit()
     return user
+
+
+def _check_password(password: str, email: str) -> None:
+    problem = password_problem(password, email)
+    if problem is not None:
+        raise AccountError(problem)
+
+
+def change_password(user: User, current: str, new: str, new_again: str) -> User:
+    """The user's own change: the current password, then the new one twice. Ends every session
+    of the user, the one asking included (the page signs it in again)."""
+    if not user.check_password((current or "")[:1024]):
+        raise AccountError("The current password is wrong.")
+    if new != new_again:
+        raise AccountError("The two new passwords differ.")
+    if new == current:
+        raise AccountError("The new password is the current one; choose another.")
+    _check_password(new, user.email)
+    user.set_password(new)
+    user.end_sessions()
+    audit.record("user.password", "user", user.id, user=user)  # never the passwords themselves
+    db.session.commit()
+    return user
+
+
+def reset_password(user: User, password: str, actor: User | None) -> User:
+    """An operator sets a user's password (`users password`); the user's sessions end."""
+    _check_password(password, user.email)
+    user.set_password(password)
+    user.end_sessions()
+    audit.record("user.password", "user", user.id, user=actor, new={"reset": True})
+    db.session.commit()
+    return user
+
+
+def end_sessions(user: User) -> None:
+    """Signs the user out everywhere (logout): every session cookie issued so far stops working."""
+    user.end_sessions()
+    db.session.commit()
 
 
 def issue_token(user: User, label: str | None, actor: User | None) -> tuple[ApiToken, str]:

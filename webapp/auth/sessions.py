@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import secrets
 
 from flask import Flask, abort, g, request, session
 from flask_login import LoginManager, current_user, login_required
 from sqlalchemy import func, select
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..db import db
 from ..models import ApiToken, User, hash_token, utcnow
@@ -21,10 +23,13 @@ def init_app(app: Flask) -> None:
 
 
 @login_manager.user_loader
-def load_user(user_id: str) -> User | None:
-    """The session's user; a deactivated account's session ends at its next request."""
-    user = db.session.get(User, int(user_id))
-    if user is not None and user.active:
+def load_user(session_id: str) -> User | None:
+    """The session's user, when the session is still current: `User.get_id()` is "id:generation",
+    and logout, a password or role change and deactivation raise the generation, so a cookie
+    issued before them (replayed, or left in another browser) no longer signs anyone in."""
+    user_id = session_id.partition(":")[0]
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() and len(user_id) < 19 else None
+    if user is not None and user.active and user.get_id() == session_id:
         return user
     session.clear()
     return None
@@ -52,6 +57,21 @@ def role_required(*roles: str):
 
 def find_user(email: str) -> User | None:
     return db.session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return generate_password_hash(secrets.token_hex(16))
+
+
+def authenticate(email: str, password: str) -> User | None:
+    """The active user with this email and password, or None. Every attempt hashes once, whether
+    the account exists, is inactive or not, so that the answer's timing names no account."""
+    user = find_user(email)
+    if user is None:
+        check_password_hash(_dummy_hash(), password)
+        return None
+    return user if user.check_password(password) and user.active else None
 
 
 # --- API tokens ---------------------------------------------------------------------------------
