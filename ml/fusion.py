@@ -10,6 +10,12 @@ image-only answer. `dx_type` is never used: it says how the diagnosis was made a
 
 prints validation balanced accuracy with and without metadata; `--write` stores the head in the
 artifact (`fusion.npz`, and `manifest["fusion"]` with its temperature and decision).
+
+    python -m ml.fusion --model models/default --data ../shared/data/ham10000-200x150 --test
+
+evaluates the stored head once on the artifact's test split (nothing is chosen there) and writes
+`eval_test/fusion.json`: balanced accuracy with its lesion-bootstrap interval, melanoma recall and
+macro AUC for the network alone, the head with metadata and the head without it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from numpy.typing import ArrayLike
 from sklearn.linear_model import LogisticRegression
 
 from ml import data as D
+from ml import metrics as M
 from ml.calibration import apply_temperature, calibrated_softmax, fit_temperature
 from ml.decision import class_prior, fit_decision
-from ml.metadata import FUSION_FILE, METADATA_FEATURES, MISSING_METADATA, FusionHead, metadata_matrix
+from ml.metadata import FUSION_FILE, METADATA_FEATURES, MISSING_METADATA, FusionHead, MetadataHead, metadata_matrix
 from ml.predictor import Predictor
 
 log = logging.getLogger("ml.fusion")
@@ -66,12 +73,50 @@ def _evaluate(y, probs, prior) -> dict:
     return {"tau": decision.tau, "balanced_accuracy": scores[decision.tau], "balanced_accuracy_argmax": scores[0.0]}
 
 
+def _split_with_metadata(model_dir: Path, data: str) -> pd.DataFrame:
+    """The artifact's split of the dataset with each image's age, sex and localization."""
+    table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
+    meta_csv = pd.read_csv(Path(data) / D.HAM10000_METADATA, usecols=["image_id", "age", "sex", "localization"])
+    return table.merge(meta_csv, on="image_id", how="left")
+
+
+def _test_figures(y, probs, choose, lesions, class_names, n_boot: int) -> dict:
+    mel = list(class_names).index("mel")
+    return {
+        "balanced_accuracy": M.bootstrap_ci(M.balanced_accuracy_statistic(choose), y, probs, lesions, n_boot),
+        "melanoma_recall": M.bootstrap_ci(M.recall_statistic(mel, choose), y, probs, lesions, n_boot),
+        "macro_auc": M.macro_auc(y, probs),
+        "ece": M.expected_calibration_error(y, probs),
+    }
+
+
+def evaluate_on_test(model_dir: Path, data: str, n_boot: int = 1000) -> dict:
+    """The stored head on the test split, with and without metadata, beside the network alone."""
+    predictor = Predictor.load(model_dir)
+    head = MetadataHead.from_artifact(model_dir, predictor.manifest)
+    if head is None:
+        raise ValueError(f"{model_dir} has no metadata head (run with --write first).")
+    table = _split_with_metadata(model_dir, data)
+    test = table[table["split"] == "test"]
+    y, lesions = D.labels_to_indices(test["dx"]), test["lesion_id"].to_numpy()
+    network = predictor.predict(D.load_images(test["path"], predictor.input_size))
+    meta = metadata_matrix(test)
+    blank = np.repeat(MISSING_METADATA[None], len(y), axis=0)
+    runs = {
+        "network_alone": (network, predictor.decision.choose),
+        "with_metadata": (head.probabilities(network, meta), head.decision.choose),
+        "head_without_metadata": (head.probabilities(network, blank), head.decision.choose),
+    }
+    names = predictor.class_names
+    report = {name: _test_figures(y, p, choose, lesions, names, n_boot) for name, (p, choose) in runs.items()}
+    report.update(images=int(len(y)), lesions=int(test["lesion_id"].nunique()))
+    return report
+
+
 def fit_for_artifact(model_dir: Path, data: str, write: bool = False) -> dict:
     """Fits the head on the artifact's training split and reports validation figures (see module doc)."""
     predictor = Predictor.load(model_dir)
-    table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
-    meta_csv = pd.read_csv(Path(data) / D.HAM10000_METADATA, usecols=["image_id", "age", "sex", "localization"])
-    table = table.merge(meta_csv, on="image_id", how="left")
+    table = _split_with_metadata(model_dir, data)
     parts = {name: table[table["split"] == name] for name in ("train", "val")}
     y = {name: D.labels_to_indices(part["dx"]) for name, part in parts.items()}
     meta = {name: metadata_matrix(part) for name, part in parts.items()}
@@ -131,8 +176,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="artifact folder (manifest.json, split.csv)")
     parser.add_argument("--data", required=True, help="HAM10000 folder (its metadata CSV has age, sex, localization)")
     parser.add_argument("--write", action="store_true", help="store the head in the artifact")
+    parser.add_argument("--test", action="store_true", help="evaluate the stored head on the test split, once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.test:
+        report = evaluate_on_test(Path(args.model), args.data)
+        out = Path(args.model) / "eval_test" / "fusion.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return
     print(json.dumps(fit_for_artifact(Path(args.model), args.data, args.write)["validation"], indent=1))
 
 

@@ -11,4 +11,5 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m ml.model_card --artifact models/defau
   --command "python -m ml.evaluate --model models/default --data ../shared/data/ham10000-200x150 --out models/default/eval_test --split test" \
   --command "python -m ml.evaluate --model models/default --data ../shared/data/ham10000-fullres --agreement-with ../shared/data/ham10000-200x150 --out models/default/eval_fullres" \
   --command "python -m ml.fusion --model models/default --data ../shared/data/ham10000-200x150 --write" \
+  --command "python -m ml.fusion --model models/default --data ../shared/data/ham10000-200x150 --test" \
   --command "bash models/default/make_card.sh   # this card"

@@ -273,3 +273,36 @@ def test_an_artifact_ships_its_metadata_head(trained_run, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="log-probabilities"):
         Predictor.load(folder)
+
+
+def test_the_test_evaluation_reports_the_head_with_and_without_metadata_beside_the_network(
+    trained_run, synthetic_ham, tmp_path
+):
+    import shutil
+
+    folder = tmp_path / "artifact"
+    shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    features = len(MD.METADATA_FEATURES)
+    head = MD.FusionHead(
+        np.zeros(7, np.float32),
+        np.ones(7, np.float32),
+        np.zeros((7 + features, 7), np.float32),
+        np.zeros(7, np.float32),
+    )
+    nv = 5
+    head.weights[7 + MD.METADATA_FEATURES.index("site_back"), nv] = 50.0  # every synthetic lesion is on the back
+    head.save(folder / MD.FUSION_FILE)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["fusion"] = {"file": MD.FUSION_FILE, "image_features": "log_probs", "temperature": 1.0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    report = F.evaluate_on_test(folder, str(synthetic_ham), n_boot=20)
+
+    test_rows = pd.read_csv(folder / "split.csv").query("split == 'test'")
+    assert report["images"] == len(test_rows)
+    served = json.loads((trained_run / "eval_test" / "metrics.json").read_text())
+    assert report["network_alone"]["balanced_accuracy"]["estimate"] == pytest.approx(served["balanced_accuracy"])
+    assert report["with_metadata"]["balanced_accuracy"]["estimate"] == pytest.approx(1 / 7)  # all called nv
+    assert report["with_metadata"]["melanoma_recall"]["estimate"] == 0.0
+    blank = report["head_without_metadata"]["balanced_accuracy"]["estimate"]
+    assert blank == pytest.approx(1 / 7)  # without metadata this head is uniform: one class for all
