@@ -7,15 +7,15 @@ ARG TF_PACKAGE=""
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-# The pinned lock first, so that code changes do not reinstall TensorFlow.
-COPY requirements.lock pyproject.toml ./
+# The pinned lock first, so that code changes do not reinstall TensorFlow. For the GPU image
+# scripts/gpu_requirements.py swaps the lock's tensorflow-cpu pin for "$TF_PACKAGE" at its version.
+COPY requirements.lock pyproject.toml scripts/gpu_requirements.py ./
 RUN if [ -n "$TF_PACKAGE" ]; then \
-        version=$(sed -n 's/^tensorflow-cpu==//p' requirements.lock); \
-        grep -v '^tensorflow-cpu==' requirements.lock > /tmp/requirements.txt; \
-        pip install -r /tmp/requirements.txt "${TF_PACKAGE}==${version}"; \
+        python gpu_requirements.py requirements.lock --package "$TF_PACKAGE" > /tmp/requirements.txt; \
     else \
-        pip install -r requirements.lock; \
-    fi
+        cp requirements.lock /tmp/requirements.txt; \
+    fi \
+    && pip install -r /tmp/requirements.txt
 
 COPY webapp/ webapp/
 COPY worker/ worker/
