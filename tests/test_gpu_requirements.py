@@ -58,7 +58,8 @@ def requirements_the_build_installs(tmp_path: Path, tf_package: str) -> str:
     pip.chmod(0o755)
     record = tmp_path / "installed.txt"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TF_PACKAGE": tf_package, "RECORD": str(record)}
-    result = subprocess.run(["sh", "-ec", install_step()], cwd=build, env=env, capture_output=True, text=True)
+    step = install_step().replace("/tmp/", f"{tmp_path}/")  # the image's /tmp is its own
+    result = subprocess.run(["sh", "-ec", step], cwd=build, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return record.read_text()
 
