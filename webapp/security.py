@@ -120,6 +120,78 @@ def init_app(app: Flask) -> None:
         return response
 
 
+# --- who may use each route --------------------------------------------------------------------
+
+# Audiences: the roles let through. A signed-in session reaches the pages, a bearer token the API.
+PUBLIC = ("anonymous", "admin", "researcher", "reviewer")
+SIGNED_IN = ("admin", "researcher", "reviewer")
+UPLOADERS = ("admin", "researcher")  # models.UPLOAD_ROLES
+REVIEWERS = ("admin", "reviewer")  # models.REVIEW_ROLES
+ADMINS = ("admin",)
+SESSION, TOKEN, EITHER = "session", "token", "session or token"
+
+# Every endpoint of app.url_map: (audience, how it is reached). The route decorators enforce it;
+# tests/test_permissions.py calls every route and method as anonymous, each role in a browser
+# session and each role's API token, and fails on any answer this table does not predict and on
+# any route missing here.
+ACCESS: dict[str, tuple[tuple[str, ...], str]] = {
+    "static": (PUBLIC, EITHER),
+    "auth.login": (PUBLIC, EITHER),
+    "auth.logout": (PUBLIC, EITHER),  # signed out or not, it ends at the login page
+    "auth.password": (SIGNED_IN, SESSION),
+    "cases.home": (SIGNED_IN, SESSION),
+    "cases.index": (SIGNED_IN, SESSION),
+    "cases.new": (UPLOADERS, SESSION),
+    "cases.show": (SIGNED_IN, SESSION),
+    "cases.status": (SIGNED_IN, SESSION),
+    "cases.stored_file": (SIGNED_IN, SESSION),
+    "cases.export_cases_csv": (SIGNED_IN, SESSION),
+    "cases.delete": (ADMINS, SESSION),
+    "explanations.request_from_page": (SIGNED_IN, SESSION),
+    "explanations.overlay": (SIGNED_IN, EITHER),
+    "explanations.raw": (SIGNED_IN, EITHER),
+    "batches.batches": (SIGNED_IN, SESSION),
+    "batches.new_batch": (UPLOADERS, SESSION),
+    "batches.create_batch": (UPLOADERS, SESSION),
+    "batches.add_batch_files": (UPLOADERS, SESSION),
+    "batches.show_batch": (SIGNED_IN, SESSION),
+    "batches.batch_progress": (SIGNED_IN, SESSION),
+    "batches.delete": (ADMINS, SESSION),
+    "model_versions.rerun_case_page": (UPLOADERS, SESSION),
+    "model_versions.rerun_batch_page": (UPLOADERS, SESSION),
+    "model_versions.rerun_selection": (UPLOADERS, SESSION),
+    "review.review_next": (REVIEWERS, SESSION),
+    "review.review_skip": (REVIEWERS, SESSION),
+    "review.review_case": (REVIEWERS, SESSION),
+    "dashboard.dashboard": (SIGNED_IN, SESSION),
+    "admin.index": (ADMINS, SESSION),
+    "admin.audit_log": (ADMINS, SESSION),
+    "admin.add_user": (ADMINS, SESSION),
+    "admin.change_user": (ADMINS, SESSION),
+    "admin.new_token": (ADMINS, SESSION),
+    "admin.revoke": (ADMINS, SESSION),
+    "api.health": (PUBLIC, EITHER),
+    "api.openapi": (SIGNED_IN, EITHER),
+    "api.dashboard_api": (SIGNED_IN, TOKEN),
+    "api.model_versions": (SIGNED_IN, TOKEN),
+    "api.create": (UPLOADERS, TOKEN),
+    "api.list_cases": (SIGNED_IN, TOKEN),
+    "api.export_cases": (SIGNED_IN, TOKEN),
+    "api.show": (SIGNED_IN, TOKEN),
+    "api.delete_one": (ADMINS, TOKEN),
+    "api.request_explanation": (SIGNED_IN, TOKEN),
+    "api.rerun_case_api": (UPLOADERS, TOKEN),
+    "api.rerun_selection": (UPLOADERS, TOKEN),
+    "api.list_reviews": (SIGNED_IN, TOKEN),
+    "api.put_review": (REVIEWERS, TOKEN),
+    "api.create_batch": (UPLOADERS, TOKEN),
+    "api.show_batch": (SIGNED_IN, TOKEN),
+    "api.add_files": (UPLOADERS, TOKEN),
+    "api.rerun_batch_api": (UPLOADERS, TOKEN),
+    "api.delete_one_batch": (ADMINS, TOKEN),
+}
+
+
 # --- spreadsheet safety -----------------------------------------------------------------------
 
 # A cell starting with one of these is run as a formula by spreadsheets (CSV injection).
