@@ -1,4 +1,4 @@
-"""Explanations of the classifier's predictions: Grad-CAM(++), SHAP, and drawing them.
+"""Explanations of the classifier's predictions: CAM, Grad-CAM(++), SHAP, and drawing them.
 
 Explainers are functions that take a model (or an `ml.Predictor`) and return float arrays;
 drawing lives in `ml.explain.overlay`. `python -m ml.explain --help` writes overlays and raw maps
@@ -6,12 +6,15 @@ for a folder of images. SHAP is imported lazily (it pulls in numba), so importin
 costs only TensorFlow, which `ml` needs anyway.
 """
 
+from ml.explain.cam import cam_function, cam_head
 from ml.explain.gradcam import (
+    MAP_METHODS,
     GradCamExplanation,
     calibrate,
     explain_gradcam,
     gradcam_function,
     last_feature_layer,
+    map_method,
     predict_with_gradcam,
 )
 from ml.explain.metrics import energy_inside, positive_mass_inside
@@ -25,9 +28,12 @@ from ml.explain.overlay import (
 from ml.explain.shap_explainer import ShapExplanation, explain_shap, probability_function, shap_values
 
 __all__ = [
+    "MAP_METHODS",
     "GradCamExplanation",
     "ShapExplanation",
     "calibrate",
+    "cam_function",
+    "cam_head",
     "encode_png",
     "energy_inside",
     "explain_gradcam",
@@ -35,6 +41,7 @@ __all__ = [
     "gradcam_function",
     "heatmap_with_colorbar",
     "last_feature_layer",
+    "map_method",
     "overlay_heatmap",
     "overlay_signed",
     "positive_mass_inside",

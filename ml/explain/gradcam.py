@@ -12,6 +12,10 @@ layer), the class score that is differentiated is the pre-softmax logit, as in S
 predictions. The logit is recomputed from the head's input inside the same pass; the probabilities
 returned are the model's own output tensor.
 
+For a head of global average pooling, dropout and a dense softmax (ours), Grad-CAM equals the class
+activation map of the dense kernel, which needs no tape: `predict_with_gradcam` and `explain_gradcam`
+then compute it in the forward pass (`ml.explain.cam`; `map_method` says which applies).
+
 Typical use::
 
     probs, maps = predict_with_gradcam(model, batch, "cbam_top_spatial")
@@ -30,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.calibration import calibrated_softmax as calibrate
+from ml.explain.cam import cam_function, cam_head, upsample_and_normalise
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -129,14 +134,6 @@ def _weighted_map(features, grads, plus_plus: bool):
     return tf.nn.relu(cam)
 
 
-def _upsample_and_normalise(cam, size):
-    """Bilinear resize to `size` (H, W), then divide each map by its maximum (zeros stay zeros)."""
-    cam = tf.image.resize(cam[..., tf.newaxis], size, method="bilinear")[..., 0]
-    cam = tf.nn.relu(cam)
-    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-    return tf.math.divide_no_nan(cam, peak)
-
-
 def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plus: bool):
     feature_layer = _feature_layer(model, layer_name)
     head = _softmax_head(model)
@@ -166,7 +163,7 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
             scores = tf.gather(logits if head is not None else probs, targets, axis=1, batch_dims=1)
         grads = tape.gradient(scores, features)
         cam = _weighted_map(features, grads, plus_plus)
-        maps = _upsample_and_normalise(cam, (height, width))
+        maps = upsample_and_normalise(cam, (height, width))
         return probs, logits, targets, maps
 
     return gradcam
@@ -228,7 +225,35 @@ def _class_targets(class_index, n: int, num_classes: int) -> np.ndarray:
     return targets.astype(np.int32)
 
 
-def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, class_offsets=None):
+MAP_METHODS = ("auto", "forward", "tape")
+
+
+def map_method(model: keras.Model, layer_name: str | None = None, plus_plus: bool = False) -> str:
+    """How a Grad-CAM map of `model` is computed exactly: "forward" (the class activation map from the
+    dense kernel, `ml.explain.cam`, equal to Grad-CAM for a pooling-dropout-dense head) or "tape"
+    (a gradient tape; always for Grad-CAM++, whose weights use the gradients' powers).
+
+    Raises:
+        ValueError: if the layer does not exist or is not a 4-D feature map.
+    """
+    if plus_plus:
+        return "tape"
+    return "forward" if cam_head(model, _feature_layer(model, layer_name)) is not None else "tape"
+
+
+def _map_function(model, layer_name, plus_plus, method):
+    if method not in MAP_METHODS:
+        raise ValueError(f"method must be one of {MAP_METHODS}, got {method!r}.")
+    if method == "auto":
+        method = map_method(model, layer_name, plus_plus)
+    if method == "tape":
+        return gradcam_function(model, layer_name, plus_plus)
+    if plus_plus:
+        raise ValueError("Grad-CAM++ needs the gradient tape (method='tape' or 'auto').")
+    return cam_function(model, _feature_layer(model, layer_name))
+
+
+def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, class_offsets=None, method="auto"):
     """(probs, logits, targets, maps) as NumPy arrays, processed in chunks of `batch_size`."""
     batch = _as_batch(model, images)
     num_classes = int(model.output.shape[-1])
@@ -236,7 +261,7 @@ def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, 
     offsets = np.zeros(num_classes, np.float32) if class_offsets is None else np.asarray(class_offsets, np.float32)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-    fn = gradcam_function(model, layer_name, plus_plus)
+    fn = _map_function(model, layer_name, plus_plus, method)
     parts = [
         fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]), tf.constant(offsets))
         for i in range(0, len(batch), batch_size)
@@ -251,6 +276,7 @@ def predict_with_gradcam(
     class_index: int | Sequence[int] | None = None,
     plus_plus: bool = False,
     batch_size: int = 32,
+    method: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and Grad-CAM maps from one forward pass.
 
@@ -262,6 +288,8 @@ def predict_with_gradcam(
             images, or a sequence of N ints (one target per image).
         plus_plus: use Grad-CAM++ weights.
         batch_size: images per compiled call.
+        method: "auto" (`map_method`: the forward CAM where it equals Grad-CAM, else the tape),
+            "forward" or "tape".
 
     Returns:
         `(probs, maps)`: probs (N, C) float32, the model's own (uncalibrated) output; maps
@@ -269,9 +297,10 @@ def predict_with_gradcam(
         supports the class).
 
     Raises:
-        ValueError: for images of the wrong shape, unknown layers or out-of-range classes.
+        ValueError: for images of the wrong shape, unknown layers, out-of-range classes, or
+            method="forward" on a model where CAM is not Grad-CAM.
     """
-    probs, _, _, maps = _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size)
+    probs, _, _, maps = _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, method=method)
     return probs, maps
 
 
@@ -327,6 +356,7 @@ def explain_gradcam(
     class_names: str | Sequence[str | None] | None = None,
     plus_plus: bool = False,
     batch_size: int = 16,
+    method: str = "auto",
 ) -> GradCamExplanation:
     """Calibrated probabilities and Grad-CAM maps at each image's original size, in one pass.
 
@@ -338,6 +368,7 @@ def explain_gradcam(
             list with one name (or None) per image.
         plus_plus: use Grad-CAM++ weights.
         batch_size: images per compiled call.
+        method: "auto", "forward" or "tape", as in `predict_with_gradcam`.
 
     Returns:
         A `GradCamExplanation(probs, class_indices, maps)`; probs are temperature-scaled exactly
@@ -355,7 +386,7 @@ def explain_gradcam(
     decision = getattr(predictor, "decision", None)
     offsets = decision.offsets_for_raw(temperature, len(predictor.class_names)) if decision is not None else None
     _, logits, targets, maps = _run_gradcam(
-        predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size, offsets
+        predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size, offsets, method
     )
     probs = calibrate(logits, temperature)
     resized = [np.clip(resize_map(m, np.shape(img)[:2]), 0.0, 1.0) for m, img in zip(maps, images)]

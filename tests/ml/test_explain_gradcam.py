@@ -1,16 +1,31 @@
-"""Grad-CAM(++) in one pass: shapes, ranges, class selection, bad inputs, and the real model."""
+"""Grad-CAM(++) in one pass: shapes, ranges, class selection, bad inputs, the real model, and the
+forward CAM that equals Grad-CAM on the shipped model (and is not used where it would not)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from keras import layers
+from PIL import Image
 
-from ml.explain import calibrate, explain_gradcam, gradcam_function, last_feature_layer, predict_with_gradcam
+from ml.explain import (
+    calibrate,
+    cam_function,
+    explain_gradcam,
+    gradcam_function,
+    last_feature_layer,
+    map_method,
+    predict_with_gradcam,
+)
 
 H, W = 24, 40
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "models" / "default"
+FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "images"
 
 
 def red_detector_model() -> keras.Model:
@@ -91,12 +106,17 @@ def test_plus_plus_gives_a_different_valid_map(tiny):
     assert not np.allclose(plain, plus, atol=1e-3)
 
 
-def test_the_compiled_pass_is_traced_once_and_cached(tiny):
+def test_the_compiled_passes_are_traced_once_and_cached(tiny):
     fn = gradcam_function(tiny, "pool")
     assert gradcam_function(tiny, "pool") is fn
+    predict_with_gradcam(tiny, random_images(2), "pool", method="tape")
+    predict_with_gradcam(tiny, random_images(5), "pool", method="tape")
+    assert fn.experimental_get_tracing_count() == 1
+    forward = cam_function(tiny, tiny.get_layer("pool"))
+    assert cam_function(tiny, tiny.get_layer("pool")) is forward
     predict_with_gradcam(tiny, random_images(2), "pool")
     predict_with_gradcam(tiny, random_images(5), "pool")
-    assert fn.experimental_get_tracing_count() == 1
+    assert forward.experimental_get_tracing_count() == 1
 
 
 def _reachable_ops(concrete) -> list[str]:
@@ -179,3 +199,104 @@ def test_explain_gradcam_rejects_bad_inputs(predictor, images, class_names, matc
 def test_calibrate_rejects_a_non_positive_temperature():
     with pytest.raises(ValueError, match="Temperature must be positive"):
         calibrate(np.zeros((1, 3)), 0.0)
+
+
+# --- the forward CAM: Grad-CAM without a tape where the head allows it --------------------------------
+
+
+def with_hidden_dense_head() -> keras.Model:
+    """The red detector with a ReLU dense layer between pooling and softmax: CAM is not Grad-CAM."""
+    inputs = keras.Input((H, W, 3), name="image")
+    x = layers.Conv2D(4, 1, activation="relu", name="features", kernel_initializer="he_uniform")(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(5, activation="relu", name="hidden", kernel_initializer=keras.initializers.RandomNormal(seed=1))(x)
+    outputs = layers.Dense(3, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="hidden_head")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped artifact (models/default), loaded read-only."""
+    from ml.predictor import Predictor
+
+    return Predictor.load(SHIPPED)
+
+
+def fixture_images() -> list[np.ndarray]:
+    paths = sorted(p for p in FIXTURE_IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:6]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    rng = np.random.RandomState(7)
+    return images + [rng.randint(0, 256, (150, 200, 3)).astype(np.uint8) for _ in range(2)]
+
+
+def test_forward_cam_equals_the_tape_grad_cam_on_the_shipped_model(shipped):
+    assert shipped.gradcam_method == "forward"
+    images = fixture_images()
+    forward = explain_gradcam(shipped, images, method="forward")
+    tape = explain_gradcam(shipped, images, method="tape")
+    np.testing.assert_array_equal(forward.class_indices, tape.class_indices)
+    np.testing.assert_allclose(forward.probs, tape.probs, atol=1e-6)
+    for by_forward, by_tape in zip(forward.maps, tape.maps):
+        assert by_forward.max() > 0.9 and np.abs(by_forward - by_tape).max() <= 1e-5  # resized: peak near 1
+    for class_name in ("mel", "vasc"):  # classes other than the decided one, too
+        a = explain_gradcam(shipped, images[:3], class_name, method="forward").maps
+        b = explain_gradcam(shipped, images[:3], class_name, method="tape").maps
+        assert max(np.abs(x - y).max() for x, y in zip(a, b)) <= 1e-5
+
+
+def test_the_prediction_pass_map_explains_the_decided_class_not_the_plain_argmax(shipped):
+    """The shipped decision adjusts logits by the class prior; the map must follow that decision."""
+    assert shipped.decision.tau > 0
+    images = fixture_images()
+    result = explain_gradcam(shipped, images)
+    decided = shipped.decision.choose(shipped.predict(images))
+    np.testing.assert_array_equal(result.class_indices, decided)
+
+
+def test_the_forward_pass_runs_no_gradient_and_each_convolution_once(shipped):
+    model = shipped.model
+    fn = cam_function(model, model.get_layer(shipped.gradcam_layer))
+    ops = _reachable_ops(fn.get_concrete_function())
+    conv_kernels = [w for w in model.weights if len(w.shape) == 4]
+    assert ops.count("Conv2D") + ops.count("DepthwiseConv2dNative") == len(conv_kernels)
+    assert not [op for op in ops if "Grad" in op or "Backprop" in op]
+
+
+def test_the_default_method_follows_the_head(tiny):
+    assert map_method(tiny, "pool") == "forward"  # pool -> GAP -> dense softmax
+    assert map_method(tiny, "features") == "tape"  # a max pooling lies between: not CAM
+    assert map_method(tiny, "pool", plus_plus=True) == "tape"
+    assert map_method(with_hidden_dense_head(), "features") == "tape"
+
+
+@pytest.mark.parametrize("model_fn, layer", [(red_detector_model, "pool")])
+def test_forward_and_tape_agree_on_a_small_model_for_every_class(model_fn, layer):
+    model = model_fn()
+    images = random_images(4, seed=5)
+    for target in (None, 0, 1, 2):
+        probs_f, maps_f = predict_with_gradcam(model, images, layer, class_index=target, method="forward")
+        probs_t, maps_t = predict_with_gradcam(model, images, layer, class_index=target, method="tape")
+        np.testing.assert_allclose(probs_f, probs_t, atol=1e-6)
+        np.testing.assert_allclose(maps_f, maps_t, atol=1e-5)
+
+
+def test_where_the_identity_fails_auto_keeps_the_tape_and_forward_is_refused():
+    model = with_hidden_dense_head()
+    images = random_images(3, seed=2)
+    _, auto = predict_with_gradcam(model, images, "features")
+    _, tape = predict_with_gradcam(model, images, "features", method="tape")
+    np.testing.assert_array_equal(auto, tape)
+    with pytest.raises(ValueError, match="CAM equals Grad-CAM only when layer 'features'"):
+        predict_with_gradcam(model, images, "features", method="forward")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "cam"}, r"method must be one of \('auto', 'forward', 'tape'\)"),
+        ({"method": "forward", "plus_plus": True}, "Grad-CAM\\+\\+ needs the gradient tape"),
+    ],
+)
+def test_bad_methods_raise_clear_errors(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predict_with_gradcam(tiny, random_images(2), "pool", **kwargs)
