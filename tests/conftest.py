@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pg_support import fresh_postgres_url, postgres_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
+from pg_support import fresh_postgres_url, new_postgres_database, postgres_url  # noqa: F401  (PostgreSQL fixtures)
 from portal_helpers import ENV_VARS, login, make_token, make_user
 
 # webapp is imported inside the fixtures, not at module level: tests/ml/ may check that ml/ runs

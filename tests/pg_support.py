@@ -100,19 +100,47 @@ def postgres_url():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture
-def fresh_postgres_url(postgres_url):
-    """A new, empty database on the test server for one test; dropped afterwards."""
+def create_database(server_url: str) -> str:
+    """A new, empty database on the server; its URL."""
     import sqlalchemy as sa
 
     name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    admin.dispose()
+    return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    import sqlalchemy as sa
+
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url):
+    """A new, empty database on the test server for one test; dropped afterwards."""
+    url = create_database(postgres_url)
     try:
         yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(postgres_url, url)
+
+
+@pytest.fixture
+def new_postgres_database(postgres_url):
+    """A factory of new, empty databases on the test server (for tests that need two); all dropped afterwards."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(create_database(postgres_url))
+        return made[-1]
+
+    yield make
+    for url in made:
+        drop_database(postgres_url, url)
