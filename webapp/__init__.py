@@ -18,6 +18,7 @@ from .accounts import routes as accounts_routes
 from .api import bp as api_blueprint
 from .auth import routes as auth_routes
 from .auth import sessions
+from .backup import cli as backup_cli
 from .batches import cli as batches_cli
 from .batches import routes as batches_routes
 from .cases import explanation_routes
@@ -44,6 +45,7 @@ BLUEPRINTS = (
     accounts_cli.bp,
     batches_cli.bp,
     model_versions_cli.bp,
+    backup_cli.bp,
 )
 
 
