@@ -25,10 +25,11 @@ def upload_page(client, data=None, **fields):
     return client.post("/cases/new", data=body, content_type="multipart/form-data")
 
 
-def finish(app, case_id, trained, failed=False, decision=None):
+def finish(app, case_id, trained, failed=False, decision=None, fusion=None, metadata_used=False):
     """Stores what the worker would: a model version and an analysis (or a failure)."""
     manifest = {
         **({"decision": decision} if decision else {}),
+        **({"fusion": fusion} if fusion else {}),
         "name": "efficientnetb3-cbam",
         "version": "2026.11.0" if trained else "untrained",
         "trained": trained,
@@ -57,6 +58,7 @@ def finish(app, case_id, trained, failed=False, decision=None):
                 status="succeeded",
                 probabilities=probs,
                 top_class="mel",
+                metadata_used=metadata_used,
                 finished_at=utcnow(),
             )
             job.status, job.analysis, job.model_version = "succeeded", analysis, mv
@@ -126,6 +128,27 @@ def test_the_case_page_and_the_api_say_how_the_top_class_is_chosen(app, logged_i
     assert analysis["model"]["top_class_rule"] == rule
     export = logged_in.get("/cases/export.csv").get_data(as_text=True)
     assert "top_class_rule" in export.splitlines()[0] and rule in export
+    assert analysis["metadata_used"] is False and analysis["model"]["inputs"] == "the image alone"
+
+
+def test_an_answer_made_with_the_metadata_head_says_so_and_names_the_heads_own_rule(app, logged_in, auth_headers):
+    network_rule, head_rule = "Rule of the network, tau 0.55.", "Rule of the metadata head, tau 1.15."
+    upload_page(logged_in, age="60", sex="male", site="back")
+    finish(
+        app,
+        1,
+        trained=True,
+        decision={"rule": "logit_adjusted_argmax", "description": network_rule},
+        fusion={"decision": {"rule": "logit_adjusted_argmax", "description": head_rule}},
+        metadata_used=True,
+    )
+    page = logged_in.get("/cases/1").get_data(as_text=True)
+    assert head_rule in page and network_rule not in page
+    assert "the image with the case&#39;s age, sex and anatomical site" in page
+    analysis = logged_in.get("/api/v1/cases/1", headers=auth_headers).json["analyses"][0]
+    assert analysis["metadata_used"] is True and analysis["model"]["top_class_rule"] == head_rule
+    export = logged_in.get("/cases/export.csv").get_data(as_text=True)
+    assert "model_inputs" in export.splitlines()[0] and "age, sex and anatomical site" in export
 
 
 def test_failed_job_shows_its_reason(app, logged_in):

@@ -14,6 +14,7 @@ from typing import Any
 from flask_login import UserMixin
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -233,6 +235,8 @@ class Analysis(db.Model):
     status: Mapped[str] = mapped_column(String(20), default=AnalysisStatus.RUNNING)
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
     top_class: Mapped[str | None] = mapped_column(String(20))
+    # True when the version's metadata head combined the case's age, sex and site with the image.
+    metadata_used: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)  # milliseconds per step
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

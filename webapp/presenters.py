@@ -28,18 +28,29 @@ def iso(value: datetime | None) -> str | None:
 ARGMAX_RULE = "The top class is the class with the highest probability."
 
 
-def top_class_rule(mv: ModelVersion) -> str:
-    """The one sentence saying how this version's top class is chosen (from its artifact's manifest)."""
-    return ((mv.manifest or {}).get("decision") or {}).get("description") or ARGMAX_RULE
+INPUTS = {
+    False: "the image alone",
+    True: "the image with the case's age, sex and anatomical site (the version's metadata head)",
+}
 
 
-def model_dict(mv: ModelVersion) -> dict[str, Any]:
+def top_class_rule(mv: ModelVersion, metadata_used: bool = False) -> str:
+    """The one sentence saying how this version's top class is chosen (from its artifact's manifest);
+    with metadata, the metadata head's own decision chose it."""
+    manifest = mv.manifest or {}
+    source = (manifest.get("fusion") or {}) if metadata_used else manifest
+    return (source.get("decision") or {}).get("description") or ARGMAX_RULE
+
+
+def model_dict(mv: ModelVersion, metadata_used: bool = False) -> dict[str, Any]:
+    """The version that answered and how: its name, training, decision rule and inputs."""
     return {
         "name": mv.name,
         "version": mv.version,
         "trained": mv.trained,
         "trained_on": mv.trained_on,
-        "top_class_rule": top_class_rule(mv),
+        "top_class_rule": top_class_rule(mv, metadata_used),
+        "inputs": INPUTS[bool(metadata_used)],
     }
 
 
@@ -49,7 +60,8 @@ def analysis_dict(analysis: Analysis) -> dict[str, Any]:
     d: dict[str, Any] = {
         "id": analysis.id,
         "image_id": analysis.image_id,
-        "model": model_dict(mv),
+        "model": model_dict(mv, analysis.metadata_used),
+        "metadata_used": bool(analysis.metadata_used),
         "status": analysis.status,
     }
     if not mv.trained:
@@ -127,6 +139,7 @@ def case_dict(case: Case) -> dict[str, Any]:
                 "height": im.height,
                 "content_hash": im.content_hash,
                 "original_filename": im.original_filename,
+                "url": url_for("cases.stored_file", key=im.storage_key),  # session or bearer token
             }
             for im in case.images
         ],

@@ -299,7 +299,8 @@ def _prediction(analysis: Analysis, mv: ModelVersion) -> dict[str, Any]:
     return {
         "analysis_id": analysis.id,
         "model_version_id": mv.id,
-        "model": model_dict(mv),
+        "model": model_dict(mv, analysis.metadata_used),
+        "metadata_used": bool(analysis.metadata_used),
         "top_class": analysis.top_class,
         "top_class_name": mv.class_long_names.get(analysis.top_class, analysis.top_class),
         "probability": float(probs.get(analysis.top_class, 0.0)) if analysis.top_class else None,
