@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_explanations are parameters below)
 """Access control on every route and stored file, cookies, security headers, login rate limiting,
 and no secrets in the repository."""
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
+from test_explanations import case_id, sent, token  # noqa: F401  (fixtures: a case with stored maps)
+
+from webapp.db import db
 
 ROOT = Path(__file__).resolve().parent.parent
 # Routes anyone may reach: the login form, static assets, and the health probe (no data in it).
@@ -109,9 +113,9 @@ def test_production_cookies_are_secure_and_hsts_is_sent(tmp_path):
 
 
 def _attempt(client, email, password, ip="10.0.0.1"):
-    token = csrf_from(client.get("/login").get_data(as_text=True))
+    csrf = csrf_from(client.get("/login").get_data(as_text=True))
     return client.post(
-        "/login", data={"email": email, "password": password, "csrf_token": token}, environ_base={"REMOTE_ADDR": ip}
+        "/login", data={"email": email, "password": password, "csrf_token": csrf}, environ_base={"REMOTE_ADDR": ip}
     )
 
 
@@ -151,9 +155,9 @@ def test_only_failed_logins_count(client, researcher):
 
 
 def _upload_page(client):
-    token = csrf_from(client.get("/cases/new").get_data(as_text=True))
+    csrf = csrf_from(client.get("/cases/new").get_data(as_text=True))
     return client.post(
-        "/cases/new", data={"csrf_token": token, "image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])), "y.jpg")}
+        "/cases/new", data={"csrf_token": csrf, "image": (io.BytesIO(image_bytes(SMALL_IMAGES[1])), "y.jpg")}
     )
 
 
@@ -271,3 +275,55 @@ def test_one_address_is_limited_across_accounts(app, client, researcher):
     blocked = _attempt(client, researcher, PASSWORD)
     assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 800
     assert _attempt(app.test_client(), researcher, PASSWORD, ip="10.0.0.9").status_code == 302
+
+
+# --- private files (issue 14) ---------------------------------------------------------------------
+
+
+def _private(response) -> bool:
+    return (
+        response.headers["Cache-Control"] == "private, no-store"
+        and response.headers["X-Content-Type-Options"] == "nosniff"
+    )
+
+
+def test_every_patient_file_is_private_and_api_urls_work_with_the_token(app, client, case_id, token):
+    bearer = {"Authorization": f"Bearer {token}"}
+    body = client.get(f"/api/v1/cases/{case_id}", headers=bearer).json
+    image_url = body["images"][0]["url"]
+    gradcam = body["analyses"][0]["explanations"][0]
+    files = [image_url, gradcam["url"], gradcam["raw_url"], "/api/v1/cases.csv"]
+    for url in files:
+        response = client.get(url, headers=bearer)
+        assert response.status_code == 200 and _private(response), (url, response.headers)
+        response.close()
+    assert client.get(image_url).status_code == 302  # neither a session nor a token
+    login(client, "researcher@example.org")
+    for url in [image_url, gradcam["url"], gradcam["raw_url"], "/cases/export.csv", f"/cases/{case_id}"]:
+        response = client.get(url)
+        assert response.status_code == 200 and _private(response), (url, response.headers)
+        response.close()
+
+
+def test_a_stored_npy_map_downloads_from_the_files_route(app, client, case_id, token):
+    from webapp.models import Explanation
+
+    with app.app_context():
+        raw_key = db.session.scalars(db.select(Explanation).where(Explanation.raw_key.is_not(None))).first().raw_key
+    response = client.get(f"/files/{raw_key}", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200 and response.mimetype == "application/octet-stream"
+    assert response.data.startswith(b"\x93NUMPY")
+
+
+def test_no_server_path_or_host_in_model_versions(app, client, token, tmp_path):
+    from webapp.models import ModelVersion
+
+    with app.app_context():
+        db.session.add(
+            ModelVersion(
+                name="m", version="1", trained=False, class_names=["a"], manifest={}, artifact_path=str(tmp_path / "m")
+            )
+        )
+        db.session.commit()
+    body = client.get("/api/v1/model-versions", headers={"Authorization": f"Bearer {token}"}).get_data(as_text=True)
+    assert '"name":"m"' in body.replace(" ", "") and str(tmp_path) not in body and "artifact_path" not in body

@@ -3,7 +3,8 @@
 Headers: a Content-Security-Policy without inline scripts (the templates load their only script,
 static/case.js, from a file), `nosniff`, `X-Frame-Options: DENY` (and `frame-ancestors 'none'`),
 `Referrer-Policy: same-origin`, a restrictive Permissions-Policy, HSTS in production, and
-`Cache-Control: no-store` on pages and API answers (they carry patient metadata).
+`Cache-Control: private, no-store` on every answer but static assets: pages, API answers and
+patient files (images, explanation maps, CSV exports) stay out of shared and browser caches.
 Inline `style=""` attributes stay allowed (`style-src 'unsafe-inline'`): the probability bars set
 their width that way, and CSS cannot run code.
 
@@ -115,8 +116,10 @@ def init_app(app: Flask) -> None:
             response.headers.setdefault(name, value)
         if production:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
-        if request.endpoint != "static" and not request.path.startswith("/files/"):
-            response.headers.setdefault("Cache-Control", "no-store")
+        if request.endpoint != "static":
+            # Pages, API answers and patient files (images, maps, exports): in no cache at all,
+            # whatever send_file or a view set.
+            response.headers["Cache-Control"] = "private, no-store"
         return response
 
 
@@ -144,7 +147,7 @@ ACCESS: dict[str, tuple[tuple[str, ...], str]] = {
     "cases.new": (UPLOADERS, SESSION),
     "cases.show": (SIGNED_IN, SESSION),
     "cases.status": (SIGNED_IN, SESSION),
-    "cases.stored_file": (SIGNED_IN, SESSION),
+    "cases.stored_file": (SIGNED_IN, EITHER),
     "cases.export_cases_csv": (SIGNED_IN, SESSION),
     "cases.delete": (ADMINS, SESSION),
     "explanations.request_from_page": (SIGNED_IN, SESSION),

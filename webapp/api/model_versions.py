@@ -21,7 +21,7 @@ RERUN = Response(HTTP_202=RerunResult, HTTP_403=ErrorBody, HTTP_404=ErrorBody)
 @token_required
 @spec.validate(resp=Response(HTTP_200=ModelVersionList))
 def model_versions():
-    """The registered model versions: name, version, training data, class names."""
+    """The registered model versions: name, version, training data, class names (no server paths)."""
     rows = db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
     return jsonify(
         {
@@ -33,7 +33,6 @@ def model_versions():
                     "trained": mv.trained,
                     "trained_on": mv.trained_on,
                     "class_names": mv.class_names,
-                    "artifact_path": mv.artifact_path,
                     "created": mv.created_at.isoformat(),
                 }
                 for mv in rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import secrets
 
-from flask import Flask, abort, g, request, session
+from flask import Flask, Response, abort, g, jsonify, redirect, request, session, url_for
 from flask_login import LoginManager, current_user, login_required
 from sqlalchemy import func, select
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -93,3 +93,19 @@ def user_from_bearer() -> tuple[User | None, str | None]:
         row.last_used_at = now
         db.session.commit()
     return row.user, None
+
+
+def viewer_or_refusal() -> tuple[User | None, Response | None]:
+    """For files that pages and API clients both fetch: (the session user or the bearer token's
+    user, None), or (None, the refusal: 401 for a bad token, else a redirect to the login page)."""
+    if g.get("user") is not None:
+        return g.user, None
+    if request.headers.get("Authorization"):
+        user, reason = user_from_bearer()
+        if user is None:
+            response = jsonify({"error": reason, "status": 401})
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
+            return None, response
+        return user, None
+    return None, redirect(url_for("auth.login", next=request.path))

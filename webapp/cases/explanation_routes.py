@@ -6,9 +6,9 @@ as static files.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, request, send_file, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, request, send_file, url_for
 
-from ..auth.sessions import user_from_bearer
+from ..auth.sessions import viewer_or_refusal
 from ..db import db
 from ..errors import get_or_404
 from ..models import Case, Explanation
@@ -18,21 +18,6 @@ from ..storage import StorageError, storage_from_settings
 from .explanations import METHOD_SLUGS, ExplanationRequestError, explanation_panels, request_explanation
 
 bp = Blueprint("explanations", __name__)
-
-
-def _viewer_or_response():
-    """(user, None) for a logged-in user or a valid bearer token, else (None, response)."""
-    if g.get("user") is not None:
-        return g.user, None
-    if request.headers.get("Authorization"):
-        user, reason = user_from_bearer()
-        if user is None:
-            response = jsonify({"error": reason, "status": 401})
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = 'Bearer realm="dermportal"'
-            return None, response
-        return user, None
-    return None, redirect(url_for("auth.login", next=request.path))
 
 
 def _stored_explanation(case_id: int, explanation_id: int) -> Explanation:
@@ -50,17 +35,13 @@ def _send_stored(key: str, mimetype: str, download_name: str | None = None):
         handle = storage.open(key)
     except StorageError:
         abort(404, description="The stored map is missing.")
-    response = send_file(
-        handle, mimetype=mimetype, as_attachment=download_name is not None, download_name=download_name, max_age=3600
-    )
-    response.headers["Cache-Control"] = "private, max-age=3600"  # never in shared caches
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+    # Cache-Control "private, no-store" and nosniff: webapp.security, as on every patient file
+    return send_file(handle, mimetype=mimetype, as_attachment=download_name is not None, download_name=download_name)
 
 
 @bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/overlay.png")
 def overlay(case_id: int, explanation_id: int):
-    user, response = _viewer_or_response()
+    user, response = viewer_or_refusal()
     if user is None:
         return response
     row = _stored_explanation(case_id, explanation_id)
@@ -69,7 +50,7 @@ def overlay(case_id: int, explanation_id: int):
 
 @bp.get("/cases/<int:case_id>/explanations/<int:explanation_id>/raw.npy")
 def raw(case_id: int, explanation_id: int):
-    user, response = _viewer_or_response()
+    user, response = viewer_or_refusal()
     if user is None:
         return response
     row = _stored_explanation(case_id, explanation_id)

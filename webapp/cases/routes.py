@@ -19,6 +19,7 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from ..audit import entry_dict
+from ..auth.sessions import viewer_or_refusal
 from ..db import db
 from ..errors import get_or_404
 from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
@@ -122,14 +123,18 @@ def status(case_id: int):
 
 
 @bp.get("/files/<path:key>")
-@login_required
 def stored_file(key: str):
+    """A stored image, for a signed-in page or an API token (the `url` of the API's image entries)."""
+    user, refusal = viewer_or_refusal()
+    if user is None:
+        return refusal
     storage = storage_from_settings(current_app.extensions["settings"])
     try:
         handle = storage.open(key)
     except StorageError:
         abort(404)
-    return send_file(handle, mimetype="image/png" if key.endswith(".png") else None, max_age=3600)
+    # Stored keys end .png or .npy (explanation maps); anything else downloads as bytes, never guessed.
+    return send_file(handle, mimetype="image/png" if key.endswith(".png") else "application/octet-stream")
 
 
 @bp.get("/cases/export.csv")
