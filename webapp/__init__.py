@@ -21,6 +21,7 @@ from .auth import sessions
 from .backup import cli as backup_cli
 from .batches import cli as batches_cli
 from .batches import routes as batches_routes
+from .cases import cli as cases_cli
 from .cases import explanation_routes
 from .cases import routes as cases_routes
 from .config import DISCLAIMER, REPO_ROOT, Settings
@@ -44,6 +45,7 @@ BLUEPRINTS = (
     api_blueprint,
     accounts_cli.bp,
     batches_cli.bp,
+    cases_cli.bp,
     model_versions_cli.bp,
     backup_cli.bp,
 )

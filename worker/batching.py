@@ -32,6 +32,7 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
+from webapp.cases.deletion import lock_images
 from webapp.db import db
 from webapp.models import Analysis, Job, ModelVersion, utcnow
 from webapp.states import JobKind, JobStatus
@@ -247,40 +248,64 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
     analyses: list[Analysis] = list(dict.fromkeys(job.analysis for job in jobs))
     storage = storage_from_settings(settings)  # the decoder threads have no app context
     loaded = list(_decoder_pool().map(_load, [storage] * len(analyses), [a.image.storage_key for a in analyses]))
+    ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
+    passed = _predict(model, [pixels for _, pixels, _ in ok], settings) if ok else None
+
+    # Locked from here to the commit: the results of a case deleted during the pass are dropped, and
+    # a deletion that comes now waits, then removes them with the rest (webapp.cases.deletion).
+    alive = lock_images(a.image_id for a in analyses)
     for analysis, (_, _, error) in zip(analyses, loaded):
-        if error is not None:
+        if error is not None and analysis.image_id in alive:
             message = f"{error.__class__.__name__}: {error}"
             log.error("Could not read the image of analysis %s: %s", analysis.id, message)
             predict.fail_analysis(analysis, message)
-    ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
-
-    shap_pending: list[int] = []
-    if ok:
-        t0 = time.perf_counter()
-        probs, gradcams = predict_batch(model, [pixels for _, pixels, _ in ok], plus_plus=settings.GRADCAM_PLUS_PLUS)
-        predict_ms = round((time.perf_counter() - t0) * 1000, 1)
-        class_names = list(model_version.class_names)
-        top = predict.top_class_indices(model, probs)
-        for analysis_probs, top_index, (analysis, _, seconds) in zip(probs, top, ok):
-            # predict_ms: the batched pass this image was part of (len(ok) images).
-            predict.store_prediction(
-                analysis,
-                analysis_probs,
-                top_index,
-                class_names,
-                {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms},
-            )
-        if gradcams is not None:
-            succeeded = [a for a, _, _ in ok]
-            overlays = list(
-                _decoder_pool().map(_overlay, [heatmap if error is None else None for _, heatmap, error in gradcams])
-            )
-            shap_pending = explain.record_prediction_pass(succeeded, gradcams, overlays, class_names)
-        log.info("Predicted %d image(s) in one pass of %.0f ms.", len(ok), predict_ms)
-
-    predict.finish_jobs(jobs)
+    kept = [entry for entry in enumerate(ok) if entry[1][0].image_id in alive]
+    shap_pending = _store_pass(kept, passed, model, model_version) if kept else []
+    predict.finish_jobs([job for job in jobs if job.image_id in alive])
     db.session.commit()
     return shap_pending
+
+
+Pass = tuple[np.ndarray, list[explain.GradCam] | None, list[bytes | Exception | None] | None, float]
+
+
+def _predict(model: Predictor, images: list[np.ndarray], settings) -> Pass:
+    """One batched pass: (probabilities, Grad-CAM maps, their colour layers, milliseconds)."""
+    t0 = time.perf_counter()
+    probs, gradcams = predict_batch(model, images, plus_plus=settings.GRADCAM_PLUS_PLUS)
+    predict_ms = round((time.perf_counter() - t0) * 1000, 1)
+    overlays = None
+    if gradcams is not None:
+        overlays = list(
+            _decoder_pool().map(_overlay, [heatmap if error is None else None for _, heatmap, error in gradcams])
+        )
+    log.info("Predicted %d image(s) in one pass of %.0f ms.", len(images), predict_ms)
+    return probs, gradcams, overlays, predict_ms
+
+
+def _store_pass(
+    kept: list[tuple[int, tuple[Analysis, np.ndarray, float]]],
+    passed: Pass,
+    model: Predictor,
+    model_version: ModelVersion,
+) -> list[int]:
+    """Stores the pass's results of the images still there (`kept`: their positions in the pass);
+    returns the analyses with SHAP to send."""
+    probs, gradcams, overlays, predict_ms = passed
+    class_names = list(model_version.class_names)
+    top = predict.top_class_indices(model, probs)
+    for i, (analysis, _, seconds) in kept:
+        # predict_ms: the batched pass this image was part of.
+        timings = {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms}
+        predict.store_prediction(analysis, probs[i], top[i], class_names, timings)
+    if gradcams is None:
+        return []
+    return explain.record_prediction_pass(
+        [analysis for _, (analysis, _, _) in kept],
+        [gradcams[i] for i, _ in kept],
+        [overlays[i] for i, _ in kept],
+        class_names,
+    )
 
 
 __all__ = ["run_batch", "predict_batch", "warm_up", "bucket_sizes", "padded_size", "pad"]

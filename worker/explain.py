@@ -31,6 +31,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from webapp.cases.deletion import lock_images
 from webapp.cases.explanations import explanation_keys
 from webapp.db import db
 from webapp.models import Analysis, Explanation, Image, utcnow
@@ -41,7 +42,7 @@ from webapp.storage import storage_from_settings
 from . import priority
 from .celery_app import GRADCAM_TASK, SHAP_TASK, consumes, current_settings, send
 from .predict import batch_limit, explainable, predictor_for_version, read_image
-from .recovery import claim_explanations, fail_explanations, run_explanations
+from .recovery import ImageDeleted, claim_explanations, fail_explanations, run_explanations
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -280,7 +281,7 @@ def run_shap(task: Task, analysis_id: int) -> str:
     """SHAP maps for every queued SHAP row of the analysis (one Partition-explainer run for all).
 
     Returns:
-        "done", "failed", "deferred" (predictions are waiting), "nothing to do" or "missing".
+        "done", "failed", "deferred" (predictions are waiting), "nothing to do", "missing" or "deleted".
     """
     analysis = db.session.get(Analysis, analysis_id)
     if analysis is None:
@@ -328,6 +329,7 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
     t2 = time.perf_counter()
     maps = [resize_values(v, pixels.shape[:2]) for v in result.values]
     vmax = max(float(np.max(np.abs(m))) for m in maps) or 1.0  # one scale for every class of the image
+    lock_image(analysis.image_id)
     for row, values, base in zip(rows, maps, result.base_values):
         index = model.class_names.index(row.class_name)
         store_explanation(
@@ -354,11 +356,21 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
     db.session.commit()
 
 
+def lock_image(image_id: int) -> None:
+    """Locks the image row until the commit that stores its maps (webapp.cases.deletion).
+
+    Raises:
+        ImageDeleted: the case was deleted while the map was computed; no file is written.
+    """
+    if not lock_images([image_id]):
+        raise ImageDeleted(image_id)
+
+
 def run_gradcam(explanation_id: int) -> str:
     """A requested Grad-CAM or Grad-CAM++ map for the row's class.
 
     Returns:
-        "done", "failed", "missing", or the row's status when it is not this delivery's to compute.
+        "done", "failed", "missing", "deleted", or the row's status when it is not this delivery's to compute.
     """
     row = db.session.get(Explanation, explanation_id)
     if row is None:
@@ -386,6 +398,7 @@ def compute_gradcam(row: Explanation) -> None:
     )
     t2 = time.perf_counter()
     heatmap = result.maps[0]
+    lock_image(row.image_id)
     store_explanation(
         row,
         row.image,

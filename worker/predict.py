@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
+from webapp.cases.deletion import lock_images
 from webapp.db import db
 from webapp.model_versions.service import register_model_version
 from webapp.models import Analysis, Image, Job, ModelVersion, utcnow
@@ -165,7 +166,7 @@ def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[li
 
     A succeeded analysis is reused (results are never overwritten) and its job succeeds at once;
     otherwise the analysis is created, or a failed one restarted, `running`. Two jobs for one image
-    share the analysis.
+    share the analysis. Jobs whose case was deleted meanwhile are dropped.
 
     Returns:
         (the jobs whose images are to be predicted, the ids of the reused analyses).
@@ -173,6 +174,13 @@ def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[li
     # The claimed jobs and their analyses are this delivery's alone: keep the loaded rows after each
     # commit instead of reloading every attribute with one query each (~40% of a batch's time).
     db.session().expire_on_commit = False
+    # Locked until the commit below: the jobs of a case deleted since their claim are gone with it
+    # and are left out, and a deletion that comes now waits for this commit (webapp.cases.deletion).
+    # The ids come from a query: reading an expired attribute of a deleted job would raise.
+    job_ids = [inspect(job).identity[0] for job in jobs]
+    image_of = dict(db.session.execute(select(Job.id, Job.image_id).where(Job.id.in_(job_ids))).tuples().all())
+    alive = lock_images(image_of.values())
+    jobs = [job for job, job_id in zip(jobs, job_ids) if image_of.get(job_id) in alive]
     image_ids = [job.image_id for job in jobs]
     db.session.scalars(select(Image).where(Image.id.in_(image_ids))).all()  # one query, not one per job
     existing = {

@@ -59,7 +59,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 from flask import Flask
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from webapp.config import Settings
@@ -255,7 +255,7 @@ def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
     unavailable) puts it back to `queued`.
 
     Returns:
-        The job's status afterwards, or "missing".
+        The job's status afterwards, "missing", or "deleted" (its case was deleted meanwhile).
 
     Raises:
         RetryLater: after a transient error; the task retries with backoff.
@@ -276,8 +276,11 @@ def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
         fail_job(job_id, f"Timed out after {settings.TASK_SOFT_TIME_LIMIT} s.")
     except Exception as exc:
         if not is_transient(exc):
-            log.error("Job %s failed:\n%s", job_id, traceback.format_exc())
-            fail_job(job_id, f"{exc.__class__.__name__}: {exc}")
+            if job_deleted(job_id):
+                log.info("Job %s was deleted with its case while it ran; nothing is stored.", job_id)
+            else:
+                log.error("Job %s failed:\n%s", job_id, traceback.format_exc())
+                fail_job(job_id, f"{exc.__class__.__name__}: {exc}")
         else:
             log.warning("Job %s: transient error, will retry: %s", job_id, exc)
             if claimed:
@@ -285,7 +288,14 @@ def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
             raise RetryLater(exc) from exc
     finally:
         db.session.remove()
-    return db.session.get(Job, job_id).status
+    job = db.session.get(Job, job_id)
+    return job.status if job is not None else "deleted"
+
+
+def job_deleted(job_id: int) -> bool:
+    """Whether the job's row is gone (its case was deleted, webapp.cases.deletion): not a failure."""
+    db.session.rollback()
+    return db.session.scalar(select(Job.id).where(Job.id == job_id)) is None
 
 
 # --- explanation rows ---------------------------------------------------------------------------------
@@ -331,14 +341,28 @@ def fail_explanations(ids: Iterable[int], message: str) -> None:
     db.session.commit()
 
 
+class ImageDeleted(Exception):
+    """The image's case was deleted while its explanation was computed: nothing is stored."""
+
+
+def explanations_deleted(ids: Sequence[int]) -> bool:
+    """Whether every one of the rows is gone (deleted with its case, webapp.cases.deletion)."""
+    db.session.rollback()
+    return db.session.scalar(select(func.count()).select_from(Explanation).where(Explanation.id.in_(ids))) == 0
+
+
 def run_explanations(ids: Sequence[int], work: Callable[[], None]) -> str:
-    """Runs `work()`; any error ends the rows failed with its reason. Returns "done" or "failed"."""
+    """Runs `work()`; any error ends the rows failed with its reason. Returns "done", "failed" or
+    "deleted" (the case was deleted meanwhile)."""
     try:
         work()
         return ExplanationStatus.DONE
     except SoftTimeLimitExceeded:
         fail_explanations(ids, f"Timed out after {current_settings().TASK_SOFT_TIME_LIMIT} s.")
     except Exception as exc:
+        if isinstance(exc, ImageDeleted) or explanations_deleted(ids):
+            log.info("Explanations %s were deleted with their case while computed; nothing is stored.", list(ids))
+            return "deleted"
         log.error("Explanation %s failed:\n%s", list(ids), traceback.format_exc())
         fail_explanations(ids, f"{exc.__class__.__name__}: {exc}")
     finally:

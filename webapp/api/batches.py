@@ -9,11 +9,13 @@ from spectree import Response
 
 from ..batches import service as batch_service
 from ..batches.service import BatchInputError
+from ..cases.deletion import delete_batch
 from ..errors import get_or_404
 from ..models import Batch
 from ..security import upload_limit
 from .blueprint import bp, error, spec, token_required, uploader_required
-from .schemas import BatchCreated, BatchFiles, BatchProgress, BatchUpload, ErrorBody
+from .cases import deletion_response
+from .schemas import BatchCreated, BatchFiles, BatchProgress, BatchUpload, DeletionRequest, DeletionResult, ErrorBody
 
 
 def batch_size_limit(view):
@@ -77,3 +79,15 @@ def show_batch(batch_id: int):
     """Progress: total, counts (queued, running, done, failed), case_ids and per-file errors."""
     batch = get_or_404(Batch, batch_id)
     return jsonify(batch_service.batch_progress(batch))
+
+
+@bp.delete("/batches/<int:batch_id>")
+@token_required
+@spec.validate(
+    query=DeletionRequest,
+    json=DeletionRequest,
+    resp=Response(HTTP_200=DeletionResult, HTTP_403=ErrorBody, HTTP_404=ErrorBody),
+)
+def delete_one_batch(batch_id: int):
+    """Deletes the batch with every case it created (admin only); `reason` is required and audited."""
+    return deletion_response(delete_batch, batch_id)

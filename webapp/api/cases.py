@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import g, jsonify, request, url_for
 from spectree import Response
 
+from ..cases.deletion import Deletion, DeletionError, delete_case
 from ..cases.explanations import ExplanationRequestError
 from ..cases.explanations import request_explanation as request_one
 from ..cases.export import csv_response
@@ -22,6 +25,8 @@ from .schemas import (
     CasePage,
     CaseQueued,
     CaseUpload,
+    DeletionRequest,
+    DeletionResult,
     ErrorBody,
     ExplanationBody,
     ExplanationRequest,
@@ -64,6 +69,30 @@ def show(case_id: int):
     """The case with its images, jobs, analyses (probabilities, model, explanations) and reviews."""
     case = get_or_404(Case, case_id)
     return jsonify(case_dict(case))
+
+
+@bp.delete("/cases/<int:case_id>")
+@token_required
+@spec.validate(
+    query=DeletionRequest,
+    json=DeletionRequest,
+    resp=Response(HTTP_200=DeletionResult, HTTP_403=ErrorBody, HTTP_404=ErrorBody),
+)
+def delete_one(case_id: int):
+    """Deletes the case with its image, results, maps and reviews (admin only); `reason` is required and audited."""
+    return deletion_response(delete_case, case_id)
+
+
+def deletion_response(delete: Callable[..., Deletion], entity_id: int):
+    """Calls `delete(entity_id, user, reason)` with the reason from the query or the JSON body
+    (spectree checks no body on DELETE), and answers with what went or the service's refusal."""
+    body = request.get_json(silent=True)
+    reason = request.args.get("reason") or (body.get("reason") if isinstance(body, dict) else None)
+    try:
+        result = delete(entity_id, g.api_user, reason)
+    except DeletionError as exc:
+        return error(exc.status, exc.message, **({"field": "reason"} if exc.status == 400 else {}))
+    return jsonify(result.as_dict())
 
 
 @bp.post("/cases/<int:case_id>/explanations")

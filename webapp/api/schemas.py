@@ -101,6 +101,10 @@ class RerunRequest(BaseModel):
     model_version_id: int = Field(description="a registered model version")
 
 
+class DeletionRequest(BaseModel):
+    reason: str | None = _text("required, in the query or the JSON body: why (3-500 characters, no patient data)")
+
+
 # --- responses -----------------------------------------------------------------------------------
 
 
@@ -193,6 +197,16 @@ class BatchProgress(Open):
     finished: bool
     case_ids: list[int]
     errors: list[FileError]
+
+
+class DeletionResult(Open):
+    deleted: str = Field(description="case | batch")
+    id: int
+    case_ids: list[int] = Field(description="the cases deleted")
+    counts: dict[str, int] = Field(description="rows removed: cases, images, jobs, jobs_cancelled, explanations, ...")
+    files_removed: int
+    files_kept: int = Field(description="stored files another row still holds")
+    audit_id: int
 
 
 class ModelVersionBody(Open):

@@ -1,4 +1,5 @@
-"""`flask --app webapp batch import FOLDER`: a server-side folder imported as one batch."""
+"""`flask --app webapp batch import FOLDER`: a server-side folder imported as one batch;
+`flask --app webapp batch delete ID --reason TEXT --admin EMAIL`: a batch and its cases deleted."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from flask import Blueprint, current_app
 from sqlalchemy import select
 
 from ..auth.sessions import find_user
+from ..cases.cli import run_deletion
+from ..cases.deletion import delete_batch
 from ..db import db
 from ..models import User
 from . import service
@@ -71,3 +74,13 @@ def import_folder(folder: Path, metadata: Path | None, email: str | None, name: 
             bar.update(len(triples))
     progress = service.batch_progress(batch)
     click.echo(json.dumps({k: progress[k] for k in ("id", "url", "total", "counts", "duplicates", "errors")}, indent=1))
+
+
+@bp.cli.command("delete")
+@click.argument("batch_id", type=int)
+@click.option("--reason", required=True, help="Why (3-500 characters, no patient data); audited.")
+@click.option("--admin", "email", required=True, help="The admin the deletion is recorded under.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete_batch_command(batch_id: int, reason: str, email: str, yes: bool) -> None:
+    """Delete batch BATCH_ID with every case it created."""
+    run_deletion(delete_batch, "batch", batch_id, reason, email, yes)

@@ -7,6 +7,7 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from ..auth.sessions import role_required
+from ..cases.deletion import DeletionError, check_confirmed, delete_batch
 from ..db import db
 from ..errors import get_or_404, wants_json
 from ..models import UPLOAD_ROLES, Batch, ModelVersion
@@ -85,6 +86,20 @@ def show_batch(batch_id: int):
     return render_template(
         "batches/show.html", batch=batch, progress=batch_service.batch_progress(batch), model_versions=versions
     )
+
+
+@bp.post("/batches/<int:batch_id>/delete")
+@role_required("admin")
+def delete(batch_id: int):
+    """The batch page's delete form: the batch and every case it created (cases.deletion)."""
+    try:
+        check_confirmed(request.form)
+        result = delete_batch(batch_id, g.user, request.form.get("reason"))
+    except DeletionError as exc:
+        flash(exc.message, "error")
+        return show_batch(batch_id), exc.status
+    flash(f"Batch #{batch_id} and its {len(result.case_ids)} case(s) were deleted.", "info")
+    return redirect(url_for("batches.batches"))
 
 
 @bp.get("/batches/<int:batch_id>/progress.json")

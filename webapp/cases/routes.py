@@ -19,7 +19,7 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from ..audit import entry_dict
-from ..auth.sessions import viewer_or_refusal
+from ..auth.sessions import role_required, viewer_or_refusal
 from ..db import db
 from ..errors import get_or_404
 from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
@@ -28,6 +28,7 @@ from ..review.service import can_review
 from ..security import upload_limit
 from ..states import JobStatus
 from ..storage import StorageError, storage_from_settings
+from .deletion import DeletionError, check_confirmed, delete_case
 from .export import csv_response
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
 from .listing import FilterError, fetch_page, parse_filters
@@ -93,6 +94,20 @@ def new():
 def show(case_id: int):
     case = get_or_404(Case, case_id)
     return render_template("cases/show.html", case=case, data=case_dict(case), research=_research_context(case))
+
+
+@bp.post("/cases/<int:case_id>/delete")
+@role_required("admin")
+def delete(case_id: int):
+    """The case page's delete form: an admin's confirmed request with a reason (cases.deletion)."""
+    try:
+        check_confirmed(request.form)
+        result = delete_case(case_id, g.user, request.form.get("reason"))
+    except DeletionError as exc:
+        flash(exc.message, "error")
+        return show(case_id), exc.status
+    flash(f"Case #{case_id} was deleted ({result.files_removed} stored file(s) removed).", "info")
+    return redirect(url_for("cases.index"))
 
 
 def _research_context(case: Case) -> dict:
