@@ -327,3 +327,53 @@ def test_no_server_path_or_host_in_model_versions(app, client, token, tmp_path):
         db.session.commit()
     body = client.get("/api/v1/model-versions", headers={"Authorization": f"Bearer {token}"}).get_data(as_text=True)
     assert '"name":"m"' in body.replace(" ", "") and str(tmp_path) not in body and "artifact_path" not in body
+
+
+# --- cheap, quiet health (issue 14) ---------------------------------------------------------------
+
+
+def test_anonymous_health_names_no_host_and_admins_see_details(app, client):
+    import socket
+
+    body = client.get("/api/v1/health").get_data(as_text=True)
+    assert '"ok":false' in body.replace(" ", "")
+    for secret in ("127.0.0.1", socket.gethostname(), "error", "pid", "celery@"):
+        assert secret not in body, secret
+    make_user(app, "admin@example.org", role="admin")
+    admin = client.get("/api/v1/health", headers={"Authorization": f"Bearer {make_token(app, 'admin@example.org')}"})
+    assert "ConnectionError" in admin.json["broker"]["error"]
+
+
+def test_health_answers_from_a_cached_status_in_milliseconds(app, client, monkeypatch):
+    """The probe: each health call pinged the worker (about 1 s); 48 concurrent ones stalled /login."""
+    import threading
+    import time
+
+    asked = []
+
+    def slow_worker_status(app, timeout):
+        asked.append(time.monotonic())
+        time.sleep(1.0)
+        return {"ok": True, "workers": ["predict@some-host"]}
+
+    monkeypatch.setattr("webapp.api.status.broker_status", lambda app: {"ok": True})
+    monkeypatch.setattr("webapp.api.status.worker_status", slow_worker_status)
+    app.config["HEALTH_CACHE_SECONDS"] = 0.5
+    assert client.get("/api/v1/health").status_code == 200  # the process's first call waits once
+    timings = []
+
+    def probe():
+        started = time.monotonic()
+        response = app.test_client().get("/api/v1/health")
+        timings.append(time.monotonic() - started)
+        assert response.status_code == 200 and "some-host" not in response.get_data(as_text=True)
+
+    for _ in range(3):  # past the cache's age: answered from the last status while one thread re-asks
+        threads = [threading.Thread(target=probe) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        time.sleep(0.6)
+    assert max(timings) < 0.5, sorted(timings)[-3:]
+    assert len(asked) <= 4  # one ask per refresh, never one per request

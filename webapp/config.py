@@ -86,6 +86,9 @@ class Settings:
     TASK_SOFT_TIME_LIMIT: int = 300
     TASK_TIME_LIMIT: int = 360
     BROKER_TIMEOUT: float = 2.0  # publishing and health checks give up after this many seconds
+    HEALTH_CACHE_SECONDS: float = (
+        10  # /api/v1/health re-asks the broker and worker at most this often (in the background).
+    )
     # Reliability (worker/sweep.py): every SWEEP_INTERVAL s (0: off) the worker re-sends jobs still
     # queued after SWEEP_QUEUED_AFTER s, and re-queues jobs `running` for longer than TASK_TIME_LIMIT +
     # SWEEP_RUNNING_MARGIN s (their worker died); a job fails after TASK_MAX_ATTEMPTS starts.
@@ -138,7 +141,7 @@ class Settings:
         for name in ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT"):
             if environ.get(name):
                 values[name] = _parse_positive(name, environ[name])
-        for name in ("SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN"):
+        for name in ("SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN", "HEALTH_CACHE_SECONDS"):
             if environ.get(name):
                 values[name] = _parse_positive(name, environ[name], float)
         for name in ("WORKER_PROCESSES", "PREDICT_THREADS"):  # 0: auto
