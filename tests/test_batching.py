@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 from portal_helpers import FAKE_CLASSES as CLASSES
 from portal_helpers import FAKE_MANIFEST as MANIFEST
 from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
@@ -117,6 +118,72 @@ def test_a_failed_batch_leaves_no_job_running(app, client, sent_tasks, tasks, pr
     with app.app_context():
         jobs = [db.session.get(Job, j) for j in job_ids]
         assert all(j.status == "failed" and "out of cheese" in j.error for j in jobs)
+
+
+def with_batch_size(app, monkeypatch, size: int) -> None:
+    settings = dataclasses.replace(app.extensions["settings"], PREDICT_BATCH_SIZE=size)
+    monkeypatch.setitem(app.extensions, "settings", settings)
+
+
+def upload_folder(app, client, sent_tasks, count: int) -> list[tuple[int, ...]]:
+    """A folder of `count` distinct images in one batch request; returns the analyse messages' job ids."""
+    make_user(app, "f@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'f@example.org')}"}
+    rng = np.random.default_rng(3)
+    files = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        PILImage.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        files.append((io.BytesIO(buffer.getvalue()), f"folder/lesion-{i}.png"))
+    response = client.post("/api/v1/batches", data={"images": files}, headers=headers)
+    assert response.status_code == 202 and response.json["stored"] == count, response.json
+    return [args for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
+
+
+def test_a_folder_sends_one_message_per_micro_batch_and_one_pass_takes_its_jobs(
+    app, client, sent_tasks, tasks, predictors, monkeypatch
+):
+    with_batch_size(app, monkeypatch, 3)
+    messages = upload_folder(app, client, sent_tasks, 7)
+    assert [len(ids) for ids in messages] == [3, 3, 1]
+    assert sorted(i for ids in messages for i in ids) == list(range(min(messages[0]), min(messages[0]) + 7))
+
+    # The second message first: its own jobs, not the oldest queued ones, make up the pass.
+    assert tasks.analyse(*messages[1]) == "succeeded"
+    with app.app_context():
+        done = set(db.session.scalars(db.select(Job.id).where(Job.status == "succeeded")))
+    assert done == set(messages[1]) and predictors["predictor"].calls == [3]
+    for ids in (messages[0], messages[2]):
+        tasks.analyse(*ids)
+    assert predictors["predictor"].calls == [3, 3, 1]
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Job.id)).where(Job.status != "succeeded")) == 0
+        assert db.session.scalar(db.select(db.func.count(Analysis.id))) == 7
+
+
+def test_listed_jobs_beyond_the_batch_are_sent_on_their_own(app, client, sent_tasks, tasks, predictors, monkeypatch):
+    import worker.batching as batching
+
+    resent: list[tuple] = []
+    monkeypatch.setattr(batching, "send", lambda name, *args, queue: resent.append((name, args, queue)) or "id")
+    with_batch_size(app, monkeypatch, 4)
+    (ids,) = upload_folder(app, client, sent_tasks, 4)
+    with_batch_size(app, monkeypatch, 2)  # a worker with smaller batches than the web app's
+    assert tasks.analyse(*ids) == "succeeded"
+    assert predictors["predictor"].calls == [2]
+    assert resent == [("worker.tasks.analyse", (ids[2],), "predict"), ("worker.tasks.analyse", (ids[3],), "predict")]
+    with app.app_context():
+        assert [db.session.get(Job, i).status for i in ids] == ["succeeded", "succeeded", "queued", "queued"]
+
+
+def test_a_listed_job_taken_by_another_delivery_is_skipped(app, client, sent_tasks, tasks, predictors, monkeypatch):
+    with_batch_size(app, monkeypatch, 4)
+    (ids,) = upload_folder(app, client, sent_tasks, 4)
+    assert tasks.analyse(ids[2]) == "succeeded"  # a single message of one of them came first: takes all four
+    assert tasks.analyse(*ids) == "succeeded"  # the batch message then finds its jobs finished
+    assert predictors["predictor"].calls == [4]
+    with app.app_context():
+        assert [db.session.get(Job, i).attempts for i in ids] == [1, 1, 1, 1]
 
 
 def test_bucket_sizes_and_padding():

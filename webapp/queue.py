@@ -7,6 +7,7 @@ that only publishes messages; the Celery app itself is created on first use.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -58,6 +59,21 @@ def send(task_name: str, *args: Any, queue: str) -> str | None:
         log.warning("Could not send %s%s to queue %s: %s", task_name, args, queue, exc)
         return None
     return result.id
+
+
+def send_grouped(task_name: str, ids: Sequence[int], group_size: int, *, queue: str) -> int:
+    """Publishes one `task_name(*group)` message per `group_size` ids (a worker's micro-batch), so a
+    folder's jobs cost one message per batch rather than one per image. Stops at the first failed
+    publish (the broker is down: the rest stay queued in the database for the sweep). Returns how
+    many ids were sent."""
+    group_size = max(1, int(group_size))
+    sent = 0
+    for start in range(0, len(ids), group_size):
+        group = list(ids[start : start + group_size])
+        if send(task_name, *group, queue=queue) is None:
+            break
+        sent += len(group)
+    return sent
 
 
 def broker_status(app: Flask | None = None) -> dict[str, Any]:

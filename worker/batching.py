@@ -7,9 +7,12 @@ further `queued` analyse jobs of the same model version (oldest first, each with
 conditional UPDATE as worker.recovery.claim, so no two deliveries or workers take the same job),
 decodes their stored PNGs in a small thread pool, runs ONE forward pass that gives the calibrated
 probabilities and the Grad-CAM maps of all of them (`ml.explain.explain_gradcam`), stores every
-result in one commit and marks the jobs succeeded. The Celery messages of the jobs taken along
-then find their job finished and return at once (claim is idempotent). With PREDICT_BATCH_SIZE=1
-the same path runs one job per pass.
+result in one commit and marks the jobs succeeded. A folder upload sends one message per
+PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message lists are taken first,
+so a folder costs one delivery per batch; a listed job that this batch could not take is sent on
+its own afterwards. The messages of jobs taken along otherwise (single uploads) find their job
+finished and return at once (claim is idempotent). With PREDICT_BATCH_SIZE=1 the same path runs
+one job per pass.
 
 Batches are padded (by repeating the last image) to a few fixed sizes (1, 2, 4, 8, 16, ...
 up to PREDICT_BATCH_SIZE), so that the compiled pass only ever sees those shapes: oneDNN builds its
@@ -35,11 +38,12 @@ from sqlalchemy import select
 from webapp.cases.deletion import lock_images
 from webapp.db import db
 from webapp.models import Analysis, Job, ModelVersion, utcnow
+from webapp.queue import ANALYSE_TASK, PREDICT_QUEUE
 from webapp.states import JobKind, JobStatus
 from webapp.storage import Storage, storage_from_settings
 
 from . import explain, predict, recovery
-from .celery_app import current_settings
+from .celery_app import current_settings, send
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -131,29 +135,40 @@ def warm_up(model: Predictor, limit: int | None = None) -> float:
 # --- claiming companions ----------------------------------------------------------------------------
 
 
-def claim_companions(lead: Job, model_version_id: int | None, count: int, now: datetime) -> list[Job]:
-    """Claims up to `count` further queued analyse jobs of the same model version, oldest first.
+def _candidates(lead: Job, model_version_id: int | None, count: int, listed: Sequence[int], among: bool) -> list:
+    """(id, attempts) of up to `count` queued jobs that may join the lead's batch, oldest first:
+    those in `listed` (among=True) or those not in it (among=False)."""
+    same_version = (
+        Job.model_version_id.is_(None) if model_version_id is None else Job.model_version_id == model_version_id
+    )
+    query = select(Job.id, Job.attempts).where(
+        Job.status == JobStatus.QUEUED,
+        Job.kind == lead.kind,
+        Job.id != lead.id,
+        same_version,
+        Job.attempts < current_settings().TASK_MAX_ATTEMPTS,
+    )
+    if among:
+        query = query.where(Job.id.in_(list(listed)))
+    elif listed:
+        query = query.where(Job.id.not_in(list(listed)))
+    return list(db.session.execute(query.order_by(Job.id).limit(count)).all())
+
+
+def claim_companions(
+    lead: Job, model_version_id: int | None, count: int, now: datetime, listed: Sequence[int] = ()
+) -> list[Job]:
+    """Claims up to `count` further queued analyse jobs of the same model version: those `listed` in
+    the lead's message first, then the oldest others.
 
     Each claim is the conditional UPDATE of worker.recovery.take (status and attempts as seen), so a
     job that another delivery or worker takes at the same moment is skipped. Committed.
     """
     if count <= 0:
         return []
-    same_version = (
-        Job.model_version_id.is_(None) if model_version_id is None else Job.model_version_id == model_version_id
-    )
-    candidates = db.session.execute(
-        select(Job.id, Job.attempts)
-        .where(
-            Job.status == JobStatus.QUEUED,
-            Job.kind == lead.kind,
-            Job.id != lead.id,
-            same_version,
-            Job.attempts < current_settings().TASK_MAX_ATTEMPTS,
-        )
-        .order_by(Job.id)
-        .limit(count)
-    ).all()
+    candidates = _candidates(lead, model_version_id, count, listed, among=True) if listed else []
+    if len(candidates) < count:
+        candidates += _candidates(lead, model_version_id, count - len(candidates), listed, among=False)
     claimed = [job_id for job_id, attempts in candidates if recovery.take(job_id, JobStatus.QUEUED, attempts, now)]
     db.session.commit()
     return [db.session.get(Job, job_id) for job_id in claimed]
@@ -168,11 +183,12 @@ def uploads_streaming(lead: Job, window: float = 0.5) -> bool:
     return newest is not None and newest > since
 
 
-def gather(lead: Job, version_id: int | None, count: int) -> list[Job]:
-    """Companions for the lead job. While uploads stream in and the batch is less than half full, waits
-    GATHER_WAIT_S (up to GATHER_ROUNDS times) for more: the CPU goes to the uploads meanwhile, and a
-    batch of 8 costs about as much as 3 single passes. A lone upload never waits."""
-    companions = claim_companions(lead, version_id, count, utcnow())
+def gather(lead: Job, version_id: int | None, count: int, listed: Sequence[int] = ()) -> list[Job]:
+    """Companions for the lead job, the jobs `listed` in its message first. While uploads stream in
+    and the batch is less than half full, waits GATHER_WAIT_S (up to GATHER_ROUNDS times) for more:
+    the CPU goes to the uploads meanwhile, and a batch of 8 costs about as much as 3 single passes.
+    A lone upload never waits."""
+    companions = claim_companions(lead, version_id, count, utcnow(), listed)
     for _ in range(GATHER_ROUNDS):
         if len(companions) + 1 > (count + 1) // 2 or not uploads_streaming(lead):
             break
@@ -184,8 +200,9 @@ def gather(lead: Job, version_id: int | None, count: int) -> list[Job]:
 # --- one batch ---------------------------------------------------------------------------------------
 
 
-def run_batch(lead: Job) -> None:
-    """analyse's work for the claimed job `lead` plus the queued jobs it takes along.
+def run_batch(lead: Job, listed: Sequence[int] = ()) -> None:
+    """analyse's work for the claimed job `lead` plus the queued jobs it takes along, those `listed`
+    in its message first.
 
     Raises whatever ends the lead job (worker.recovery.run_job turns it into `failed` or a retry);
     the companions are failed (or, for transient errors, put back to `queued`) here first, so none
@@ -193,7 +210,7 @@ def run_batch(lead: Job) -> None:
     """
     version_id = lead.model_version_id  # None: the worker's default model
     model, model_version = predict.predictor_for_job(lead)  # re-run jobs name their model version
-    companions = gather(lead, version_id, predict.batch_limit() - 1)
+    companions = gather(lead, version_id, predict.batch_limit() - 1, listed)
     companion_ids = [job.id for job in companions]
     try:
         _process([lead] + companions, model, model_version)
@@ -206,6 +223,17 @@ def run_batch(lead: Job) -> None:
         else:
             recovery.fail_jobs(companion_ids, f"{exc.__class__.__name__}: {exc}")
         raise
+    send_left_behind(listed)
+
+
+def send_left_behind(listed: Sequence[int]) -> None:
+    """Sends a message of its own for each listed job still `queued` (another model version, or more
+    jobs than this worker's batch): the batch message that named it is about to be acknowledged."""
+    if not listed:
+        return
+    left = db.session.scalars(select(Job.id).where(Job.id.in_(list(listed)), Job.status == JobStatus.QUEUED)).all()
+    for job_id in left:
+        send(ANALYSE_TASK, job_id, queue=PREDICT_QUEUE)
 
 
 def _process(jobs: list[Job], model: Predictor, model_version: ModelVersion) -> None:

@@ -449,20 +449,19 @@ def pending_job_ids(r: redis.Redis | None, queues: Iterable[str]) -> set[int] | 
         return None
     task_names = {t for t, _ in KIND_TASKS.values()}
 
-    def job_id(payload: bytes | str) -> int | None:
+    def job_ids(payload: bytes | str) -> list[int]:  # a folder's message lists a micro-batch of jobs
         try:
             message = json.loads(payload)
             if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
                 message = message[0]
             if message.get("headers", {}).get("task") not in task_names:
-                return None
+                return []
             body = message["body"]
             if message.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            return int(args[0])
+            return [int(arg) for arg in json.loads(body)[0]]
         except Exception:
-            return None
+            return []
 
     try:
         payloads = []
@@ -472,7 +471,7 @@ def pending_job_ids(r: redis.Redis | None, queues: Iterable[str]) -> set[int] | 
         payloads += r.hvals("unacked")
     except Exception:
         return None
-    return {i for i in map(job_id, payloads) if i is not None}
+    return {i for payload in payloads for i in job_ids(payload)}
 
 
 SendJob = Callable[[str, int, str], Any]  # send(task_name, job_id, queue) -> task id, or None / raises

@@ -6,6 +6,8 @@ The web app sends them by name (`worker.tasks.analyse`, `worker.tasks.explain_sh
 
 from __future__ import annotations
 
+from functools import partial
+
 from celery import Task
 
 from webapp.queue import ANALYSE_TASK
@@ -17,9 +19,11 @@ TRANSIENT_RETRIES = 5  # retries with backoff (2, 4, 8, 16, 32 s) for database o
 
 
 @app.task(name=ANALYSE_TASK, bind=True, max_retries=TRANSIENT_RETRIES)
-def analyse(self: Task, job_id: int) -> str:
+def analyse(self: Task, job_id: int, *listed_job_ids: int) -> str:
     """Predicts the job's image (with the queued jobs it takes along, worker.batching) and stores an
     Analysis per (image, model version). Returns the job's final status.
+
+    A folder upload sends one message per micro-batch: `listed_job_ids` are taken along first.
 
     Idempotent: the delivery first claims the job (worker.recovery), so a redelivered or duplicated
     message adds nothing. Never leaves the job `running`: a transient error (database or broker
@@ -27,7 +31,8 @@ def analyse(self: Task, job_id: int) -> str:
     in `failed` with its reason.
     """
     try:
-        return str(recovery.run_job(job_id, self.request, batching.run_batch))
+        work = partial(batching.run_batch, listed=listed_job_ids) if listed_job_ids else batching.run_batch
+        return str(recovery.run_job(job_id, self.request, work))
     except recovery.RetryLater as later:
         raise self.retry(exc=later.cause, countdown=recovery.retry_countdown(self.request.retries)) from None
 

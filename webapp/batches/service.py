@@ -118,15 +118,12 @@ def add_file(
 
 
 def send_jobs(job_ids: Iterable[int]) -> int:
-    """Sends the committed jobs; stops at the first failed publish (the broker is down: the jobs stay
-    queued for the sweep, and the upload does not wait a second per file). Returns how many were sent."""
-    sent = 0
-    for job_id in job_ids:
-        # Looked up on the module (`queue.send`), so that tests that record `webapp.queue.send` see these too.
-        if queue.send(ANALYSE_TASK, job_id, queue=PREDICT_QUEUE) is None:
-            break
-        sent += 1
-    return sent
+    """Sends the committed jobs, one message per PREDICT_BATCH_SIZE jobs (the worker's micro-batch
+    takes the jobs its message lists); stops at the first failed publish (the broker is down: the
+    jobs stay queued for the sweep, and the upload does not wait a second per file). Returns how
+    many jobs were sent."""
+    size = current_app.extensions["settings"].PREDICT_BATCH_SIZE
+    return queue.send_grouped(ANALYSE_TASK, list(job_ids), size, queue=PREDICT_QUEUE)
 
 
 def add_files(
