@@ -28,9 +28,42 @@ from webapp.models import (
 )
 
 ADMIN = "admin@example.org"
+BACKENDS = pytest.mark.parametrize(
+    "app", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db_backends)], indirect=True
+)
 REASON = "consent withdrawn"
 SECRETS = {"patient_ref": "PAT-SECRET-7", "lesion_ref": "LES-SECRET-9", "age": "47", "sex": "female", "site": "scalp"}
 NOTE = "NOTE-SECRET the patient mentioned a family history"
+
+
+@pytest.fixture
+def app(app, request, tmp_path):
+    """The SQLite app of conftest, or, for tests parametrized with "postgresql", a PostgreSQL
+    database built by the migrations (their ON DELETE rules are what a deletion relies on)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield app
+        return
+    from flask_migrate import upgrade
+
+    from webapp import create_app
+
+    pg = create_app(
+        {
+            "TESTING": True,
+            "INSTANCE_DIR": tmp_path / "pg-instance",
+            "DATABASE_URL": request.getfixturevalue("fresh_postgres_url"),
+            "STORAGE_DIR": tmp_path / "pg-storage",
+            "MODEL_DIR": tmp_path / "no-model",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "BROKER_TIMEOUT": 0.5,
+        }
+    )
+    with pg.app_context():
+        upgrade()
+    yield pg
+    with pg.app_context():
+        db.session.remove()
+        db.engine.dispose()
 
 
 @pytest.fixture
@@ -112,6 +145,7 @@ def delete_as_admin(app, kind: str, entity_id: int, reason: str = REASON):
 # --- the service ----------------------------------------------------------------------------------------
 
 
+@BACKENDS
 def test_deleting_a_case_removes_its_rows_and_files_and_audits_without_patient_data(
     app, client, auth_headers, admin_headers, sent_tasks
 ):
@@ -405,9 +439,9 @@ def test_other_roles_may_not_delete_from_the_pages(app, client, auth_headers, ad
 
 def test_anonymous_is_sent_to_the_login(app, client, auth_headers, sent_tasks):
     case_id = upload(client, auth_headers)
-    client.get("/login")
-    response = client.post(f"/cases/{case_id}/delete", data={"reason": REASON, "confirm": "yes"})
-    assert response.status_code in (302, 400) and count(app, Case) == 1
+    response = page_post(client, "/login", f"/cases/{case_id}/delete", reason=REASON, confirm="yes")
+    assert response.status_code == 302 and "/login?next=" in response.headers["Location"]
+    assert count(app, Case) == 1
 
 
 def test_admin_deletes_a_batch_from_its_page(app, client, auth_headers, admin_headers, sent_tasks):
@@ -530,6 +564,7 @@ def test_a_claimed_job_whose_case_is_deleted_ends_without_a_trace(
     assert worker.analyse(job_id) == "missing" and count(app, Analysis) == 0
 
 
+@BACKENDS
 @pytest.mark.parametrize("moment", ["after the claim", "during the forward pass"])
 def test_a_case_deleted_while_analysed_is_not_brought_back_and_its_batch_mates_are_stored(
     app, client, auth_headers, admin_headers, worker, sent_tasks, monkeypatch, moment
@@ -564,6 +599,7 @@ def test_a_case_deleted_while_analysed_is_not_brought_back_and_its_batch_mates_a
         assert mate.analysis.image.case_id == survivor
 
 
+@BACKENDS
 def test_a_deletion_waits_for_a_worker_storing_maps_and_removes_them_too(
     app, client, auth_headers, admin_headers, worker, sent_tasks, monkeypatch
 ):
@@ -598,3 +634,55 @@ def test_a_deletion_waits_for_a_worker_storing_maps_and_removes_them_too(
     assert count(app, Explanation) == 0 and count(app, Analysis) == 0
     leftovers = [p for p in (app.extensions["settings"].STORAGE_DIR).rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+class ExplainableFake(FakePredictor):
+    """Passes worker.predict.explainable(); the Grad-CAM itself is `fake_gradcam` below."""
+
+    model = object()
+    input_size = (64, 64)
+
+    def preprocess(self, pixels):
+        return pixels
+
+
+def test_a_requested_map_of_a_case_deleted_while_computed_is_not_stored(
+    app, client, auth_headers, admin_headers, worker, sent_tasks, monkeypatch
+):
+    import sys
+    import types
+
+    import worker.explain as explain
+    import worker.predict as predict
+    from webapp.models import ModelVersion
+
+    case_id = upload(client, auth_headers)
+    with app.app_context():
+        image = db.session.scalars(select(Image).where(Image.case_id == case_id)).one()
+        mv = ModelVersion(
+            name=FAKE_MANIFEST["name"],
+            version=FAKE_MANIFEST["version"],
+            trained=False,
+            class_names=FAKE_MANIFEST["class_names"],
+            manifest=FAKE_MANIFEST,
+        )
+        analysis = Analysis(image=image, model_version=mv, status="succeeded", top_class="nv")
+        row = Explanation(analysis=analysis, image=image, model_version=mv, method="gradcam", class_name="mel")
+        db.session.add_all([mv, analysis, row])
+        db.session.commit()
+        row_id = row.id
+
+    def fake_gradcam(model, images, class_name, plus_plus=False):
+        thread, outcome = delete_elsewhere(app, case_id)  # the deletion lands while the map is computed
+        thread.join(30)
+        assert outcome["result"].counts["explanations"] == 1
+        h, w = images[0].shape[:2]
+        return types.SimpleNamespace(maps=[np.ones((h, w))], probs=np.full((1, 7), 1 / 7), class_indices=[4])
+
+    monkeypatch.setitem(sys.modules, "ml.explain", types.SimpleNamespace(explain_gradcam=fake_gradcam))
+    monkeypatch.setitem(predict._state, "predictor", ExplainableFake())
+    monkeypatch.setattr(explain, "gradcam_layer_png", lambda heatmap: b"layer")
+
+    assert worker.explain_gradcam(row_id) == "deleted"
+    assert count(app, Explanation) == 0 and count(app, Case) == 0
+    assert [p for p in app.extensions["settings"].STORAGE_DIR.rglob("*") if p.is_file()] == []
