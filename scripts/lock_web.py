@@ -32,6 +32,7 @@ WEB_PACKAGES = [
     "pillow",
     "psycopg2-binary",
     "gunicorn",
+    "markdown-it-py",  # model cards on the model-version pages (raw HTML in them is escaped)
 ]
 FORBIDDEN = {"tensorflow", "tensorflow-cpu", "keras", "shap", "opencv-python-headless", "torch"}
 

@@ -12,10 +12,11 @@ from typing import Any
 from flask import Flask
 from flask_migrate import Migrate
 
-from . import security
+from . import audit, security
 from .accounts import cli as accounts_cli
 from .accounts import routes as accounts_routes
 from .api import bp as api_blueprint
+from .api import docs_page as api_docs_page
 from .auth import routes as auth_routes
 from .auth import sessions
 from .backup import cli as backup_cli
@@ -43,6 +44,7 @@ BLUEPRINTS = (
     model_versions_routes.bp,
     accounts_routes.bp,
     api_blueprint,
+    api_docs_page.bp,
     accounts_cli.bp,
     batches_cli.bp,
     cases_cli.bp,
@@ -68,6 +70,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         static_folder=str(REPO_ROOT / "static"),
     )
     app.config.from_mapping(settings.flask_config())
+    app.url_map.converters["int"] = security.IdConverter  # before the routes: ids past the DB's range 404
+    app.json = security.BoundedJSON(app)
     app.json.sort_keys = False  # keep "id" and "status" first, as the presenters order them
     app.extensions["settings"] = settings
 
@@ -81,6 +85,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         review_roles=REVIEW_ROLES,
         upload_roles=UPLOAD_ROLES,
     )
+    app.jinja_env.filters["audit_text"] = audit.as_text
     sessions.init_app(app)  # Flask-Login
     security.init_app(app)  # CSRF, rate limits, security headers
     register_error_pages(app)

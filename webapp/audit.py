@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .db import db
@@ -44,3 +45,9 @@ def entry_dict(entry: AuditEntry) -> dict[str, Any]:
         "old": entry.old,
         "new": entry.new,
     }
+
+
+def as_text(values: dict[str, Any] | None) -> str:
+    """An entry's old or new values for a page: JSON as written (no \\u0027 for an apostrophe: Jinja's
+    `tojson` escapes for scripts, and the page's own escaping already makes the text safe)."""
+    return json.dumps(values, ensure_ascii=False) if values else ""

@@ -23,8 +23,10 @@ import time
 from typing import Any
 
 from flask import Flask, current_app, g, request
+from flask.json.provider import DefaultJSONProvider
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.routing import IntegerConverter
 
 from .errors import error_response
 
@@ -123,6 +125,40 @@ def init_app(app: Flask) -> None:
         return response
 
 
+# --- input bounds ------------------------------------------------------------------------------
+
+# Ids are INTEGER columns: PostgreSQL's range ends at 2**31 - 1 (SQLite's at 2**63 - 1). A larger
+# id in a URL or a query names no row, and must say so (404, 400), not overflow the driver (500).
+ID_MAX = 2**31 - 1
+
+
+class IdConverter(IntegerConverter):
+    """`<int:...>` in every route: a whole number from 0 to ID_MAX; a larger one matches no route (404)."""
+
+    def __init__(self, url_map, *args, **kwargs) -> None:
+        kwargs.setdefault("max", ID_MAX)
+        super().__init__(url_map, *args, **kwargs)
+
+
+def query_id(value: str) -> int:
+    """`request.args.get(name, type=query_id)`: the id, or ValueError (so None) past the id range."""
+    number = int(value)
+    if not 0 < number <= ID_MAX:
+        raise ValueError(f"{value!r} is not an id")
+    return number
+
+
+class BoundedJSON(DefaultJSONProvider):
+    """JSON nested past Python's recursion limit (5,000 deep) is a malformed request (400), not a
+    RecursionError (500): Werkzeug turns the ValueError into a 400 for every route."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("The JSON is nested too deeply.") from None
+
+
 # --- who may use each route --------------------------------------------------------------------
 
 # Audiences: the roles let through. A signed-in session reaches the pages, a bearer token the API.
@@ -149,6 +185,7 @@ ACCESS: dict[str, tuple[tuple[str, ...], str]] = {
     "cases.status": (SIGNED_IN, SESSION),
     "cases.stored_file": (SIGNED_IN, EITHER),
     "cases.export_cases_csv": (SIGNED_IN, SESSION),
+    "cases.export_cases_json": (SIGNED_IN, SESSION),
     "cases.delete": (ADMINS, SESSION),
     "explanations.request_from_page": (SIGNED_IN, SESSION),
     "explanations.overlay": (SIGNED_IN, EITHER),
@@ -163,6 +200,8 @@ ACCESS: dict[str, tuple[tuple[str, ...], str]] = {
     "model_versions.rerun_case_page": (UPLOADERS, SESSION),
     "model_versions.rerun_batch_page": (UPLOADERS, SESSION),
     "model_versions.rerun_selection": (UPLOADERS, SESSION),
+    "model_versions.index": (SIGNED_IN, SESSION),
+    "apidocs.api_docs": (SIGNED_IN, SESSION),
     "review.review_next": (REVIEWERS, SESSION),
     "review.review_skip": (REVIEWERS, SESSION),
     "review.review_case": (REVIEWERS, SESSION),

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from .. import queue
 from ..db import db
 from ..imaging import UploadError, check_filename, process_upload
-from ..models import SEXES, SITES, Batch, BatchItem, Case, Image, Job, User
+from ..models import DX_CLASSES, DX_TYPES, SEXES, SITES, Batch, BatchItem, Case, Image, Job, User
 from ..queue import ANALYSE_TASK, PREDICT_QUEUE
 from ..states import JobKind, JobStatus
 from ..storage import image_key, storage_from_settings
@@ -63,6 +63,8 @@ class CaseFields:
     site: str | None = None
     patient_ref: str | None = None
     lesion_ref: str | None = None
+    reference_dx: str | None = None
+    reference_dx_type: str | None = None
 
 
 def _blank(value: Any) -> bool:
@@ -106,7 +108,24 @@ def parse_case_fields(form: Mapping[str, Any]) -> CaseFields:
             if ref[0] in "=+-@" or not ref.isprintable():  # a spreadsheet would run it as a formula
                 raise FieldError(name, f"{name} must not start with = + - @ or contain control characters.")
             values[name] = ref
+    values.update(_reference(form))
     return CaseFields(**values)
+
+
+def _reference(form: Mapping[str, Any]) -> dict[str, str]:
+    """The reference diagnosis known to the uploader (one of the seven classes) and how it was made."""
+    values = {}
+    for name, choices in (("reference_dx", DX_CLASSES), ("reference_dx_type", DX_TYPES)):
+        raw = form.get(name)
+        if _blank(raw):
+            continue
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise FieldError(name, f"{name} must be one of {', '.join(choices)}, got {value[:20]!r}.")
+        values[name] = value
+    if "reference_dx_type" in values and "reference_dx" not in values:
+        raise FieldError("reference_dx", "reference_dx_type needs a reference_dx (the diagnosis it describes).")
+    return values
 
 
 def _raise_if_stored(content_hash: str) -> None:

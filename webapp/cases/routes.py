@@ -17,11 +17,13 @@ from flask import (
 )
 from flask_login import login_required
 from sqlalchemy import select
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..audit import entry_dict
 from ..auth.sessions import role_required, viewer_or_refusal
+from ..config import DISCLAIMER
 from ..db import db
-from ..errors import get_or_404
+from ..errors import error_response, get_or_404, wants_json
 from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
 from ..presenters import case_dict
 from ..review.service import can_review
@@ -31,7 +33,7 @@ from ..storage import StorageError, storage_from_settings
 from .deletion import DeletionError, check_confirmed, delete_case
 from .export import csv_response
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
-from .listing import FilterError, fetch_page, parse_filters
+from .listing import FilterError, fetch_page, page_json, parse_filters
 
 bp = Blueprint("cases", __name__)
 
@@ -81,12 +83,30 @@ def new():
             case, _ = create_case(file.read(), file.filename, parse_case_fields(request.form), g.user)
         except (FieldError, UploadError) as exc:
             flash(exc.message, "error")
-            return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES), getattr(exc, "status", 400)
+            return _upload_form(form), getattr(exc, "status", 400)
         except DuplicateImage as exc:
             flash(exc.message, "info")
             return redirect(url_for("cases.show", case_id=exc.case_id))
         return redirect(url_for("cases.show", case_id=case.id))
-    return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES)
+    return _upload_form(form)
+
+
+def _upload_form(form) -> str:
+    return render_template("cases/new.html", form=form, sexes=SEXES, sites=SITES, classes=DX_CLASSES)
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def upload_too_large(exc: RequestEntityTooLarge):
+    """A body over MAX_CONTENT_LENGTH is refused before the view runs: the upload form says so,
+    with the limit, instead of the server's bare 413 page."""
+    if request.endpoint != "cases.new" or wants_json():
+        return error_response(exc)
+    limit_mb = current_app.config["MAX_UPLOAD_MB"]
+    flash(
+        f"The file is larger than the upload limit of {limit_mb:g} MB; nothing was stored. Choose a smaller image.",
+        "error",
+    )
+    return _upload_form({}), 413
 
 
 @bp.get("/cases/<int:case_id>")
@@ -150,6 +170,21 @@ def stored_file(key: str):
         abort(404)
     # Stored keys end .png or .npy (explanation maps); anything else downloads as bytes, never guessed.
     return send_file(handle, mimetype="image/png" if key.endswith(".png") else "application/octet-stream")
+
+
+@bp.get("/cases/export.json")
+@login_required
+def export_cases_json():
+    """The case list's JSON export for a signed-in browser: the API's body, one page per request."""
+    try:
+        filters = parse_filters(request.args)
+        page = fetch_page(filters, g.user, with_reviews=True)
+    except FilterError as exc:
+        return jsonify({"error": exc.message, "field": exc.field, "status": 400}), 400
+    next_url = (
+        url_for("cases.export_cases_json", **filters.query_args(cursor=page.next_cursor)) if page.next_cursor else None
+    )
+    return jsonify(page_json(page, next_url, DISCLAIMER))
 
 
 @bp.get("/cases/export.csv")

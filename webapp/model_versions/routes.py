@@ -1,14 +1,24 @@
-"""Re-running a case, a batch or the list's selection with another model version (pages)."""
+"""Model version pages: the versions and their model cards; re-running a case, a batch or the list's
+selection with another version."""
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, g, redirect, request, url_for
+from flask import Blueprint, flash, g, redirect, render_template, request, url_for
+from flask_login import login_required
 
 from ..auth.sessions import role_required
 from ..cases.listing import FilterError, parse_filters
 from ..errors import get_or_404
 from ..models import UPLOAD_ROLES, Batch, Case
-from .service import RerunError, model_version_or_error, rerun_batch, rerun_case, rerun_filtered
+from .cards import card_html
+from .service import (
+    RerunError,
+    model_version_or_error,
+    rerun_batch,
+    rerun_case,
+    rerun_filtered,
+    versions_with_counts,
+)
 
 bp = Blueprint("model_versions", __name__)
 
@@ -55,3 +65,11 @@ def rerun_selection():
     except (RerunError, FilterError) as exc:
         flash(exc.message, "error")
     return redirect(url_for("cases.index", **{k: v for k, v in request.args.items() if k != "cursor"}))
+
+
+@bp.get("/models")
+@login_required
+def index():
+    """Every model version with its results count and its model card (`?version=ID` opens that one)."""
+    versions = [(mv, n, card_html(mv)) for mv, n in versions_with_counts()]
+    return render_template("model_versions/index.html", versions=versions, chosen=request.args.get("version", type=int))

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from .. import audit
@@ -139,3 +139,16 @@ def rerun_filtered(filters, mv: ModelVersion, user: User) -> dict[str, Any]:
         select(Image.id).where(Image.case_id.in_(select(Case.id).where(*conditions(filters, user)))).order_by(Image.id)
     )
     return rerun_images(query, mv, user, {"filters": filters.query_args(cursor="")})
+
+
+def versions_with_counts() -> list[tuple[ModelVersion, int]]:
+    """Every model version, oldest first, with its number of succeeded analyses."""
+    return db.session.execute(
+        select(ModelVersion, func.count(Analysis.id))
+        .outerjoin(
+            Analysis,
+            (Analysis.model_version_id == ModelVersion.id) & (Analysis.status == AnalysisStatus.SUCCEEDED),
+        )
+        .group_by(ModelVersion.id)
+        .order_by(ModelVersion.id)
+    ).all()
