@@ -12,8 +12,9 @@
     var radio = form.querySelector('input[name="diagnosis"][data-key="' + key + '"]');
     if (radio) { radio.checked = true; event.preventDefault(); return; }
     if (key === "a" || key === "d") {
-      form.querySelector('input[name="agrees_with_model"][value="' + (key === "a" ? "agree" : "disagree") + '"]').checked = true;
-      event.preventDefault();
+      // Absent in blind review until the reviewer's own diagnosis is saved.
+      var agree = form.querySelector('input[name="agrees_with_model"][value="' + (key === "a" ? "agree" : "disagree") + '"]');
+      if (agree) { agree.checked = true; event.preventDefault(); }
     } else if (key === "Enter" && target.tagName !== "BUTTON") {
       event.preventDefault();
       if (form.reportValidity()) form.submit();

@@ -136,16 +136,89 @@ def test_dashboard_uses_dataset_dx_then_consensus_and_kappa(app, client, reviewe
     headers = {"Authorization": f"Bearer {make_token(app, 'rev1@example.org')}"}
     data = client.get("/api/v1/dashboard", headers=headers).json
     model = data["model"]
-    # dataset dx: (mel, mel), (mel, nv); consensus: case 3 nv/nv -> nv, case 4 tie -> none, case 5 mel -> predicted nv
-    assert model["n"] == 4 and model["n_dataset_reference"] == 2 and model["n_consensus_reference"] == 2
-    assert model["sensitivity"]["mel"] == pytest.approx(1 / 3) and model["sensitivity"]["nv"] == 1.0
-    assert model["balanced_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
+    # Apart: the data set's dx (mel->mel, mel->nv) and the consensus of two reviewers (case 3 nv/nv -> nv,
+    # predicted nv; case 4 a tie -> none; case 5 mel/mel -> mel, predicted nv).
+    dataset, agreed = model["dataset"], model["consensus"]
+    assert dataset["n"] == 2 and agreed["n"] == 2 and model["consensus_min_reviewers"] == 2
+    assert dataset["sensitivity"]["mel"]["value"] == pytest.approx(0.5) and dataset["sensitivity"]["mel"]["n"] == 2
+    assert agreed["sensitivity"]["mel"]["value"] == 0.0 and agreed["sensitivity"]["nv"]["value"] == 1.0
+    assert agreed["balanced_accuracy"]["value"] == pytest.approx(0.5)
+    # Every figure carries n and a 95 % interval: Wilson for 1 of 2 is 0.095-0.905.
+    mel = dataset["sensitivity"]["mel"]
+    assert (mel["k"], mel["n"]) == (1, 2) and mel["low"] == pytest.approx(0.0945, abs=1e-3)
+    assert mel["high"] == pytest.approx(0.9055, abs=1e-3)
     (pair,) = data["reviewer_agreement"]
     # rev1 (nv, bcc, mel) vs rev2 (nv, mel, mel): p_o = 2/3, p_e = (1*1 + 1*2 + 0) / 9 = 1/3 -> kappa 0.5
     assert pair["shared_cases"] == 3 and pair["kappa"] == pytest.approx(0.5)
+    assert pair["kappa_ci"][0] < 0.5 < pair["kappa_ci"][1]
     login(client, "rev1@example.org")
     html = client.get("/dashboard").get_data(as_text=True)
-    assert 'id="confusion-matrix"' in html and "0.500" in html and "untrained" in html
+    assert 'id="dataset-matrix"' in html and 'id="consensus-matrix"' in html and "0.500" in html
+    assert "untrained" in html and "1/2; 95 % CI 0.09–0.91" in html
+
+
+def test_one_reviewer_is_not_a_consensus(app, reviewed):
+    from webapp.dashboard.figures import consensus_pairs
+    from webapp.db import db
+    from webapp.models import Review, User
+
+    with app.app_context():
+        r1 = db.session.scalar(db.select(User).where(User.email == "rev1@example.org")).id
+        db.session.add(Review(case_id=reviewed["cases"][2], reviewer_id=r1, diagnosis="nv", confidence=3))
+        db.session.commit()
+        assert consensus_pairs(reviewed["mv"]) == []
+        assert consensus_pairs(reviewed["mv"], min_reviewers=1) == [("nv", "nv")]
+
+
+def test_wilson_interval_matches_published_values():
+    from webapp.dashboard.figures import proportion, wilson_interval
+
+    # Newcombe (1998), table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775; 1/1 -> 0.2065-1.
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(1, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) is None and proportion(0, 0)["value"] is None
+
+
+def test_model_versions_are_compared_on_the_same_images_only(app, logged_in):
+    from webapp.dashboard.figures import dashboard
+    from webapp.db import db
+    from webapp.models import Analysis, Image
+
+    old = model_version(app, version="1", trained=True)
+    new = model_version(app, version="2", trained=True)
+    cases = [seed_case(app, top=top, mv_id=old, reference_dx="mel") for top in ("mel", "nv", "nv", "mel")]
+    seed_case(app, top="mel", mv_id=new, reference_dx="mel")  # only the new version: not paired
+    with app.app_context():
+        for case_id, top in zip(cases[:3], ("mel", "mel", "nv")):  # the new version re-ran three of the four
+            image = db.session.scalar(db.select(Image).where(Image.case_id == case_id))
+            db.session.add(
+                Analysis(image_id=image.id, model_version_id=new, status="succeeded", top_class=top, probabilities={})
+            )
+        db.session.commit()
+        (row,) = dashboard(new)["paired"]
+    assert row["other"]["id"] == old and row["n"] == 3
+    assert row["chosen"]["accuracy"]["k"] == 2 and row["compared"]["accuracy"]["k"] == 1
+    assert (row["only_chosen_right"], row["only_compared_right"]) == (1, 0)
+    html = logged_in.get(f"/dashboard?model_version={new}").get_data(as_text=True)
+    assert '<td class="num paired-n">3</td>' in html
+
+
+def test_blind_review_shows_the_model_only_after_the_reviewer_saved(app, client, reviewed):
+    app.config["BLIND_REVIEW"] = True
+    case_id = reviewed["cases"][0]
+    login(client, "rev1@example.org")
+    page = client.get(f"/cases/{case_id}/review").get_data(as_text=True)
+    assert 'id="blind-notice"' in page and 'id="model-top"' not in page and "agrees_with_model" not in page
+    saved = client.post(
+        f"/cases/{case_id}/review", data={"csrf_token": csrf_from(page), "diagnosis": "bcc", "confidence": "3"}
+    )
+    assert saved.status_code == 302 and saved.location.endswith(f"/cases/{case_id}/review")
+    after = client.get(saved.location).get_data(as_text=True)
+    assert 'id="model-top"' in after and "agrees_with_model" in after and 'id="blind-notice"' not in after
+    app.config["BLIND_REVIEW"] = False
+    other = client.get(f"/cases/{reviewed['cases'][1]}/review").get_data(as_text=True)
+    assert 'id="model-top"' in other and 'id="blind-notice"' not in other
 
 
 def test_rerun_with_another_model_version_keeps_results_side_by_side(

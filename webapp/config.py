@@ -112,6 +112,9 @@ class Settings:
     WORKER_PROCESSES: int = 0
     PREDICT_THREADS: int = 0
     CSRF_ENABLED: bool = True
+    # Blind review: the review form hides the model's answer until the reviewer has saved their own
+    # diagnosis, so the reviewers' consensus is not anchored on the model it is compared with.
+    BLIND_REVIEW: bool = False
     SESSION_HOURS: float = 8  # A signed-in session ends this many hours after its last request (cookie and server).
     # Rate limits in Flask-Limiter's syntax ("5 per 15 minutes"; several separated by ";"), counted in Redis.
     LOGIN_RATE_LIMIT: str = "5 per 15 minutes"  # Failed logins per (email, client address), then 429.
@@ -164,6 +167,8 @@ class Settings:
             values["GRADCAM_PLUS_PLUS"] = environ["GRADCAM_PLUS_PLUS"].strip().lower() in ("1", "true", "yes", "on")
         if environ.get("PREDICT_BATCH_SIZE"):
             values["PREDICT_BATCH_SIZE"] = _parse_positive("PREDICT_BATCH_SIZE", environ["PREDICT_BATCH_SIZE"])
+        if environ.get("BLIND_REVIEW"):
+            values["BLIND_REVIEW"] = environ["BLIND_REVIEW"].strip().lower() in ("1", "true", "yes", "on")
         if environ.get("PREDICT_WARMUP"):
             values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
         for name in ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT"):

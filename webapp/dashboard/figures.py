@@ -3,23 +3,31 @@
 - `confusion_matrix`, `sensitivity`, `balanced_accuracy`: the model against a reference diagnosis.
 - `cohen_kappa`: agreement between two raters beyond chance, kappa = (p_o - p_e) / (1 - p_e), where
   p_o is the observed agreement and p_e the agreement expected from each rater's label frequencies.
-- `dashboard`: those figures from the database (reference = the dataset's dx where given, else the
-  reviewers' consensus), and kappa for every pair of reviewers on the cases both reviewed.
+- `wilson_interval`, `proportion`: every figure comes with its n and a 95 % confidence interval.
+- `dashboard`: those figures from the database, against the data set's reference diagnosis and,
+  apart, against the reviewers' consensus (cases with at least two reviewers); model versions
+  compared on the same images only (paired); kappa for every pair of reviewers on the cases both
+  reviewed.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from itertools import combinations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
 from ..cases.listing import consensus
 from ..db import db
 from ..models import DX_CLASSES, Analysis, Case, Image, ModelVersion, Review, User
 from ..states import AnalysisStatus
+
+Z95 = 1.959964  # the standard normal quantile of a two-sided 95 % interval
+CONSENSUS_MIN_REVIEWERS = 2
 
 
 def confusion_matrix(pairs: Sequence[tuple[str, str]], classes: Sequence[str]) -> list[list[int]]:
@@ -66,6 +74,60 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
     return (observed - expected) / (1 - expected)
 
 
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion: unlike p +- z*se it stays inside [0, 1] and is not
+    of zero width at 0/n or n/n, so "sensitivity 1.00 from one case" reads as 1.00 (0.21-1.00)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(successes: int, n: int) -> dict[str, Any]:
+    """A figure as the pages and the API show it: value, k of n, and its 95 % Wilson interval."""
+    interval = wilson_interval(successes, n)
+    return {
+        "value": successes / n if n else None,
+        "k": successes,
+        "n": n,
+        "low": interval[0] if interval else None,
+        "high": interval[1] if interval else None,
+    }
+
+
+def mean_of_proportions(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Balanced accuracy (the mean of per-class sensitivities) with an approximate 95 % interval:
+    the classes are independent samples, so var = sum(p(1-p)/n) / K^2 (normal approximation)."""
+    if not parts:
+        return {"value": None, "n": 0, "classes": 0, "low": None, "high": None}
+    k = len(parts)
+    value = sum(p["value"] for p in parts) / k
+    se = math.sqrt(sum(p["value"] * (1 - p["value"]) / p["n"] for p in parts)) / k
+    return {
+        "value": value,
+        "n": sum(p["n"] for p in parts),
+        "classes": k,
+        "low": max(0.0, value - Z95 * se),
+        "high": min(1.0, value + Z95 * se),
+    }
+
+
+def kappa_interval(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[float] | None:
+    """An approximate 95 % interval of Cohen's kappa, se = sqrt(p_o(1-p_o)/n) / (1-p_e) (Cohen 1960)."""
+    kappa = cohen_kappa(a, b)
+    if kappa is None:
+        return None
+    n = len(a)
+    observed = sum(1 for x, y in zip(a, b) if x == y) / n
+    count_a, count_b = Counter(a), Counter(b)
+    expected = sum(count_a[k] * count_b[k] for k in set(count_a) | set(count_b)) / (n * n)
+    se = math.sqrt(observed * (1 - observed) / n) / (1 - expected)
+    return [max(-1.0, kappa - Z95 * se), min(1.0, kappa + Z95 * se)]
+
+
 def model_versions_with_results() -> list[dict[str, Any]]:
     rows = db.session.execute(
         select(ModelVersion, func.count(Analysis.id))
@@ -87,67 +149,109 @@ def model_versions_with_results() -> list[dict[str, Any]]:
     ]
 
 
-def model_against_reference(model_version_id: int) -> dict[str, Any]:
-    mv = db.session.get(ModelVersion, model_version_id)
-    classes = list(mv.class_names) if mv else list(DX_CLASSES)
+def _reference_figures(pairs: list[tuple[str, str]], classes: list[str]) -> dict[str, Any]:
+    """Confusion matrix, accuracy, per-class sensitivity and balanced accuracy, each with n and a 95 % CI."""
+    matrix = confusion_matrix(pairs, classes)
+    correct = sum(matrix[i][i] for i in range(len(classes)))
+    total = sum(map(sum, matrix))
+    per_class = {c: proportion(matrix[i][i], sum(matrix[i])) for i, c in enumerate(classes)}
+    return {
+        "n": total,
+        "matrix": matrix,
+        "accuracy": proportion(correct, total),
+        "sensitivity": per_class,
+        "balanced_accuracy": mean_of_proportions([v for v in per_class.values() if v["n"]]),
+    }
+
+
+def _mv_dict(mv: ModelVersion) -> dict[str, Any]:
+    return {"id": mv.id, "name": mv.name, "version": mv.version, "trained": mv.trained, "trained_on": mv.trained_on}
+
+
+def _succeeded(model_version_id: int):
+    return (Analysis.model_version_id == model_version_id, Analysis.status == AnalysisStatus.SUCCEEDED)
+
+
+def dataset_pairs(model_version_id: int) -> list[tuple[str, str]]:
+    """(the data set's reference diagnosis, the prediction) of every analysed image that has one."""
     pairs: list[tuple[str, str]] = []
-    # Cases with a dataset diagnosis: counted in SQL.
     for reference, predicted, n in db.session.execute(
         select(Case.reference_dx, Analysis.top_class, func.count())
         .join(Image, Image.case_id == Case.id)
         .join(Analysis, Analysis.image_id == Image.id)
-        .where(
-            Analysis.model_version_id == model_version_id,
-            Analysis.status == AnalysisStatus.SUCCEEDED,
-            Case.reference_dx.is_not(None),
-        )
+        .where(*_succeeded(model_version_id), Case.reference_dx.is_not(None))
         .group_by(Case.reference_dx, Analysis.top_class)
     ):
         pairs.extend([(reference, predicted)] * n)
-    from_dataset = len(pairs)
-    # Cases without one: the reviewers' consensus.
+    return pairs
+
+
+def consensus_pairs(model_version_id: int, min_reviewers: int = CONSENSUS_MIN_REVIEWERS) -> list[tuple[str, str]]:
+    """(the reviewers' consensus, the prediction) for cases reviewed by at least `min_reviewers`: one
+    reviewer's opinion is not a consensus."""
     votes: dict[int, list[str]] = defaultdict(list)
-    for case_id, diagnosis in db.session.execute(
-        select(Review.case_id, Review.diagnosis)
-        .join(Case, Case.id == Review.case_id)
-        .where(Case.reference_dx.is_(None))
-    ):
+    for case_id, diagnosis in db.session.execute(select(Review.case_id, Review.diagnosis)):
         votes[case_id].append(diagnosis)
-    agreed = {case_id: dx for case_id, d in votes.items() if (dx := consensus(d))}
-    ids = list(agreed)
+    agreed = {case_id: dx for case_id, d in votes.items() if len(d) >= min_reviewers and (dx := consensus(d))}
+    ids, pairs = list(agreed), []
     for start in range(0, len(ids), 500):
         for case_id, predicted in db.session.execute(
             select(Image.case_id, Analysis.top_class)
             .join(Analysis, Analysis.image_id == Image.id)
-            .where(
-                Analysis.model_version_id == model_version_id,
-                Analysis.status == AnalysisStatus.SUCCEEDED,
-                Image.case_id.in_(ids[start : start + 500]),
-            )
+            .where(*_succeeded(model_version_id), Image.case_id.in_(ids[start : start + 500]))
         ):
             pairs.append((agreed[case_id], predicted))
-    matrix = confusion_matrix(pairs, classes)
-    correct = sum(matrix[i][i] for i in range(len(classes)))
-    total = sum(map(sum, matrix))
+    return pairs
+
+
+def model_against_reference(model_version_id: int) -> dict[str, Any]:
+    """The model against the data set's reference and, apart, against the reviewers' consensus."""
+    mv = db.session.get(ModelVersion, model_version_id)
+    classes = list(mv.class_names) if mv else list(DX_CLASSES)
     return {
-        "model_version": {
-            "id": mv.id,
-            "name": mv.name,
-            "version": mv.version,
-            "trained": mv.trained,
-            "trained_on": mv.trained_on,
-        }
-        if mv
-        else None,
+        "model_version": _mv_dict(mv) if mv else None,
         "classes": classes,
-        "matrix": matrix,
-        "n": total,
-        "n_dataset_reference": from_dataset,
-        "n_consensus_reference": total - from_dataset,
-        "accuracy": correct / total if total else None,
-        "sensitivity": sensitivity(matrix, classes),
-        "balanced_accuracy": balanced_accuracy(matrix, classes),
+        "dataset": _reference_figures(dataset_pairs(model_version_id), classes),
+        "consensus": _reference_figures(consensus_pairs(model_version_id), classes),
+        "consensus_min_reviewers": CONSENSUS_MIN_REVIEWERS,
     }
+
+
+def paired_comparison(model_version_id: int, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chosen version against each other version on the same images only (both analysed, with
+    the data set's reference): n, each one's accuracy and balanced accuracy there, and the
+    discordant images (one right, the other wrong), the counts McNemar's test reads."""
+    mv = db.session.get(ModelVersion, model_version_id)
+    classes = list(mv.class_names) if mv else list(DX_CLASSES)
+    other = aliased(Analysis)
+    out = []
+    for v in versions:
+        if v["id"] == model_version_id:
+            continue
+        triples: list[tuple[str, str, str]] = []
+        for reference, mine, theirs, n in db.session.execute(
+            select(Case.reference_dx, Analysis.top_class, other.top_class, func.count())
+            .join(Image, Image.case_id == Case.id)
+            .join(Analysis, Analysis.image_id == Image.id)
+            .join(other, other.image_id == Image.id)
+            .where(*_succeeded(model_version_id), Case.reference_dx.is_not(None))
+            .where(other.model_version_id == v["id"], other.status == AnalysisStatus.SUCCEEDED)
+            .group_by(Case.reference_dx, Analysis.top_class, other.top_class)
+        ):
+            triples.extend([(reference, mine, theirs)] * n)
+        chosen = _reference_figures([(r, a) for r, a, _ in triples], classes)
+        compared = _reference_figures([(r, b) for r, _, b in triples], classes)
+        out.append(
+            {
+                "other": v,
+                "n": len(triples),
+                "chosen": {k: chosen[k] for k in ("accuracy", "balanced_accuracy")},
+                "compared": {k: compared[k] for k in ("accuracy", "balanced_accuracy")},
+                "only_chosen_right": sum(1 for r, a, b in triples if a == r != b),
+                "only_compared_right": sum(1 for r, a, b in triples if b == r != a),
+            }
+        )
+    return out
 
 
 def reviewer_agreement(min_shared: int = 2) -> list[dict[str, Any]]:
@@ -169,12 +273,16 @@ def reviewer_agreement(min_shared: int = 2) -> list[dict[str, Any]]:
             continue
         a = [by_reviewer[r1][c] for c in shared]
         b = [by_reviewer[r2][c] for c in shared]
+        agreed = proportion(sum(x == y for x, y in zip(a, b)), len(shared))
+        kappa = cohen_kappa(a, b)
         out.append(
             {
                 "reviewers": [emails.get(r1), emails.get(r2)],
                 "shared_cases": len(shared),
-                "observed_agreement": sum(x == y for x, y in zip(a, b)) / len(shared),
-                "kappa": cohen_kappa(a, b),
+                "observed_agreement": agreed["value"],
+                "observed_agreement_ci": [agreed["low"], agreed["high"]],
+                "kappa": kappa,
+                "kappa_ci": kappa_interval(a, b),
             }
         )
     return out
@@ -196,5 +304,6 @@ def dashboard(model_version_id: int | None = None) -> dict[str, Any]:
         "counts": counts,
         "model_versions": versions,
         "model": model_against_reference(model_version_id) if model_version_id else None,
+        "paired": paired_comparison(model_version_id, versions) if model_version_id else [],
         "reviewer_agreement": reviewer_agreement(),
     }
