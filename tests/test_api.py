@@ -120,7 +120,7 @@ def test_unknown_case_and_bad_routes(client, auth_headers):
     assert response.status_code == 404 and "No case" in response.json["error"]
     assert client.get("/api/v1/cases/abc", headers=auth_headers).status_code == 404
     assert client.get("/api/v1/nothing", headers=auth_headers).is_json
-    assert client.delete("/api/v1/cases/1", headers=auth_headers).status_code == 405
+    assert client.put("/api/v1/cases/1", headers=auth_headers).status_code == 405  # DELETE: tests/test_deletion.py
 
 
 def test_missing_or_wrong_token(client):
