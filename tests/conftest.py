@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pg_support import fresh_postgres_url, new_postgres_database, postgres_url  # noqa: F401  (PostgreSQL fixtures)
 from portal_helpers import ENV_VARS, login, make_token, make_user
@@ -23,8 +25,34 @@ def clean_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("INSTANCE_DIR", str(tmp_path / "env-instance"))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default=os.environ.get("TEST_DATABASE", "sqlite"),
+        help="the database of the `app` fixture (env TEST_DATABASE); postgresql runs only the tests that use it",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --database=postgresql, the tests that use the `app` fixture (the database) and no others:
+    deselected, not skipped, so that a second pass over the suite repeats only what the engine changes."""
+    if config.getoption("--database") != "postgresql":
+        return
+    uses_app = ["app" in getattr(item, "fixturenames", ()) for item in items]
+    config.hook.pytest_deselected(items=[item for item, keep in zip(items, uses_app, strict=True) if not keep])
+    items[:] = [item for item, keep in zip(items, uses_app, strict=True) if keep]
+
+
 @pytest.fixture
-def app(tmp_path):
+def database_url(request, tmp_path):
+    if request.config.getoption("--database") == "postgresql":
+        return request.getfixturevalue("fresh_postgres_url")
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def app(tmp_path, database_url):
     from webapp import create_app
     from webapp.db import db
 
@@ -32,7 +60,7 @@ def app(tmp_path):
         {
             "TESTING": True,
             "INSTANCE_DIR": tmp_path / "instance",
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'test.db'}",
+            "DATABASE_URL": database_url,
             "STORAGE_DIR": tmp_path / "storage",
             "MODEL_DIR": tmp_path / "no-model",
             "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there: the broker is "down"
