@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from portal_helpers import missing_part
 
 INSTALL_HINT = "install PostgreSQL (scripts/install_system_deps.sh, run by `make test`) or set TEST_POSTGRES_URL"
 
@@ -29,6 +30,14 @@ def find_bindir() -> Path | None:
             return Path(candidate)
     initdb = shutil.which("initdb")
     return Path(initdb).resolve().parent if initdb else None
+
+
+def require_bindir() -> Path:
+    """The PostgreSQL binaries; without them the test is skipped, or failed with CI=true."""
+    bindir = find_bindir()
+    if bindir is None:
+        missing_part(f"PostgreSQL is not installed: {INSTALL_HINT}")
+    return bindir
 
 
 def _free_port() -> int:
@@ -53,9 +62,7 @@ def postgres_url():
     if existing:
         yield existing
         return
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip(f"PostgreSQL is not installed: {INSTALL_HINT}")
+    bindir = require_bindir()
     workdir = Path(tempfile.mkdtemp(prefix="dermportal-pg-"))
     data, log = workdir / "data", workdir / "postgres.log"
     if os.geteuid() == 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from e2e_support import ROOT, celery_worker_argv, free_port
-from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, make_user
+from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, make_user, missing_part
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -42,7 +42,7 @@ def _chromium() -> Path:
         script = ROOT / "scripts" / "install_system_deps.sh"
         subprocess.run(["bash", str(script)], capture_output=True, timeout=900)
     if not CHROMIUM.exists():
-        pytest.skip(
+        missing_part(
             "/usr/bin/chromium is missing and scripts/install_system_deps.sh could not install it "
             "(needs root and the Debian package mirror)"
         )
