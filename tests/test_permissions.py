@@ -18,20 +18,17 @@ PRINCIPALS = [("anonymous", None)] + [(role, via) for via in (SESSION, TOKEN) fo
 LAST = ("admin.revoke", "cases.delete", "batches.delete", "api.delete_one", "api.delete_one_batch", "auth.logout")
 
 
-@pytest.fixture(scope="module")
-def portal(tmp_path_factory, monkeypatch_module):
-    """One app with a user and token of each role, a case with its stored image and an empty batch."""
+def build_portal(tmp, database_url: str):
+    """An app with a user and token of each role, a case with its stored image and an empty batch."""
     from webapp import create_app
     from webapp.db import db
 
-    tmp = tmp_path_factory.mktemp("permissions")
-    monkeypatch_module.setattr("webapp.queue.send", lambda name, *args, queue: "task-id")
     app = create_app(
         {
             "TESTING": True,
             "CSRF_ENABLED": False,  # the table is about roles; CSRF has its own tests
             "INSTANCE_DIR": tmp / "instance",
-            "DATABASE_URL": f"sqlite:///{tmp / 'test.db'}",
+            "DATABASE_URL": database_url,
             "STORAGE_DIR": tmp / "storage",
             "MODEL_DIR": tmp / "no-model",
             "REDIS_URL": "redis://127.0.0.1:1/0",
@@ -65,6 +62,13 @@ def portal(tmp_path_factory, monkeypatch_module):
         "filename": "style.css",
     }
     return app, tokens, values
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setattr("webapp.queue.send", lambda name, *args, queue: "task-id")
+    tmp = tmp_path_factory.mktemp("permissions")
+    return build_portal(tmp, f"sqlite:///{tmp / 'test.db'}")
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +136,49 @@ def test_every_route_answers_each_principal_as_the_table_says(portal):
                     wrong.append(f"{method} {url} as {role} by {via}: {response.status_code}")
     assert wrong == [], "\n".join(wrong)
     assert calls == 7 * sum(len(rule.methods - {"HEAD", "OPTIONS"}) for rule in app.url_map.iter_rules())
+
+
+# --- no 500 from input -------------------------------------------------------------------------------
+
+HUGE = (2**31, 2**63, 2**64)  # past PostgreSQL's INTEGER, at and past SQLite's 64-bit integers
+ID_PARAMS = ("case_id", "batch", "model_version", "uploader", "before", "per_page", "age_min", "cursor", "page")
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_no_route_answers_500_to_hostile_input(engine, request, tmp_path, monkeypatch):
+    """Ids past the database's integer range in every path and id-like query parameter, and JSON
+    nested 5,000 deep in every unsafe request: a 4xx, never a 500."""
+    monkeypatch.setattr("webapp.queue.send", lambda name, *args, queue: "task-id")
+    url = request.getfixturevalue("fresh_postgres_url") if engine == "postgresql" else f"sqlite:///{tmp_path / 'h.db'}"
+    app, tokens, values = build_portal(tmp_path, url)
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # a bug answers 500 here, as in production
+    session = app.test_client()
+    session.post("/login", data={"email": "admin@example.org", "password": PASSWORD})
+    bearer = {"Authorization": f"Bearer {tokens['admin']}"}
+    failures = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda rule: rule.endpoint in LAST):
+        reached_by = ACCESS[rule.endpoint][1]
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            for huge in HUGE:
+                ids = {arg: huge for arg in rule.arguments if arg not in ("key", "filename")}
+                path = _url(rule, {**values, **ids})
+                plain = _url(rule, values)
+                calls = [(path, {})]
+                if method == "GET":
+                    calls += [(f"{plain}?{name}={huge}", {}) for name in ID_PARAMS] + [(f"{plain}?q=%23{huge}", {})]
+                elif huge == HUGE[0]:
+                    calls.append((plain, {"data": _nested(5000), "content_type": "application/json"}))
+                for target, extra in calls:
+                    for via, client, headers in ((SESSION, session, {}), (TOKEN, app.test_client(), bearer)):
+                        response = client.open(target, method=method, headers=headers, **extra)
+                        response.close()
+                        if response.status_code >= 500 and rule.endpoint != "api.health":
+                            failures.append(f"{method} {target[:90]} {str(extra)[:30]}: {response.status_code}")
+                        reaches = reached_by in (via, EITHER)
+                        if ids and reaches and target == path and response.status_code not in (404, 405):
+                            failures.append(f"{method} {target[:90]}: {response.status_code}, not 404")
+    assert failures == [], "\n".join(sorted(set(failures)))

@@ -377,3 +377,18 @@ def test_health_answers_from_a_cached_status_in_milliseconds(app, client, monkey
         time.sleep(0.6)
     assert max(timings) < 0.5, sorted(timings)[-3:]
     assert len(asked) <= 4  # one ask per refresh, never one per request
+
+
+def test_json_nested_5000_deep_is_a_400(app, client, case_id):
+    make_user(app, "admin@example.org", role="admin")  # an admin may also review
+    bearer = {"Authorization": f"Bearer {make_token(app, 'admin@example.org')}", "Content-Type": "application/json"}
+    deep = "[" * 5000 + "]" * 5000
+    for method, url in [("POST", f"/api/v1/cases/{case_id}/explanations"), ("PUT", f"/api/v1/cases/{case_id}/reviews")]:
+        response = client.open(url, method=method, headers=bearer, data=deep)
+        assert response.status_code == 400 and response.json["status"] == 400, (url, response.status_code)
+
+
+def test_ids_past_the_database_range_are_404_not_500(client, auth_headers):
+    for huge in (2**31, 2**63, 2**64):
+        response = client.get(f"/api/v1/cases/{huge}", headers=auth_headers)
+        assert response.status_code == 404 and response.is_json

@@ -9,6 +9,7 @@ from ..audit import entry_dict
 from ..auth.sessions import role_required
 from ..db import db
 from ..models import ROLES, ApiToken, AuditEntry, ModelVersion, User
+from ..security import query_id
 from .service import AccountError, create_user, issue_token, revoke_token, update_user
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -85,7 +86,7 @@ def revoke(token_id: int):
 @bp.get("/audit")
 @role_required("admin")
 def audit_log():
-    before = request.args.get("before", type=int)
+    before = request.args.get("before", type=query_id)
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(AUDIT_PAGE)
     if before:
         query = query.where(AuditEntry.id < before)

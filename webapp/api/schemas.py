@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from ..cases.explanations import METHOD_ALIASES
 from ..cases.listing import AGREEMENTS, DEFAULT_PER_PAGE, MAX_PER_PAGE, REVIEW_STATES, SORTS, STATUSES
 from ..models import CONFIDENCE_LEVELS, DX_CLASSES, REVIEW_DIAGNOSES, SEXES
+from ..security import ID_MAX
 
 File = Annotated[Any, WithJsonSchema({"type": "string", "format": "binary"})]
 
@@ -81,13 +82,17 @@ class CaseFilters(BaseModel):
 
 
 class DashboardQuery(BaseModel):
-    model_version: int | None = Field(None, description="model version id (default: the one with most results)")
+    model_version: int | None = Field(
+        None, ge=1, le=ID_MAX, description="model version id (default: the one with most results)"
+    )
 
 
 class ExplanationRequest(BaseModel):
     method: str | None = _text(" | ".join(METHOD_ALIASES))
     class_: str | None = Field(None, alias="class", description="a class name of the analysis' model version")
-    analysis_id: int | None = Field(None, description="a finished analysis of the case (default: the latest)")
+    analysis_id: int | None = Field(
+        None, ge=1, le=ID_MAX, description="a finished analysis of the case (default: the latest)"
+    )
 
 
 class ReviewRequest(BaseModel):
@@ -98,7 +103,7 @@ class ReviewRequest(BaseModel):
 
 
 class RerunRequest(BaseModel):
-    model_version_id: int = Field(description="a registered model version")
+    model_version_id: int = Field(ge=1, le=ID_MAX, description="a registered model version")
 
 
 class DeletionRequest(BaseModel):
