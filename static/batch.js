@@ -13,8 +13,9 @@
     }).then(function (r) {
       return r.json().catch(function () { return { error: "HTTP " + r.status }; }).then(function (data) {
         if (!r.ok) {
-          var rows = (data.rows || []).slice(0, 10).map(function (x) { return "row " + x.row + ": " + x.error; });
-          throw new Error((data.error || ("HTTP " + r.status)) + (rows.length ? "\n" + rows.join("\n") : ""));
+          var error = new Error(data.error || ("HTTP " + r.status));
+          error.rows = data.rows || [];
+          throw error;
         }
         return data;
       });
@@ -33,6 +34,29 @@
     return out;
   }
 
+  // The metadata rows to fix, in the same table the page renders without JavaScript (batches/new.html).
+  function showRows(rows) {
+    var old = document.getElementById("csv-errors");
+    if (old) old.remove();
+    if (!rows.length) return;
+    var table = document.createElement("table");
+    table.className = "list"; table.id = "csv-errors";
+    table.createCaption().textContent = "Metadata rows that need fixing";
+    var head = table.createTHead().insertRow();
+    ["Row", "image_id", "Problem"].forEach(function (h) { var th = document.createElement("th"); th.scope = "col"; th.textContent = h; head.appendChild(th); });
+    var body = table.createTBody();
+    rows.forEach(function (x) {
+      var tr = body.insertRow();
+      [x.row, x.image_id, x.error].forEach(function (v) { tr.insertCell().textContent = v; });
+    });
+    var box = document.createElement("div");
+    box.className = "table-scroll"; box.tabIndex = 0; box.setAttribute("role", "region"); box.setAttribute("aria-label", "Metadata rows that need fixing");
+    box.id = "csv-errors-box"; box.appendChild(table);
+    var previous = document.getElementById("csv-errors-box");
+    if (previous) previous.remove();
+    form.insertAdjacentElement("afterend", box);
+  }
+
   var form = document.getElementById("batch-form");
   if (form) {
     form.addEventListener("submit", function (event) {
@@ -46,6 +70,9 @@
         var csvs = all.filter(function (f) { return /\.csv$/i.test(f.name); });
         if (csvs.length === 1) metadata = csvs[0];
       }
+      // Every other file is named to the server without its bytes: the batch lists it as skipped
+      // ("not a .jpg, .jpeg or .png file") instead of dropping it silently.
+      var skipped = all.filter(function (f) { return images.indexOf(f) < 0 && f !== metadata; });
       var status = document.getElementById("upload-status"), bar = document.getElementById("upload-progress");
       var text = document.getElementById("upload-text"), button = document.getElementById("batch-submit");
       if (!images.length && !archive) { status.hidden = false; text.textContent = "Choose a folder with images or a .zip file."; return; }
@@ -54,24 +81,26 @@
       create.append("name", form.elements.name.value);
       if (metadata) create.append("metadata", metadata, metadata.name);
       if (archive) create.append("archive", archive, archive.name);
-      if (images.length) create.append("expected_files", String(images.length));
+      if (images.length || skipped.length) create.append("expected_files", String(images.length + skipped.length));
       text.textContent = archive ? "Uploading and checking the archive…" : "Creating the batch…";
       post(form.action, csrf, create).then(function (batch) {
         var parts = chunks(images, perRequest), sent = 0;
-        bar.max = images.length || 1;
+        if (skipped.length) parts.push(skipped.map(function (f) { return { name: f.name, webkitRelativePath: f.webkitRelativePath, skipped: true }; }));
+        bar.max = images.length + skipped.length || 1;
         function next(i) {
           if (i >= parts.length) { window.location.href = batch.url; return; }
           var body = new FormData();
-          parts[i].forEach(function (f) { body.append("images", f, f.webkitRelativePath || f.name); });
+          parts[i].forEach(function (f) { body.append("images", f.skipped ? new Blob([]) : f, f.webkitRelativePath || f.name); });
           return post(batch.files_url, csrf, body).then(function () {
             sent += parts[i].length; bar.value = sent;
-            text.textContent = "Sent " + sent + " of " + images.length + " files";
+            text.textContent = "Sent " + sent + " of " + (images.length + skipped.length) + " files";
             return next(i + 1);
           });
         }
         return next(0);
       }).catch(function (err) {
         text.textContent = "Upload stopped: " + err.message; button.disabled = false;
+        showRows(err.rows || []);
       });
     });
   }

@@ -175,3 +175,81 @@ def test_every_page_has_a_skip_link_a_favicon_and_one_notice(app, logged_in):
     assert logged_in.get("/static/favicon.svg").status_code == 200
     assert html.count("Research use only") == 1
     assert 'aria-expanded="false" aria-controls="site-nav"' in html
+
+
+# --- the case page --------------------------------------------------------------------------------
+
+
+def _case_with_two_versions(app, logged_in):
+    from webapp.db import db
+    from webapp.models import Analysis, Image
+
+    assert _upload(logged_in).status_code == 302
+    old = model_version(app, version="2026.11.0", trained=True)
+    new = model_version(app, version="2026.12.01", trained=True)
+    with app.app_context():
+        image = db.session.scalars(db.select(Image)).one()
+        for mv, top in ((old, "nv"), (new, "mel")):
+            probs = {c: (0.64 if c == top else 0.06) for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")}
+            db.session.add(
+                Analysis(image=image, model_version_id=mv, status="succeeded", top_class=top, probabilities=probs)
+            )
+        image.jobs[0].status = "succeeded"
+        db.session.commit()
+        return image.case_id
+
+
+def test_case_page_compares_versions_in_one_table_and_says_the_notice_once_beside_the_result(app, logged_in):
+    case_id = _case_with_two_versions(app, logged_in)
+    html = logged_in.get(f"/cases/{case_id}").get_data(as_text=True)
+    table = html.split('id="version-comparison"', 1)[1].split("</table>", 1)[0]
+    rows = table.split("<tbody>", 1)[1].split("</tr>")[:-1]
+    assert len(rows) == 2
+    assert "2026.11.0" in rows[0] and "<strong>nv</strong>" in rows[0] and "64.0%" in rows[0]
+    assert "2026.12.01" in rows[1] and "<strong>mel</strong>" in rows[1] and "image alone" in rows[1].lower()
+    assert html.count('<article class="analysis">') == 1  # the newest, described once; not stacked duplicates
+    assert html.count("Research use only") == 2  # the banner, and once beside the result
+    assert "stand side by side" not in html
+
+
+def test_csv_export_has_one_probability_column_per_class_and_the_notice(app, logged_in):
+    import csv
+
+    _case_with_two_versions(app, logged_in)
+    response = logged_in.get("/cases/export.csv")
+    (row,) = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert row["predicted_class"] == "mel" and row["probability_mel"] == "0.64" and row["probability_nv"] == "0.06"
+    assert [k for k in row if k.startswith("probability_")] == [
+        f"probability_{c}" for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    ]
+    assert row["notice"] == "Research use only — not a diagnostic device."
+
+
+# --- folder uploads ---------------------------------------------------------------------------------
+
+
+def test_bad_metadata_rows_are_listed_once_in_the_table(app, logged_in):
+    from research_helpers import CSV_HEADER
+
+    page = logged_in.get("/batches/new").get_data(as_text=True)
+    text = CSV_HEADER + "ISIC_1,HAM_1,mel,histo,40,martian,back\nISIC_2,HAM_2,mel,histo,40,male,moon\n"
+    response = logged_in.post(
+        "/batches",
+        data={"csrf_token": csrf_from(page), "metadata": (io.BytesIO(text.encode()), "m.csv")},
+        content_type="multipart/form-data",
+    )
+    html = response.get_data(as_text=True)
+    assert response.status_code == 400 and "2 invalid row(s); nothing was stored" in html
+    assert html.count("martian") == 1 and html.count("moon") == 1  # in the table only, not in the message too
+    assert '<table class="list" id="csv-errors">' in html
+
+
+def test_a_file_that_is_not_an_image_is_listed_as_skipped(app, client, auth_headers):
+    response = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={"images": [(io.BytesIO(b""), "lesions/notes.txt"), (io.BytesIO(image_bytes()), "lesions/a.jpg")]},
+    )
+    assert response.status_code in (201, 202), response.json
+    progress = client.get(response.json["url"], headers=auth_headers).json
+    assert progress["errors"] == [{"file": "lesions/notes.txt", "error": "Skipped: not a .jpg, .jpeg or .png file."}]

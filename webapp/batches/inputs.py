@@ -184,9 +184,12 @@ def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
     except csv.Error as exc:
         raise BatchInputError(f"The metadata CSV could not be read as CSV: {exc}.") from None
     if errors:
-        shown = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:3])
+        # The rows travel apart (`rows`): the page shows them as a table, the API as a list and the
+        # CLI one per line, so the message does not list them a second time.
         raise BatchInputError(
-            f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored. {shown}", rows=errors[:100]
+            f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored. Fix the rows listed"
+            + (" (the first 100 are listed)." if len(errors) > 100 else "."),
+            rows=errors[:100],
         )
     if not rows:
         raise BatchInputError("The metadata CSV has a header but no data rows.")

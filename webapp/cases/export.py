@@ -10,7 +10,8 @@ from typing import Any
 
 from flask import Response, stream_with_context
 
-from ..models import User
+from ..config import DISCLAIMER
+from ..models import DX_CLASSES, User
 from ..security import neutralise
 from .listing import CaseFilters, fetch_page, parse_filters
 
@@ -43,6 +44,10 @@ EXPORT_COLUMNS = (
     "reviews_agree",
     "reviews_disagree",
     "reviews",
+    # One column per class, so a spreadsheet can sort or threshold on any of them; then the notice
+    # on every row, which survives filtering and copying rows elsewhere.
+    *(f"probability_{c}" for c in DX_CLASSES),
+    "notice",
 )
 
 
@@ -55,6 +60,10 @@ def export_rows(f: CaseFilters, user: User | None, chunk: int = 500) -> Iterator
         if not page.next_cursor:
             return
         f = CaseFilters(**{**asdict(f), "cursor": page.next_cursor})
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 6) if value is not None else None
 
 
 def _export_record(row: dict[str, Any]) -> list[Any]:
@@ -83,7 +92,7 @@ def _export_record(row: dict[str, Any]) -> list[Any]:
         "top_class_rule": model.get("top_class_rule"),
         "model_inputs": model.get("inputs"),
         "predicted_class": p.get("top_class"),
-        "predicted_probability": round(p["probability"], 6) if p.get("probability") is not None else None,
+        "predicted_probability": _rounded(p.get("probability")),
         "malignant_probability": p.get("malignant_probability"),
         "other_predictions": "; ".join(
             f"{q['model']['name']} {q['model']['version']}: {q['top_class']} ({q['probability']:.4f})" for q in others
@@ -98,6 +107,8 @@ def _export_record(row: dict[str, Any]) -> list[Any]:
             f", confidence {r['confidence']}" + (f", notes: {r['notes']}" if r["notes"] else "")
             for r in reviews
         ),
+        **{f"probability_{c}": _rounded((p.get("probabilities") or {}).get(c)) for c in DX_CLASSES},
+        "notice": DISCLAIMER,
     }
     return [neutralise("" if values[c] is None else values[c]) for c in EXPORT_COLUMNS]
 

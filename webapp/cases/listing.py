@@ -331,6 +331,7 @@ def _prediction(analysis: Analysis, mv: ModelVersion) -> dict[str, Any]:
         "top_class_name": mv.class_long_names.get(analysis.top_class, analysis.top_class),
         "probability": float(probs.get(analysis.top_class, 0.0)) if analysis.top_class else None,
         "malignant_probability": round(malignant, 6) if probs else None,
+        "probabilities": {c: float(probs[c]) for c in mv.class_names if c in probs},
     }
 
 

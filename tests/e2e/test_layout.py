@@ -1,0 +1,174 @@
+"""Every page at a phone's width (375 px) and a laptop's (1280 px), as each role sees it: no sideways
+scrolling of the page (tables scroll inside their own box) and no serious or critical finding of
+axe-core (vendored in tests/e2e/vendor/, MPL-2.0), run in Debian's Chromium through Playwright.
+
+The portal runs for real (redis-server, the web app in an HTTP server thread); the cases are
+uploaded through the app and their results written as the worker would, so no worker is needed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
+from research_helpers import CLASSES, model_version
+from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"
+WIDTHS = (375, 1280)
+BLOCKING = ("serious", "critical")
+ROLES = ("admin", "researcher", "reviewer")
+
+
+def _seed(app) -> dict[str, int]:
+    """Three uploaded cases (one with results of two model versions and two reviews), a batch."""
+    from webapp.db import db
+    from webapp.models import Analysis, Batch, Image, Review, User, utcnow
+
+    for role in ROLES:
+        make_user(app, f"{role}@example.org", role=role)
+    client = app.test_client()
+    login(client, "admin@example.org")
+    ids = []
+    for name in SMALL_IMAGES[:3]:
+        form = client.get("/cases/new").get_data(as_text=True)
+        body = {"csrf_token": csrf_from(form), "image": (io.BytesIO(image_bytes(name)), name), "age": "55"}
+        response = client.post("/cases/new", data=body, content_type="multipart/form-data")
+        assert response.status_code == 302, response.get_data(as_text=True)[:500]
+        ids.append(int(response.headers["Location"].rsplit("/", 1)[1]))
+    old = model_version(app, version="2026.11.0", trained=True)
+    new = model_version(app, version="2026.12.01", trained=True)
+    with app.app_context():
+        for case_id in ids:
+            image = db.session.scalar(db.select(Image).where(Image.case_id == case_id))
+            for mv, top in ((old, "nv"), (new, "mel")):
+                probs = {c: (0.64 if c == top else 0.06) for c in CLASSES}
+                db.session.add(
+                    Analysis(
+                        image_id=image.id,
+                        model_version_id=mv,
+                        status="succeeded",
+                        top_class=top,
+                        probabilities=probs,
+                        finished_at=utcnow(),
+                    )
+                )
+            image.case.reference_dx = "mel"
+            image.jobs[0].status = "succeeded"
+        users = {u.email: u.id for u in db.session.scalars(db.select(User))}
+        for email, dx in (("admin@example.org", "mel"), ("reviewer@example.org", "nv")):
+            db.session.add(
+                Review(case_id=ids[0], reviewer_id=users[email], diagnosis=dx, confidence=3, notes="it's atypical")
+            )
+        batch = Batch(name="layout batch", source="browser", created_by_id=users["admin@example.org"])
+        db.session.add(batch)
+        db.session.commit()
+        return {"case": ids[0], "batch": batch.id}
+
+
+def _pages(role: str, ids: dict[str, int]) -> list[str]:
+    common = [
+        "/cases",
+        f"/cases/{ids['case']}",
+        "/batches",
+        f"/batches/{ids['batch']}",
+        "/dashboard",
+        "/models",
+        "/docs/api",
+        "/account/password",
+        "/cases/999999",
+    ]
+    if role == "admin":
+        return common + ["/cases/new", "/batches/new", f"/cases/{ids['case']}/review", "/admin", "/admin/audit"]
+    if role == "reviewer":
+        return common + [f"/cases/{ids['case']}/review"]
+    return common + ["/cases/new", "/batches/new"]
+
+
+def _check(page, url: str, width: int) -> list[str]:
+    """What is wrong with the page at this width: overflow, and axe's serious or critical findings."""
+    problems = []
+    scroll, inner = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    if scroll > inner:
+        wide = page.evaluate(
+            """() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1
+                 && !e.closest('.table-scroll')).slice(0, 3).map(e => e.tagName + '.' + e.className + '#' + e.id)"""
+        )
+        problems.append(f"{url} at {width} px: the page is {scroll} px wide ({', '.join(wide)})")
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ['violations']})).violations.map(v => ({
+             id: v.id, impact: v.impact, nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))}))"""
+    )
+    for v in violations:
+        if v["impact"] in BLOCKING:
+            problems.append(f"{url} at {width} px: axe {v['impact']} {v['id']} on {v['nodes']}")
+    return problems
+
+
+def test_every_page_fits_both_widths_and_passes_axe(web_app, server):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    ids = _seed(web_app)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+        try:
+            for width in WIDTHS:
+                # bypass_csp: axe is added as a script the page's policy (scripts from files only) would refuse.
+                anonymous = browser.new_context(viewport={"width": width, "height": 800}, bypass_csp=True).new_page()
+                anonymous.goto(f"{server}/login")
+                problems += _check(anonymous, "/login", width)
+                for role in ROLES:
+                    context = browser.new_context(viewport={"width": width, "height": 800}, bypass_csp=True)
+                    page = context.new_page()
+                    page.set_default_timeout(30_000)
+                    page.goto(f"{server}/login")
+                    page.fill("input[name=email]", f"{role}@example.org")
+                    page.fill("input[name=password]", PASSWORD)
+                    page.click("button[type=submit]")
+                    page.wait_for_url("**/cases")
+                    for url in _pages(role, ids):
+                        page.goto(f"{server}{url}")
+                        page.wait_for_load_state("load")
+                        problems += [f"{role}: {p}" for p in _check(page, url, width)]
+                    context.close()
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_narrow_menu_collapses_and_opens_with_its_button(web_app, server):  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = _chromium()
+    make_user(web_app, "lead@example.org", role="admin")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 375, "height": 800})
+            page.goto(f"{server}/login")
+            page.fill("input[name=email]", "lead@example.org")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/cases")
+            page.wait_for_load_state("load")
+            toggle, logout = page.locator("#menu-toggle"), page.get_by_role("button", name="Log out")
+            expect(toggle).to_be_visible()
+            expect(toggle).to_have_attribute("aria-expanded", "false")
+            expect(logout).to_be_hidden()
+            expect(page.locator("#filter-toggle")).not_to_have_attribute("open", "")
+            toggle.click()
+            expect(toggle).to_have_attribute("aria-expanded", "true")
+            expect(logout).to_be_visible()
+            box = logout.bounding_box()
+            assert box and box["x"] + box["width"] <= 375
+            page.set_viewport_size({"width": 1280, "height": 800})
+            expect(toggle).to_be_hidden()
+            expect(page.get_by_role("link", name="Dashboard")).to_be_visible()
+        finally:
+            browser.close()
