@@ -9,8 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
+from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user, missing_part
 from test_explanations import case_id, sent, token  # noqa: F401  (fixtures: a case with stored maps)
 
 from webapp.db import db
@@ -209,6 +208,34 @@ SECRET_PATTERNS = [
 ]
 
 
+def secrets_in(root: Path, names: list[str]) -> list[str]:
+    """Secret-looking strings in the files `names` under `root` (tests included; binaries left out)."""
+    found = []
+    for name in names:
+        path = root / name
+        if path.suffix in (".h5", ".keras", ".png", ".jpg", ".npy", ".npz", ".lock", ".pdf") or not path.is_file():
+            continue
+        if path.stat().st_size > 2_000_000:
+            continue
+        text = path.read_text(errors="ignore")
+        for pattern in SECRET_PATTERNS:
+            for match in pattern.finditer(text):
+                if "example" in match.group(0).lower() or "change-me" in text[match.start() : match.end() + 40]:
+                    continue
+                found.append(f"{name}: {match.group(0)[:40]}")
+    return found
+
+
+def test_the_secret_scan_reads_the_tests_too(tmp_path):
+    planted = tmp_path / "tests" / "test_planted.py"
+    planted.parent.mkdir()
+    planted.write_text('SECRET_KEY = "' + "q7" * 16 + '"\nexample = "' + "AKIA" + "Z" * 16 + '"\n')
+    assert secrets_in(tmp_path, ["tests/test_planted.py"]) == [
+        "tests/test_planted.py: AKIA" + "Z" * 16,
+        'tests/test_planted.py: SECRET_KEY = "' + "q7" * 13,
+    ]
+
+
 def test_no_secrets_in_the_repository():
     try:
         files = subprocess.run(
@@ -220,25 +247,10 @@ def test_no_secrets_in_the_repository():
             timeout=30,
         ).stdout.split()
     except (OSError, subprocess.SubprocessError):
-        pytest.skip("not a git checkout")
+        missing_part("not a git checkout: the secret scan lists files with git")
     assert ".env" not in files and not any(f.startswith("instance/") for f in files)
-    found = []
-    for name in files:
-        path = ROOT / name
-        if path.suffix in (".h5", ".keras", ".png", ".jpg", ".npy", ".npz", ".lock", ".pdf") or not path.is_file():
-            continue
-        if path.stat().st_size > 2_000_000:
-            continue
-        text = path.read_text(errors="ignore")
-        for pattern in SECRET_PATTERNS:
-            for match in pattern.finditer(text):
-                if (
-                    "test" in name
-                    or "example" in match.group(0).lower()
-                    or "change-me" in text[match.start() : match.end() + 40]
-                ):
-                    continue
-                found.append(f"{name}: {match.group(0)[:40]}")
+    assert any(name.startswith("tests/") for name in files)  # the tests are scanned like the rest
+    found = secrets_in(ROOT, files)
     assert not found, found
     example = (ROOT / ".env.example").read_text()
     for line in example.splitlines():
