@@ -3,6 +3,7 @@ loads when MODEL_DIR is not set (issue 4)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "models" / "default"
 FIXTURES = ROOT / "tests" / "fixtures" / "images"
+# Five test-split images of the shipped evaluation (eval_test/predictions.csv), as evaluated (200x150).
+CARD_IMAGES = ROOT / "tests" / "fixtures" / "card"
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +63,30 @@ def test_the_worker_loads_it_by_default_and_it_predicts_on_the_cpu(monkeypatch):
     probs = predictor.predict(images)
     assert probs.shape == (len(images), 7)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and np.all(probs >= 0)
+
+
+@pytest.fixture(scope="module")
+def card_predictions() -> dict[str, dict]:
+    with open(DEFAULT / "eval_test" / "predictions.csv", newline="") as f:
+        return {row["image_id"]: row for row in csv.DictReader(f)}
+
+
+def test_the_weights_give_the_predictions_the_card_was_computed_from(card_predictions):
+    """Ties models/default/model.weights.h5 to the card's figures: five of the test-set predictions
+    behind MODEL_CARD.md (the evaluation's own path: load_images, raw softmax, the manifest's
+    temperature and decision) are recomputed from the shipped weights."""
+    from ml import data as D
+    from ml.calibration import apply_temperature
+    from ml.predictor import Predictor
+
+    paths = sorted(CARD_IMAGES.glob("*.jpg"))
+    assert len(paths) == 5 and all(p.stem in card_predictions for p in paths)
+    predictor = Predictor.load(DEFAULT)
+    images = D.load_images([str(p) for p in paths], predictor.input_size).astype(np.float32)
+    probs = apply_temperature(predictor.predict_raw(images), predictor.temperature)
+    rows = [card_predictions[p.stem] for p in paths]
+    expected = np.array([[float(row[f"p_{c}"]) for c in predictor.class_names] for row in rows])
+    np.testing.assert_allclose(probs, expected, atol=1e-4)  # the CSV keeps 6 decimals
+    chosen = [predictor.class_names[i] for i in predictor.decision.choose(probs)]
+    assert chosen == [row["predicted"] for row in rows]
+    assert {row["predicted"] for row in rows} == {"akiec", "bcc", "mel", "nv", "vasc"}
