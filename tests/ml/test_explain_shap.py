@@ -129,3 +129,71 @@ def test_probability_function_rejects_a_non_positive_temperature():
 def test_explain_shap_rejects_an_empty_list(predictor):
     with pytest.raises(ValueError, match="needs at least one image"):
         explain_shap(predictor, [])
+
+
+# --- cost: what shap would redo per image is done once, and the model sees a few batch shapes ----------
+
+
+def test_the_cached_masker_gives_shap_s_own_values(model_fn, monkeypatch):
+    import shap
+
+    import ml.explain.shap_explainer as shap_explainer
+
+    image = spot_image()
+    ours = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32)
+    monkeypatch.setattr(shap_explainer, "blur_masker", lambda blur, shape: shap.maskers.Image(blur, shape))
+    theirs = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32)
+    np.testing.assert_array_equal(ours.class_indices, theirs.class_indices)
+    np.testing.assert_allclose(ours.values, theirs.values, atol=1e-7)
+    np.testing.assert_allclose(ours.base_values, theirs.base_values, atol=1e-7)
+
+
+def test_the_partition_tree_is_built_once_per_shape_and_the_blur_once_per_image(monkeypatch):
+    import ml.explain.shap_explainer as shap_explainer
+
+    blurs = []
+    real_blur = shap_explainer.cv2.blur
+    monkeypatch.setattr(shap_explainer.cv2, "blur", lambda *a: blurs.append(1) or real_blur(*a))
+    first = shap_explainer.blur_masker("blur(5,5)", (H, W, 3))
+    second = shap_explainer.blur_masker("blur(5,5)", (H, W, 3))
+    assert first.clustering is second.clustering  # one tree per shape
+    x = spot_image().astype(np.float32)
+    masks = np.random.default_rng(0).random((20, H * W * 3)) > 0.5
+    for mask in masks:
+        first(mask, x)
+    assert len(blurs) == 1
+    (out,) = first(masks[0], x)
+    blurred = real_blur(x, (5, 5))
+    np.testing.assert_array_equal(out.reshape(-1), np.where(masks[0], x.reshape(-1), blurred.reshape(-1)))
+
+
+def test_model_calls_are_padded_to_a_few_shapes_and_answer_exactly(monkeypatch):
+    import ml.explain.shap_explainer as shap_explainer
+
+    model = bright_spot_model()
+    fn = probability_function(model, temperature=1.0)
+    images = np.random.default_rng(1).integers(0, 256, (70, H, W, 3)).astype(np.float32)
+    expected = model(images, training=False).numpy()
+    np.testing.assert_allclose(fn(images), expected, atol=1e-6)  # 64 + 6 padded to 8
+    np.testing.assert_allclose(fn(images[:3]), expected[:3], atol=1e-6)  # padded to 4
+    assert fn(images[:0]).shape == (0, 3)
+    pieces = shap_explainer._padded(images, 64)
+    assert [(len(chunk), n) for chunk, n in pieces] == [(64, 64), (8, 6)]
+    assert shap_explainer.bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_probabilities_from_the_prediction_pass_save_a_forward_pass(model_fn):
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return model_fn(images)
+
+    image = spot_image()
+    probs = model_fn(image[np.newaxis].astype(np.float32))[0]
+    given = shap_values(counting, image, top_k=1, max_evals=100, batch_size=32, probs=probs)
+    n_given = len(calls)
+    calls.clear()
+    computed = shap_values(counting, image, top_k=1, max_evals=100, batch_size=32)
+    assert len(calls) == n_given + 1
+    np.testing.assert_allclose(given.values, computed.values, atol=1e-7)
