@@ -686,3 +686,82 @@ def test_a_requested_map_of_a_case_deleted_while_computed_is_not_stored(
     assert worker.explain_gradcam(row_id) == "deleted"
     assert count(app, Explanation) == 0 and count(app, Case) == 0
     assert [p for p in app.extensions["settings"].STORAGE_DIR.rglob("*") if p.is_file()] == []
+
+
+# --- size: no query per case, and the figures of a large batch ------------------------------------------
+
+
+def seed_batch(app, n: int) -> int:
+    """A batch of `n` cases, each with an image, a finished job, an analysis and a Grad-CAM map, and
+    their three stored files (rows inserted directly: no image decoding)."""
+    import hashlib
+
+    from webapp.cases.explanations import explanation_keys
+    from webapp.models import ModelVersion, User
+
+    storage = storage_of(app)
+    with app.app_context():
+        user = db.session.scalar(select(User).where(User.email == ADMIN))
+        mv = ModelVersion(name="m", version=str(n), trained=False, class_names=["nv"], manifest={})
+        batch = Batch(name="big", source="api", created_by=user, expected_files=n, metadata_rows={})
+        db.session.add_all([mv, batch])
+        db.session.flush()
+        for i in range(n):
+            h = hashlib.sha256(f"{batch.id}-{i}".encode()).hexdigest()
+            case = Case(batch_id=batch.id, patient_ref=f"P{i}")
+            image = Image(case=case, content_hash=h, storage_key=f"images/{h[:2]}/{h[2:4]}/{h}.png", width=1, height=1)
+            analysis = Analysis(image=image, model_version=mv, status="succeeded", top_class="nv")
+            raw, overlay = explanation_keys(h, mv.id, "gradcam", "nv")
+            row = Explanation(analysis=analysis, image=image, model_version=mv, method="gradcam", class_name="nv")
+            row.status, row.raw_key, row.overlay_key = "done", raw, overlay
+            job = Job(image=image, status="succeeded", analysis=analysis)
+            db.session.add_all([case, image, analysis, row, job])
+            for key in (image.storage_key, raw, overlay):
+                storage.save(key, b"x")
+        db.session.flush()
+        db.session.add_all(
+            BatchItem(batch_id=batch.id, filename=f"f{i}.jpg", case_id=c.id)
+            for i, c in enumerate(db.session.scalars(select(Case).where(Case.batch_id == batch.id)))
+        )
+        db.session.commit()
+        return batch.id
+
+
+def statements_of(app, fn) -> int:
+    from sqlalchemy import event
+
+    with app.app_context():
+        engine = db.engine
+    seen = []
+    listener = lambda *args: seen.append(1)  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        fn()
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    return len(seen)
+
+
+def test_a_batch_deletion_costs_the_same_few_statements_whatever_its_size(app, admin_headers):
+    small, large = seed_batch(app, 5), seed_batch(app, 60)
+    counts = [statements_of(app, lambda b=b: delete_as_admin(app, "batch", b)) for b in (small, large)]
+    assert counts[0] == counts[1] < 30, counts
+    assert count(app, Case) == 0 and [p for p in storage_of(app).root.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.slow
+@BACKENDS
+def test_figures_of_deleting_a_large_batch(app, admin_headers):
+    """Prints the figures: `.venv/bin/python -m pytest tests/test_deletion.py -s -q -k figures`."""
+    n = 2000
+    batch_id = seed_batch(app, n)
+    t0 = time.perf_counter()
+    result = delete_as_admin(app, "batch", batch_id)
+    seconds = time.perf_counter() - t0
+    assert result.counts["cases"] == n and result.files_removed == 3 * n and count(app, Case) == 0
+    size = len(json.dumps(deletion_entries(app)[0]))
+    backend = app.config["SQLALCHEMY_DATABASE_URI"].split(":")[0]
+    print(
+        f"\n{backend}: deleted a batch of {n} cases ({result.counts['explanations']} maps, "
+        f"{result.files_removed} files) in {seconds:.2f} s; audit entry {size / 1024:.0f} KiB"
+    )

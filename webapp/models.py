@@ -440,3 +440,9 @@ db.Index("ix_images_original_filename", Image.original_filename)
 db.Index("ix_analyses_top_class_model_version_id", Analysis.top_class, Analysis.model_version_id, Analysis.image_id)
 db.Index("ix_analyses_model_version_id_top_class", Analysis.model_version_id, Analysis.top_class, Analysis.image_id)
 db.Index("ix_reviews_diagnosis", Review.diagnosis)
+# The foreign keys that ON DELETE SET NULL follows when a case is deleted (migration 0007): without
+# an index each deleted row scans the whole table.
+db.Index("ix_jobs_analysis_id", Job.analysis_id)
+db.Index("ix_batch_items_image_id", BatchItem.image_id)
+db.Index("ix_batch_items_job_id", BatchItem.job_id)
+db.Index("ix_reviews_analysis_id", Review.analysis_id)

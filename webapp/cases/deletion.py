@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, select, update
 
 from .. import audit
 from ..batches.service import file_stem
@@ -122,24 +122,30 @@ def check_confirmed(form: Any) -> None:
 # --- locking -----------------------------------------------------------------------------------------
 
 
-def lock_images(image_ids: Iterable[int]) -> set[int]:
-    """Locks the image rows until the session's transaction ends; returns the ids still there.
+def _lock(where: Any) -> set[int]:
+    """Locks the image rows matching `where` until the transaction ends; returns their ids.
 
     A no-op UPDATE rather than SELECT ... FOR UPDATE: SQLite ignores FOR UPDATE, but any write takes
-    its one write lock, and on PostgreSQL the UPDATE locks the rows. The worker calls this before it
-    stores results and the deletion before it reads what to remove, so the two never interleave.
+    its one write lock, and on PostgreSQL the UPDATE locks the rows.
     """
-    ids = sorted(set(image_ids))
-    if not ids:
-        return set()
     rows = db.session.execute(
         update(Image)
-        .where(Image.id.in_(ids))
+        .where(where)
         .values(width=Image.width)
         .returning(Image.id)
         .execution_options(synchronize_session=False)
     )
     return {row[0] for row in rows}
+
+
+def lock_images(image_ids: Iterable[int]) -> set[int]:
+    """Locks the image rows until the session's transaction ends; returns the ids still there.
+
+    The worker calls this before it stores results, the deletion before it reads what to remove, so
+    the two never interleave: whichever comes second sees what the first committed.
+    """
+    ids = sorted(set(image_ids))
+    return _lock(Image.id.in_(ids)) if ids else set()
 
 
 def _lock_batch(batch_id: int) -> bool:
@@ -154,29 +160,29 @@ def _lock_batch(batch_id: int) -> bool:
 # --- what goes -----------------------------------------------------------------------------------------
 
 
-def _collect(case_ids: list[int]) -> _Doomed:
-    """Locks the cases' images and reads what the deletion removes (ids, hashes, keys, counts)."""
-    image_ids = db.session.scalars(select(Image.id).where(Image.case_id.in_(case_ids))).all()
-    lock_images(image_ids)
-    doomed = _Doomed(case_ids)
+def _collect(cases: Select) -> _Doomed:
+    """Locks the images of `cases` (a SELECT of case ids: no id list, however large the batch) and
+    reads what the deletion removes (ids, hashes, keys, counts)."""
+    _lock(Image.case_id.in_(cases))
+    doomed = _Doomed(list(db.session.scalars(cases.order_by(Case.id))))
     images = db.session.execute(
-        select(Image.id, Image.content_hash, Image.storage_key).where(Image.case_id.in_(case_ids)).order_by(Image.id)
+        select(Image.content_hash, Image.storage_key).where(Image.case_id.in_(cases)).order_by(Image.id)
     ).all()
-    image_ids = [row.id for row in images]
     doomed.content_hashes = [row.content_hash for row in images]
     doomed.keys = {row.storage_key for row in images}
+    of_images = select(Image.id).where(Image.case_id.in_(cases))
     maps = db.session.execute(
         select(Explanation.raw_key, Explanation.overlay_key, Explanation.status).where(
-            Explanation.image_id.in_(image_ids)
+            Explanation.image_id.in_(of_images)
         )
     ).all()
     doomed.keys |= {key for raw, overlay, _ in maps for key in (raw, overlay) if key}
-    jobs = db.session.execute(select(Job.status, func.count()).where(Job.image_id.in_(image_ids)).group_by(Job.status))
-    by_status = dict(jobs.all())
-    reviews = db.session.scalar(select(func.count()).select_from(Review).where(Review.case_id.in_(case_ids)))
+    jobs = db.session.execute(select(Job.status, func.count()).where(Job.image_id.in_(of_images)).group_by(Job.status))
+    by_status = dict(jobs.tuples().all())
+    reviews = db.session.scalar(select(func.count()).select_from(Review).where(Review.case_id.in_(cases)))
     doomed.counts = {
-        "cases": len(case_ids),
-        "images": len(image_ids),
+        "cases": len(doomed.case_ids),
+        "images": len(images),
         "jobs": sum(by_status.values()),
         "jobs_cancelled": by_status.get(JobStatus.QUEUED, 0) + by_status.get(JobStatus.RUNNING, 0),
         "explanations": len(maps),
@@ -186,13 +192,11 @@ def _collect(case_ids: list[int]) -> _Doomed:
     return doomed
 
 
-def _drop_items(case_ids: list[int]) -> int:
+def _drop_items(cases: Select) -> int:
     """Removes the batch items that name the cases (their own, and duplicates linked from other
     batches), each one's metadata row, and one announced file per item, so that each batch's
     progress adds up and can still finish. Returns how many items went."""
-    items = db.session.execute(
-        select(BatchItem.id, BatchItem.batch_id, BatchItem.filename).where(BatchItem.case_id.in_(case_ids))
-    ).all()
+    items = db.session.execute(select(BatchItem.batch_id, BatchItem.filename).where(BatchItem.case_id.in_(cases))).all()
     for batch_id in {item.batch_id for item in items}:
         batch = db.session.get(Batch, batch_id)
         mine = [item for item in items if item.batch_id == batch_id]
@@ -201,23 +205,17 @@ def _drop_items(case_ids: list[int]) -> int:
             batch.metadata_rows = {k: v for k, v in batch.metadata_rows.items() if k not in stems}
         if batch.expected_files is not None:
             batch.expected_files = max(0, batch.expected_files - len(mine))
-    if items:
-        db.session.execute(
-            delete(BatchItem)
-            .where(BatchItem.id.in_([item.id for item in items]))
-            .execution_options(synchronize_session=False)
-        )
+    db.session.execute(
+        delete(BatchItem).where(BatchItem.case_id.in_(cases)).execution_options(synchronize_session=False)
+    )
     return len(items)
 
 
-def _delete(entity: str, entity_id: int, doomed: _Doomed, actor: User, reason: str) -> Deletion:
+def _delete(entity: str, entity_id: int, cases: Select, doomed: _Doomed, actor: User, reason: str) -> Deletion:
     """Deletes the cases, records the audit entry and commits; then removes the files nobody holds."""
     started = time.time()
-    doomed.counts["batch_items"] = _drop_items(doomed.case_ids)
-    if doomed.case_ids:
-        db.session.execute(
-            delete(Case).where(Case.id.in_(doomed.case_ids)).execution_options(synchronize_session=False)
-        )
+    doomed.counts["batch_items"] = _drop_items(cases)
+    db.session.execute(delete(Case).where(Case.id.in_(cases)).execution_options(synchronize_session=False))
     if entity == "batch":
         db.session.execute(delete(Batch).where(Batch.id == entity_id).execution_options(synchronize_session=False))
     audit_id = _audit(entity, entity_id, doomed, actor, reason)
@@ -247,16 +245,17 @@ def _audit(entity: str, entity_id: int, doomed: _Doomed, actor: User, reason: st
 
 # --- files ----------------------------------------------------------------------------------------------
 
+KEYS_PER_QUERY = 500
 
-def _referenced(key: str) -> bool:
-    """Whether a remaining image or explanation row still holds the stored object `key`."""
-    return (
-        db.session.scalar(select(Image.id).where(Image.storage_key == key).limit(1)) is not None
-        or db.session.scalar(
-            select(Explanation.id).where(or_(Explanation.raw_key == key, Explanation.overlay_key == key)).limit(1)
-        )
-        is not None
-    )
+
+def _still_held(keys: list[str]) -> set[str]:
+    """The keys that a remaining image or explanation row still names (a few queries per 500 keys)."""
+    held: set[str] = set()
+    for start in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[start : start + KEYS_PER_QUERY]
+        for column in (Image.storage_key, Explanation.raw_key, Explanation.overlay_key):
+            held.update(db.session.scalars(select(column).where(column.in_(chunk)).distinct()))
+    return held
 
 
 def _rewritten_since(storage: Storage, key: str, started: float) -> bool:
@@ -275,9 +274,11 @@ def _remove_unreferenced(keys: Iterable[str], started: float) -> tuple[int, int]
     """Deletes the stored objects that no row refers to any more (after the commit: a failed
     commit must leave every file in place). Returns (removed, kept)."""
     storage = storage_from_settings(current_app.extensions["settings"])
+    keys = sorted(keys)
+    held = _still_held(keys)
     removed = kept = 0
-    for key in sorted(keys):
-        if _referenced(key) or _rewritten_since(storage, key, started):
+    for key in keys:
+        if key in held or _rewritten_since(storage, key, started):
             kept += 1
             continue
         if storage.exists(key):
@@ -296,13 +297,12 @@ def delete_case(case_id: int, actor: User | None, reason: Any) -> Deletion:
         DeletionError: 403 (not an admin), 400 (no reason), 404 (no such case).
     """
     actor, reason = check_actor(actor), check_reason(reason)
-    if db.session.get(Case, case_id) is None:
-        raise DeletionError(404, f"No case with id {case_id}.")
-    doomed = _collect([case_id])
-    if db.session.get(Case, case_id, populate_existing=True) is None:  # deleted by someone else meanwhile
+    cases = select(Case.id).where(Case.id == case_id)
+    doomed = _collect(cases)
+    if not doomed.case_ids:  # read after the lock: a case deleted meanwhile is gone here too
         db.session.rollback()
         raise DeletionError(404, f"No case with id {case_id}.")
-    return _delete("case", case_id, doomed, actor, reason)
+    return _delete("case", case_id, cases, doomed, actor, reason)
 
 
 def delete_batch(batch_id: int, actor: User | None, reason: Any) -> Deletion:
@@ -316,12 +316,12 @@ def delete_batch(batch_id: int, actor: User | None, reason: Any) -> Deletion:
     if not _lock_batch(batch_id):
         db.session.rollback()
         raise DeletionError(404, f"No batch with id {batch_id}.")
-    case_ids = list(db.session.scalars(select(Case.id).where(Case.batch_id == batch_id).order_by(Case.id)))
-    doomed = _collect(case_ids)
+    cases = select(Case.id).where(Case.batch_id == batch_id)
+    doomed = _collect(cases)
     doomed.counts["batch_items_total"] = db.session.scalar(
         select(func.count()).select_from(BatchItem).where(BatchItem.batch_id == batch_id)
     )
-    return _delete("batch", batch_id, doomed, actor, reason)
+    return _delete("batch", batch_id, cases, doomed, actor, reason)
 
 
 __all__ = [
