@@ -2,8 +2,9 @@
 
 Grad-CAM comes out of the prediction pass of worker.tasks.analyse; SHAP rows are queued for the top
 SHAP_TOP_K classes and computed by worker.tasks.explain_shap; requested Grad-CAM(++) maps by
-worker.tasks.explain_gradcam. Files are checked as stored: raw .npy at the stored image's size,
-overlay PNGs of the same size (Grad-CAM: the colour map as palette, pixel for pixel colorize(); SHAP: RGBA).
+worker.tasks.explain_gradcam. Files are checked as stored: raw .npy (Grad-CAM float16) at the model's input size
+(64x64 here; the image is 200x150), overlay PNGs drawn from that map at its size (Grad-CAM: the colour
+map as palette, pixel for pixel colorize(); SHAP: RGBA).
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def stored(app, key):
         return f.read()
 
 
-def check_files(app, row, size=(150, 200)):
+def check_files(app, row, size=(64, 64)):
+    """The model's input size, not the image's: maps never grow with the upload."""
     raw = np.load(io.BytesIO(stored(app, row["raw_key"])), allow_pickle=False)
-    assert raw.shape == size and raw.dtype == np.float32 and np.all(np.isfinite(raw))
+    dtype = np.float32 if row["method"] == "shap" else np.float16  # SHAP values sit below float16's range
+    assert raw.shape == size and raw.dtype == dtype and np.all(np.isfinite(raw))
     overlay = PILImage.open(io.BytesIO(stored(app, row["overlay_key"])))
     assert overlay.format == "PNG" and overlay.size == (size[1], size[0])
     if row["method"] == "shap":

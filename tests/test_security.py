@@ -404,3 +404,92 @@ def test_ids_past_the_database_range_are_404_not_500(client, auth_headers):
     for huge in (2**31, 2**63, 2**64):
         response = client.get(f"/api/v1/cases/{huge}", headers=auth_headers)
         assert response.status_code == 404 and response.is_json
+
+
+# --- bounded work (issue 14) ----------------------------------------------------------------------
+
+
+def test_a_map_of_a_huge_upload_is_stored_at_the_models_resolution(app, case_id):
+    """The probe: a 6000x6000 upload stored each map at full size in float32 (144 MB per map)."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from webapp.models import Explanation
+    from webapp.storage import storage_from_settings
+    from worker.explain import gradcam_layer_png, store_explanation
+
+    huge = np.random.default_rng(0).random((3000, 4000), dtype=np.float32)
+    with app.app_context():
+        row = db.session.scalars(db.select(Explanation).where(Explanation.status == "queued")).first()
+        row.method, row.class_name = "gradcam++", "bcc"
+        store_explanation(row, row.image, huge, gradcam_layer_png, (120, 160), {"in_prediction_pass": False})
+        db.session.commit()
+        storage = storage_from_settings(app.extensions["settings"])
+        with storage.open(row.raw_key) as f:
+            raw = np.load(_io.BytesIO(f.read()), allow_pickle=False)
+        with storage.open(row.overlay_key) as f:
+            overlay = PILImage.open(_io.BytesIO(f.read()))
+            overlay.load()
+    assert raw.shape == (120, 160) and raw.dtype == np.float16
+    assert abs(float(raw.mean()) - float(huge.mean())) < 0.01  # area-averaged, not sampled
+    assert overlay.size == (160, 120)  # drawn from the stored map; the page stretches it over the image
+
+
+def test_explanation_requests_are_limited_per_user_over_pages_and_api(app, client, case_id, token, sent):
+    """The probe: any signed-in role could request maps without a quota."""
+    app.config["EXPLAIN_RATE_LIMIT"] = "2 per hour"
+    bearer = {"Authorization": f"Bearer {token}"}
+    url = f"/api/v1/cases/{case_id}/explanations"
+    assert client.post(url, json={"method": "gradcam", "class": "bcc"}, headers=bearer).status_code == 202
+    stored = client.post(url, json={"method": "gradcam", "class": "mel"}, headers=bearer)
+    assert stored.status_code == 200  # the map exists: no work queued, not counted
+    login(client, "researcher@example.org")
+    csrf = csrf_from(client.get(f"/cases/{case_id}").get_data(as_text=True))
+    page = client.post(
+        f"/cases/{case_id}/explanations", data={"csrf_token": csrf, "method": "gradcam++", "class": "mel"}
+    )
+    assert page.status_code == 302
+    blocked = client.post(url, json={"method": "gradcam", "class": "nv"}, headers=bearer)
+    assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 3000
+    assert len([name for name, *_ in sent if name == "worker.tasks.explain_gradcam"]) == 2
+
+
+def test_a_metadata_csv_is_bounded_by_its_batchs_files(app, client, auth_headers, sent_tasks):
+    """The probe: a 200,000-row CSV was stored with a one-image batch (three made /batches take 5 s)."""
+    from research_helpers import CSV_HEADER, HAM_CSV
+
+    from webapp.models import Batch
+
+    rows = "".join(f"ISIC_{n:07d},HAM_{n:07d},nv,histo,40,male,back\n" for n in range(2_000))
+    refused = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={"expected_files": "2", "metadata": (io.BytesIO((CSV_HEADER + rows).encode()), "m.csv")},
+    )
+    assert refused.status_code == 413 and "at most one row per file" in refused.json["error"]
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count(Batch.id))) == 0
+    # Rows for files that never came are dropped when the last announced file is in.
+    created = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={
+            "expected_files": "2",
+            "metadata": (io.BytesIO((HAM_CSV + "".join(rows.splitlines(True)[:8])).encode()), "m.csv"),
+        },
+    )
+    assert created.status_code == 201
+    files = [(io.BytesIO(image_bytes(name)), name) for name in SMALL_IMAGES[:2]]
+    assert client.post(created.json["files_url"], headers=auth_headers, data={"images": files}).status_code == 202
+    with app.app_context():
+        kept = db.session.get(Batch, created.json["id"]).metadata_rows
+    assert sorted(kept) == sorted(name[:-4] for name in SMALL_IMAGES[:2])
+
+
+def test_batch_requests_are_limited_to_a_chunk(app, client, auth_headers):
+    """The probe: batch requests accepted 1 GB."""
+    big = io.BytesIO(b"\0" * (65 * 1024 * 1024))
+    response = client.post("/api/v1/batches", headers=auth_headers, data={"images": [(big, "a.png")]})
+    assert response.status_code == 413

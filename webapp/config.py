@@ -120,6 +120,7 @@ class Settings:
     LOGIN_RATE_LIMIT: str = "5 per 15 minutes"  # Failed logins per (email, client address), then 429.
     LOGIN_ADDRESS_RATE_LIMIT: str = "30 per 15 minutes"  # Failed logins per client address over all accounts, then 429.
     UPLOAD_RATE_LIMIT: str = "120 per minute"  # Uploads per user: single images and folder uploads, pages and API.
+    EXPLAIN_RATE_LIMIT: str = "60 per hour"  # Explanation requests that queue a map, per user, pages and API.
     extra: dict[str, Any] = field(default_factory=dict)  # any other Flask config from overrides
 
     @classmethod
@@ -171,7 +172,7 @@ class Settings:
             values["BLIND_REVIEW"] = environ["BLIND_REVIEW"].strip().lower() in ("1", "true", "yes", "on")
         if environ.get("PREDICT_WARMUP"):
             values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
-        for name in ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT"):
+        for name in ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT", "EXPLAIN_RATE_LIMIT"):
             if environ.get(name):
                 values[name] = _parse_rate_limit(name, environ[name])
         if environ.get("UNTRAINED_INPUT_SIZE"):

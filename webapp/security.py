@@ -14,7 +14,8 @@ CSRF: Flask-WTF's `CSRFProtect` checks every unsafe request's `csrf_token` form 
 Rate limits: Flask-Limiter, counting in Redis (`REDIS_URL`, shared by every web process). When
 Redis cannot be reached it counts in this process's memory (`in_memory_fallback_enabled`), so a
 limit still holds per process and a login never becomes a 500. `login_limit` counts failed logins
-per (email, client address); `upload_limit` counts uploads per user.
+per (email, client address) and per client address; `upload_limit` counts uploads and
+`explain_limit` queued explanation requests per user.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ limiter = Limiter(key_func=client_ip, key_prefix="dermportal", in_memory_fallbac
 # One count per user over every upload route (single image and folder upload; pages and API).
 upload_limit = limiter.shared_limit(
     lambda: current_app.config["UPLOAD_RATE_LIMIT"], "uploads", key_func=upload_key, methods=["POST"]
+)
+# One count per user over the page's and the API's explanation requests; only a request that
+# queues work (202 from the API, a "queued" redirect from the page) counts.
+explain_limit = limiter.shared_limit(
+    lambda: current_app.config["EXPLAIN_RATE_LIMIT"],
+    "explanations",
+    key_func=upload_key,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 202 or bool(g.get("explanation_queued")),
 )
 
 

@@ -23,6 +23,7 @@ once in `worker_process_init` (worker.process), so the first real upload does no
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -259,12 +260,13 @@ def _load(storage: Storage, storage_key: str) -> tuple[np.ndarray | None, float,
         return None, time.perf_counter() - t0, exc
 
 
-def _overlay(heatmap: np.ndarray | None) -> bytes | Exception | None:
-    """The Grad-CAM colour layer as PNG bytes, or the exception (encoded in the thread pool)."""
+def _overlay(heatmap: np.ndarray | None, size: tuple[int, int]) -> bytes | Exception | None:
+    """The colour layer of the Grad-CAM map as stored (at the model's resolution) as PNG bytes, or
+    the exception (encoded in the thread pool)."""
     if heatmap is None:
         return None
     try:
-        return explain.gradcam_layer_png(heatmap)
+        return explain.gradcam_layer_png(explain.stored_map(heatmap, size))
     except Exception as exc:
         return exc
 
@@ -305,7 +307,10 @@ def _predict(model: Predictor, images: list[np.ndarray], settings) -> Pass:
     overlays = None
     if gradcams is not None:
         overlays = list(
-            _decoder_pool().map(_overlay, [heatmap if error is None else None for _, heatmap, error in gradcams])
+            _decoder_pool().map(
+                functools.partial(_overlay, size=model.input_size),
+                [heatmap if error is None else None for _, heatmap, error in gradcams],
+            )
         )
     log.info("Predicted %d image(s) in one pass of %.0f ms.", len(images), predict_ms)
     return probs, gradcams, overlays, predict_ms
@@ -333,6 +338,7 @@ def _store_pass(
         [gradcams[i] for i, _ in kept],
         [overlays[i] for i, _ in kept],
         class_names,
+        model.input_size,
     )
 
 

@@ -11,9 +11,10 @@ one function that stores an explanation (`store_explanation`).
 Each row goes queued -> running -> done | failed (claims and failures: worker.recovery); every
 exception, the soft time limit included, ends in `failed` with its reason.
 
-Files: the raw map as float32 .npy (np.save) at the stored image's height and width, and a PNG
-colour layer (Grad-CAM: the jet colour map, opaque; SHAP: red/blue on a symmetric scale, alpha
-growing with |value|) that the case page lays over the original with an opacity slider.
+Files: the raw map as .npy (np.save; Grad-CAM float16, SHAP float32: `map_dtype`) at the model's
+input resolution, never larger (a 6000x6000 upload once cost 144 MB of float32 per map), and a PNG colour layer drawn from that same
+map (Grad-CAM: the jet colour map, opaque; SHAP: red/blue on a symmetric scale, alpha growing with
+|value|) that the case page stretches over the original, with an opacity slider.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import io
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -60,9 +62,27 @@ def gradcam_method(plus_plus: bool) -> ExplanationMethod:
 # --- files --------------------------------------------------------------------------------------------
 
 
+def map_dtype(method: str) -> type[np.floating]:
+    """Grad-CAM maps lie in [0, 1]: float16's 3 significant digits are plenty. SHAP values are
+    shares of a probability spread over the pixels (about 1e-5 each at 120x160), below float16's
+    normal range: they stay float32 (77 KB at 120x160)."""
+    return np.float32 if method == ExplanationMethod.SHAP else np.float16
+
+
+def stored_map(values: np.ndarray, size: tuple[int, int], dtype: type[np.floating] = np.float16) -> np.ndarray:
+    """The map as stored: at most `size` = (H, W), the model's input resolution (area-averaged when
+    it was computed at the upload's size), as `dtype`."""
+    values = np.asarray(values, dtype=np.float32)
+    h, w = size
+    if values.shape[0] > h or values.shape[1] > w:
+        values = cv2.resize(values, (w, h), interpolation=cv2.INTER_AREA)
+    limit = float(np.finfo(dtype).max)
+    return np.clip(values, -limit, limit).astype(dtype)
+
+
 def npy_bytes(values: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(values, dtype=np.float32), allow_pickle=False)
+    np.save(buffer, values, allow_pickle=False)
     return buffer.getvalue()
 
 
@@ -97,13 +117,29 @@ def shap_layer_png(values: np.ndarray, vmax: float) -> bytes:
     return rgba_png(colours, np.rint(alpha).astype(np.uint8))
 
 
+Layer = Callable[[np.ndarray], bytes]
+
+
 def store_explanation(
-    row: Explanation, image: Image, values: np.ndarray, overlay_png: bytes, params: dict[str, Any] | None = None
+    row: Explanation,
+    image: Image,
+    values: np.ndarray,
+    layer: Layer | bytes,
+    size: tuple[int, int],
+    params: dict[str, Any] | None = None,
 ) -> None:
-    """Saves the raw map and overlay under the row's keys and marks it done (the caller commits).
+    """Saves the raw map and its colour layer under the row's keys and marks it done (the caller commits).
 
     Every explanation (Grad-CAM of the prediction pass, requested Grad-CAM, SHAP) is stored here.
+
+    Args:
+        values: the map, at the model's resolution or larger (it is stored at most at `size`).
+        layer: draws the PNG colour layer from the stored map; or those bytes, drawn already from
+            `stored_map(values, size)` (the prediction pass draws them in a thread pool).
+        size: (H, W), the model's input resolution.
     """
+    values = stored_map(values, size, map_dtype(row.method))
+    overlay_png = layer(values) if callable(layer) else layer
     storage = storage_from_settings(current_settings())
     raw_key, overlay_key = explanation_keys(image.content_hash, row.model_version_id, row.method, row.class_name)
     storage.save(raw_key, npy_bytes(values))
@@ -171,6 +207,7 @@ def record_prediction_pass(
     gradcams: Sequence[GradCam],
     overlays: Sequence[bytes | BaseException | None],
     class_names: Sequence[str],
+    size: tuple[int, int],
 ) -> list[int]:
     """The Grad-CAM rows of a prediction pass (done, or failed with the reason: a storage problem never
     costs the prediction) and the queued SHAP rows of the top SHAP_TOP_K classes. The caller commits,
@@ -179,8 +216,10 @@ def record_prediction_pass(
     Args:
         analyses: the succeeded analyses of one model version.
         gradcams: per analysis, `(class_index, map, None)` or `(None, None, reason)`.
-        overlays: per analysis, the map's colour layer (`gradcam_layer_png`) or the error encoding it.
+        overlays: per analysis, the colour layer of `stored_map(map, size)` (`gradcam_layer_png`)
+            or the error encoding it.
         class_names: the model version's classes.
+        size: (H, W), the model's input resolution: the maps are stored at it.
 
     Returns:
         The ids of the analyses that have queued SHAP rows.
@@ -203,6 +242,7 @@ def record_prediction_pass(
                         analysis.image,
                         heatmap,
                         overlay,
+                        size,
                         {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]},
                     )
                     row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
@@ -327,7 +367,7 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
         fn, model.preprocess(pixels), max_evals=max_evals, batch_size=batch_size, class_indices=indices, blur=blur
     )
     t2 = time.perf_counter()
-    maps = [resize_values(v, pixels.shape[:2]) for v in result.values]
+    maps = [resize_values(v, model.input_size) for v in result.values]  # stored at the model's resolution
     vmax = max(float(np.max(np.abs(m))) for m in maps) or 1.0  # one scale for every class of the image
     lock_image(analysis.image_id)
     for row, values, base in zip(rows, maps, result.base_values):
@@ -336,7 +376,8 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
             row,
             analysis.image,
             values,
-            shap_layer_png(values, vmax),
+            lambda stored: shap_layer_png(stored, vmax),
+            model.input_size,
             {
                 "max_evals": max_evals,
                 "batch_size": batch_size,
@@ -403,7 +444,8 @@ def compute_gradcam(row: Explanation) -> None:
         row,
         row.image,
         heatmap,
-        gradcam_layer_png(heatmap),
+        gradcam_layer_png,
+        model.input_size,
         {
             "in_prediction_pass": False,
             "cmap": "jet",

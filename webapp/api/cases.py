@@ -17,7 +17,7 @@ from ..config import DISCLAIMER
 from ..errors import get_or_404
 from ..models import Case
 from ..presenters import case_dict, explanation_dict
-from ..security import upload_limit
+from ..security import explain_limit, upload_limit
 from .blueprint import bp, error, request_body, spec, token_required
 from .schemas import (
     CaseBody,
@@ -97,6 +97,7 @@ def deletion_response(delete: Callable[..., Deletion], entity_id: int):
 
 @bp.post("/cases/<int:case_id>/explanations")
 @token_required
+@explain_limit
 @spec.validate(
     json=ExplanationRequest,
     resp=Response(HTTP_200=ExplanationBody, HTTP_202=ExplanationBody, HTTP_404=ErrorBody, HTTP_409=ErrorBody),

@@ -37,11 +37,11 @@ MAX_CELL = 64
 # Limits; each can be overridden through the Flask config (create_app overrides or app.config).
 LIMITS = {
     "BATCH_MAX_CSV_BYTES": 20 * 1024 * 1024,
-    "BATCH_MAX_CSV_ROWS": 200_000,
+    "BATCH_MAX_CSV_ROWS": 20_000,  # HAM10000 has 10,015; a batch's CSV is also capped by its files
     "BATCH_MAX_ZIP_ENTRIES": 5_000,
     "BATCH_MAX_ZIP_TOTAL_BYTES": 4 * 1024**3,
     "BATCH_MAX_ZIP_RATIO": 100,
-    "BATCH_MAX_REQUEST_MB": 1024,
+    "BATCH_MAX_REQUEST_MB": 64,  # a chunk: the browser sends at most 16 MB (or one image) per request
     "BATCH_MAX_FILES_PER_REQUEST": 500,
 }
 
@@ -122,8 +122,12 @@ def _row_fields(record: dict[str, str]) -> tuple[str, dict[str, Any]]:
     return image_id, fields
 
 
-def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
+def parse_metadata_csv(data: bytes, files: int | None = None) -> dict[str, dict[str, Any]]:
     """Parses a HAM10000 metadata CSV into case fields by image_id.
+
+    Args:
+        files: how many files the batch has or announces: at most one row per file (and never more
+            than BATCH_MAX_CSV_ROWS) is read; a longer CSV is refused before it is stored.
 
     Raises:
         BatchInputError: not UTF-8, too large, missing columns, or any invalid row (all listed).
@@ -156,12 +160,16 @@ def parse_metadata_csv(data: bytes) -> dict[str, dict[str, Any]]:
             )
         if len(set(header)) != len(header):
             raise BatchInputError("The metadata CSV has a column name twice in its header.")
-        max_rows = limit("BATCH_MAX_CSV_ROWS")
+        max_rows = min(limit("BATCH_MAX_CSV_ROWS"), files if files is not None else limit("BATCH_MAX_CSV_ROWS"))
         for lineno, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
                 continue
             if len(rows) + len(errors) >= max_rows:
-                raise BatchInputError(f"The metadata CSV has more than {max_rows} rows.", 413)
+                raise BatchInputError(
+                    f"The metadata CSV has more than {max_rows} rows: at most one row per file of the batch "
+                    f"(announce the folder's size with expected_files), and at most {limit('BATCH_MAX_CSV_ROWS')}.",
+                    413,
+                )
             image_id = (row[header.index("image_id")] if len(row) > header.index("image_id") else "").strip()[:MAX_CELL]
             if len(row) != len(header):
                 errors.append(

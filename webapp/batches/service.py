@@ -237,25 +237,26 @@ def batch_from_request(request, user: User, source: str) -> tuple[Batch, list[Ba
         BatchInputError: a bad CSV, a hostile or unreadable archive, too many files.
     """
     images = _uploaded_images(request)
-    metadata, metadata_name = None, None
-    meta_file = request.files.get("metadata")
-    if meta_file is not None and meta_file.filename:
-        metadata, metadata_name = (
-            parse_metadata_csv(meta_file.stream.read(limit("BATCH_MAX_CSV_BYTES") + 1)),
-            meta_file.filename,
-        )
+    expected = request.form.get("expected_files", "").strip()
+    if expected:
+        if not expected.isdigit() or int(expected) > 10_000_000:
+            raise BatchInputError("expected_files must be a whole number of files.")
     archive_file = request.files.get("archive")
     archive = None
     if archive_file is not None and archive_file.filename:
         if not archive_file.filename.lower().endswith(".zip"):
             raise BatchInputError("The archive must be a .zip file.", 415)
         archive = open_archive(archive_file.stream, int(current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024))
-        if metadata is None and archive.metadata_csv is not None:
-            metadata, metadata_name = parse_metadata_csv(archive.metadata_csv), archive.metadata_name
-    expected = request.form.get("expected_files", "").strip()
-    if expected:
-        if not expected.isdigit() or int(expected) > 10_000_000:
-            raise BatchInputError("expected_files must be a whole number of files.")
+    files = _batch_files(images, archive, expected)
+    metadata, metadata_name = None, None
+    meta_file = request.files.get("metadata")
+    if meta_file is not None and meta_file.filename:
+        metadata, metadata_name = (
+            parse_metadata_csv(meta_file.stream.read(limit("BATCH_MAX_CSV_BYTES") + 1), files),
+            meta_file.filename,
+        )
+    if metadata is None and archive is not None and archive.metadata_csv is not None:
+        metadata, metadata_name = parse_metadata_csv(archive.metadata_csv, files), archive.metadata_name
     name = request.form.get("name") or (archive_file.filename if archive is not None else None)
     batch = create_batch(
         user,
@@ -271,9 +272,31 @@ def batch_from_request(request, user: User, source: str) -> tuple[Batch, list[Ba
     return batch, items
 
 
+def _batch_files(images: list, archive: Archive | None, expected: str) -> int:
+    """How many files a new batch may have metadata rows for: those it announces (expected_files),
+    brings (images, archive entries), or one request's worth of chunks to follow."""
+    brought = len(images) + (len(archive.images) + len(archive.other) if archive is not None else 0)
+    return max(int(expected or 0), brought, limit("BATCH_MAX_FILES_PER_REQUEST"))
+
+
 def chunk_from_request(request, batch: Batch, user: User) -> list[BatchItem]:
-    """Adds the request's `images` to an existing batch."""
-    return add_files(batch, _image_triples(_uploaded_images(request)), user)
+    """Adds the request's `images` to an existing batch; the last announced chunk drops the
+    metadata rows no file of the batch used."""
+    items = add_files(batch, _image_triples(_uploaded_images(request)), user)
+    prune_metadata(batch)
+    return items
+
+
+def prune_metadata(batch: Batch) -> None:
+    """Once every announced file is in, keeps only the metadata rows of the batch's files."""
+    if not batch.metadata_rows or not batch.expected_files:
+        return
+    names = db.session.scalars(select(BatchItem.filename).where(BatchItem.batch_id == batch.id)).all()
+    if len(names) < batch.expected_files:
+        return
+    stems = {file_stem(name) for name in names}
+    batch.metadata_rows = {stem: row for stem, row in batch.metadata_rows.items() if stem in stems}
+    db.session.commit()
 
 
 def items_summary(items: list[BatchItem]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from ..db import db
 from ..errors import get_or_404
 from ..models import Case, Explanation
 from ..presenters import METHOD_LABELS
+from ..security import explain_limit
 from ..states import ExplanationStatus
 from ..storage import StorageError, storage_from_settings
 from .explanations import METHOD_SLUGS, ExplanationRequestError, explanation_panels, request_explanation
@@ -59,6 +60,7 @@ def raw(case_id: int, explanation_id: int):
 
 
 @bp.post("/cases/<int:case_id>/explanations")
+@explain_limit
 def request_from_page(case_id: int):
     """The case page's "compute" form (session login and CSRF, like every page form)."""
     if g.get("user") is None:
@@ -72,6 +74,7 @@ def request_from_page(case_id: int):
         flash(exc.message, "error")
     else:
         label = f"{METHOD_LABELS[row.method]} for {row.class_name}"
+        g.explanation_queued = queued  # counted by explain_limit
         flash(
             f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info"
         )
