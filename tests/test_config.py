@@ -64,6 +64,7 @@ def test_bad_values_are_refused_with_a_message(tmp_path, env, message):
         Settings.load(environ={"INSTANCE_DIR": str(tmp_path), **env})
 
 
+@pytest.mark.sqlite_only
 def test_flask_config_and_sqlite_pragmas(app):
     from sqlalchemy import text
 
