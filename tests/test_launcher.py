@@ -1,14 +1,21 @@
-"""scripts/run_portal.py: the supervisor stops every child (and grandchild) it started."""
+"""scripts/run_portal.py: the supervisor stops every child (and grandchild) it started, and the
+ready banner comes only once the worker analyses an upload at once."""
 
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token
 
 ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "Ready: the worker has loaded and warmed the model"
+FIRST_UPLOAD_LIMIT_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +93,86 @@ def test_a_restartable_child_is_started_again_with_a_limit(launcher, monkeypatch
         assert counter.read_text() == "xxx"  # the first start and two restarts
     finally:
         sup.stop_all()
+
+
+# --- make run: ready means ready -------------------------------------------------------------------------
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"the launcher exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout:.0f} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def portal(launcher, tmp_path, monkeypatch):
+    """scripts/run_portal.py as `make run` starts it (its own redis-server, Celery worker, gunicorn)
+    with the shipped model and a fresh instance folder; yields (base url, environment, log file)."""
+    port = launcher.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "PORTAL_ENV")}
+    env.update(
+        INSTANCE_DIR=str(tmp_path / "instance"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'instance' / 'portal.db'}",
+        STORAGE_DIR=str(tmp_path / "storage"),
+        MODEL_DIR=str(ROOT / "models" / "default"),  # read only
+        REDIS_PORT=str(launcher.free_port()),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    log = tmp_path / "portal.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port), "--web-workers", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", env, log, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the launcher stops its children itself
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_first_upload_after_the_ready_banner_is_analysed_within_10_s(portal, monkeypatch):
+    base, env, log, proc = portal
+    wait_for_line(log, READY_LINE, proc, timeout=900)
+    text = log.read_text()
+    assert text.index("waiting for the worker to load and warm") < text.index(READY_LINE)
+
+    for key in ("INSTANCE_DIR", "DATABASE_URL", "STORAGE_DIR", "MODEL_DIR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("PORTAL_ENV", "development")
+    from webapp import create_app
+
+    token = make_token(create_app(), "admin@localhost")  # the launcher's first admin
+    headers = {"Authorization": f"Bearer {token}"}
+
+    started = time.monotonic()
+    response = requests.post(
+        f"{base}/api/v1/cases",
+        files={"image": (SMALL_IMAGES[0], image_bytes(SMALL_IMAGES[0]), "image/jpeg")},
+        headers=headers,
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    case_url = base + response.json()["url"]
+    while True:
+        body = requests.get(case_url, headers=headers, timeout=10).json()
+        elapsed = time.monotonic() - started
+        if body["status"] in ("succeeded", "failed") or elapsed > 60:
+            break
+        time.sleep(0.1)
+    assert body["status"] == "succeeded", (body, log.read_text()[-4000:])
+    assert elapsed <= FIRST_UPLOAD_LIMIT_S, f"the first upload took {elapsed:.1f} s after the banner"
+    print(f"first upload after the banner analysed in {elapsed:.2f} s")

@@ -1,4 +1,5 @@
-"""Sending tasks to the worker by name, and asking the broker and worker how they are.
+"""Sending tasks to the worker by name, and asking the broker and worker how they are (and whether
+the worker's processes have warmed their models).
 
 The web process never imports `worker/` (nor TensorFlow through it): it holds a bare Celery client
 that only publishes messages; the Celery app itself is created on first use.
@@ -7,6 +8,7 @@ that only publishes messages; the Celery app itself is created on first use.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 ANALYSE_TASK = "worker.tasks.analyse"
 PREDICT_QUEUE = "predict"
 EXPLAIN_QUEUE = "explain"
+# A Redis hash: one field (host:pid) per worker pool process that has loaded and warmed its model.
+WARM_WORKERS_KEY = "dermportal:warm-workers"
 
 
 def broker_options(timeout: float) -> dict[str, Any]:
@@ -95,3 +99,23 @@ def worker_status(app: Flask | None = None, timeout: float = 1.0) -> dict[str, A
     except Exception as exc:
         return {"ok": False, "workers": [], "error": f"{exc.__class__.__name__}: {exc}"}
     return {"ok": bool(replies), "workers": sorted(replies)}
+
+
+def _redis(url: str, timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def mark_worker_warm(url: str, identity: str, timeout: float = 2.0) -> None:
+    """Records that the pool process `identity` has loaded and warmed its model (worker.process), so
+    that the launcher (scripts/run_portal.py) says ready only when an upload is analysed at once."""
+    _redis(url, timeout).hset(WARM_WORKERS_KEY, identity, f"{time.time():.3f}")
+
+
+def warm_workers(url: str, timeout: float = 2.0) -> int:
+    """How many worker pool processes have reported warm since `forget_warm_workers`."""
+    return int(_redis(url, timeout).hlen(WARM_WORKERS_KEY))
+
+
+def forget_warm_workers(url: str, timeout: float = 2.0) -> None:
+    """Drops earlier reports (a previous run's processes) before a worker is started."""
+    _redis(url, timeout).delete(WARM_WORKERS_KEY)

@@ -13,9 +13,11 @@ from celery.signals import worker_init, worker_process_init
 
 from webapp.config import worker_layout
 from webapp.db import db
+from webapp.queue import mark_worker_warm
 
 from . import batching, explain, predict
 from .celery_app import current_settings, flask_app
+from .recovery import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,17 @@ def _init_process(**_: Any) -> None:
     log.info("TensorFlow threads in this pool process: %d.", limit_threads())
     predict.load_default_predictor()
     warm_up()  # trace the prediction pass at each batch size now, not on the first upload
+    report_warm()
+
+
+def report_warm() -> None:
+    """Tells the launcher this process can analyse at once (webapp.queue.mark_worker_warm): `make run`
+    prints its ready banner only then. A Redis that does not answer only delays the banner."""
+    settings = current_settings()
+    try:
+        mark_worker_warm(settings.REDIS_URL, worker_identity(), float(settings.BROKER_TIMEOUT))
+    except Exception as exc:
+        log.warning("Could not report this process warm: %s", exc)
 
 
 def warm_up() -> None:
