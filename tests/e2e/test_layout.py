@@ -9,10 +9,11 @@ uploaded through the app and their results written as the worker would, so no wo
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
-from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
+from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
 from research_helpers import CLASSES, model_version
 from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
 
@@ -170,5 +171,88 @@ def test_narrow_menu_collapses_and_opens_with_its_button(web_app, server):  # no
             page.set_viewport_size({"width": 1280, "height": 800})
             expect(toggle).to_be_hidden()
             expect(page.get_by_role("link", name="Dashboard")).to_be_visible()
+        finally:
+            browser.close()
+
+
+def _signed_in_page(browser, server, email, width=1280):  # noqa: F811
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    page.set_default_timeout(30_000)
+    page.goto(f"{server}/login")
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/cases")
+    return page
+
+
+def test_folder_upload_lists_bad_rows_once_and_skipped_files(web_app, server, tmp_path):  # noqa: F811
+    """batch.js: a bad CSV's rows in one table (not also in the message); a .txt beside the images
+    is listed on the batch page as skipped, not dropped silently."""
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = _chromium()
+    make_user(web_app, "lead@example.org", role="admin")
+    folder = tmp_path / "lesions"
+    folder.mkdir()
+    shutil.copy(IMAGES / SMALL_IMAGES[0], folder / SMALL_IMAGES[0])
+    (folder / "notes.txt").write_text("taken with the old dermatoscope")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "image_id,lesion_id,dx,dx_type,age,sex,localization\nISIC_1,HAM_1,mel,histo,40,martian,back\n"
+        "ISIC_2,HAM_2,mel,histo,40,male,moon\n"
+    )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = _signed_in_page(browser, server, "lead@example.org")
+            page.goto(f"{server}/batches/new")
+            page.wait_for_load_state("load")
+            page.set_input_files("#folder-input", str(folder))
+            page.set_input_files("#metadata-input", str(bad))
+            page.click("#batch-submit")
+            expect(page.locator("#csv-errors tbody tr")).to_have_count(2)
+            expect(page.locator("#upload-text")).to_contain_text("2 invalid row(s)")
+            assert "martian" not in page.locator("#upload-text").inner_text()
+            assert page.locator("body").inner_text().count("martian") == 1
+
+            page.goto(f"{server}/batches/new")
+            page.wait_for_load_state("load")
+            page.set_input_files("#folder-input", str(folder))
+            page.click("#batch-submit")
+            page.wait_for_url(re.compile(r"/batches/\d+$"), timeout=60_000)
+            expect(page.locator("#batch-errors")).to_contain_text("notes.txt")
+            expect(page.locator("#batch-errors")).to_contain_text("Skipped: not a .jpg, .jpeg or .png file.")
+        finally:
+            browser.close()
+
+
+def test_key_hint_colours_and_the_model_name_on_one_line(web_app, server):  # noqa: F811
+    """The "Enter" hint on the review button was white on a light grey key cap; the case list wrapped
+    the model's name over three lines."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    ids = _seed(web_app)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = _signed_in_page(browser, server, "reviewer@example.org")
+            page.goto(f"{server}/cases/{ids['case']}/review")
+            colours = page.eval_on_selector(
+                "#review-submit kbd",
+                """k => { const s = getComputedStyle(k), b = getComputedStyle(k.closest('button'));
+                           return [s.color, s.backgroundColor, b.color, b.backgroundColor]; }""",
+            )
+            kbd_colour, kbd_background, button_colour, button_background = colours
+            assert kbd_colour == button_colour and kbd_background == "rgba(0, 0, 0, 0)", colours
+            assert button_background != button_colour
+            for width in (1280, 375):
+                page.set_viewport_size({"width": width, "height": 800})
+                page.goto(f"{server}/cases")
+                lines = page.eval_on_selector_all(".model-name", "spans => spans.map(s => s.getClientRects().length)")
+                assert lines and set(lines) == {1}, (width, lines)
         finally:
             browser.close()

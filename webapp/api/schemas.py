@@ -60,7 +60,7 @@ class CaseFilters(BaseModel):
     """The case-list filters; `parse_filters` checks their values (400 naming the bad one)."""
 
     q: str | None = _text(
-        "prefix (case-sensitive) of a lesion or patient reference or a file name; '#123' for a case id"
+        "text anywhere (any letter case) in a lesion or patient reference or a file name; '#123' for a case id"
     )
     predicted: str | None = _text("predicted top class (e.g. mel), by any model version or by `model_version`")
     model_version: str | None = _text("model version id")
