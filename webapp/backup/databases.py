@@ -66,7 +66,9 @@ def restore(engine: sa.Engine, dump: Path) -> None:
     script = _pg_run(engine, "pg_restore", ["--no-owner", "--no-privileges", "--file=-", str(dump)], url=False)
     engine.dispose()
     sql = b"DROP SCHEMA public CASCADE;\nCREATE SCHEMA public;\n" + script
-    _pg_run(engine, "psql", ["--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1", "--file=-"], stdin=sql)
+    # A portal left running holds locks on the tables: give up after 30 s rather than wait forever.
+    args = ["--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1", "--file=-"]
+    _pg_run(engine, "psql", args, stdin=sql, env={"PGOPTIONS": "-c lock_timeout=30s"})
 
 
 def _sqlite_copy(source: sqlite3.Connection, target: sqlite3.Connection) -> None:
@@ -84,9 +86,17 @@ def _sqlite_path(engine: sa.Engine) -> str:
     return path
 
 
-def _pg_run(engine: sa.Engine, tool: str, args: list[str], *, url: bool = True, stdin: bytes | None = None) -> bytes:
+def _pg_run(
+    engine: sa.Engine,
+    tool: str,
+    args: list[str],
+    *,
+    url: bool = True,
+    stdin: bytes | None = None,
+    env: dict | None = None,
+) -> bytes:
     """Runs a PostgreSQL client tool against the engine's database; the password goes by environment."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if engine.url.password:
         env["PGPASSWORD"] = engine.url.password
     target = engine.url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
