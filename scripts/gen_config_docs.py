@@ -37,7 +37,8 @@ METADATA_DOC_KEYS = ("doc", "help", "description")
 # metadata added to the field there takes precedence over these.
 NOTES = {
     "PORTAL_ENV": "`development`, `production` or `testing`. Production requires `SECRET_KEY` and marks "
-    'the session cookie `Secure`; `testing` (set by `create_app({"TESTING": True})`) uses a fixed key.',
+    'the session cookie `Secure`; `testing` is for the test suite only (`create_app({"TESTING": True})` or under '
+    "pytest; anywhere else the portal refuses to start) and signs with a key random per process.",
     "INSTANCE_DIR": "Folder for the SQLite database, the development secret key, Redis data, stored "
     "files and the first admin's password.",
     "SECRET_KEY": "Signs session cookies. Required in production; in development a random key is "

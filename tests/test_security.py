@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user, missing_part
 from test_explanations import case_id, sent, token  # noqa: F401  (fixtures: a case with stored maps)
 
@@ -493,3 +494,56 @@ def test_batch_requests_are_limited_to_a_chunk(app, client, auth_headers):
     big = io.BytesIO(b"\0" * (65 * 1024 * 1024))
     response = client.post("/api/v1/batches", headers=auth_headers, data={"images": [(big, "a.png")]})
     assert response.status_code == 413
+
+
+# --- safe defaults (issue 14) ---------------------------------------------------------------------
+
+
+def test_the_testing_configuration_refuses_to_serve_outside_tests(tmp_path):
+    """The probe: PORTAL_ENV=testing signed cookies with a key from the source (a forged cookie got
+    /admin), and nothing stopped it from being served."""
+    import os
+    import sys
+
+    from webapp.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="test suite only"):
+        Settings.load(environ={"PORTAL_ENV": "testing", "INSTANCE_DIR": str(tmp_path)})
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env |= {"PORTAL_ENV": "testing", "INSTANCE_DIR": str(tmp_path / "i")}
+    for command in (
+        [sys.executable, "-c", "from webapp import create_app; create_app()"],
+        [sys.executable, "scripts/run_portal.py", "--port", "5977"],  # the launcher
+    ):
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "test suite only" in done.stderr + done.stdout, command
+    under_test = Settings.load({"TESTING": True}, environ={"INSTANCE_DIR": str(tmp_path)})
+    assert under_test.PORTAL_ENV == "testing" and under_test.SECRET_KEY != "testing-secret-key"
+    assert len(under_test.SECRET_KEY) == 64
+
+
+def test_the_database_and_stored_files_are_the_service_users_only(tmp_path):
+    """The probe: portal.db was created world-readable."""
+    import os
+    import stat
+
+    from webapp import create_app
+    from webapp.db import db
+    from webapp.storage import storage_from_settings
+
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / "instance").mkdir()
+        app = create_app({"TESTING": True, "INSTANCE_DIR": tmp_path / "instance", "REDIS_URL": "redis://127.0.0.1:1/0"})
+        with app.app_context():
+            db.create_all()
+            db.engine.dispose()
+        storage = storage_from_settings(app.extensions["settings"])
+        storage.save("images/ab/cd/" + "ab" * 32 + ".png", b"png")
+    finally:
+        os.umask(previous)
+    database = tmp_path / "instance" / "portal.db"
+    stored = app.extensions["settings"].STORAGE_DIR / "images" / "ab" / "cd" / ("ab" * 32 + ".png")
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o700

@@ -6,6 +6,7 @@ Imports nothing from `ml/` or `worker/` and no TensorFlow/Keras/shap: tasks are 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +63,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     Returns:
         The configured app with its blueprints, database and CLI commands.
     """
+    os.umask(0o077)  # the SQLite database, stored images, maps and exports: the service user's only
     settings = Settings.load(overrides)
     app = Flask(
         __name__,

@@ -22,6 +22,8 @@ from limits import parse_many
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = ("development", "production", "testing")
 DISCLAIMER = "Research use only — not a diagnostic device."
+# Random per process: a key written in the source once let a forged cookie reach /admin.
+TESTING_SECRET_KEY = secrets.token_hex(32)
 
 
 class ConfigError(RuntimeError):
@@ -189,6 +191,11 @@ class Settings:
             else:
                 extra[key] = value
         settings = cls(**values, extra=extra)
+        if settings.PORTAL_ENV == "testing" and not (extra.get("TESTING") or environ.get("PYTEST_CURRENT_TEST")):
+            raise ConfigError(
+                "PORTAL_ENV=testing is for the test suite only (create_app({'TESTING': True}) under pytest); "
+                "serve the portal with PORTAL_ENV=development or production."
+            )
         return settings._finish()
 
     def _finish(self) -> Settings:
@@ -209,7 +216,7 @@ class Settings:
                     "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')."
                 )
             if self.PORTAL_ENV == "testing":
-                changes["SECRET_KEY"] = "testing-secret-key"
+                changes["SECRET_KEY"] = TESTING_SECRET_KEY
             else:
                 changes["SECRET_KEY"] = development_secret_key(instance)
         return replace(self, **changes)
