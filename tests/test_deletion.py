@@ -487,6 +487,7 @@ def test_cli_deletes_a_case_and_a_batch_as_a_named_admin(app, client, auth_heade
 class FakePredictor:
     manifest = FAKE_MANIFEST
     class_names = FAKE_MANIFEST["class_names"]
+    input_size = (64, 64)  # the resolution explanation maps are stored at
 
     def __init__(self, during_predict=None):
         self.during_predict = during_predict
@@ -640,7 +641,6 @@ class ExplainableFake(FakePredictor):
     """Passes worker.predict.explainable(); the Grad-CAM itself is `fake_gradcam` below."""
 
     model = object()
-    input_size = (64, 64)
 
     def preprocess(self, pixels):
         return pixels
