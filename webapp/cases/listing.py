@@ -166,15 +166,24 @@ def _analyses_of(f: CaseFilters, *conditions):
     return query
 
 
+def _contains(column, pattern: str):
+    # SQLite's LIKE already ignores ASCII letter case, and its ILIKE is lower(x) LIKE lower(y): half
+    # as fast for the same answer. PostgreSQL's LIKE is case-sensitive, so it gets ILIKE.
+    if db.session.get_bind().dialect.name == "sqlite":
+        return column.like(pattern, escape="\\")
+    return column.ilike(pattern, escape="\\")
+
+
 def _text_search(q: str):
     """`q` anywhere in the lesion or patient reference or the file name, in any letter case (researchers
-    look for "0024" in "ISIC_0024306"); digits alone also match that case id. A scan of three short
-    columns, which stays in the tens of milliseconds at 100,000 cases."""
+    look for "0024" in "ISIC_0024306"); digits alone also match that case id. No index serves a
+    substring: each search scans the three columns (measured at 100,000 cases on SQLite, 2 busy
+    cores: about 0.2 s per scan, and a page of results makes two, its rows and their count)."""
     pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     matches = [
-        Case.lesion_ref.ilike(pattern, escape="\\"),
-        Case.patient_ref.ilike(pattern, escape="\\"),
-        Case.id.in_(select(Image.case_id).where(Image.original_filename.ilike(pattern, escape="\\"))),
+        _contains(Case.lesion_ref, pattern),
+        _contains(Case.patient_ref, pattern),
+        Case.id.in_(select(Image.case_id).where(_contains(Image.original_filename, pattern))),
     ]
     if q.isdigit() and len(q) < 10:
         matches.append(Case.id == int(q))
