@@ -241,7 +241,12 @@ def map_method(model: keras.Model, layer_name: str | None = None, plus_plus: boo
     return "forward" if cam_head(model, _feature_layer(model, layer_name)) is not None else "tape"
 
 
-def _map_function(model, layer_name, plus_plus, method):
+def map_function(model: keras.Model, layer_name: str | None, plus_plus: bool, method: str = "auto"):
+    """The compiled pass `method` names ("auto": `map_method`), with `gradcam_function`'s signature.
+
+    Raises:
+        ValueError: for an unknown method, "forward" with Grad-CAM++ or where CAM is not Grad-CAM.
+    """
     if method not in MAP_METHODS:
         raise ValueError(f"method must be one of {MAP_METHODS}, got {method!r}.")
     if method == "auto":
@@ -261,7 +266,7 @@ def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, 
     offsets = np.zeros(num_classes, np.float32) if class_offsets is None else np.asarray(class_offsets, np.float32)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-    fn = _map_function(model, layer_name, plus_plus, method)
+    fn = map_function(model, layer_name, plus_plus, method)
     parts = [
         fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]), tf.constant(offsets))
         for i in range(0, len(batch), batch_size)
