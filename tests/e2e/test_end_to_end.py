@@ -57,6 +57,7 @@ def test_upload_through_the_api_is_analysed_by_the_worker(web_app, start_worker)
         "trained": False,
         "trained_on": None,
         "top_class_rule": "The top class is the class with the highest probability.",
+        "inputs": "the image alone",
     }
     assert "Untrained model" in analysis["warning"] and "not a diagnosis" in analysis["warning"]
     probs = analysis["probabilities"]
