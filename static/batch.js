@@ -13,7 +13,7 @@
     }).then(function (r) {
       return r.json().catch(function () { return { error: "HTTP " + r.status }; }).then(function (data) {
         if (!r.ok) {
-          var error = new Error(data.error || ("HTTP " + r.status));
+          var error = new Error(data.summary || data.error || ("HTTP " + r.status));
           error.rows = data.rows || [];
           throw error;
         }

@@ -85,7 +85,7 @@ def _pages(role: str, ids: dict[str, int]) -> list[str]:
     if role == "admin":
         return common + ["/cases/new", "/batches/new", f"/cases/{ids['case']}/review", "/admin", "/admin/audit"]
     if role == "reviewer":
-        return common + [f"/cases/{ids['case']}/review"]
+        return common + [f"/cases/{ids['case']}/review", f"/review/next?batch={ids['batch']}"]
     return common + ["/cases/new", "/batches/new"]
 
 

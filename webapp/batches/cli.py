@@ -45,7 +45,7 @@ def import_folder(folder: Path, metadata: Path | None, email: str | None, name: 
             rows = parse_metadata_csv(metadata.read_bytes())
         except BatchInputError as exc:
             details = "".join(f"\n  row {r['row']} ({r['image_id']}): {r['error']}" for r in exc.rows[:20])
-            raise click.ClickException(exc.message + details) from None
+            raise click.ClickException(exc.summary + details) from None
     root = folder.resolve()
     files = sorted(
         p

@@ -57,11 +57,16 @@ class BatchInputError(ValueError):
         message: a sentence saying what is wrong and how to fix it.
         status: the HTTP status (400, 413).
         rows: per-row errors of a metadata CSV, `{"row", "image_id", "error"}`.
+        summary: the message without the rows' reasons, for where `rows` is shown beside it (the
+            upload page's table, the CLI's list), so that no row is listed twice.
     """
 
-    def __init__(self, message: str, status: int = 400, rows: list[dict[str, Any]] | None = None):
+    def __init__(
+        self, message: str, status: int = 400, rows: list[dict[str, Any]] | None = None, summary: str | None = None
+    ):
         super().__init__(message)
         self.message, self.status, self.rows = message, status, rows or []
+        self.summary = summary or message
 
 
 # --- metadata CSV -----------------------------------------------------------------------------
@@ -192,12 +197,10 @@ def parse_metadata_csv(data: bytes, files: int | None = None) -> dict[str, dict[
     except csv.Error as exc:
         raise BatchInputError(f"The metadata CSV could not be read as CSV: {exc}.") from None
     if errors:
-        # The rows travel apart (`rows`): the page shows them as a table, the API as a list and the
-        # CLI one per line, so the message does not list them a second time.
+        counted = f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored."
+        shown = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:3])
         raise BatchInputError(
-            f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored. Fix the rows listed"
-            + (" (the first 100 are listed)." if len(errors) > 100 else "."),
-            rows=errors[:100],
+            f"{counted} {shown}", rows=errors[:100], summary=f"{counted} The rows to fix are listed below."
         )
     if not rows:
         raise BatchInputError("The metadata CSV has a header but no data rows.")

@@ -47,9 +47,10 @@ def create_batch():
     try:
         batch, items = batch_service.batch_from_request(request, g.user, "browser")
     except BatchInputError as exc:
-        if wants_json():
-            return jsonify({"error": exc.message, "status": exc.status, "rows": exc.rows}), exc.status
-        flash(exc.message, "error")
+        if wants_json():  # batch.js shows the summary above its table of the rows
+            body = {"error": exc.message, "summary": exc.summary, "status": exc.status, "rows": exc.rows}
+            return jsonify(body), exc.status
+        flash(exc.summary, "error")
         return render_template("batches/new.html", per_request=50, rows=exc.rows), exc.status
     url = url_for("batches.show_batch", batch_id=batch.id)
     if wants_json():
