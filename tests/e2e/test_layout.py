@@ -256,3 +256,29 @@ def test_key_hint_colours_and_the_model_name_on_one_line(web_app, server):  # no
                 assert lines and set(lines) == {1}, (width, lines)
         finally:
             browser.close()
+
+
+def test_skip_link_comes_first_and_focus_is_clearly_visible(web_app, server):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    make_user(web_app, "lead@example.org", role="admin")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = _signed_in_page(browser, server, "lead@example.org")
+            page.keyboard.press("Tab")
+            focused = page.evaluate(
+                """() => { const e = document.activeElement, s = getComputedStyle(e), r = e.getBoundingClientRect();
+                           return [e.className, e.textContent, s.outlineStyle, parseFloat(s.outlineWidth), r.top]; }"""
+            )
+            name, text, style, width, top = focused
+            assert name == "skip-link" and text == "Skip to the content" and top >= 0, focused
+            assert style == "solid" and width >= 2, focused  # the faint default ring was the finding
+            page.keyboard.press("Enter")
+            assert page.evaluate("document.activeElement.id") == "main"
+            page.keyboard.press("Tab")
+            ring = page.evaluate("() => getComputedStyle(document.activeElement).outlineWidth")
+            assert float(ring.rstrip("px")) >= 2, ring
+        finally:
+            browser.close()
