@@ -253,3 +253,20 @@ def test_a_file_that_is_not_an_image_is_listed_as_skipped(app, client, auth_head
     assert response.status_code in (201, 202), response.json
     progress = client.get(response.json["url"], headers=auth_headers).json
     assert progress["errors"] == [{"file": "lesions/notes.txt", "error": "Skipped: not a .jpg, .jpeg or .png file."}]
+
+
+def test_api_upload_takes_the_reference_diagnosis_as_documented(app, client, auth_headers):
+    from webapp.api.blueprint import spec
+
+    with app.app_context():
+        documented = spec.spec["components"]["schemas"]["CaseUpload"]["properties"]
+    assert {"reference_dx", "reference_dx_type"} <= set(documented)
+    data = {"image": (io.BytesIO(image_bytes()), "a.jpg"), "reference_dx": "mel", "reference_dx_type": "histo"}
+    created = client.post("/api/v1/cases", headers=auth_headers, data=data)
+    assert created.status_code in (201, 202), created.json
+    case = client.get(created.json["url"], headers=auth_headers).json
+    assert (case["reference_dx"], case["reference_dx_type"]) == ("mel", "histo")
+    bad = {"image": (io.BytesIO(image_bytes("ISIC_0024698.jpg")), "b.jpg"), "reference_dx": "nevus"}
+    refused = client.post("/api/v1/cases", headers=auth_headers, data=bad)
+    assert refused.status_code == 400 and refused.json.get("field") in ("reference_dx", None)
+    assert "reference_dx must be one of" in refused.json["error"]

@@ -42,6 +42,8 @@ class CaseUpload(BaseModel):
     site: str | None = _text("HAM10000 localization, e.g. 'upper extremity'")
     patient_ref: str | None = _text("at most 64 characters")
     lesion_ref: str | None = _text("at most 64 characters")
+    reference_dx: str | None = _text("the reference diagnosis, if known: " + " | ".join(DX_CLASSES))
+    reference_dx_type: str | None = _text("how it was made: histo | follow_up | consensus | confocal")
 
 
 class BatchUpload(BaseModel):
