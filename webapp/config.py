@@ -238,6 +238,7 @@ class Settings:
             SESSION_COOKIE_SAMESITE="Lax",
             SESSION_COOKIE_SECURE=self.PORTAL_ENV == "production",
             PERMANENT_SESSION_LIFETIME=timedelta(hours=self.SESSION_HOURS),
+            REMEMBER_COOKIE_DURATION=timedelta(hours=self.SESSION_HOURS),  # no "remember me" today; never longer
         )
         config.update(self.extra)
         return config
