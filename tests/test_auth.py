@@ -281,3 +281,10 @@ def test_cli_account_commands_are_audited(app):
     with app.app_context():
         actions = [e.action for e in db.session.scalars(db.select(AuditEntry).order_by(AuditEntry.id))]
     assert actions == ["user.create", "token.issue", "user.update", "user.password", "user.update", "user.update"]
+
+
+def test_guessing_the_current_password_on_the_password_page_is_limited(client, researcher):
+    login(client, researcher)
+    for _ in range(5):
+        assert _change(client, "wrong current pw", "a new and long passphrase").status_code == 400
+    assert _change(client, PASSWORD, "a new and long passphrase").status_code == 429
