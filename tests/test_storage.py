@@ -1,22 +1,82 @@
+"""The storage contract, run on both backends: the local folder and S3 (a real moto server process)."""
+
+import io
+
 import pytest
+from s3_support import bucket_names, s3_bucket  # noqa: F401  (fixture)
 
-from webapp.storage import LocalStorage, StorageError, check_key, image_key
+from webapp.storage import LocalStorage, S3Storage, StorageError, check_key, image_key
+
+KEY = image_key("ab" * 32, "png")
 
 
-def test_save_open_exists_url_delete(tmp_path):
-    storage = LocalStorage(tmp_path / "store")
-    key = image_key("ab" * 32, "png")
-    assert key == f"images/ab/ab/{'ab' * 32}.png"
-    assert not storage.exists(key)
-    storage.save(key, b"data")
-    assert storage.exists(key)
-    with storage.open(key) as f:
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store")
+    endpoint, bucket = request.getfixturevalue("s3_bucket")
+    return S3Storage(bucket, endpoint_url=endpoint, region="us-east-1", prefix="portal")
+
+
+def leftovers(storage, tmp_path) -> list[str]:
+    """What the backend holds besides valid objects: temporary files (local), or every object name (S3)."""
+    if isinstance(storage, LocalStorage):
+        return [p.name for p in (tmp_path / "store").rglob(".tmp-*")]
+    return bucket_names(storage.client.meta.endpoint_url, storage.bucket)
+
+
+class BreaksMidway(io.RawIOBase):
+    """A body stream that gives `good` bytes, then fails as a dropped upload or a full disk would."""
+
+    def __init__(self, good: int):
+        self.left = good
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.left <= 0:
+            raise OSError("the upload broke off")
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"x" * n
+        self.left -= n
+        return n
+
+
+def test_save_open_exists_url_delete(storage, tmp_path):
+    assert KEY == f"images/ab/ab/{'ab' * 32}.png"
+    assert not storage.exists(KEY) and storage.modified(KEY) is None
+    assert storage.save(KEY, b"data") == KEY
+    assert storage.exists(KEY) and storage.modified(KEY) is not None
+    with storage.open(KEY) as f:
         assert f.read() == b"data"
-    assert storage.url(key) == f"/files/{key}"
-    storage.delete(key)
-    assert not storage.exists(key)
-    storage.delete(key)  # deleting twice is fine
-    assert not [p for p in (tmp_path / "store").rglob(".tmp-*")]
+    assert storage.url(KEY) == f"/files/{KEY}"
+    storage.delete(KEY)
+    assert not storage.exists(KEY)
+    storage.delete(KEY)  # deleting twice is fine
+    assert leftovers(storage, tmp_path) == []
+
+
+def test_save_from_a_stream_and_overwrite(storage):
+    storage.save(KEY, b"old contents, longer than the new")
+    storage.save(KEY, io.BytesIO(b"new"))
+    with storage.open(KEY) as f:
+        assert f.read() == b"new"
+
+
+def test_a_write_that_fails_midway_leaves_nothing_half_written(storage, tmp_path):
+    other = image_key("cd" * 32, "png")
+    storage.save(KEY, b"the previous image")
+    for key in (KEY, other):
+        with pytest.raises(OSError, match="broke off"):
+            storage.save(key, io.BufferedReader(BreaksMidway(good=300_000)))
+    assert not storage.exists(other)  # no object at all where there was none
+    with storage.open(KEY) as f:
+        assert f.read() == b"the previous image"  # the old object, whole
+    if isinstance(storage, LocalStorage):
+        assert leftovers(storage, tmp_path) == []
+    else:
+        assert leftovers(storage, tmp_path) == [f"portal/{KEY}"]
 
 
 @pytest.mark.parametrize(
@@ -33,14 +93,15 @@ def test_save_open_exists_url_delete(tmp_path):
         "a\\b",
     ],
 )
-def test_unsafe_keys_are_refused(tmp_path, key):
-    storage = LocalStorage(tmp_path)
-    with pytest.raises(StorageError, match="Invalid storage key"):
-        storage.save(key, b"x")
+def test_unsafe_keys_are_refused(storage, key):
+    for call in (lambda: storage.save(key, b"x"), lambda: storage.open(key), lambda: storage.exists(key)):
+        with pytest.raises(StorageError, match="Invalid storage key"):
+            call()
     with pytest.raises(StorageError):
         check_key(key)
 
 
-def test_missing_object(tmp_path):
+def test_missing_object(storage):
     with pytest.raises(StorageError, match="No stored object"):
-        LocalStorage(tmp_path).open("images/none.png")
+        storage.open("images/none.png")
+    assert not storage.exists("images/none.png")

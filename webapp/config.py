@@ -21,6 +21,7 @@ from limits import parse_many
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = ("development", "production", "testing")
+STORAGE_BACKENDS = ("local", "s3")
 DISCLAIMER = "Research use only — not a diagnostic device."
 # Random per process: a key written in the source once let a forged cookie reach /admin.
 TESTING_SECRET_KEY = secrets.token_hex(32)
@@ -80,6 +81,14 @@ class Settings:
     DATABASE_URL: str | None = None  # default: sqlite file under INSTANCE_DIR
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     STORAGE_DIR: Path | None = None  # default: INSTANCE_DIR / "storage"
+    # Where stored files live: "local" (the STORAGE_DIR folder, one machine) or "s3", an S3-compatible
+    # bucket (AWS S3, MinIO, ...) that web and workers on separate machines share. Credentials come
+    # from boto3's standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role).
+    STORAGE_BACKEND: str = "local"
+    S3_BUCKET: str | None = None  # The bucket (it must exist); required with STORAGE_BACKEND=s3.
+    S3_ENDPOINT_URL: str | None = None  # The service's URL, e.g. http://minio:9000; empty for AWS S3 itself.
+    S3_REGION: str | None = None  # The bucket's region; empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config).
+    S3_PREFIX: str | None = None  # A folder inside the bucket for this portal's objects, e.g. "dermportal"; empty: the root.
     MODEL_DIR: Path = REPO_ROOT / "models" / "default"
     MAX_UPLOAD_MB: float = 20
     MAX_IMAGE_PIXELS: int = 40_000_000
@@ -140,6 +149,9 @@ class Settings:
         for name in ("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR"):
             if environ.get(name):
                 values[name] = Path(environ[name])
+        for name in ("STORAGE_BACKEND", "S3_BUCKET", "S3_ENDPOINT_URL", "S3_REGION", "S3_PREFIX"):
+            if environ.get(name):
+                values[name] = environ[name].strip()
         if environ.get("SESSION_HOURS"):
             values["SESSION_HOURS"] = _parse_positive("SESSION_HOURS", environ["SESSION_HOURS"], float)
         if environ.get("MAX_UPLOAD_MB"):
@@ -207,6 +219,7 @@ class Settings:
             changes["DATABASE_URL"] = f"sqlite:///{instance / 'portal.db'}"
         changes["STORAGE_DIR"] = Path(self.STORAGE_DIR) if self.STORAGE_DIR else instance / "storage"
         changes["MODEL_DIR"] = Path(self.MODEL_DIR)
+        _check_storage(self)
         if self.TASK_TIME_LIMIT <= self.TASK_SOFT_TIME_LIMIT:
             raise ConfigError("TASK_TIME_LIMIT (hard) must be larger than TASK_SOFT_TIME_LIMIT (soft).")
         if not self.SECRET_KEY:
@@ -242,6 +255,13 @@ class Settings:
         )
         config.update(self.extra)
         return config
+
+
+def _check_storage(settings: Settings) -> None:
+    if settings.STORAGE_BACKEND not in STORAGE_BACKENDS:
+        raise ConfigError(f"STORAGE_BACKEND must be one of {STORAGE_BACKENDS}, got {settings.STORAGE_BACKEND!r}.")
+    if settings.STORAGE_BACKEND == "s3" and not settings.S3_BUCKET:
+        raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET, the name of an existing bucket.")
 
 
 def usable_cpus() -> int:
