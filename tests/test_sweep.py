@@ -159,8 +159,8 @@ def test_a_broker_that_is_down_loses_no_job_and_the_next_pass_sends_them(app, ma
 def test_pending_job_ids_reads_queues_and_unacked():
     from worker.recovery import pending_job_ids
 
-    def message(job_id):
-        body = base64.b64encode(json.dumps([[job_id], {}, {}]).encode()).decode()
+    def message(*job_ids):
+        body = base64.b64encode(json.dumps([list(job_ids), {}, {}]).encode()).decode()
         return json.dumps(
             {"body": body, "headers": {"task": "worker.tasks.analyse"}, "properties": {"body_encoding": "base64"}}
         )
@@ -170,9 +170,10 @@ def test_pending_job_ids_reads_queues_and_unacked():
             return [message(4), message(5), b"not json"] if name == "predict" else []
 
         def hvals(self, name):
-            return [json.dumps([json.loads(message(9)), "", "predict"])]
+            # A folder's message lists its micro-batch: every job it names has a message.
+            return [json.dumps([json.loads(message(9, 10, 11)), "", "predict"])]
 
-    assert pending_job_ids(FakeRedis(), {"predict"}) == {4, 5, 9}
+    assert pending_job_ids(FakeRedis(), {"predict"}) == {4, 5, 9, 10, 11}
     assert pending_job_ids(None, {"predict"}) is None
 
 
