@@ -180,6 +180,15 @@ def test_wilson_interval_matches_published_values():
     assert wilson_interval(0, 0) is None and proportion(0, 0)["value"] is None
 
 
+def test_intervals_never_shrink_to_a_point_at_zero_or_one():
+    from webapp.dashboard.figures import kappa_interval, mean_of_proportions, proportion
+
+    wrong = mean_of_proportions([proportion(0, 1), proportion(0, 2)])
+    assert wrong["value"] == 0 and wrong["low"] == 0 and wrong["high"] > 0.5  # three cases say little
+    low, high = kappa_interval(["mel", "nv", "nv"], ["mel", "nv", "nv"])  # perfect agreement on 3 cases
+    assert high == pytest.approx(1.0) and low < 0.2
+
+
 def test_model_versions_are_compared_on_the_same_images_only(app, logged_in):
     from webapp.dashboard.figures import dashboard
     from webapp.db import db

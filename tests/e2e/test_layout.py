@@ -9,6 +9,7 @@ uploaded through the app and their results written as the worker would, so no wo
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ AXE = Path(__file__).parent / "vendor" / "axe.min.js"
 WIDTHS = (375, 1280)
 BLOCKING = ("serious", "critical")
 ROLES = ("admin", "researcher", "reviewer")
+SHOTS = os.environ.get("LAYOUT_SCREENSHOTS")
 
 
 def _seed(app) -> dict[str, int]:
@@ -136,6 +138,9 @@ def test_every_page_fits_both_widths_and_passes_axe(web_app, server):  # noqa: F
                     for url in _pages(role, ids):
                         page.goto(f"{server}{url}")
                         page.wait_for_load_state("load")
+                        if SHOTS:  # LAYOUT_SCREENSHOTS=folder: every page as checked, to look at
+                            slug = url.strip("/").replace("/", "-").replace("?", "-").replace("=", "-") or "home"
+                            page.screenshot(path=str(Path(SHOTS) / f"{role}-{width}-{slug}.png"), full_page=True)
                         problems += [f"{role}: {p}" for p in _check(page, url, width)]
                     context.close()
         finally:

@@ -99,33 +99,34 @@ def proportion(successes: int, n: int) -> dict[str, Any]:
 
 
 def mean_of_proportions(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Balanced accuracy (the mean of per-class sensitivities) with an approximate 95 % interval:
-    the classes are independent samples, so var = sum(p(1-p)/n) / K^2 (normal approximation)."""
+    """Balanced accuracy (the mean of per-class sensitivities) with a conservative 95 % interval: the
+    mean of the classes' Wilson bounds. A normal approximation collapses to zero width when every
+    class is at 0 or 1 (0.00-0.00 from three cases); these bounds never do, and with one class they
+    are that class's Wilson interval."""
     if not parts:
         return {"value": None, "n": 0, "classes": 0, "low": None, "high": None}
     k = len(parts)
-    value = sum(p["value"] for p in parts) / k
-    se = math.sqrt(sum(p["value"] * (1 - p["value"]) / p["n"] for p in parts)) / k
     return {
-        "value": value,
+        "value": sum(p["value"] for p in parts) / k,
         "n": sum(p["n"] for p in parts),
         "classes": k,
-        "low": max(0.0, value - Z95 * se),
-        "high": min(1.0, value + Z95 * se),
+        "low": sum(p["low"] for p in parts) / k,
+        "high": sum(p["high"] for p in parts) / k,
     }
 
 
 def kappa_interval(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[float] | None:
-    """An approximate 95 % interval of Cohen's kappa, se = sqrt(p_o(1-p_o)/n) / (1-p_e) (Cohen 1960)."""
+    """An approximate 95 % interval of Cohen's kappa: the Wilson interval of the observed agreement
+    carried through kappa = (p_o - p_e) / (1 - p_e), with p_e held fixed. Unlike kappa +- z*se it is
+    not of zero width when the reviewers agreed on every case."""
     kappa = cohen_kappa(a, b)
     if kappa is None:
         return None
     n = len(a)
-    observed = sum(1 for x, y in zip(a, b) if x == y) / n
     count_a, count_b = Counter(a), Counter(b)
     expected = sum(count_a[k] * count_b[k] for k in set(count_a) | set(count_b)) / (n * n)
-    se = math.sqrt(observed * (1 - observed) / n) / (1 - expected)
-    return [max(-1.0, kappa - Z95 * se), min(1.0, kappa + Z95 * se)]
+    low, high = wilson_interval(sum(1 for x, y in zip(a, b) if x == y), n)
+    return [(low - expected) / (1 - expected), (high - expected) / (1 - expected)]
 
 
 def model_versions_with_results() -> list[dict[str, Any]]:
