@@ -260,14 +260,9 @@ def _still_held(keys: list[str]) -> set[str]:
 
 def _rewritten_since(storage: Storage, key: str, started: float) -> bool:
     """Whether the object was written again after the deletion began: the same image uploaded anew
-    (saved before its row is committed), whose file must stay. Local storage only can tell."""
-    path = getattr(storage, "path", None)
-    if path is None:
-        return False
-    try:
-        return path(key).stat().st_mtime >= started
-    except FileNotFoundError:
-        return False
+    (saved before its row is committed), whose file must stay."""
+    modified = storage.modified(key)
+    return modified is not None and modified >= started
 
 
 def _remove_unreferenced(keys: Iterable[str], started: float) -> tuple[int, int]:
