@@ -7,6 +7,7 @@ import os
 import pytest
 from pg_support import fresh_postgres_url, new_postgres_database, postgres_url  # noqa: F401  (PostgreSQL fixtures)
 from portal_helpers import ENV_VARS, login, make_token, make_user
+from s3_support import s3_bucket  # noqa: F401  (S3 fixture: a bucket on a moto server process)
 
 # webapp is imported inside the fixtures, not at module level: tests/ml/ may check that ml/ runs
 # without Flask.

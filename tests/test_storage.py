@@ -3,7 +3,7 @@
 import io
 
 import pytest
-from s3_support import bucket_names, s3_bucket  # noqa: F401  (fixture)
+from s3_support import bucket_names
 
 from webapp.storage import LocalStorage, S3Storage, StorageError, check_key, image_key
 
