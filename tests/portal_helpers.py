@@ -43,6 +43,11 @@ ENV_VARS = (
     "EXPLAIN_RATE_LIMIT",
     "UPLOAD_RATE_LIMIT",
     "BLIND_REVIEW",
+    "STORAGE_BACKEND",
+    "S3_BUCKET",
+    "S3_ENDPOINT_URL",
+    "S3_REGION",
+    "S3_PREFIX",
 )
 
 
