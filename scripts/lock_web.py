@@ -33,6 +33,7 @@ WEB_PACKAGES = [
     "psycopg2-binary",
     "gunicorn",
     "markdown-it-py",  # model cards on the model-version pages (raw HTML in them is escaped)
+    "boto3",  # webapp.storage's S3 backend (STORAGE_BACKEND=s3)
 ]
 FORBIDDEN = {"tensorflow", "tensorflow-cpu", "keras", "shap", "opencv-python-headless", "torch"}
 
