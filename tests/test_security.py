@@ -547,3 +547,27 @@ def test_the_database_and_stored_files_are_the_service_users_only(tmp_path):
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
     assert stat.S_IMODE(stored.stat().st_mode) == 0o600
     assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o700
+
+
+def test_the_same_file_again_is_refused_before_it_is_decoded(app, client, auth_headers, sent_tasks, monkeypatch):
+    """The probe: duplicates were found only after decoding (a repeated zip of large PNGs cost the
+    web process its CPU again)."""
+    import zipfile
+
+    from webapp.cases import intake
+
+    decoded = []
+    real = intake.process_upload
+    monkeypatch.setattr(intake, "process_upload", lambda *args: decoded.append(1) or real(*args))
+    data = image_bytes(SMALL_IMAGES[0])
+    first = client.post("/api/v1/cases", headers=auth_headers, data={"image": (io.BytesIO(data), "x.jpg")})
+    assert first.status_code == 202 and len(decoded) == 1
+    again = client.post("/api/v1/cases", headers=auth_headers, data={"image": (io.BytesIO(data), "y.jpg")})
+    assert again.status_code == 409 and again.json["id"] == first.json["id"] and len(decoded) == 1
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.jpg", data)
+        zf.writestr("b.jpg", data)
+    archive.seek(0)
+    batch = client.post("/api/v1/batches", headers=auth_headers, data={"archive": (archive, "again.zip")})
+    assert batch.status_code == 202 and batch.json["duplicates"] == 2 and len(decoded) == 1

@@ -6,6 +6,7 @@ import all call it); `create_case` adds sending the task at once, for a single u
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -128,8 +129,8 @@ def _reference(form: Mapping[str, Any]) -> dict[str, str]:
     return values
 
 
-def _raise_if_stored(content_hash: str) -> None:
-    existing = db.session.scalar(select(Image).where(Image.content_hash == content_hash))
+def _raise_if_stored(column, value: str) -> None:
+    existing = db.session.scalar(select(Image).where(column == value).limit(1))
     if existing is not None:
         raise DuplicateImage(existing)
 
@@ -154,14 +155,17 @@ def store_image(
             moment ago).
     """
     config = current_app.config
+    source_hash = hashlib.sha256(data).hexdigest()
+    _raise_if_stored(Image.source_hash, source_hash)  # the same file again: no decoding
     processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
-    _raise_if_stored(processed.content_hash)
+    _raise_if_stored(Image.content_hash, processed.content_hash)  # the same pixels in another file
     key = image_key(processed.content_hash, processed.extension)
     storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)  # content-addressed
     case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **fields)
     image = Image(
         case=case,
         content_hash=processed.content_hash,
+        source_hash=source_hash,
         storage_key=key,
         width=processed.width,
         height=processed.height,
@@ -178,7 +182,7 @@ def store_image(
         db.session.commit()
     except IntegrityError:  # the same image committed by a concurrent request a moment ago
         db.session.rollback()
-        _raise_if_stored(processed.content_hash)
+        _raise_if_stored(Image.content_hash, processed.content_hash)
         raise
     return StoredImage(case, image, job, item)
 
