@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from e2e_support import ROOT
 from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
 from research_helpers import CLASSES, model_version
 from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
@@ -29,7 +30,7 @@ SHOTS = os.environ.get("LAYOUT_SCREENSHOTS")
 def _seed(app) -> dict[str, int]:
     """Three uploaded cases (one with results of two model versions and two reviews), a batch."""
     from webapp.db import db
-    from webapp.models import Analysis, Batch, Image, Review, User, utcnow
+    from webapp.models import Analysis, Batch, Image, ModelVersion, Review, User, utcnow
 
     for role in ROLES:
         make_user(app, f"{role}@example.org", role=role)
@@ -45,6 +46,8 @@ def _seed(app) -> dict[str, int]:
     old = model_version(app, version="2026.11.0", trained=True)
     new = model_version(app, version="2026.12.01", trained=True)
     with app.app_context():
+        # The shipped model's card (wide tables, long lines) is rendered on /models.
+        db.session.get(ModelVersion, new).artifact_path = str(ROOT / "models" / "default")
         for case_id in ids:
             image = db.session.scalar(db.select(Image).where(Image.case_id == case_id))
             for mv, top in ((old, "nv"), (new, "mel")):
@@ -69,7 +72,7 @@ def _seed(app) -> dict[str, int]:
         batch = Batch(name="layout batch", source="browser", created_by_id=users["admin@example.org"])
         db.session.add(batch)
         db.session.commit()
-        return {"case": ids[0], "batch": batch.id}
+        return {"case": ids[0], "batch": batch.id, "card": new}
 
 
 def _pages(role: str, ids: dict[str, int]) -> list[str]:
@@ -79,7 +82,7 @@ def _pages(role: str, ids: dict[str, int]) -> list[str]:
         "/batches",
         f"/batches/{ids['batch']}",
         "/dashboard",
-        "/models",
+        f"/models?version={ids['card']}",
         "/docs/api",
         "/account/password",
         "/cases/999999",

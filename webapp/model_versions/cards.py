@@ -18,6 +18,7 @@ SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:tmp|home|root|work|srv|var|opt|usr|mn
 # CommonMark with tables; raw HTML in the card is escaped (html=False), link targets are checked by
 # markdown-it (no javascript: or data: URLs).
 RENDERER = MarkdownIt("commonmark", {"html": False}).enable("table")
+SCROLL_BOX = '<div class="table-scroll" tabindex="0" role="region" aria-label="A table of the model card">'
 
 
 def card_markdown(mv: ModelVersion) -> str | None:
@@ -35,4 +36,8 @@ def card_markdown(mv: ModelVersion) -> str | None:
 
 def card_html(mv: ModelVersion) -> Markup | None:
     text = card_markdown(mv)
-    return Markup(RENDERER.render(text)) if text is not None else None
+    if text is None:
+        return None
+    # A card's tables are wider than a phone: each scrolls in its own box, reachable by keyboard.
+    html = RENDERER.render(text).replace("<table>", SCROLL_BOX + "<table>").replace("</table>", "</table></div>")
+    return Markup(html)
