@@ -34,6 +34,7 @@ from .model_versions import cli as model_versions_cli
 from .model_versions import routes as model_versions_routes
 from .models import DX_LONG_NAMES, REVIEW_ROLES, UPLOAD_ROLES
 from .review import routes as review_routes
+from .similar import cli as similar_cli
 
 BLUEPRINTS = (
     auth_routes.bp,
@@ -51,6 +52,7 @@ BLUEPRINTS = (
     cases_cli.bp,
     model_versions_cli.bp,
     backup_cli.bp,
+    similar_cli.bp,
 )
 
 

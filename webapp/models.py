@@ -17,8 +17,11 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -230,6 +233,7 @@ class Analysis(db.Model):
     __table_args__ = (
         UniqueConstraint("image_id", "model_version_id"),
         CheckConstraint(_in("status", ANALYSIS_STATUSES), name="status"),
+        Index("ix_analyses_model_version_finished", "model_version_id", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -244,6 +248,11 @@ class Analysis(db.Model):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The image's embedding (float16, ml.retrieval) and out-of-distribution verdict (ml.ood), from
+    # the prediction pass; None for analyses stored before they existed (a re-run fills them).
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    ood_flagged: Mapped[bool | None] = mapped_column(Boolean)
 
     image: Mapped[Image] = relationship(back_populates="analyses")
     model_version: Mapped[ModelVersion] = relationship()

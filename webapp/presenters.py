@@ -54,6 +54,20 @@ def model_dict(mv: ModelVersion, metadata_used: bool = False) -> dict[str, Any]:
     }
 
 
+def out_of_distribution(analysis: Analysis) -> dict[str, Any] | None:
+    """The out-of-distribution verdict of the prediction pass (ml.ood): flagged when the image looks
+    unlike the dermoscopy the model was trained on; None for an analysis without one (stored before
+    the verdict existed, or by a model version without a detector)."""
+    if analysis.ood_score is None:
+        return None
+    threshold = (analysis.model_version.manifest.get("ood") or {}).get("threshold")
+    return {
+        "flagged": bool(analysis.ood_flagged),
+        "score": round(float(analysis.ood_score), 4),
+        "threshold": None if threshold is None else round(float(threshold), 4),
+    }
+
+
 def analysis_dict(analysis: Analysis) -> dict[str, Any]:
     mv = analysis.model_version
     names = mv.class_long_names
@@ -79,6 +93,7 @@ def analysis_dict(analysis: Analysis) -> dict[str, Any]:
         )
     if analysis.error:
         d["error"] = analysis.error
+    d["out_of_distribution"] = out_of_distribution(analysis)
     d["explanations"] = [explanation_dict(e) for e in analysis.explanations]
     d["timings_ms"] = analysis.timings or {}
     d["finished"] = iso(analysis.finished_at)

@@ -18,6 +18,7 @@ from ..errors import get_or_404
 from ..models import Case
 from ..presenters import case_dict, explanation_dict
 from ..security import explain_limit, upload_limit
+from ..similar.service import add_similar_cases
 from .blueprint import bp, error, request_body, spec, token_required
 from .schemas import (
     CaseBody,
@@ -68,7 +69,9 @@ def create():
 def show(case_id: int):
     """The case with its images, jobs, analyses (probabilities, model, explanations) and reviews."""
     case = get_or_404(Case, case_id)
-    return jsonify(case_dict(case))
+    body = case_dict(case)
+    add_similar_cases(body["analyses"], g.api_user)
+    return jsonify(body)
 
 
 @bp.delete("/cases/<int:case_id>")
