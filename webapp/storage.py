@@ -199,7 +199,8 @@ class S3Storage:
             return self.client.head_object(Bucket=self.bucket, Key=self.name(key))
         except ClientError as exc:
             if not _is_missing(exc):
-                raise  # access denied, no such bucket, ...: a fault to see, not a missing file
+                raise  # access denied, a 5xx, ...: a fault to see, not a missing file
+        # (HEAD answers a bare 404 for a missing bucket too; GET, PUT and DELETE name NoSuchBucket.)
         return None
 
 
