@@ -160,12 +160,18 @@ class Predictor:
     def predict_with_metadata(
         self, images: Sequence[np.ndarray], metadata: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Calibrated probabilities, the chosen class of each image, and whether its metadata was used.
+        """Calibrated probabilities, the chosen class of each image, and whether its metadata was used
+        (`with_metadata` on the network's answer)."""
+        return self.with_metadata(self.predict(images), metadata)
 
-        An image whose metadata (`ml.metadata.metadata_vector` rows) is all missing keeps the network's
-        answer: the metadata head without metadata validates worse than the network alone.
+    def with_metadata(self, probs: np.ndarray, metadata: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The answer given the network's calibrated probabilities and each image's metadata features
+        (`ml.metadata.metadata_vector` rows): (probabilities, chosen class indices, metadata used).
+
+        An image whose metadata is all missing keeps the network's answer: the metadata head without
+        metadata validates worse than the network alone.
         """
-        probs = self.predict(images)
+        probs = np.array(probs, dtype=np.float32)
         chosen = self.decision.choose(probs)
         used = np.zeros(len(probs), dtype=bool)
         if self.metadata_head is None or not len(probs):

@@ -223,3 +223,45 @@ def test_padded_batches_predict_what_unpadded_ones_do(tiny_predictor, monkeypatc
     ):
         assert error is None and index == expected_index and heatmap.shape == image.shape[:2]
         np.testing.assert_allclose(heatmap, expected_map, atol=1e-5)
+
+
+def test_a_metadata_head_answers_for_cases_with_metadata_and_the_map_explains_its_class(
+    app, client, sent_tasks, tasks, predictors, tiny_predictor, monkeypatch
+):
+    from ml import metadata as MD
+    from ml.decision import Decision
+    from webapp.models import Explanation
+
+    features = len(MD.METADATA_FEATURES)
+    head = MD.FusionHead(
+        np.zeros(7, np.float32),
+        np.ones(7, np.float32),
+        np.zeros((7 + features, 7), np.float32),
+        np.zeros(7, np.float32),
+    )
+    df = tiny_predictor.class_names.index("df")
+    head.weights[7 + MD.METADATA_FEATURES.index("site_acral"), df] = 50.0  # acral site: df, whatever the image
+    monkeypatch.setattr(tiny_predictor, "metadata_head", MD.MetadataHead(head, 1.0, Decision()))
+    monkeypatch.setitem(predictors, "predictor", tiny_predictor)
+    make_user(app, "u@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
+    for name, site in zip(SMALL_IMAGES[:2], ["acral", None]):
+        data = {"image": (io.BytesIO(image_bytes(name)), name), **({"site": site} if site else {})}
+        assert client.post("/api/v1/cases", data=data, headers=headers).status_code == 202
+    job_ids = [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
+
+    first = np.asarray(PILImage.open(io.BytesIO(image_bytes(SMALL_IMAGES[0]))).convert("RGB"))
+    assert tiny_predictor.decision.choose(tiny_predictor.predict([first]))[0] != df  # its map must be redone
+
+    assert tasks.analyse(job_ids[0]) == "succeeded"
+
+    with app.app_context():
+        acral, plain = (db.session.get(Job, j).analysis for j in job_ids)
+        assert (acral.metadata_used, acral.top_class) == (True, "df") and acral.probabilities["df"] > 0.99
+        network = tiny_predictor.decision.choose(np.array([list(plain.probabilities.values())]))[0]
+        assert plain.metadata_used is False and plain.top_class == tiny_predictor.class_names[network]
+        for analysis in (acral, plain):
+            (gradcam,) = db.session.scalars(
+                db.select(Explanation).where(Explanation.image_id == analysis.image_id, Explanation.method == "gradcam")
+            ).all()
+            assert gradcam.class_name == analysis.top_class and gradcam.status == "done"

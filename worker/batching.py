@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
@@ -38,7 +38,7 @@ from sqlalchemy import select
 
 from webapp.cases.deletion import lock_images
 from webapp.db import db
-from webapp.models import Analysis, Job, ModelVersion, utcnow
+from webapp.models import Analysis, Image, Job, ModelVersion, utcnow
 from webapp.queue import ANALYSE_TASK, PREDICT_QUEUE
 from webapp.states import JobKind, JobStatus
 from webapp.storage import Storage, storage_from_settings
@@ -117,6 +117,38 @@ def predict_batch(
         log.error("Grad-CAM pass failed; predicting without it:\n%s", traceback.format_exc())
         reason = f"Grad-CAM failed: {exc.__class__.__name__}: {exc}"
         return _plain(model, padded, n), [(None, None, reason)] * n
+
+
+def explain_chosen(
+    model: Predictor, images: Sequence[np.ndarray], gradcams: list[explain.GradCam] | None, chosen: np.ndarray
+) -> list[explain.GradCam] | None:
+    """The pass's maps, each of the class finally chosen for its image.
+
+    The pass explains the network's own decision; where the version's metadata head chose another
+    class, that class's map is computed in one more padded pass over those images only.
+    """
+    if gradcams is None:
+        return None
+    redo = [i for i, (index, _, error) in enumerate(gradcams) if error is None and index != chosen[i]]
+    if not redo:
+        return gradcams
+    maps = list(gradcams)
+    padded = pad([images[i] for i in redo], padded_size(len(redo), max(predict.batch_limit(), len(redo))))
+    names = pad([model.class_names[int(chosen[i])] for i in redo], len(padded))
+    plus_plus = bool(current_settings().GRADCAM_PLUS_PLUS)
+    try:
+        from ml.explain import explain_gradcam  # ml.explain loads TensorFlow: never before the fork
+
+        result = explain_gradcam(model, padded, names, plus_plus=plus_plus, batch_size=len(padded))
+        for k, i in enumerate(redo):
+            maps[i] = (int(result.class_indices[k]), result.maps[k], None)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        log.error("Grad-CAM of the chosen classes failed:\n%s", traceback.format_exc())
+        for i in redo:
+            maps[i] = (None, None, f"Grad-CAM failed: {exc.__class__.__name__}: {exc}")
+    return maps
 
 
 def _plain(model: Predictor, padded: list[np.ndarray], n: int) -> np.ndarray:
@@ -279,7 +311,7 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
     storage = storage_from_settings(settings)  # the decoder threads have no app context
     loaded = list(_decoder_pool().map(_load, [storage] * len(analyses), [a.image.storage_key for a in analyses]))
     ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
-    passed = _predict(model, [pixels for _, pixels, _ in ok], settings) if ok else None
+    passed = _predict(model, [pixels for _, pixels, _ in ok], [a.image for a, _, _ in ok], settings) if ok else None
 
     # Locked from here to the commit: the results of a case deleted during the pass are dropped, and
     # a deletion that comes now waits, then removes them with the rest (webapp.cases.deletion).
@@ -296,13 +328,24 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
     return shap_pending
 
 
-Pass = tuple[np.ndarray, list[explain.GradCam] | None, list[bytes | Exception | None] | None, float]
+class Pass(NamedTuple):
+    """What one batched pass gives, per image: the answer, its map and the map's colour layer."""
+
+    probs: np.ndarray
+    chosen: np.ndarray  # top class indices
+    metadata_used: np.ndarray
+    gradcams: list[explain.GradCam] | None
+    overlays: list[bytes | Exception | None] | None
+    predict_ms: float
 
 
-def _predict(model: Predictor, images: list[np.ndarray], settings) -> Pass:
-    """One batched pass: (probabilities, Grad-CAM maps, their colour layers, milliseconds)."""
+def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], settings) -> Pass:
+    """One batched pass over `images` (of the image `rows`), with their cases' metadata where the
+    version has a metadata head."""
     t0 = time.perf_counter()
     probs, gradcams = predict_batch(model, images, plus_plus=settings.GRADCAM_PLUS_PLUS)
+    probs, chosen, metadata_used = predict.answer_with_metadata(model, probs, rows)
+    gradcams = explain_chosen(model, images, gradcams, chosen)
     predict_ms = round((time.perf_counter() - t0) * 1000, 1)
     overlays = None
     if gradcams is not None:
@@ -313,7 +356,7 @@ def _predict(model: Predictor, images: list[np.ndarray], settings) -> Pass:
             )
         )
     log.info("Predicted %d image(s) in one pass of %.0f ms.", len(images), predict_ms)
-    return probs, gradcams, overlays, predict_ms
+    return Pass(probs, chosen, metadata_used, gradcams, overlays, predict_ms)
 
 
 def _store_pass(
@@ -324,19 +367,18 @@ def _store_pass(
 ) -> list[int]:
     """Stores the pass's results of the images still there (`kept`: their positions in the pass);
     returns the analyses with SHAP to send."""
-    probs, gradcams, overlays, predict_ms = passed
     class_names = list(model_version.class_names)
-    top = predict.top_class_indices(model, probs)
     for i, (analysis, _, seconds) in kept:
         # predict_ms: the batched pass this image was part of.
-        timings = {"load_image_ms": round(seconds * 1000, 1), "predict_ms": predict_ms}
-        predict.store_prediction(analysis, probs[i], top[i], class_names, timings)
-    if gradcams is None:
+        timings = {"load_image_ms": round(seconds * 1000, 1), "predict_ms": passed.predict_ms}
+        used = passed.metadata_used[i]
+        predict.store_prediction(analysis, passed.probs[i], passed.chosen[i], class_names, timings, used)
+    if passed.gradcams is None:
         return []
     return explain.record_prediction_pass(
         [analysis for _, (analysis, _, _) in kept],
-        [gradcams[i] for i, _ in kept],
-        [overlays[i] for i, _ in kept],
+        [passed.gradcams[i] for i, _ in kept],
+        [passed.overlays[i] for i, _ in kept],
         class_names,
         model.input_size,
     )

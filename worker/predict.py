@@ -215,8 +215,30 @@ def top_class_indices(model: Any, probs: np.ndarray) -> np.ndarray:
     return decision.choose(probs) if decision is not None else np.asarray(probs).argmax(axis=-1)
 
 
+def answer_with_metadata(
+    model: Any, probs: np.ndarray, images: Sequence[Image]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The version's answer for each image: (probabilities, top class indices, metadata used).
+
+    A version with a metadata head (`ml.metadata`) combines the network's calibrated probabilities
+    with the age, sex and site of the image's case, where the case has any of them; otherwise the
+    network's answer and decision stand.
+    """
+    if getattr(model, "metadata_head", None) is None:
+        return np.asarray(probs), top_class_indices(model, probs), np.zeros(len(probs), dtype=bool)
+    from ml.metadata import metadata_vector  # ml loads TensorFlow: never before the fork
+
+    metadata = np.stack([metadata_vector(i.case.age, i.case.sex, i.case.site) for i in images])
+    return model.with_metadata(probs, metadata)
+
+
 def store_prediction(
-    analysis: Analysis, probs: Sequence[float], top_index: int, class_names: Sequence[str], timings: dict[str, float]
+    analysis: Analysis,
+    probs: Sequence[float],
+    top_index: int,
+    class_names: Sequence[str],
+    timings: dict[str, float],
+    metadata_used: bool = False,
 ) -> None:
     """The analysis's probabilities per class, top class and timings; `succeeded` (the caller commits).
 
@@ -227,6 +249,7 @@ def store_prediction(
         raise ValueError(f"The model returned {len(probs)} probabilities for {len(class_names)} classes.")
     analysis.probabilities = {c: float(p) for c, p in zip(class_names, probs)}
     analysis.top_class = class_names[int(top_index)]
+    analysis.metadata_used = bool(metadata_used)
     analysis.timings = timings
     analysis.status, analysis.finished_at = AnalysisStatus.SUCCEEDED, utcnow()
 
