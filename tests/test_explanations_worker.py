@@ -107,10 +107,13 @@ def check_files(app, row, size=(64, 64)):
     if row["method"] == "shap":
         assert overlay.mode == "RGBA"
     else:
-        from ml.explain.overlay import colorize
+        from ml.explain.overlay import GRADCAM_CMAP, colorize
 
         assert overlay.mode == "P"
-        assert np.array_equal(np.asarray(overlay.convert("RGB")), colorize(raw, "jet", 0.0, 1.0))
+        rgba = np.asarray(overlay.convert("RGBA")).astype(int)
+        assert np.array_equal(rgba[..., :3], colorize(raw, GRADCAM_CMAP, 0.0, 1.0))
+        # the layer's opacity follows the map: transparent at 0, opaque at 1
+        assert np.abs(rgba[..., 3] - np.rint(np.clip(raw.astype(np.float32), 0, 1) * 255)).max() <= 2
     return raw
 
 

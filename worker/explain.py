@@ -13,7 +13,7 @@ exception, the soft time limit included, ends in `failed` with its reason.
 
 Files: the raw map as .npy (np.save; Grad-CAM float16, SHAP float32: `map_dtype`) at the model's
 input resolution, never larger (a 6000x6000 upload once cost 144 MB of float32 per map), and a PNG colour layer drawn from that same
-map (Grad-CAM: the jet colour map, opaque; SHAP: red/blue on a symmetric scale, alpha growing with
+map (Grad-CAM: inferno, opacity following the map; SHAP: red/blue on a symmetric scale, alpha growing with
 |value|) that the case page stretches over the original, with an opacity slider.
 """
 
@@ -93,26 +93,35 @@ def rgba_png(rgb: np.ndarray, alpha: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def gradcam_layer_png(heatmap: np.ndarray, cmap: str = "jet") -> bytes:
-    """The Grad-CAM colour map as an opaque layer: at CSS opacity a it looks like overlay_heatmap(alpha=a).
+def gradcam_layer_png(heatmap: np.ndarray, cmap: str | None = None) -> bytes:
+    """The Grad-CAM colour layer (GRADCAM_CMAP unless given), its opacity following the map: at CSS
+    opacity a it looks like overlay_heatmap(alpha=a).
 
-    A palette PNG whose table is the colour map: the same pixels as colorize(), written in 0.5 ms
-    instead of 2 ms per map (RGBA), on the critical path of every prediction."""
-    from ml.explain.overlay import colour_indices  # ml.explain loads TensorFlow: never before the fork
+    A palette PNG whose table is the colour map and whose transparency table is `ramp_alpha`: the
+    same colours as colorize(), written in 0.5 ms instead of 2 ms per map (RGBA), on the critical
+    path of every prediction."""
+    from ml.explain.overlay import GRADCAM_CMAP, colour_indices, ramp_alpha  # loads TensorFlow: after the fork
 
-    indices, palette = colour_indices(heatmap, cmap, 0.0, 1.0)
+    indices, palette = colour_indices(heatmap, cmap or GRADCAM_CMAP, 0.0, 1.0)
     layer = PILImage.fromarray(indices, "P")
     layer.putpalette(palette.tobytes())
     buffer = io.BytesIO()
-    layer.save(buffer, format="PNG", compress_level=1)
+    layer.save(buffer, format="PNG", compress_level=1, transparency=ramp_alpha(len(palette)).tobytes())
     return buffer.getvalue()
 
 
-def shap_layer_png(values: np.ndarray, vmax: float) -> bytes:
-    """SHAP values red (for the class) / blue (against), alpha growing with |value| / vmax."""
-    from ml.explain.overlay import colorize  # ml.explain loads TensorFlow: never before the fork
+def gradcam_cmap() -> str:
+    """The colour map the Grad-CAM layers are drawn with (recorded in each row's params)."""
+    from ml.explain.overlay import GRADCAM_CMAP  # ml.explain loads TensorFlow: never before the fork
 
-    colours = colorize(values, "bwr", -vmax, vmax)
+    return GRADCAM_CMAP
+
+
+def shap_layer_png(values: np.ndarray, vmax: float) -> bytes:
+    """SHAP values red (for the class) / blue (against) in SHAP_CMAP, alpha growing with |value| / vmax."""
+    from ml.explain.overlay import SHAP_CMAP, colorize  # ml.explain loads TensorFlow: never before the fork
+
+    colours = colorize(values, SHAP_CMAP, -vmax, vmax)
     alpha = np.clip(np.abs(values) / vmax, 0.0, 1.0) * 255.0
     return rgba_png(colours, np.rint(alpha).astype(np.uint8))
 
@@ -243,7 +252,7 @@ def record_prediction_pass(
                         heatmap,
                         overlay,
                         size,
-                        {"in_prediction_pass": True, "cmap": "jet", "range": [0.0, 1.0]},
+                        {"in_prediction_pass": True, "cmap": gradcam_cmap(), "range": [0.0, 1.0]},
                     )
                     row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
                 except SoftTimeLimitExceeded:
@@ -448,7 +457,7 @@ def compute_gradcam(row: Explanation) -> None:
         model.input_size,
         {
             "in_prediction_pass": False,
-            "cmap": "jet",
+            "cmap": gradcam_cmap(),
             "range": [0.0, 1.0],
             "probability": float(result.probs[0][int(result.class_indices[0])]),
         },

@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-evals", type=int, default=500, help="SHAP model evaluations per image")
     parser.add_argument("--batch-size", type=int, default=64, help="SHAP masked images per model call")
     parser.add_argument("--plus-plus", action="store_true", help="Grad-CAM++ instead of Grad-CAM")
-    parser.add_argument("--cmap", default="jet", help="Grad-CAM colour map (jet, turbo, ...)")
-    parser.add_argument("--alpha", type=float, default=0.45, help="overlay opacity")
+    parser.add_argument("--cmap", default=overlay.GRADCAM_CMAP, help="Grad-CAM colour map (inferno, viridis, ...)")
+    parser.add_argument("--alpha", type=float, default=0.8, help="overlay opacity where the map is strongest")
     parser.add_argument("--colorbar", action="store_true", help="draw a colour bar next to each overlay")
     return parser
 

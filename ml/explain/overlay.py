@@ -4,9 +4,13 @@ Kept apart from the explainers (the tf-keras-vis habit): explainers return float
 functions turn arrays into uint8 RGB pictures. Only matplotlib's colormap registry and its Agg
 canvas are used (never pyplot), so drawing is safe in worker processes without a display.
 
-- Grad-CAM maps are in [0, 1] and drawn with a sequential colour map ("jet" or "turbo").
-- SHAP values are signed and drawn red (raises the class score) / blue (lowers it) on a symmetric
-  scale [-vmax, vmax] with vmax = max |value| unless given, so white means 0.
+- Grad-CAM maps are in [0, 1] and drawn with a perceptually uniform sequential colour map
+  (GRADCAM_CMAP, inferno): equal steps of the map look like equal steps of brightness, where jet's
+  bright yellow and cyan bands invent edges the map does not have.
+- SHAP values are signed and drawn with a diverging map (SHAP_CMAP: red raises the class score, blue
+  lowers it) on a symmetric scale [-vmax, vmax] with vmax = max |value| unless given.
+- In both, the colour layer's opacity follows the map's strength (`ramp_alpha`): where the map is
+  weak the lesion shows through instead of being washed over by the map's low colour.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-HEATMAP_CMAPS = ("jet", "turbo", "inferno", "viridis")
+GRADCAM_CMAP = "inferno"
+SHAP_CMAP = "coolwarm"  # Moreland's diverging map: -v and +v equally light, the lightest at 0
+HEATMAP_CMAPS = ("inferno", "viridis", "magma", "turbo", "jet")
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -51,10 +57,10 @@ def _colormap(name: str):
     try:
         return matplotlib.colormaps[name]
     except KeyError:
-        raise ValueError(f"Unknown colour map {name!r}; try one of {HEATMAP_CMAPS} or 'bwr'.") from None
+        raise ValueError(f"Unknown colour map {name!r}; try one of {HEATMAP_CMAPS} or {SHAP_CMAP!r}.") from None
 
 
-def colorize(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+def colorize(values: np.ndarray, cmap: str = GRADCAM_CMAP, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """Map a 2-D array to colours.
 
     Args:
@@ -74,7 +80,7 @@ def colorize(values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: flo
 
 
 def colour_indices(
-    values: np.ndarray, cmap: str = "jet", vmin: float = 0.0, vmax: float = 1.0
+    values: np.ndarray, cmap: str = GRADCAM_CMAP, vmin: float = 0.0, vmax: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """`colorize` as indices into the colour map's table: ((H, W) uint8 indices, (N, 3) uint8 RGB
     table), N <= 256. A palette PNG of these is pixel for pixel `colorize`'s image, and cheaper to
@@ -93,14 +99,26 @@ def colour_indices(
     return indices, palette
 
 
-def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] heatmap (e.g. Grad-CAM) over an image.
+def ramp_alpha(entries: int = 256) -> np.ndarray:
+    """Opacity (uint8) of each entry of a sequential colour table: proportional to the value it
+    stands for, 0 at the scale's low end and 255 at its top. The worker writes it as the palette
+    PNG's transparency, so the colour layer's strength follows the map."""
+    if entries < 2:
+        raise ValueError(f"A colour table needs at least 2 entries, got {entries}.")
+    return np.rint(np.linspace(0.0, 255.0, entries)).astype(np.uint8)
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.8, cmap: str = GRADCAM_CMAP) -> np.ndarray:
+    """Blend a [0, 1] heatmap (e.g. Grad-CAM) over an image, the colour's opacity following the map.
+
+    A pixel gets `alpha * value` of the colour: the image is untouched where the map is 0 and
+    covered at `alpha` where it is 1, as `ramp_alpha` draws the worker's layers.
 
     Args:
         image: (H, W, 3) uint8 RGB.
         heatmap: 2-D map in [0, 1]; resized bilinearly to the image if its size differs.
-        alpha: opacity of the colour layer.
-        cmap: sequential colour map, "jet" or "turbo" being the usual choices.
+        alpha: opacity of the colour layer where the map is 1.
+        cmap: sequential colour map (GRADCAM_CMAP by default).
 
     Returns:
         (H, W, 3) uint8 RGB, the same size as the image.
@@ -110,8 +128,11 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
     """
     image = _check_image(image)
     _check_alpha(alpha)
-    colours = colorize(_check_map(heatmap, image), cmap)
-    return cv2.addWeighted(colours, alpha, image, 1.0 - alpha, 0.0)
+    heatmap = _check_map(heatmap, image)
+    colours = colorize(heatmap, cmap).astype(np.float32)
+    weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., np.newaxis]
+    blended = (1.0 - weight) * image.astype(np.float32) + weight * colours
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def symmetric_limit(values: np.ndarray) -> float:
@@ -122,7 +143,7 @@ def symmetric_limit(values: np.ndarray) -> float:
 
 
 def overlay_signed(
-    image: np.ndarray, values: np.ndarray, vmax: float | None = None, alpha: float = 0.7, cmap: str = "bwr"
+    image: np.ndarray, values: np.ndarray, vmax: float | None = None, alpha: float = 0.7, cmap: str = SHAP_CMAP
 ) -> np.ndarray:
     """Draw signed attributions (e.g. SHAP) red/blue over a faded greyscale copy of the image.
 
@@ -134,7 +155,7 @@ def overlay_signed(
         values: 2-D signed map; resized bilinearly to the image if its size differs.
         vmax: half-width of the symmetric scale; None uses max |value|.
         alpha: opacity of the strongest attributions.
-        cmap: diverging colour map centred on white ("bwr" by default).
+        cmap: diverging colour map centred on a light neutral (SHAP_CMAP by default).
 
     Returns:
         (H, W, 3) uint8 RGB, the same size as the image.
@@ -197,7 +218,7 @@ def with_colorbar(
 
 
 def heatmap_with_colorbar(
-    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, cmap: str = "jet", label: str = "Grad-CAM"
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.8, cmap: str = GRADCAM_CMAP, label: str = "Grad-CAM"
 ) -> np.ndarray:
     """`overlay_heatmap` plus a 0-1 colour bar, as one uint8 RGB picture."""
     return with_colorbar(overlay_heatmap(image, heatmap, alpha, cmap), cmap, 0.0, 1.0, label)
@@ -208,7 +229,7 @@ def signed_with_colorbar(
 ) -> np.ndarray:
     """`overlay_signed` plus a symmetric [-vmax, vmax] red/blue colour bar."""
     vmax = symmetric_limit(_check_map(values)) if vmax is None else float(vmax)
-    return with_colorbar(overlay_signed(image, values, vmax, alpha), "bwr", -vmax, vmax, label)
+    return with_colorbar(overlay_signed(image, values, vmax, alpha), SHAP_CMAP, -vmax, vmax, label)
 
 
 def encode_png(picture: np.ndarray) -> bytes:

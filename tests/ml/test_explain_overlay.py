@@ -9,11 +9,14 @@ import pytest
 from PIL import Image
 
 from ml.explain.overlay import (
+    GRADCAM_CMAP,
+    SHAP_CMAP,
     colorize,
     encode_png,
     heatmap_with_colorbar,
     overlay_heatmap,
     overlay_signed,
+    ramp_alpha,
     signed_with_colorbar,
     symmetric_limit,
 )
@@ -22,7 +25,7 @@ IMAGE = np.random.RandomState(0).randint(0, 256, (30, 50, 3)).astype(np.uint8)
 HEAT = np.linspace(0, 1, 30 * 50, dtype=np.float32).reshape(30, 50)
 
 
-@pytest.mark.parametrize("cmap", ["jet", "turbo"])
+@pytest.mark.parametrize("cmap", [GRADCAM_CMAP, "turbo"])
 def test_heatmap_overlay_is_uint8_rgb_at_the_image_size(cmap):
     picture = overlay_heatmap(IMAGE, HEAT, alpha=0.5, cmap=cmap)
     assert picture.shape == IMAGE.shape and picture.dtype == np.uint8
@@ -33,14 +36,54 @@ def test_a_smaller_map_is_resized_to_the_image():
     assert overlay_signed(IMAGE, HEAT[::3, ::5] - 0.5).shape == IMAGE.shape
 
 
-def test_opacity_zero_returns_the_image_and_one_the_colours():
+def test_opacity_zero_returns_the_image_and_one_the_colours_where_the_map_is_full():
     np.testing.assert_array_equal(overlay_heatmap(IMAGE, HEAT, alpha=0.0), IMAGE)
-    np.testing.assert_array_equal(overlay_heatmap(IMAGE, HEAT, alpha=1.0), colorize(HEAT, "jet"))
+    full = overlay_heatmap(IMAGE, np.ones_like(HEAT), alpha=1.0)
+    np.testing.assert_array_equal(full, colorize(np.ones_like(HEAT)))
 
 
-def test_jet_runs_from_blue_to_red():
-    low, high = colorize(np.array([[0.0, 1.0]]), "jet")[0]
-    assert low[2] > low[0] and high[0] > high[2]
+def test_the_colour_fades_with_the_map_so_the_lesion_shows_where_it_is_weak():
+    picture = overlay_heatmap(IMAGE, HEAT, alpha=1.0).astype(int)
+    np.testing.assert_array_equal(picture[0, 0], IMAGE[0, 0])  # map 0: the image itself
+    np.testing.assert_array_equal(picture[-1, -1], colorize(np.array([[1.0]]))[0, 0])  # map 1: the colour
+    # halfway: half image, half colour
+    middle = np.zeros_like(HEAT) + 0.5
+    half = overlay_heatmap(IMAGE, middle, alpha=1.0).astype(int)
+    expected = 0.5 * IMAGE.astype(int) + 0.5 * colorize(middle).astype(int)
+    assert np.abs(half - expected).max() <= 1
+
+
+def test_the_layer_opacity_table_is_proportional_to_the_value():
+    table = ramp_alpha(256)
+    assert table.dtype == np.uint8 and table[0] == 0 and table[-1] == 255 and table[128] in (128, 129)
+    assert np.all(np.diff(table.astype(int)) >= 0)
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        ramp_alpha(1)
+
+
+def _lightness(rgb: np.ndarray) -> np.ndarray:
+    """CIE L* of sRGB colours (uint8, ..., 3)."""
+    import cv2
+
+    return cv2.cvtColor(rgb.reshape(1, -1, 3).astype(np.uint8), cv2.COLOR_RGB2LAB)[0, :, 0].astype(float)
+
+
+def test_gradcam_colours_grow_steadily_brighter_unlike_jet():
+    """Perceptually uniform: lightness rises monotonically with the value (jet's rises and falls)."""
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)[None]
+    steps = np.diff(_lightness(colorize(ramp, GRADCAM_CMAP)))
+    assert np.all(steps >= -1) and steps.sum() > 150  # L* from near black to near white
+    jet_steps = np.diff(_lightness(colorize(ramp, "jet")))
+    assert (jet_steps < -1).any()
+
+
+def test_shap_colours_diverge_symmetrically_in_lightness():
+    values = np.linspace(-1, 1, 65, dtype=np.float32)[None]
+    lightness = _lightness(colorize(values, SHAP_CMAP, -1.0, 1.0))
+    assert np.argmax(lightness) in (31, 32, 33)  # lightest at 0
+    assert np.abs(lightness - lightness[::-1]).max() <= 3  # -v and +v equally strong
+    colours = colorize(np.array([[-1.0, 1.0]]), SHAP_CMAP, -1.0, 1.0).astype(int)[0]
+    assert colours[0, 2] > colours[0, 0] and colours[1, 0] > colours[1, 2]  # blue against, red for
 
 
 def test_signed_scale_is_symmetric_red_for_positive_blue_for_negative():
@@ -62,7 +105,9 @@ def test_signed_overlay_tints_by_sign_and_leaves_zero_grey():
     left, middle, right = picture[0, 0], picture[0, 3], picture[0, 5]
     assert left[0] > left[2] and right[2] > right[0]
     assert middle[0] == middle[1] == middle[2]
-    assert abs(left[0] - right[2]) <= 1 and abs(left[2] - right[0]) <= 1  # same strength either way
+    full = overlay_signed(image, values, alpha=1.0)  # +v and -v both reach their full colour
+    np.testing.assert_array_equal(full[0, 0], colorize(np.array([[1.0]]), SHAP_CMAP, -1.0, 1.0)[0, 0])
+    np.testing.assert_array_equal(full[0, 5], colorize(np.array([[-1.0]]), SHAP_CMAP, -1.0, 1.0)[0, 0])
 
 
 def test_an_all_zero_signed_map_draws_without_error():
