@@ -295,7 +295,7 @@ def worker_argv() -> list[str]:  # as scripts/run_portal.py (make run)
         "worker.celery_app",
         "worker",
         "-Q",
-        "predict,explain",
+        "predict,ingest,explain",
         "-c",
         str(served_layout()[0]),
         "--pool",

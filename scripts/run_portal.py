@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                 "worker.celery_app",
                 "worker",
                 "-Q",
-                "predict,explain",
+                "predict,ingest,explain",
                 "-c",
                 str(processes),
                 "--pool",

@@ -115,7 +115,7 @@
           var c = p.counts, total = Math.max(p.total, p.expected || 0) || 1;
           var bar = document.getElementById("batch-progress");
           bar.max = total; bar.value = c.done + c.failed;
-          ["done", "failed", "running", "queued"].forEach(function (k) { document.getElementById("count-" + k).textContent = c[k]; });
+          ["done", "failed", "running", "queued", "pending"].forEach(function (k) { document.getElementById("count-" + k).textContent = c[k]; });
           document.getElementById("count-total").textContent = p.total;
           document.getElementById("count-duplicates").textContent = p.duplicates;
           var table = document.getElementById("batch-errors"), body = table.tBodies[0];

@@ -102,3 +102,16 @@ def zip_bytes(entries: dict[str, bytes], *, symlinks=(), compression=zipfile.ZIP
 
 def fixture_images() -> dict[str, bytes]:
     return {name: (IMAGES / name).read_bytes() for name in SMALL_IMAGES}
+
+
+def run_sent_ingests(app, sent_tasks) -> list[str]:
+    """Runs, as the worker would, each ingest task the web app sent (decoding a zip's entries)."""
+    from webapp.queue import INGEST_TASK
+    from worker.ingest import run_archive
+
+    results = []
+    with app.app_context():
+        for name, args, _queue in sent_tasks:
+            if name == INGEST_TASK:
+                results.append(run_archive(*args))
+    return results

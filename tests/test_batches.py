@@ -6,7 +6,7 @@ import io
 
 import pytest
 from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes
-from research_helpers import CSV_HEADER, HAM_CSV, fixture_images, zip_bytes
+from research_helpers import CSV_HEADER, HAM_CSV, fixture_images, run_sent_ingests, zip_bytes
 
 
 def _counts(app):
@@ -50,7 +50,7 @@ def test_batch_from_files_with_metadata_then_a_chunk_and_a_duplicate(app, client
     progress = client.get(batch_url, headers=auth_headers).json
     assert progress["total"] == 6 and len(progress["case_ids"]) == 4
     # The duplicate follows the existing image's job (still queued: the broker is a fake here).
-    assert progress["counts"] == {"queued": 5, "running": 0, "done": 0, "failed": 1}
+    assert progress["counts"] == {"pending": 0, "queued": 5, "running": 0, "done": 0, "failed": 1}
     assert progress["duplicates"] == 1
     assert progress["errors"] == [{"file": "folder/notes.jpg", "error": "The file is not a JPEG or PNG image."}]
     assert _counts(app)["images"] == 4
@@ -75,6 +75,8 @@ def test_zip_with_csv_inside(app, client, auth_headers, sent_tasks):
         "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries)), "ham.zip")}
     )
     assert response.status_code == 202, response.json
+    assert response.json["pending"] == 4 and response.json["stored"] == 0  # decoded by the worker
+    assert run_sent_ingests(app, sent_tasks) == ["done"]
     progress = client.get(response.json["url"], headers=auth_headers).json
     assert len(progress["case_ids"]) == 4 and progress["errors"][0]["file"] == "ham/readme.txt"
     listed = client.get("/api/v1/cases?reference=nv", headers=auth_headers).json

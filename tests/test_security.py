@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user, missing_part
+from research_helpers import run_sent_ingests
 from test_explanations import case_id, sent, token  # noqa: F401  (fixtures: a case with stored maps)
 
 from webapp.db import db
@@ -570,4 +571,7 @@ def test_the_same_file_again_is_refused_before_it_is_decoded(app, client, auth_h
         zf.writestr("b.jpg", data)
     archive.seek(0)
     batch = client.post("/api/v1/batches", headers=auth_headers, data={"archive": (archive, "again.zip")})
-    assert batch.status_code == 202 and batch.json["duplicates"] == 2 and len(decoded) == 1
+    assert batch.status_code == 202 and batch.json["pending"] == 2 and len(decoded) == 1
+    run_sent_ingests(app, sent_tasks)  # the worker decodes archives
+    progress = client.get(batch.json["url"], headers=auth_headers).json
+    assert progress["duplicates"] == 2 and len(decoded) == 1

@@ -19,7 +19,10 @@ from flask import Flask, current_app
 log = logging.getLogger(__name__)
 
 ANALYSE_TASK = "worker.tasks.analyse"
+# A zip archive's entries are decoded by a worker (worker.ingest), never in the web request.
+INGEST_TASK = "worker.tasks.ingest_archive"
 PREDICT_QUEUE = "predict"
+INGEST_QUEUE = "ingest"
 EXPLAIN_QUEUE = "explain"
 # A Redis hash: one field (host:pid) per worker pool process that has loaded and warmed its model.
 WARM_WORKERS_KEY = "dermportal:warm-workers"

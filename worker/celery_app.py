@@ -1,4 +1,4 @@
-"""The worker's Celery app: `celery -A worker.celery_app worker -Q predict,explain`.
+"""The worker's Celery app: `celery -A worker.celery_app worker -Q predict,ingest,explain`.
 
 Every task runs inside an application context of this process's Flask app (`FlaskTask`, the pattern
 of Flask's "Background Tasks with Celery"), so task code uses `db.session` and reads its settings
@@ -19,7 +19,7 @@ from flask import Flask, current_app, has_app_context
 from webapp import create_app
 from webapp.cases.explanations import GRADCAM_TASK, SHAP_TASK
 from webapp.config import Settings
-from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, PREDICT_QUEUE, broker_options
+from webapp.queue import ANALYSE_TASK, EXPLAIN_QUEUE, INGEST_QUEUE, INGEST_TASK, PREDICT_QUEUE, broker_options
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(
@@ -63,13 +63,15 @@ app = Celery(
     include=["worker.tasks", "worker.process", "worker.sweep"],
 )
 app.conf.update(broker_options(settings.BROKER_TIMEOUT))
-# A worker consuming `-Q predict,explain` polls predict first, always (Redis BRPOP takes the first
-# non-empty list): SHAP never starts while an upload waits (worker/priority.py).
+# A worker consuming `-Q predict,ingest,explain` polls predict first, always (Redis BRPOP takes the
+# first non-empty list): SHAP never starts while an upload waits (worker/priority.py), and a zip's
+# decoding never delays the analyses of cases already stored.
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "queue_order_strategy": "priority"}
 app.conf.update(
     task_default_queue=PREDICT_QUEUE,
     task_routes={
         ANALYSE_TASK: {"queue": PREDICT_QUEUE},
+        INGEST_TASK: {"queue": INGEST_QUEUE},
         SHAP_TASK: {"queue": EXPLAIN_QUEUE},
         GRADCAM_TASK: {"queue": EXPLAIN_QUEUE},
     },

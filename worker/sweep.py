@@ -30,6 +30,7 @@ from webapp.config import Settings
 
 from .celery_app import app as celery_app
 from .celery_app import settings as worker_settings
+from .ingest import sweep_archives
 from .recovery import connect_redis, requeue_orphans, sweep_explanations, sweep_once
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Sweeper:
         counts = sweep_once(self._flask_app, self.send, self.settings, redis_client=r)
         counts.update({f"orphans_{k}": v for k, v in orphans.items()})
         counts.update({f"explanations_{k}": v for k, v in self._sweep_explanations().items()})
+        archives = sweep_archives(self._flask_app, self.send, self.settings, r)
+        counts.update({f"archives_{k}": v for k, v in archives.items()})
         return counts
 
     def _take_lock(self, r: redis.Redis) -> bool:

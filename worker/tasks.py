@@ -1,7 +1,7 @@
 """The worker's tasks: each takes ids, and its work lives in the module named in its body.
 
 The web app sends them by name (`worker.tasks.analyse`, `worker.tasks.explain_shap`,
-`worker.tasks.explain_gradcam`); each runs inside an application context (worker.celery_app.FlaskTask).
+`worker.tasks.explain_gradcam`, `worker.tasks.ingest_archive`); each runs inside an application context (worker.celery_app.FlaskTask).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from functools import partial
 
 from celery import Task
 
-from webapp.queue import ANALYSE_TASK
+from webapp.queue import ANALYSE_TASK, INGEST_TASK
 
-from . import batching, explain, recovery
+from . import batching, explain, ingest, recovery
 from .celery_app import GRADCAM_TASK, SHAP_TASK, app
 
 TRANSIENT_RETRIES = 5  # retries with backoff (2, 4, 8, 16, 32 s) for database or broker hiccups
@@ -47,3 +47,9 @@ def explain_shap(self: Task, analysis_id: int) -> str:
 def explain_gradcam(explanation_id: int) -> str:
     """A requested Grad-CAM or Grad-CAM++ map for the row's class."""
     return str(explain.run_gradcam(explanation_id))
+
+
+@app.task(name=INGEST_TASK)
+def ingest_archive(batch_id: int) -> str:
+    """Decodes the pending entries of a batch's stored zip archive into cases (worker.ingest)."""
+    return ingest.run_archive(batch_id)

@@ -150,7 +150,7 @@ def celery_worker_argv(name: str) -> list[str]:
         "worker.celery_app",
         "worker",
         "-Q",
-        "predict,explain",
+        "predict,ingest,explain",
         "-c",
         "1",
         "--pool",

@@ -191,6 +191,7 @@ class BatchCreated(Open):
     url: str
     received: int
     stored: int
+    pending: int = Field(0, description="zip entries stored, to be decoded by the worker")
     duplicates: int
     errors: list[FileError]
 
@@ -200,7 +201,7 @@ class BatchProgress(Open):
     url: str
     total: int
     expected: int | None
-    counts: dict[str, int] = Field(description="queued, running, done, failed")
+    counts: dict[str, int] = Field(description="pending (zip entries not yet decoded), queued, running, done, failed")
     finished: bool
     case_ids: list[int]
     errors: list[FileError]

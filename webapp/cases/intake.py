@@ -142,12 +142,14 @@ def store_image(
     uploader: User | None,
     batch: Batch | None = None,
     item_name: str | None = None,
+    item: BatchItem | None = None,
 ) -> StoredImage:
     """Validates and stores one image, then commits its case, image and queued job together.
 
     The task is not sent here: the caller sends it once the commit is done (a folder upload sends
     a whole chunk's jobs at once). With `batch`, the batch item (named `item_name`) is committed in
-    the same transaction, so a file is either wholly stored or not at all.
+    the same transaction, so a file is either wholly stored or not at all; a pending `item` (an
+    archive entry, worker.ingest) is filled in instead of a new one.
 
     Raises:
         UploadError: the bytes are not an acceptable image.
@@ -173,10 +175,10 @@ def store_image(
     )
     job = Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image=image)
     db.session.add_all([case, image, job])
-    item = None
     if batch is not None:
         db.session.flush()  # ids for the item: inserted with them, not updated after
-        item = BatchItem(batch_id=batch.id, filename=item_name, case_id=case.id, image_id=image.id, job_id=job.id)
+        item = item or BatchItem(batch_id=batch.id, filename=item_name)
+        item.case_id, item.image_id, item.job_id, item.pending = case.id, image.id, job.id, False
         db.session.add(item)
     try:
         db.session.commit()
