@@ -21,7 +21,7 @@ from ml.artifact import MODEL_WEIGHT_GROUPS, WEIGHTS, build_manifest, convert_we
 from ml.calibration import apply_temperature
 from ml.data import resize_image
 from ml.decision import Decision
-from ml.explain.gradcam import map_method
+from ml.explain.cam import exact_method
 from ml.metadata import MISSING_METADATA, MetadataHead
 from ml.model import EMBEDDING_LAYER, ModelConfig, build_model
 
@@ -44,7 +44,7 @@ class Predictor:
         decision: how the top class is chosen from the calibrated probabilities (`ml.decision`).
         gradcam_layer: name of the layer whose feature map Grad-CAM uses.
         gradcam_method: how the prediction pass computes that Grad-CAM exactly, read from the
-            architecture at load time (`ml.explain.map_method`): "forward" (the class activation
+            architecture at load time (`ml.explain.cam.exact_method`): "forward" (the class activation
             map from the dense kernel, no gradient tape) or "tape".
     """
 
@@ -57,7 +57,7 @@ class Predictor:
         self.decision = Decision.from_manifest(manifest)
         self.metadata_head: MetadataHead | None = None  # set by `load` when the artifact ships one
         self.gradcam_layer = manifest["gradcam_layer"]
-        self.gradcam_method = map_method(model, self.gradcam_layer)
+        self.gradcam_method = exact_method(model, model.get_layer(self.gradcam_layer))
         self.batch_size = batch_size
         h, w = self.input_size
         # One traced graph for every batch size: retracing per call would cost seconds each job.

@@ -73,6 +73,12 @@ def cam_head(model: keras.Model, feature_layer: keras.layers.Layer) -> keras.lay
     return layer
 
 
+def exact_method(model: keras.Model, feature_layer: keras.layers.Layer) -> str:
+    """How Grad-CAM of `feature_layer` is computed exactly: "forward" (this module's CAM) where
+    `cam_head` finds the pooling-dropout-dense head, else "tape" (a gradient tape)."""
+    return "forward" if cam_head(model, feature_layer) is not None else "tape"
+
+
 def upsample_and_normalise(cam: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     """Bilinear resize to `size` (H, W), then divide each map by its maximum (zeros stay zeros)."""
     cam = tf.image.resize(cam[..., tf.newaxis], size, method="bilinear")[..., 0]

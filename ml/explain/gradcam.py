@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.calibration import calibrated_softmax as calibrate
-from ml.explain.cam import cam_function, cam_head, upsample_and_normalise
+from ml.explain.cam import cam_function, exact_method, upsample_and_normalise
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -236,9 +236,7 @@ def map_method(model: keras.Model, layer_name: str | None = None, plus_plus: boo
     Raises:
         ValueError: if the layer does not exist or is not a 4-D feature map.
     """
-    if plus_plus:
-        return "tape"
-    return "forward" if cam_head(model, _feature_layer(model, layer_name)) is not None else "tape"
+    return "tape" if plus_plus else exact_method(model, _feature_layer(model, layer_name))
 
 
 def map_function(model: keras.Model, layer_name: str | None, plus_plus: bool, method: str = "auto"):
