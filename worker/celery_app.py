@@ -73,7 +73,8 @@ app.conf.update(
         ANALYSE_TASK: {"queue": PREDICT_QUEUE},
         INGEST_TASK: {"queue": INGEST_QUEUE},
         SHAP_TASK: {"queue": EXPLAIN_QUEUE},
-        GRADCAM_TASK: {"queue": EXPLAIN_QUEUE},
+        # A Grad-CAM map (~0.1 s) on the predict queue, which SHAP never fills (worker/priority.py).
+        GRADCAM_TASK: {"queue": PREDICT_QUEUE},
     },
     task_create_missing_queues=True,
     # A task is acknowledged after it ran, so a worker that dies mid-task does not lose it;
@@ -99,8 +100,10 @@ app.conf.update(
 celery = app
 
 
-def send(task_name: str, *args: Any, queue: str = EXPLAIN_QUEUE) -> str | None:
-    """Publishes a task by name from the worker; None (logged) when the broker refuses."""
+def send(task_name: str, *args: Any, queue: str | None = None) -> str | None:
+    """Publishes a task by name from the worker (on its routed queue unless given); None (logged)
+    when the broker refuses."""
+    queue = queue or app.conf.task_routes.get(task_name, {}).get("queue", EXPLAIN_QUEUE)
     try:
         return app.send_task(task_name, args=list(args), queue=queue).id
     except Exception as exc:

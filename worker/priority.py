@@ -4,6 +4,8 @@ When a worker serves both queues (make run):
 - the Redis transport polls `predict` before `explain` (celery_app: queue_order_strategy=priority);
 - `explain_shap` defers itself (re-sent with a countdown) while analyse jobs are queued (`should_defer`,
   `defer`);
+- a requested Grad-CAM is sent to the predict queue (webapp.cases.explanations), and a queued
+  Grad-CAM row counts as a waiting prediction below, so it never waits behind SHAP;
 - a running SHAP computation checks between its model batches and, if analyse jobs arrived, stops
   (`yielding` raises `PredictionsWaiting`), puts its rows back to `queued` and re-sends itself
   (`requeue_explanations`).
@@ -48,7 +50,7 @@ def serves_predict() -> bool:
 
 
 def queued_predictions() -> int:
-    """Analyse jobs waiting in the database, or 1 when uploads are still arriving (the newest analyse
+    """Analyse jobs (else requested Grad-CAM maps) waiting in the database, or 1 when uploads are still arriving (the newest analyse
     job is younger than EXPLAIN_QUIET_S): a SHAP started between two uploads would hold the CPU for a
     whole model batch before it could notice the next one. 0 when this worker serves no predictions."""
     if not serves_predict():
@@ -64,6 +66,17 @@ def queued_predictions() -> int:
         )
         if queued:
             return queued
+        gradcams = int(
+            conn.execute(
+                select(func.count(Explanation.id)).where(
+                    Explanation.status == ExplanationStatus.QUEUED,
+                    Explanation.method.in_((ExplanationMethod.GRADCAM, ExplanationMethod.GRADCAM_PLUS_PLUS)),
+                )
+            ).scalar()
+            or 0
+        )
+        if gradcams:
+            return gradcams
         newest = conn.execute(
             select(Job.created_at).where(Job.kind == JobKind.ANALYSE).order_by(Job.id.desc()).limit(1)
         ).scalar()

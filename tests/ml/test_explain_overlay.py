@@ -144,3 +144,18 @@ def test_png_bytes_decode_back_to_the_picture():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name, cmap", [("colorbar-gradcam.svg", GRADCAM_CMAP), ("colorbar-shap.svg", SHAP_CMAP)])
+def test_the_case_pages_colour_bars_show_the_colour_maps_the_worker_draws(name, cmap):
+    """static/colorbar-*.svg are drawn by the browser next to the maps; their stops must be the
+    worker's colours, or the scale would lie about the map."""
+    import re
+    from pathlib import Path
+
+    svg = (Path(__file__).resolve().parents[2] / "static" / name).read_text()
+    stops = re.findall(r'<stop offset="([0-9.]+)" stop-color="#([0-9a-f]{6})"/>', svg)
+    assert len(stops) >= 9
+    offsets = np.array([[float(o) for o, _ in stops]], dtype=np.float32)
+    drawn = np.array([[int(c[i : i + 2], 16) for i in (0, 2, 4)] for _, c in stops])
+    np.testing.assert_allclose(drawn, colorize(offsets, cmap)[0], atol=2)

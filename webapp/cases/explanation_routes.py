@@ -17,6 +17,7 @@ from ..security import explain_limit
 from ..states import ExplanationStatus
 from ..storage import StorageError, storage_from_settings
 from .explanations import METHOD_SLUGS, ExplanationRequestError, explanation_panels, request_explanation
+from .progress import case_progress
 
 bp = Blueprint("explanations", __name__)
 
@@ -66,6 +67,7 @@ def request_from_page(case_id: int):
     if g.get("user") is None:
         return redirect(url_for("auth.login", next=f"/cases/{case_id}"))
     case = get_or_404(Case, case_id)
+    shown: dict[str, object] = {}
     try:
         row, queued = request_explanation(
             case, request.form.get("method"), request.form.get("class"), request.form.get("analysis_id")
@@ -73,14 +75,21 @@ def request_from_page(case_id: int):
     except ExplanationRequestError as exc:
         flash(exc.message, "error")
     else:
+        # the page opens on the class asked for, not the predicted one, while its map is computed
+        shown = {"show_analysis": row.analysis_id, "show_class": row.class_name}
         label = f"{METHOD_LABELS[row.method]} for {row.class_name}"
         g.explanation_queued = queued  # counted by explain_limit
         flash(
             f"{label} is queued; it appears here when ready." if queued else f"{label} is already {row.status}.", "info"
         )
-    return redirect(url_for("cases.show", case_id=case_id) + "#explanations")
+    return redirect(url_for("cases.show", case_id=case_id, **shown) + "#explanations")
 
 
 @bp.app_template_global("explanation_panels")
 def _explanation_panels_global(case_id: int):
     return explanation_panels(case_id)
+
+
+@bp.app_template_global("case_progress")
+def _case_progress_global(case_id: int):
+    return case_progress(case_id)

@@ -18,7 +18,7 @@ from .. import queue
 from ..db import db
 from ..models import EXPLANATION_METHODS, Analysis, Case, Explanation
 from ..presenters import explanation_dict
-from ..queue import EXPLAIN_QUEUE
+from ..queue import EXPLAIN_QUEUE, PREDICT_QUEUE
 from ..states import AnalysisStatus, ExplanationStatus
 from ..storage import check_key
 
@@ -174,5 +174,7 @@ def request_explanation(case: Case, method: Any, class_name: Any, analysis_id: A
     if method_key == "shap":
         queue.send(SHAP_TASK, analysis.id, queue=EXPLAIN_QUEUE)
     else:
-        queue.send(GRADCAM_TASK, row.id, queue=EXPLAIN_QUEUE)
+        # A requested Grad-CAM (~0.1 s) goes to the predict queue, which SHAP never fills: on the
+        # explain queue it waited behind every SHAP message of a batch (worker.priority).
+        queue.send(GRADCAM_TASK, row.id, queue=PREDICT_QUEUE)
     return row, True
