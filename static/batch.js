@@ -118,12 +118,16 @@
           ["done", "failed", "running", "queued", "pending"].forEach(function (k) { document.getElementById("count-" + k).textContent = c[k]; });
           document.getElementById("count-total").textContent = p.total;
           document.getElementById("count-duplicates").textContent = p.duplicates;
+          ["done", "running", "queued", "failed"].forEach(function (k) { document.getElementById("maps-" + k).textContent = p.explanations[k]; });
           var table = document.getElementById("batch-errors"), body = table.tBodies[0];
           body.textContent = "";
           p.errors.slice(0, 500).forEach(function (e) {
             var tr = body.insertRow(); tr.insertCell().textContent = e.file; tr.insertCell().textContent = e.error;
           });
           table.hidden = !p.errors.length;
+          if (p.predictions_finished && !p.finished) {
+            document.getElementById("batch-finished").textContent = "Predictions finished; explanation maps still being computed";
+          }
           if (p.finished) {
             document.getElementById("batch-finished").textContent = "Finished";
             box.dataset.finished = "true";

@@ -492,3 +492,61 @@ def test_requested_gradcam_maps_never_wait_behind_shap(app, case_id):
         )
         db.session.commit()
         assert queued_predictions() == 1
+
+
+def test_a_batch_is_finished_only_when_its_explanation_maps_are_too(app, client, token, researcher, sent):
+    """Predictions done but SHAP still queued: the batch page counts the maps and does not say Finished."""
+    from webapp.models import Batch, Job
+
+    headers = {"Authorization": f"Bearer {token}"}
+    response = client.post(
+        "/api/v1/batches",
+        headers=headers,
+        data={"images": [(io.BytesIO(image_bytes(n)), f"folder/{n}") for n in SMALL_IMAGES[:2]]},
+    )
+    assert response.status_code == 202, response.json
+    batch_id = response.json["id"]
+    login(client, researcher)
+    with app.app_context():  # both analysed, as the worker leaves them: Grad-CAM done, SHAP queued
+        mv = ModelVersion(name="m", version="1", trained=True, class_names=CLASSES, manifest=MANIFEST)
+        db.session.add(mv)
+        for job in db.session.scalars(db.select(Job)):
+            analysis = Analysis(image=job.image, model_version=mv, status="succeeded", top_class="mel")
+            job.status, job.analysis = "succeeded", analysis
+            db.session.add_all(
+                [
+                    analysis,
+                    Explanation(
+                        analysis=analysis,
+                        image=job.image,
+                        model_version=mv,
+                        method="gradcam",
+                        class_name="mel",
+                        status="done",
+                    ),
+                    Explanation(
+                        analysis=analysis,
+                        image=job.image,
+                        model_version=mv,
+                        method="shap",
+                        class_name="mel",
+                        status="queued",
+                    ),
+                ]
+            )
+        db.session.commit()
+    progress = client.get(f"/api/v1/batches/{batch_id}", headers=headers).json
+    assert progress["counts"]["done"] == 2 and progress["predictions_finished"] is True
+    assert progress["explanations"] == {"queued": 2, "running": 0, "done": 2, "failed": 0}
+    assert progress["finished"] is False
+    page = client.get(f"/batches/{batch_id}").get_data(as_text=True)
+    assert "Predictions finished; explanation maps still being computed" in page
+    assert '<span id="maps-queued">2</span> queued' in page and ">Finished<" not in page
+    with app.app_context():
+        for row in db.session.scalars(db.select(Explanation).where(Explanation.method == "shap")):
+            row.status = "done"
+        db.session.commit()
+        assert db.session.get(Batch, batch_id) is not None
+    progress = client.get(f"/batches/{batch_id}/progress.json").json
+    assert progress["finished"] is True and progress["explanations"]["done"] == 4
+    assert ">Finished<" in client.get(f"/batches/{batch_id}").get_data(as_text=True)

@@ -202,7 +202,11 @@ class BatchProgress(Open):
     total: int
     expected: int | None
     counts: dict[str, int] = Field(description="pending (zip entries not yet decoded), queued, running, done, failed")
-    finished: bool
+    explanations: dict[str, int] = Field(
+        description="explanation maps of the batch's images: queued, running, done, failed"
+    )
+    predictions_finished: bool = Field(description="every file is analysed (or failed); maps may still be computed")
+    finished: bool = Field(description="predictions finished and no explanation map queued or running")
     case_ids: list[int]
     errors: list[FileError]
 

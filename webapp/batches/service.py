@@ -25,8 +25,9 @@ from .. import queue
 from ..cases.intake import DuplicateImage, store_image
 from ..db import db
 from ..imaging import UploadError
-from ..models import Batch, BatchItem, Image, Job, User
+from ..models import Batch, BatchItem, Explanation, Image, Job, User
 from ..queue import ANALYSE_TASK, INGEST_QUEUE, INGEST_TASK, PREDICT_QUEUE
+from ..states import ExplanationStatus
 from ..storage import check_key, storage_from_settings
 from .inputs import (
     IMAGE_EXTENSIONS,
@@ -215,6 +216,19 @@ def item_state(error: str | None, job_status: str | None, pending: bool = False)
     return {"failed": "failed", "running": "running"}.get(job_status, "queued")
 
 
+def explanation_counts(batch_id: int) -> dict[str, int]:
+    """Explanation maps (Grad-CAM and SHAP, every model version) of the batch's images, by status."""
+    counts = {status.value: 0 for status in ExplanationStatus}
+    rows = db.session.execute(
+        select(Explanation.status, func.count(Explanation.id))
+        .where(Explanation.image_id.in_(select(BatchItem.image_id).where(BatchItem.batch_id == batch_id)))
+        .group_by(Explanation.status)
+    ).all()
+    for status, n in rows:
+        counts[status] = int(n)
+    return counts
+
+
 def batch_progress(batch: Batch) -> dict[str, Any]:
     """The batch's counts, cases and per-file errors (one query over its items and their jobs)."""
     rows = db.session.execute(
@@ -246,7 +260,11 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
     total = len(rows)
     expected = batch.expected_files
     busy = counts["pending"] + counts["queued"] + counts["running"]
-    finished = busy == 0 and (expected is None or total >= expected)
+    predictions_finished = busy == 0 and (expected is None or total >= expected)
+    maps = explanation_counts(batch.id)
+    # "Finished" waits for the maps too: SHAP queued behind a batch used to run for many minutes
+    # after the page said Finished.
+    finished = predictions_finished and maps["queued"] + maps["running"] == 0
     return {
         "id": batch.id,
         "url": f"/api/v1/batches/{batch.id}",
@@ -257,6 +275,8 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
         "expected": expected,
         "counts": counts,
         "duplicates": duplicates,
+        "explanations": maps,
+        "predictions_finished": predictions_finished,
         "finished": finished,
         "metadata_rows": len(batch.metadata_rows or {}),
         "case_ids": case_ids,
