@@ -195,3 +195,25 @@ def test_an_archive_with_one_name_twice_is_refused_and_nothing_is_stored(app, cl
     with app.app_context():
         assert db.session.query(Batch).count() == 0
     assert sent_tasks == []
+
+
+def test_a_batch_deleted_before_its_archive_is_decoded_leaves_no_archive_behind(
+    app, client, auth_headers, sent_tasks, decodes
+):
+    from portal_helpers import make_user
+
+    from webapp.cases.deletion import delete_batch
+    from webapp.db import db
+    from webapp.models import User
+
+    entries = {"d/one.jpg": image_bytes(SMALL_IMAGES[0])}
+    batch = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries)), "g.zip")}
+    ).json
+    make_user(app, "admin@example.org", role="admin")
+    with app.app_context():
+        admin = db.session.query(User).filter_by(email="admin@example.org").one()
+        delete_batch(batch["id"], admin, "uploaded by mistake")
+    assert _archive_stored(app, batch["id"])
+    assert run_sent_ingests(app, sent_tasks) == ["gone"]
+    assert not _archive_stored(app, batch["id"]) and decodes == []

@@ -55,6 +55,7 @@ def run_archive(batch_id: int) -> str:
     """
     batch = db.session.get(Batch, batch_id)
     if batch is None:
+        _drop_archive(batch_id)  # the batch was deleted before its entries were decoded
         return "gone"
     claims = _redis()
     if not _claim(claims, batch_id):
