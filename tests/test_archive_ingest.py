@@ -14,6 +14,7 @@ import zipfile
 from datetime import timedelta
 
 import pytest
+from e2e.e2e_support import redis_url  # noqa: F401  (fixture: a real redis-server)
 from PIL import Image as PILImage
 from portal_helpers import SMALL_IMAGES, image_bytes
 from research_helpers import run_sent_ingests, zip_bytes
@@ -217,3 +218,40 @@ def test_a_batch_deleted_before_its_archive_is_decoded_leaves_no_archive_behind(
     assert _archive_stored(app, batch["id"])
     assert run_sent_ingests(app, sent_tasks) == ["gone"]
     assert not _archive_stored(app, batch["id"]) and decodes == []
+
+
+def test_one_process_per_archive_and_the_sweep_waits_for_a_live_claim(
+    app,
+    client,
+    auth_headers,
+    sent_tasks,
+    decodes,
+    redis_url,  # noqa: F811  (the fixture imported above)
+    monkeypatch,
+):
+    """With a real redis-server: a held claim makes another delivery a no-op, and the sweep re-sends
+    only once the claim is gone (a dead process's claim runs out), then not again within its guard."""
+    import redis
+
+    from webapp.models import utcnow
+    from worker import ingest
+
+    claims = redis.Redis.from_url(redis_url)
+    monkeypatch.setattr(ingest, "_redis", lambda: claims)
+    batch = client.post(
+        "/api/v1/batches",
+        headers=auth_headers,
+        data={"archive": (io.BytesIO(zip_bytes({"c/one.jpg": image_bytes(SMALL_IMAGES[0])})), "c.zip")},
+    ).json
+    claims.set(ingest.CLAIM_KEY.format(batch["id"]), "other-host:1", ex=60)
+    assert run_sent_ingests(app, sent_tasks) == ["busy"] and decodes == []
+
+    settings = app.extensions["settings"]
+    later = utcnow() + timedelta(seconds=settings.SWEEP_QUEUED_AFTER + 1)
+    resent: list[tuple] = []
+    assert ingest.sweep_archives(app, lambda *t: resent.append(t), settings, claims, now=later)["resent"] == 0
+    claims.delete(ingest.CLAIM_KEY.format(batch["id"]))  # its process died and the claim ran out
+    assert ingest.sweep_archives(app, lambda *t: resent.append(t), settings, claims, now=later)["resent"] == 1
+    assert ingest.sweep_archives(app, lambda *t: resent.append(t), settings, claims, now=later)["resent"] == 0
+    assert run_sent_ingests(app, [(INGEST_TASK, (batch["id"],), INGEST_QUEUE)]) == ["done"] and len(decodes) == 1
+    assert not claims.exists(ingest.CLAIM_KEY.format(batch["id"]))  # released when done
