@@ -255,3 +255,23 @@ def test_one_process_per_archive_and_the_sweep_waits_for_a_live_claim(
     assert ingest.sweep_archives(app, lambda *t: resent.append(t), settings, claims, now=later)["resent"] == 0
     assert run_sent_ingests(app, [(INGEST_TASK, (batch["id"],), INGEST_QUEUE)]) == ["done"] and len(decodes) == 1
     assert not claims.exists(ingest.CLAIM_KEY.format(batch["id"]))  # released when done
+
+
+def test_a_zip_through_the_upload_page_is_stored_pending_and_decoded_by_the_worker(
+    app, client, researcher, sent_tasks, decodes
+):
+    from portal_helpers import csrf_from, login
+
+    login(client, researcher)
+    token = csrf_from(client.get("/batches/new").get_data(as_text=True))
+    archive = zip_bytes({"w/one.jpg": image_bytes(SMALL_IMAGES[3])})
+    started = time.process_time()
+    response = client.post(
+        "/batches", data={"csrf_token": token, "archive": (io.BytesIO(archive), "w.zip"), "name": "page zip"}
+    )
+    assert response.status_code == 302 and decodes == [] and time.process_time() - started < 1.0
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert '<span id="count-pending">1</span>' in page
+    assert run_sent_ingests(app, sent_tasks) == ["done"] and len(decodes) == 1
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert '<span id="count-pending">0</span>' in page and '<span id="count-queued">1</span>' in page
