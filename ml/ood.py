@@ -1,0 +1,237 @@
+"""Out-of-distribution warning: is this image dermoscopy like the images the model was trained on?
+
+The network gives every image a diagnosis, a building or a page of text included. The detector
+scores an image from its pooled embedding alone (so the prediction pass that stores the embedding
+also scores it) with four signals, none of which separates well on its own:
+
+- the Mahalanobis distance to the nearest class of the training split, in a PCA space of the
+  embedding (tied covariance);
+- the energy of the classifier's logits (-logsumexp, recomputed from the embedding and the
+  dense head's weights);
+- the largest softmax probability;
+- the length of the embedding;
+
+and the PCA coordinates themselves. A logistic regression on the standardised signals is fitted with outlier exposure: training-split
+dermoscopy against generated non-dermoscopic images of ml.outliers.TRAINING_KINDS only (the other
+kinds, and new draws of the training kinds from another seed and the test split's masks, are kept
+for the measurement). The threshold is the score above which at most 5 % of the validation split's
+dermoscopy images lie.
+
+    python -m ml.ood --model models/default --data ../shared/data/ham10000-200x150 [--write]
+
+fits it, reports AUROC and per-kind flag counts on the evaluation set and the share of flagged test
+dermoscopy, and with --write stores it in the artifact (`ood.npz`, `manifest["ood"]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+OOD_FILE = "ood.npz"
+PCA_DIMS = 64
+REGULARISATION = 0.1  # inverse L2 strength of the regression over the 68 standardised signals
+FALSE_FLAG_RATE = 0.05  # at most this share of the validation split's dermoscopy is flagged
+TRAIN_SEED, EVAL_SEED = 1, 2
+TRAIN_PER_KIND, EVAL_PER_KIND = 150, 60
+
+
+@dataclass
+class OodDetector:
+    """The fitted detector (see the module doc); `score` is higher for less dermoscopy-like images."""
+
+    mean: np.ndarray  # (D,) embedding mean
+    components: np.ndarray  # (D, d) PCA axes
+    class_means: np.ndarray  # (C, d) in PCA space
+    precision: np.ndarray  # (d, d) inverse of the tied covariance
+    head_kernel: np.ndarray  # (D, C) the classifier's dense layer
+    head_bias: np.ndarray  # (C,)
+    signal_mean: np.ndarray  # (S,) standardisation of the signals (S = 4 + d)
+    signal_scale: np.ndarray
+    weights: np.ndarray  # (S,) logistic regression
+    bias: float
+    threshold: float
+
+    def signals(self, embeddings: ArrayLike) -> np.ndarray:
+        """(N, 4 + d): log Mahalanobis distance, energy, max softmax, log embedding norm, and the
+        PCA coordinates themselves (where in embedding space the outliers lie)."""
+        e = np.asarray(embeddings, np.float32)
+        z = (e - self.mean) @ self.components
+        diff = z[:, None, :] - self.class_means[None]
+        maha = np.einsum("ncd,de,nce->nc", diff, self.precision, diff).min(axis=1)
+        logits = e @ self.head_kernel + self.head_bias
+        top = logits.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        msp = np.exp(top[:, 0] - lse)
+        norm = np.log(np.linalg.norm(e, axis=1) + 1e-6)
+        return np.hstack([np.stack([np.log(maha + 1e-6), -lse, msp, norm], axis=1), z])
+
+    def score(self, embeddings: ArrayLike) -> np.ndarray:
+        """(N,) probability-like score in [0, 1] that each image is not dermoscopy."""
+        x = (self.signals(embeddings) - self.signal_mean) / self.signal_scale
+        return 1.0 / (1.0 + np.exp(-(x @ self.weights + self.bias)))
+
+    def flagged(self, scores: ArrayLike) -> np.ndarray:
+        return np.asarray(scores) > self.threshold
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **{k: np.asarray(v) for k, v in self.__dict__.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> OodDetector:
+        with np.load(path) as f:
+            values = {k: f[k] for k in f.files}
+        values["bias"], values["threshold"] = float(values["bias"]), float(values["threshold"])
+        return cls(**{k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in values.items()})
+
+    @classmethod
+    def from_artifact(cls, folder: str | Path, manifest: dict) -> OodDetector | None:
+        """The artifact's detector, or None when it has none (analyses then carry no OOD verdict)."""
+        info = manifest.get("ood")
+        return cls.load(Path(folder) / info.get("file", OOD_FILE)) if info else None
+
+
+def fit(
+    train_embeddings: ArrayLike,
+    train_labels: ArrayLike,
+    outlier_embeddings: ArrayLike,
+    val_embeddings: ArrayLike,
+    head: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+) -> OodDetector:
+    """Fits the signals' statistics on the training split, the regression with outlier exposure,
+    and the threshold on the validation split's dermoscopy."""
+    from sklearn.linear_model import LogisticRegression
+
+    e = np.asarray(train_embeddings, np.float64)
+    labels = np.asarray(train_labels)
+    mean = e.mean(axis=0)
+    _, _, vt = np.linalg.svd(e - mean, full_matrices=False)
+    components = vt[:PCA_DIMS].T
+    z = (e - mean) @ components
+    class_means = np.stack(
+        [z[labels == c].mean(axis=0) if (labels == c).any() else z.mean(axis=0) for c in range(num_classes)]
+    )
+    centred = z - class_means[labels]
+    precision = np.linalg.inv(np.cov(centred, rowvar=False) + 1e-6 * np.eye(PCA_DIMS))
+    detector = OodDetector(
+        mean.astype(np.float32), components.astype(np.float32), class_means.astype(np.float32),
+        precision.astype(np.float32), np.asarray(head[0], np.float32), np.asarray(head[1], np.float32),
+        np.zeros(4 + PCA_DIMS, np.float32), np.ones(4 + PCA_DIMS, np.float32), np.zeros(4 + PCA_DIMS, np.float32), 0.0, 0.5,
+    )  # fmt: skip
+    real, outliers = detector.signals(train_embeddings), detector.signals(outlier_embeddings)
+    both = np.concatenate([real, outliers])
+    detector.signal_mean, detector.signal_scale = both.mean(axis=0), both.std(axis=0) + 1e-6
+    x = (both - detector.signal_mean) / detector.signal_scale
+    y = np.r_[np.zeros(len(real)), np.ones(len(outliers))]
+    model = LogisticRegression(C=REGULARISATION, class_weight="balanced", max_iter=3000).fit(x, y)
+    detector.weights, detector.bias = model.coef_[0].astype(np.float32), float(model.intercept_[0])
+    detector.threshold = float(np.quantile(detector.score(val_embeddings), 1 - FALSE_FLAG_RATE))
+    return detector
+
+
+def auroc(negatives: ArrayLike, positives: ArrayLike) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
+    neg, pos = np.asarray(negatives), np.asarray(positives)
+    return float(roc_auc_score(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos]))
+
+
+def outlier_sets(data: str, split_csv: Path) -> dict[str, np.ndarray]:
+    """The generated images: 'train/<kind>' (seed 1, the training split's masks) and 'eval/<kind>'
+    (seed 2, the test split's masks and skin)."""
+    from ml import data as D
+    from ml import outliers as O
+
+    table = D.apply_split(D.read_dataset(data), split_csv)
+    paths = {s: list(table.loc[table["split"] == s, "path"]) for s in ("train", "test")}
+
+    def draw(kind: str, split: str, n: int, seed: int) -> np.ndarray:
+        return O.ham_outliers(paths[split], kind, n, seed) if kind in O.FROM_HAM10000 else O.generate(kind, n, seed)
+
+    sets = {f"train/{k}": draw(k, "train", TRAIN_PER_KIND, TRAIN_SEED) for k in O.TRAINING_KINDS}
+    sets.update({f"eval/{k}": draw(k, "test", EVAL_PER_KIND, EVAL_SEED) for k in O.EVALUATION_KINDS})
+    return sets
+
+
+def outlier_embeddings(model_dir: Path, data: str, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """Pooled embeddings of `outlier_sets`, by set name (cached in `cache` when given)."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as f:
+            return {k[: -len("/emb")]: f[k] for k in f.files if k.endswith("/emb")}
+    from ml.predictor import Predictor
+
+    predictor = Predictor.load(model_dir)
+    out = {}
+    for name, images in outlier_sets(data, model_dir / "split.csv").items():
+        batch = np.stack([predictor.preprocess(im) for im in images])
+        out[name] = predictor.embed_and_predict_raw(batch)[0]
+    if cache is not None:
+        np.savez(cache, **{f"{k}/emb": v for k, v in out.items()})
+    return out
+
+
+def evaluate(detector: OodDetector, real_test: ArrayLike, outliers: dict[str, np.ndarray]) -> dict:
+    """AUROC of evaluation outliers against test dermoscopy (all kinds; held-out kinds only),
+    flagged per kind, and the share of flagged test dermoscopy."""
+    from ml.outliers import TRAINING_KINDS
+
+    real = detector.score(real_test)
+    evaluation = {k.split("/", 1)[1]: detector.score(v) for k, v in outliers.items() if k.startswith("eval/")}
+    held_out = [s for k, s in evaluation.items() if k not in TRAINING_KINDS]
+    return {
+        "threshold": detector.threshold,
+        "test_dermoscopy_flagged": float(detector.flagged(real).mean()),
+        "auroc_all_kinds": auroc(real, np.concatenate(list(evaluation.values()))),
+        "auroc_held_out_kinds": auroc(real, np.concatenate(held_out)),
+        "flagged_per_kind": {
+            k: {"flagged": int(detector.flagged(s).sum()), "n": int(len(s)), "in_training": k in TRAINING_KINDS}
+            for k, s in evaluation.items()
+        },
+    }
+
+
+def dense_head(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's dense kernel and bias, read from the artifact's weights."""
+    from ml.predictor import Predictor
+
+    kernel, bias = Predictor.load(model_dir).model.get_layer("predictions").get_weights()
+    return kernel, bias
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ml import data as D
+    from ml.retrieval import split_embeddings
+
+    parser = argparse.ArgumentParser(description="Fit and measure the out-of-distribution detector.")
+    parser.add_argument("--model", type=Path, default=Path("models/default"))
+    parser.add_argument("--data", default="../shared/data/ham10000-200x150")
+    parser.add_argument("--cache", type=Path, help=".npz of the split's embeddings (ml.retrieval --cache)")
+    parser.add_argument("--outlier-cache", type=Path, help=".npz of the generated images' embeddings")
+    parser.add_argument("--write", action="store_true", help="store the detector in the artifact")
+    args = parser.parse_args(argv)
+    emb, _, labels, _ = split_embeddings(args.model, args.data, args.cache)
+    outliers = outlier_embeddings(args.model, args.data, args.outlier_cache)
+    training = np.concatenate([v for k, v in outliers.items() if k.startswith("train/")])
+    y = D.labels_to_indices(labels["train"])
+    head = dense_head(args.model)
+    detector = fit(emb["train"], y, training, emb["val"], head, head[0].shape[1])
+    report = evaluate(detector, emb["test"], outliers)
+    print(json.dumps(report, indent=2))
+    if args.write:
+        detector.save(args.model / OOD_FILE)
+        manifest_path = args.model / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["ood"] = {"file": OOD_FILE, "false_flag_rate_validation": FALSE_FLAG_RATE, **report}
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
