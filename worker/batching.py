@@ -43,7 +43,7 @@ from webapp.queue import ANALYSE_TASK, PREDICT_QUEUE
 from webapp.states import JobKind, JobStatus
 from webapp.storage import Storage, storage_from_settings
 
-from . import explain, predict, recovery
+from . import explain, predict, recovery, similarity
 from .celery_app import current_settings, send
 
 if TYPE_CHECKING:
@@ -162,6 +162,8 @@ def warm_up(model: Predictor, limit: int | None = None) -> float:
     image = np.full((h, w, 3), 128, dtype=np.uint8)
     for size in bucket_sizes(limit or predict.batch_limit()):
         predict_batch(model, [image] * size, limit, bool(current_settings().GRADCAM_PLUS_PLUS))
+        if hasattr(model, "embed_and_predict_raw"):  # the embedding pass (worker.similarity) traces per size too
+            model.embed_and_predict_raw(np.stack([model.preprocess(image)] * size))
     return time.monotonic() - started
 
 
@@ -312,6 +314,7 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
     loaded = list(_decoder_pool().map(_load, [storage] * len(analyses), [a.image.storage_key for a in analyses]))
     ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
     passed = _predict(model, [pixels for _, pixels, _ in ok], [a.image for a, _, _ in ok], settings) if ok else None
+    described = similarity.describe(model, [pixels for _, pixels, _ in ok], model_version)
 
     # Locked from here to the commit: the results of a case deleted during the pass are dropped, and
     # a deletion that comes now waits, then removes them with the rest (webapp.cases.deletion).
@@ -322,6 +325,8 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
             log.error("Could not read the image of analysis %s: %s", analysis.id, message)
             predict.fail_analysis(analysis, message)
     kept = [entry for entry in enumerate(ok) if entry[1][0].image_id in alive]
+    for i, (analysis, _, _) in kept:
+        similarity.store(analysis, described[i])
     shap_pending = _store_pass(kept, passed, model, model_version) if kept else []
     predict.finish_jobs([job for job in jobs if job.image_id in alive])
     db.session.commit()
