@@ -17,7 +17,7 @@ help:
 	@echo "make test              the whole suite, then its database tests on PostgreSQL (ruff first)"
 	@echo "make lint              ruff check and ruff format --check only"
 	@echo "make test-fast         the suite without the end-to-end tests"
-	@echo "make bench             pipeline throughput and latency vs the model alone (bench-out/pipeline.json)"
+	@echo "make bench             pipeline throughput and latency vs the model alone (bench-out/pipeline.json), similar-case search at 100,000 cases (bench-out/similar.json)"
 	@echo "make lock              re-pin requirements.lock from what is installed in .venv"
 	@echo "make migrate           apply database migrations to instance/portal.db (or DATABASE_URL)"
 
@@ -59,6 +59,7 @@ migrate: $(STAMP)
 # Starts its own redis-server, Celery worker and gunicorn on free ports; not part of the tests.
 bench: $(STAMP)
 	$(PY) scripts/bench_pipeline.py $(BENCH_ARGS)
+	$(PY) scripts/bench_similar.py
 
 # Pins exactly what is installed (pip, and the editable project itself, left out).
 lock:
