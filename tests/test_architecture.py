@@ -98,5 +98,7 @@ def test_webapp_keeps_at_most_14_top_level_modules_beside_its_capability_package
     top_level = sorted(p.name for p in (ROOT / "webapp").glob("*.py"))
     assert len(top_level) <= MAX_WEBAPP_TOP_LEVEL_MODULES, top_level
     packages = sorted(p.parent.name for p in (ROOT / "webapp").glob("*/__init__.py"))
-    capabilities = ["accounts", "api", "auth", "backup", "batches", "cases", "dashboard", "model_versions", "review"]
+    capabilities = [
+        "accounts", "api", "auth", "backup", "batches", "cases", "dashboard", "model_versions", "review", "similar",
+    ]  # fmt: skip
     assert packages == capabilities

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from portal_helpers import login, make_user
 from research_helpers import model_version, seed_case
 from sqlalchemy import delete, select
 
@@ -196,3 +197,14 @@ def test_an_ivf_index_finds_the_same_nearest_cases(app, monkeypatch):
 
 def test_score_maps_cosine_to_zero_one():
     assert service.score(1.0) == 1.0 and service.score(-1.0) == 0.0 and service.score(0.0) == 0.5
+
+
+def test_the_case_page_shows_similar_cases_and_the_warning(app, client, portal):
+    make_user(app, email="page@example.org")
+    assert login(client, "page@example.org").status_code == 302
+    store(app, portal["far"], unit(0, 1), ood=0.95, flagged=True)
+    html = client.get(f"/cases/{portal['far']}").get_data(as_text=True)
+    assert 'id="ood-warning"' in html and "unreliable" in html
+    assert f"Case #{portal['middle']}" in html and "reference diagnosis" in html
+    quiet = client.get(f"/cases/{portal['near']}").get_data(as_text=True)
+    assert 'id="ood-warning"' not in quiet and f"Case #{portal['twin']}" in quiet

@@ -28,6 +28,7 @@ from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVer
 from ..presenters import case_dict
 from ..review.service import can_review
 from ..security import upload_limit
+from ..similar.service import add_similar_cases
 from ..states import JobStatus
 from ..storage import StorageError, storage_from_settings
 from .deletion import DeletionError, check_confirmed, delete_case
@@ -113,7 +114,9 @@ def upload_too_large(exc: RequestEntityTooLarge):
 @login_required
 def show(case_id: int):
     case = get_or_404(Case, case_id)
-    return render_template("cases/show.html", case=case, data=case_dict(case), research=_research_context(case))
+    data = case_dict(case)
+    add_similar_cases(data["analyses"], g.user)
+    return render_template("cases/show.html", case=case, data=data, research=_research_context(case))
 
 
 @bp.post("/cases/<int:case_id>/delete")
@@ -151,6 +154,7 @@ def status(case_id: int):
     """Polled by static/case.js: the case as the API gives it, plus the rendered results block."""
     case = get_or_404(Case, case_id)
     data = case_dict(case)
+    add_similar_cases(data["analyses"], g.user)
     data["html"] = render_template("cases/_results.html", data=data)
     data["explanations_html"] = render_template("cases/_explanations.html", data=data)
     data["done"] = JobStatus(data["status"]).finished and not data["explanations_pending"]
