@@ -208,3 +208,18 @@ def test_the_case_page_shows_similar_cases_and_the_warning(app, client, portal):
     assert f"Case #{portal['middle']}" in html and "reference diagnosis" in html
     quiet = client.get(f"/cases/{portal['near']}").get_data(as_text=True)
     assert 'id="ood-warning"' not in quiet and f"Case #{portal['twin']}" in quiet
+
+
+def test_flagged_cases_are_marked_in_the_list_and_the_export(app, client, portal):
+    make_user(app, email="list@example.org")
+    assert login(client, "list@example.org").status_code == 302
+    store(app, portal["far"], unit(0, 1), ood=0.95, flagged=True)
+    # Each row shows its case's latest prediction: the far case's (flagged); the query case's second
+    # image's, which has no verdict, hides its first image's flag.
+    listed = client.get("/cases").get_data(as_text=True)
+    assert listed.count("not dermoscopy?") == 1
+    export = client.get("/cases/export.csv").get_data(as_text=True).splitlines()
+    header = export[0].split(",")
+    column = header.index("out_of_distribution")
+    flags = [line.split(",")[column] for line in export[1:] if line]
+    assert flags.count("flagged") == 1

@@ -34,6 +34,7 @@ EXPORT_COLUMNS = (
     "model_trained",
     "model_trained_on",
     "predicted_class",
+    "out_of_distribution",
     "top_class_rule",
     "model_inputs",
     "predicted_probability",
@@ -92,6 +93,10 @@ def _export_record(row: dict[str, Any]) -> list[Any]:
         "top_class_rule": model.get("top_class_rule"),
         "model_inputs": model.get("inputs"),
         "predicted_class": p.get("top_class"),
+        # "flagged": the image did not look like dermoscopy (ml.ood), so the predicted class is unreliable.
+        "out_of_distribution": {True: "flagged", False: "no"}.get(
+            (p.get("out_of_distribution") or {}).get("flagged"), ""
+        ),
         "predicted_probability": _rounded(p.get("probability")),
         "malignant_probability": p.get("malignant_probability"),
         "other_predictions": "; ".join(

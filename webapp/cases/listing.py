@@ -31,7 +31,7 @@ from ..models import (
     Review,
     User,
 )
-from ..presenters import STATUS_ORDER, iso, model_dict, review_dict
+from ..presenters import STATUS_ORDER, iso, model_dict, out_of_distribution, review_dict
 from ..security import ID_MAX
 from ..states import AnalysisStatus, JobStatus
 
@@ -336,6 +336,7 @@ def _prediction(analysis: Analysis, mv: ModelVersion) -> dict[str, Any]:
         "model_version_id": mv.id,
         "model": model_dict(mv, analysis.metadata_used),
         "metadata_used": bool(analysis.metadata_used),
+        "out_of_distribution": out_of_distribution(analysis),
         "top_class": analysis.top_class,
         "top_class_name": mv.class_long_names.get(analysis.top_class, analysis.top_class),
         "probability": float(probs.get(analysis.top_class, 0.0)) if analysis.top_class else None,
