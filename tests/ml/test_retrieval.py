@@ -71,3 +71,11 @@ def test_the_shipped_artifact_describes_an_image_and_flags_noise():
     pooled, _ = predictor.embed_and_predict_raw(np.stack([predictor.preprocess(im) for im in noise]))
     assert projection(pooled).shape == (3, predictor.manifest["retrieval"]["dims"])
     assert detector.flagged(detector.score(pooled)).sum() >= 2
+    # The worker's step: what each analysis stores, from the same artifact.
+    from types import SimpleNamespace
+
+    from worker.similarity import describe
+
+    described = describe(predictor, list(noise), SimpleNamespace(artifact_path=str(ARTIFACT)))
+    assert [len(d.embedding) for d in described] == [2 * predictor.manifest["retrieval"]["dims"]] * 3
+    assert all(0 <= d.ood_score <= 1 and d.ood_flagged == (d.ood_score > detector.threshold) for d in described)
