@@ -118,6 +118,7 @@
           ["done", "failed", "running", "queued", "pending"].forEach(function (k) { document.getElementById("count-" + k).textContent = c[k]; });
           document.getElementById("count-total").textContent = p.total;
           document.getElementById("count-duplicates").textContent = p.duplicates;
+          document.getElementById("count-ood").textContent = p.out_of_distribution;
           ["done", "running", "queued", "failed"].forEach(function (k) { document.getElementById("maps-" + k).textContent = p.explanations[k]; });
           var table = document.getElementById("batch-errors"), body = table.tBodies[0];
           body.textContent = "";

@@ -223,3 +223,20 @@ def test_flagged_cases_are_marked_in_the_list_and_the_export(app, client, portal
     column = header.index("out_of_distribution")
     flags = [line.split(",")[column] for line in export[1:] if line]
     assert flags.count("flagged") == 1
+
+
+def test_batch_progress_counts_flagged_images(app, client, auth_headers, portal):
+    from webapp.batches.service import batch_progress
+    from webapp.models import Batch, BatchItem, Job
+
+    with app.app_context():
+        batch = Batch(name="folder", source="api")
+        db.session.add(batch)
+        db.session.flush()
+        for name in ("query", "near"):
+            job = db.session.scalars(select(Job).join(Image).where(Image.case_id == portal[name])).first()
+            db.session.add(BatchItem(batch_id=batch.id, filename=f"{name}.jpg", case_id=portal[name], job_id=job.id))
+        db.session.commit()
+        assert batch_progress(batch)["out_of_distribution"] == 1
+        batch_id = batch.id
+    assert client.get(f"/api/v1/batches/{batch_id}", headers=auth_headers).get_json()["out_of_distribution"] == 1

@@ -25,7 +25,7 @@ from .. import queue
 from ..cases.intake import DuplicateImage, store_image
 from ..db import db
 from ..imaging import UploadError
-from ..models import Batch, BatchItem, Explanation, Image, Job, User
+from ..models import Analysis, Batch, BatchItem, Explanation, Image, Job, User
 from ..queue import ANALYSE_TASK, INGEST_QUEUE, INGEST_TASK, PREDICT_QUEUE
 from ..states import ExplanationStatus
 from ..storage import check_key, storage_from_settings
@@ -229,6 +229,17 @@ def explanation_counts(batch_id: int) -> dict[str, int]:
     return counts
 
 
+def out_of_distribution_count(batch_id: int) -> int:
+    """How many of the batch's analysed images were flagged as not dermoscopy (ml.ood)."""
+    query = (
+        select(func.count(Analysis.id))
+        .join(Job, Job.analysis_id == Analysis.id)
+        .join(BatchItem, BatchItem.job_id == Job.id)
+        .where(BatchItem.batch_id == batch_id, Analysis.ood_flagged.is_(True))
+    )
+    return int(db.session.scalar(query) or 0)
+
+
 def batch_progress(batch: Batch) -> dict[str, Any]:
     """The batch's counts, cases and per-file errors (one query over its items and their jobs)."""
     rows = db.session.execute(
@@ -275,6 +286,7 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
         "expected": expected,
         "counts": counts,
         "duplicates": duplicates,
+        "out_of_distribution": out_of_distribution_count(batch.id),
         "explanations": maps,
         "predictions_finished": predictions_finished,
         "finished": finished,
