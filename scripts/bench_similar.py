@@ -2,7 +2,7 @@
 
     python scripts/bench_similar.py [--cases 100000] [--queries 200] [--dims 128] [--out bench-out/similar.json]
 
-Seeds a SQLite database (cases, images, succeeded analyses with clustered float16 embeddings, the
+Seeds a SQLite database (cases, images, succeeded analyses with clustered float16 embeddings of the
 size ml.retrieval stores, a tenth of the cases reviewed twice), then times
 `webapp.similar.service.similar_cases` end to end (catch-up query, faiss search, the database
 look-ups of the neighbours and their labels) for random analyses, and the recall@10 of the index
@@ -16,7 +16,7 @@ import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,8 @@ def seed(app, n: int, dims: int, rng: np.random.Generator) -> np.ndarray:
                     {
                         "id": i, "image_id": i, "model_version_id": mv.id, "status": "succeeded", "top_class": "nv",
                         "probabilities": {"nv": 1.0}, "embedding": vectors[i - 1].astype("<f2").tobytes(),
-                        "ood_score": 0.1, "ood_flagged": False, "created_at": now, "finished_at": now,
+                        "ood_score": 0.1, "ood_flagged": False, "created_at": now,
+                        "finished_at": now - timedelta(seconds=10 * (n - i)),  # one every 10 s, as analysed
                     }
                     for i in ids
                 ],
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--dims", type=int, default=128)
+    parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench-out/similar.json"))
     args = parser.parse_args(argv)
     rng = np.random.default_rng(42)

@@ -29,7 +29,8 @@ from ..models import Analysis
 from ..states import AnalysisStatus
 
 IVF_MIN = 20_000
-NPROBE = 16
+NPROBE = 16  # of about sqrt(n) lists: some 5 % of the vectors at 100,000
+TRAIN_PER_LIST = 40
 # An analysis commits within seconds of its finished_at; looking this far back catches one that
 # committed after a later-finishing one was already indexed.
 CATCH_UP = timedelta(seconds=60)
@@ -63,9 +64,10 @@ class VectorIndex:
     def build(cls, ids: np.ndarray, vectors: np.ndarray, dims: int) -> VectorIndex:
         faiss = _faiss()
         if len(ids) >= IVF_MIN:
-            lists = int(4 * math.sqrt(len(ids)))
+            lists = int(math.sqrt(len(ids)))
             inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dims), dims, lists, faiss.METRIC_INNER_PRODUCT)
-            inner.train(vectors)
+            sample = np.random.default_rng(0).permutation(len(vectors))[: TRAIN_PER_LIST * lists]
+            inner.train(vectors[sample])  # k-means on a sample: as good, and seconds instead of a minute
             inner.nprobe = NPROBE
             index = inner
         else:
@@ -92,27 +94,34 @@ _indexes: dict[int, VectorIndex] = {}
 _registry_lock = threading.Lock()
 
 
-def _rows(model_version_id: int, since: datetime | None):
-    query = select(Analysis.id, Analysis.embedding, Analysis.finished_at).where(
+def _stored(model_version_id: int):
+    return (
         Analysis.model_version_id == model_version_id,
         Analysis.status == AnalysisStatus.SUCCEEDED,
         Analysis.embedding.is_not(None),
     )
+
+
+def _read(model_version_id: int, since: datetime | None, dims: int | None, known: set[int] = frozenset()):
+    """(ids, vectors, dims, latest finished_at) of the stored embeddings finished since `since` (all
+    when None), leaving out the `known` ids: the catch-up reads ids first (the index on
+    (model_version_id, finished_at) covers them) and embeddings only for the new ones."""
+    where = _stored(model_version_id)
     if since is not None:
-        query = query.where(Analysis.finished_at >= since - CATCH_UP)
-    return db.session.execute(query.order_by(Analysis.finished_at).execution_options(yield_per=READ_CHUNK))
-
-
-def _read(model_version_id: int, since: datetime | None, dims: int | None):
-    """(ids, vectors, dims, latest finished_at) of the stored embeddings (of length `dims` when given)."""
-    ids, blobs, latest = [], [], since
-    for analysis_id, blob, finished in _rows(model_version_id, since):
-        if dims is None:
-            dims = len(blob) // 2
-        if len(blob) == 2 * dims:  # an artifact's projection fixes the size; skip anything else
-            ids.append(analysis_id)
-            blobs.append(blob)
-        latest = finished if latest is None or (finished and finished > latest) else latest
+        where += (Analysis.finished_at >= since - CATCH_UP,)
+    found = db.session.execute(select(Analysis.id, Analysis.finished_at).where(*where)).all()
+    latest = max([f for _, f in found if f is not None], default=since)
+    wanted = [i for i, _ in found if i not in known]
+    ids, blobs = [], []
+    for start in range(0, len(wanted), READ_CHUNK):
+        chunk = wanted[start : start + READ_CHUNK]
+        for analysis_id, blob in db.session.execute(
+            select(Analysis.id, Analysis.embedding).where(Analysis.id.in_(chunk))
+        ):
+            dims = dims or len(blob) // 2
+            if len(blob) == 2 * dims:  # an artifact's projection fixes the size; skip anything else
+                ids.append(analysis_id)
+                blobs.append(blob)
     vectors = vectors_from_blobs(blobs) if blobs else np.zeros((0, dims or 0), np.float32)
     return np.asarray(ids, np.int64), vectors, dims, latest
 
@@ -169,7 +178,7 @@ def current(model_version_id: int, folder: Path | None = None) -> VectorIndex | 
                 return None
             _indexes[model_version_id] = found
     with found.lock:
-        ids, vectors, _, latest = _read(model_version_id, found.seen_until, found.dims)
+        ids, vectors, _, latest = _read(model_version_id, found.seen_until, found.dims, found.ids)
         found.add([int(i) for i in ids], vectors)
         found.seen_until = latest
     return found
