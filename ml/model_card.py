@@ -234,6 +234,39 @@ def fusion_lines(manifest: dict, extras: dict) -> list[str]:
     return lines
 
 
+def retrieval_ood_lines(manifest: dict) -> list[str]:
+    """The stored embedding for similar cases and the not-dermoscopy detector, where the artifact has them."""
+    retrieval, ood = manifest.get("retrieval"), manifest.get("ood")
+    lines = []
+    if retrieval:
+        lines += [
+            "## Similar cases",
+            "",
+            f"Each analysis stores a {retrieval['dims']}-d projection of the network's pooled embedding "
+            f"({retrieval['dtype']}, `{retrieval['file']}`). Precision@5 of the label on the test split, prior "
+            f"cases from training and validation, no neighbour of the query's own lesion: "
+            f"{fmt(retrieval.get('test_precision_at_5'))} (raw embedding {fmt(retrieval.get('test_precision_at_5_raw'))}).",
+            "",
+        ]
+    if ood:
+        kinds = ", ".join(
+            f"{kind} {k['flagged']}/{k['n']}{'' if not k['in_training'] else ' (kind trained on)'}"
+            for kind, k in ood["flagged_per_kind"].items()
+        )
+        lines += [
+            "## Not dermoscopy",
+            "",
+            f"A detector (`{ood['file']}`) flags images unlike dermoscopy; its threshold flags "
+            f"{ood['false_flag_rate_validation']:.0%} of validation images. Test dermoscopy flagged: "
+            f"{ood['test_dermoscopy_flagged']:.1%}. AUROC against generated non-dermoscopic images "
+            f"{fmt(ood['auroc_all_kinds'])} ({fmt(ood['auroc_held_out_kinds'])} on kinds never trained on). "
+            f"Flagged per kind: {kinds}. The detector's variant was chosen after seeing these figures, so "
+            "they are optimistic (docs/similar.md).",
+            "",
+        ]
+    return lines
+
+
 def fullres_lines(extras: dict) -> list[str]:
     agreement = extras.get("fullres")
     if not agreement:
@@ -305,6 +338,7 @@ def render(
         *decision_lines(manifest),
         "",
         *fusion_lines(manifest, artifact_extras),
+        *retrieval_ood_lines(manifest),
         *fullres_lines(artifact_extras),
         "## Training data and split",
         "",

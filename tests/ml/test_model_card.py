@@ -53,3 +53,23 @@ def test_without_an_evaluation_the_card_says_so(artifact):
 def test_a_folder_without_manifest_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         write_model_card(tmp_path)
+
+
+def test_the_card_reports_retrieval_and_the_not_dermoscopy_detector_from_the_manifest():
+    from ml.model_card import retrieval_ood_lines
+
+    assert retrieval_ood_lines({}) == []
+    manifest = {
+        "retrieval": {"file": "retrieval.npz", "dims": 64, "dtype": "float16", "test_precision_at_5": 0.664},
+        "ood": {
+            "file": "ood.npz",
+            "false_flag_rate_validation": 0.05,
+            "test_dermoscopy_flagged": 0.052,
+            "auroc_all_kinds": 0.97,
+            "auroc_held_out_kinds": 0.96,
+            "flagged_per_kind": {"photo": {"flagged": 50, "n": 60, "in_training": False}},
+        },
+    }
+    text = "\n".join(retrieval_ood_lines(manifest))
+    assert "64-d projection" in text and "0.664" in text
+    assert "photo 50/60" in text and "5.2%" in text and "optimistic" in text
