@@ -84,6 +84,18 @@ class FusionHead:
     weights: np.ndarray
     bias: np.ndarray
 
+    @classmethod
+    def neutral(cls, num_classes: int) -> FusionHead:
+        """A head on `num_classes` log-probabilities whose weights are all zero: uniform probabilities
+        until weights are set (a starting point for hand-made heads)."""
+        inputs = num_classes + len(METADATA_FEATURES)
+        return cls(
+            np.zeros(num_classes, np.float32),
+            np.ones(num_classes, np.float32),
+            np.zeros((inputs, num_classes), np.float32),
+            np.zeros(num_classes, np.float32),
+        )
+
     def logits(self, embeddings: np.ndarray, metadata: np.ndarray) -> np.ndarray:
         features = np.hstack([(np.asarray(embeddings, np.float32) - self.mean) / self.scale, metadata])
         return features @ self.weights + self.bias

@@ -232,13 +232,7 @@ def test_a_metadata_head_answers_for_cases_with_metadata_and_the_map_explains_it
     from ml.decision import Decision
     from webapp.models import Explanation
 
-    features = len(MD.METADATA_FEATURES)
-    head = MD.FusionHead(
-        np.zeros(7, np.float32),
-        np.ones(7, np.float32),
-        np.zeros((7 + features, 7), np.float32),
-        np.zeros(7, np.float32),
-    )
+    head = MD.FusionHead.neutral(7)
     df = tiny_predictor.class_names.index("df")
     head.weights[7 + MD.METADATA_FEATURES.index("site_acral"), df] = 50.0  # acral site: df, whatever the image
     monkeypatch.setattr(tiny_predictor, "metadata_head", MD.MetadataHead(head, 1.0, Decision()))

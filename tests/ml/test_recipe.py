@@ -218,13 +218,7 @@ def test_agreement_compares_the_top_class_on_two_copies_of_the_same_images(train
 
 def test_metadata_changes_the_answer_only_for_cases_that_have_metadata(tiny_predictor, tmp_path):
     rng = np.random.default_rng(5)
-    features = len(MD.METADATA_FEATURES)
-    head = MD.FusionHead(
-        np.zeros(7, np.float32),
-        np.ones(7, np.float32),
-        np.zeros((7 + features, 7), np.float32),
-        np.zeros(7, np.float32),
-    )
+    head = MD.FusionHead.neutral(7)
     head.weights[7 + MD.METADATA_FEATURES.index("site_acral"), 3] = 50.0  # acral site: df
     np.testing.assert_allclose(head.weights[:7], 0)
     images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
@@ -252,12 +246,7 @@ def test_an_artifact_ships_its_metadata_head(trained_run, tmp_path):
     folder = tmp_path / "artifact"
     shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints", "eval_test"))
     assert Predictor.load(folder).metadata_head is None
-    head = MD.FusionHead(
-        np.zeros(7, np.float32),
-        np.ones(7, np.float32),
-        np.zeros((7 + len(MD.METADATA_FEATURES), 7), np.float32),
-        np.zeros(7, np.float32),
-    )
+    head = MD.FusionHead.neutral(7)
     head.save(folder / MD.FUSION_FILE)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["fusion"] = {
@@ -282,13 +271,7 @@ def test_the_test_evaluation_reports_the_head_with_and_without_metadata_beside_t
 
     folder = tmp_path / "artifact"
     shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints"))
-    features = len(MD.METADATA_FEATURES)
-    head = MD.FusionHead(
-        np.zeros(7, np.float32),
-        np.ones(7, np.float32),
-        np.zeros((7 + features, 7), np.float32),
-        np.zeros(7, np.float32),
-    )
+    head = MD.FusionHead.neutral(7)
     nv = 5
     head.weights[7 + MD.METADATA_FEATURES.index("site_back"), nv] = 50.0  # every synthetic lesion is on the back
     head.save(folder / MD.FUSION_FILE)
