@@ -29,7 +29,10 @@ from webapp.models import (
 
 ADMIN = "admin@example.org"
 BACKENDS = pytest.mark.parametrize(
-    "app", ["sqlite", pytest.param("postgresql", marks=pytest.mark.db_backends)], indirect=True
+    "app",
+    # The PostgreSQL pass (--database=postgresql) runs the "postgresql" case; "sqlite" is this file's own.
+    [pytest.param("sqlite", marks=pytest.mark.sqlite_only), pytest.param("postgresql", marks=pytest.mark.db_backends)],
+    indirect=True,
 )
 REASON = "consent withdrawn"
 SECRETS = {"patient_ref": "PAT-SECRET-7", "lesion_ref": "LES-SECRET-9", "age": "47", "sex": "female", "site": "scalp"}
@@ -51,7 +54,8 @@ def app(app, request, tmp_path):
         {
             "TESTING": True,
             "INSTANCE_DIR": tmp_path / "pg-instance",
-            "DATABASE_URL": request.getfixturevalue("fresh_postgres_url"),
+            # A database of its own: under --database=postgresql conftest's app already holds one.
+            "DATABASE_URL": request.getfixturevalue("new_postgres_database")(),
             "STORAGE_DIR": tmp_path / "pg-storage",
             "MODEL_DIR": tmp_path / "no-model",
             "REDIS_URL": "redis://127.0.0.1:1/0",

@@ -120,7 +120,11 @@ def predict_batch(
 
 
 def explain_chosen(
-    model: Predictor, images: Sequence[np.ndarray], gradcams: list[explain.GradCam] | None, chosen: np.ndarray
+    model: Predictor,
+    images: Sequence[np.ndarray],
+    gradcams: list[explain.GradCam] | None,
+    chosen: np.ndarray,
+    metadata_used: np.ndarray,
 ) -> list[explain.GradCam] | None:
     """The pass's maps, each of the class finally chosen for its image.
 
@@ -129,7 +133,9 @@ def explain_chosen(
     """
     if gradcams is None:
         return None
-    redo = [i for i, (index, _, error) in enumerate(gradcams) if error is None and index != chosen[i]]
+    redo = [
+        i for i, (index, _, error) in enumerate(gradcams) if error is None and metadata_used[i] and index != chosen[i]
+    ]
     if not redo:
         return gradcams
     maps = list(gradcams)
@@ -350,7 +356,7 @@ def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], sett
     t0 = time.perf_counter()
     probs, gradcams = predict_batch(model, images, plus_plus=settings.GRADCAM_PLUS_PLUS)
     probs, chosen, metadata_used = predict.answer_with_metadata(model, probs, rows)
-    gradcams = explain_chosen(model, images, gradcams, chosen)
+    gradcams = explain_chosen(model, images, gradcams, chosen, metadata_used)
     predict_ms = round((time.perf_counter() - t0) * 1000, 1)
     overlays = None
     if gradcams is not None:
