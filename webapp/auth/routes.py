@@ -37,6 +37,12 @@ def _login_key() -> str:
     return hashlib.sha256(f"{email}\0{client_ip()}".encode()).hexdigest()[:32]
 
 
+def _address_key() -> str:
+    """One counter per client address across accounts; hashed like `_login_key`, so that Redis holds
+    no addresses."""
+    return "address-" + hashlib.sha256(client_ip().encode()).hexdigest()[:32]
+
+
 def _too_many_failures(limit: RequestLimit):
     wait = max(1, int(limit.reset_at - time.time()))
     flash(f"Too many failed logins; try again in {wait // 60 + 1} minutes.", "error")
@@ -73,7 +79,7 @@ def start_session(user) -> None:
 )
 @limiter.limit(
     lambda: current_app.config["LOGIN_ADDRESS_RATE_LIMIT"],
-    key_func=lambda: f"address-{client_ip()}",
+    key_func=_address_key,
     methods=["POST"],
     deduct_when=_failed,
     on_breach=_too_many_failures,
