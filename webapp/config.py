@@ -88,7 +88,7 @@ class Settings:
     S3_BUCKET: str | None = None  # The bucket (it must exist); required with STORAGE_BACKEND=s3.
     S3_ENDPOINT_URL: str | None = None  # The service's URL, e.g. http://minio:9000; empty for AWS S3 itself.
     S3_REGION: str | None = None  # The bucket's region; empty: boto3's default (AWS_DEFAULT_REGION, ~/.aws/config).
-    S3_PREFIX: str | None = None  # A folder inside the bucket for this portal's objects, e.g. "dermportal"; empty: the root.
+    S3_PREFIX: str | None = None  # A folder in the bucket for the portal's objects, e.g. "dermportal".
     MODEL_DIR: Path = REPO_ROOT / "models" / "default"
     MAX_UPLOAD_MB: float = 20
     MAX_IMAGE_PIXELS: int = 40_000_000
