@@ -270,3 +270,16 @@ def test_each_further_file_of_a_chunk_costs_a_fixed_few_statements(app, client, 
     # The duplicate check, the case, image, job and item inserts, and SQLite's BEGIN/COMMIT bookkeeping.
     assert per_file <= 6, f"{per_file} statements per further file"
     assert [len(args) for _, args, _ in sent_tasks] == [2, 10]  # one message per chunk of at most 16 jobs
+
+
+def test_a_batch_and_a_chunk_of_exactly_one_file_are_stored(app, client, auth_headers, sent_tasks):
+    images = fixture_images()
+    one, other = SMALL_IMAGES[:2]
+    response = client.post("/api/v1/batches", headers=auth_headers, data={"images": (io.BytesIO(images[one]), one)})
+    assert response.status_code == 202, response.json
+    assert response.json["stored"] == 1 and not response.json["errors"]
+    chunk = client.post(
+        f"{response.json['url']}/files", headers=auth_headers, data={"images": (io.BytesIO(images[other]), other)}
+    )
+    assert chunk.status_code == 202 and chunk.json["stored"] == 1, chunk.json
+    assert _counts(app)["cases"] == 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ..cases.explanations import METHOD_ALIASES
 from ..cases.listing import AGREEMENTS, DEFAULT_PER_PAGE, MAX_PER_PAGE, REVIEW_STATES, SORTS, STATUSES
@@ -18,6 +18,15 @@ from ..models import CONFIDENCE_LEVELS, DX_CLASSES, REVIEW_DIAGNOSES, SEXES
 from ..security import ID_MAX
 
 File = Annotated[Any, WithJsonSchema({"type": "string", "format": "binary"})]
+
+
+def _as_list(value: Any) -> Any:
+    # A form with one file gives the file itself; a FileStorage is iterable (its lines), so pydantic
+    # would turn it into a list of lines and read the upload up before the route sees it.
+    return value if isinstance(value, list | tuple) else [value]
+
+
+Files = Annotated[list[File], BeforeValidator(_as_list)]
 
 
 def _text(description: str) -> Any:
@@ -47,7 +56,7 @@ class CaseUpload(BaseModel):
 
 
 class BatchUpload(BaseModel):
-    images: list[File] = Field([], description="the images (many)")
+    images: Files = Field([], description="the images (many)")
     metadata: File = Field(None, description="HAM10000 CSV: image_id, lesion_id, dx, dx_type, age, sex, localization")
     archive: File = Field(None, description="one .zip of images (and optionally the CSV)")
     name: str | None = _text("the batch's name")
@@ -55,7 +64,7 @@ class BatchUpload(BaseModel):
 
 
 class BatchFiles(BaseModel):
-    images: list[File] = Field([], description="a chunk of the batch's images")
+    images: Files = Field([], description="a chunk of the batch's images")
 
 
 class CaseFilters(BaseModel):
