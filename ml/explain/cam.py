@@ -87,17 +87,22 @@ def upsample_and_normalise(cam: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     return tf.math.divide_no_nan(cam, peak)
 
 
+def map_pass_signature(model: keras.Model) -> list[tf.TensorSpec]:
+    """The inputs of a compiled map pass (forward CAM or tape Grad-CAM): images at the model's input
+    size, one class per image and the decision's per-class offsets."""
+    height, width = (int(d) for d in model.input_shape[1:3])
+    return [
+        tf.TensorSpec((None, height, width, 3), tf.float32, name="images"),
+        tf.TensorSpec((None,), tf.int32, name="class_indices"),
+        tf.TensorSpec((None,), tf.float32, name="class_offsets"),
+    ]
+
+
 def _build_cam_function(model: keras.Model, feature_layer: keras.layers.Layer, head: keras.layers.Dense):
     both = keras.Model(model.inputs, [feature_layer.output, model.outputs[0]], name=f"{model.name}_cam")
     height, width = (int(d) for d in model.input_shape[1:3])
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec((None, height, width, 3), tf.float32, name="images"),
-            tf.TensorSpec((None,), tf.int32, name="class_indices"),
-            tf.TensorSpec((None,), tf.float32, name="class_offsets"),
-        ]
-    )
+    @tf.function(input_signature=map_pass_signature(model))
     def cam(images, class_indices, class_offsets):
         features, probs = both(images, training=False)
         features, probs = tf.cast(features, tf.float32), tf.cast(probs, tf.float32)

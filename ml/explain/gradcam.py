@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.calibration import calibrated_softmax as calibrate
-from ml.explain.cam import cam_function, exact_method, upsample_and_normalise
+from ml.explain.cam import cam_function, exact_method, map_pass_signature, upsample_and_normalise
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -143,13 +143,7 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
     grad_model = keras.Model(model.inputs, outputs, name=f"{model.name}_gradcam")
     height, width = (int(d) for d in model.input_shape[1:3])
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec((None, height, width, 3), tf.float32, name="images"),
-            tf.TensorSpec((None,), tf.int32, name="class_indices"),
-            tf.TensorSpec((None,), tf.float32, name="class_offsets"),
-        ]
-    )
+    @tf.function(input_signature=map_pass_signature(model))
     def gradcam(images, class_indices, class_offsets):
         with tf.GradientTape() as tape:
             features, probs, *head_input = grad_model(images, training=False)
