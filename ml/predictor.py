@@ -164,6 +164,18 @@ class Predictor:
         (`with_metadata` on the network's answer)."""
         return self.with_metadata(self.predict(images), metadata)
 
+    def predict_with_embedding(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (as `predict`) and the pooled embeddings of RGB uint8 arrays, from
+        the same forward pass: (N, C) and (N, D) float32.
+
+        Raises:
+            ValueError: if an image is not HxWx3 uint8.
+        """
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), np.float32), np.zeros((0, 0), np.float32)
+        pooled, raw = self.embed_and_predict_raw(np.stack([self.preprocess(im) for im in images]))
+        return apply_temperature(raw, self.temperature), pooled
+
     def with_metadata(self, probs: np.ndarray, metadata: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The answer given the network's calibrated probabilities and each image's metadata features
         (`ml.metadata.metadata_vector` rows): (probabilities, chosen class indices, metadata used).

@@ -212,12 +212,13 @@ def test_padded_batches_predict_what_unpadded_ones_do(tiny_predictor, monkeypatc
     images = [rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8) for i in range(5)]
     monkeypatch.setattr(celery_app, "settings", dataclasses.replace(celery_app.settings, PREDICT_BATCH_SIZE=16))
 
-    probs, gradcams = predict_batch(tiny_predictor, images)  # 5 images padded to 8
+    probs, gradcams, pooled = predict_batch(tiny_predictor, images)  # 5 images padded to 8
     unpadded = explain_gradcam(tiny_predictor, images, batch_size=5)
     one_by_one = np.concatenate([tiny_predictor.predict([image]) for image in images])
     assert probs.shape == (5, len(tiny_predictor.class_names))
     np.testing.assert_allclose(probs, unpadded.probs, atol=1e-5)
     np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
+    np.testing.assert_allclose(pooled, unpadded.embeddings, atol=1e-5)
     for (index, heatmap, error), expected_index, expected_map, image in zip(
         gradcams, unpadded.class_indices, unpadded.maps, images
     ):

@@ -617,7 +617,7 @@ def test_a_deletion_waits_for_a_worker_storing_maps_and_removes_them_too(
     job_id = sent_tasks[0][1][0]
     probs = np.full((1, 7), 1 / 7, dtype=np.float32)
     monkeypatch.setattr(
-        batching, "predict_batch", lambda model, images, **kw: (probs, [(4, np.ones((150, 200)), None)])
+        batching, "predict_batch", lambda model, images, **kw: (probs, [(4, np.ones((150, 200)), None)], None)
     )
     monkeypatch.setattr(explain, "gradcam_layer_png", lambda heatmap: b"layer")
     original_store = explain.store_explanation

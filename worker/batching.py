@@ -6,7 +6,8 @@ to it. So when `worker.tasks.analyse(job_id)` runs, it also *claims* up to PREDI
 further `queued` analyse jobs of the same model version (oldest first, each with the same
 conditional UPDATE as worker.recovery.claim, so no two deliveries or workers take the same job),
 decodes their stored PNGs in a small thread pool, runs ONE forward pass that gives the calibrated
-probabilities and the Grad-CAM maps of all of them (`ml.explain.explain_gradcam`), stores every
+probabilities, the Grad-CAM maps and the pooled embeddings of all of them
+(`ml.explain.explain_gradcam`; the embeddings feed `worker.similarity`), stores every
 result in one commit and marks the jobs succeeded. A folder upload sends one message per
 PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message lists are taken first,
 so a folder costs one delivery per batch; a listed job that this batch could not take is sent on
@@ -86,8 +87,8 @@ def pad(images: Sequence[T], size: int) -> list[T]:
 
 def predict_batch(
     model: Predictor, images: Sequence[np.ndarray], limit: int | None = None, plus_plus: bool = False
-) -> tuple[np.ndarray, list[explain.GradCam] | None]:
-    """Probabilities and Grad-CAM maps of `images` from one padded forward pass.
+) -> tuple[np.ndarray, list[explain.GradCam] | None, np.ndarray | None]:
+    """Probabilities, Grad-CAM maps and pooled embeddings of `images` from one padded forward pass.
 
     Args:
         model: an `ml.Predictor` (or a test double with `predict(list) -> (N, C)` only).
@@ -96,27 +97,31 @@ def predict_batch(
         plus_plus: Grad-CAM++ instead of Grad-CAM.
 
     Returns:
-        `(probs (N, C), gradcams)` where gradcams is None for a model without a Keras model to
-        explain, else one `(class_index, map at the image's size, None)` per image, or
+        `(probs (N, C), gradcams, pooled)` where gradcams is None for a model without a Keras model
+        to explain, else one `(class_index, map at the image's size, None)` per image, or
         `(None, None, reason)` for each image when the Grad-CAM pass failed (the probabilities then
-        come from a plain forward pass: an explanation never costs the prediction).
+        come from a plain forward pass: an explanation never costs the prediction); pooled is the
+        (N, D) embedding from the same pass, None for a model that gives none (test doubles).
     """
     n = len(images)
     limit = limit or predict.batch_limit()
     padded = pad(images, padded_size(n, max(limit, n)))
     if not predict.explainable(model):
-        return _plain(model, padded, n), None
+        probs, pooled = _plain(model, padded, n)
+        return probs, None, pooled
     try:
         from ml.explain import explain_gradcam  # ml.explain loads TensorFlow: never before the fork
 
         result = explain_gradcam(model, padded, None, plus_plus=plus_plus, batch_size=len(padded))
-        return result.probs[:n], [(int(c), m, None) for c, m in zip(result.class_indices[:n], result.maps[:n])]
+        maps = [(int(c), m, None) for c, m in zip(result.class_indices[:n], result.maps[:n])]
+        return result.probs[:n], maps, result.embeddings[:n]
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:
         log.error("Grad-CAM pass failed; predicting without it:\n%s", traceback.format_exc())
         reason = f"Grad-CAM failed: {exc.__class__.__name__}: {exc}"
-        return _plain(model, padded, n), [(None, None, reason)] * n
+        probs, pooled = _plain(model, padded, n)
+        return probs, [(None, None, reason)] * n, pooled
 
 
 def explain_chosen(
@@ -157,8 +162,13 @@ def explain_chosen(
     return maps
 
 
-def _plain(model: Predictor, padded: list[np.ndarray], n: int) -> np.ndarray:
-    return np.asarray(model.predict(padded))[:n]
+def _plain(model: Predictor, padded: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probs, pooled) of a pass without maps; the pooled embedding comes from the same call where the
+    predictor gives it, else None."""
+    if hasattr(model, "predict_with_embedding"):
+        probs, pooled = model.predict_with_embedding(padded)
+        return probs[:n], pooled[:n]
+    return np.asarray(model.predict(padded))[:n], None
 
 
 def warm_up(model: Predictor, limit: int | None = None) -> float:
@@ -168,8 +178,6 @@ def warm_up(model: Predictor, limit: int | None = None) -> float:
     image = np.full((h, w, 3), 128, dtype=np.uint8)
     for size in bucket_sizes(limit or predict.batch_limit()):
         predict_batch(model, [image] * size, limit, bool(current_settings().GRADCAM_PLUS_PLUS))
-        if hasattr(model, "embed_and_predict_raw"):  # the embedding pass (worker.similarity) traces per size too
-            model.embed_and_predict_raw(np.stack([model.preprocess(image)] * size))
     return time.monotonic() - started
 
 
@@ -320,7 +328,7 @@ def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVe
     loaded = list(_decoder_pool().map(_load, [storage] * len(analyses), [a.image.storage_key for a in analyses]))
     ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
     passed = _predict(model, [pixels for _, pixels, _ in ok], [a.image for a, _, _ in ok], settings) if ok else None
-    described = similarity.describe(model, [pixels for _, pixels, _ in ok], model_version)
+    described = similarity.describe(passed.pooled if passed else None, len(ok), model_version)
 
     # Locked from here to the commit: the results of a case deleted during the pass are dropped, and
     # a deletion that comes now waits, then removes them with the rest (webapp.cases.deletion).
@@ -348,13 +356,14 @@ class Pass(NamedTuple):
     gradcams: list[explain.GradCam] | None
     overlays: list[bytes | Exception | None] | None
     predict_ms: float
+    pooled: np.ndarray | None  # the embeddings (worker.similarity)
 
 
 def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], settings) -> Pass:
     """One batched pass over `images` (of the image `rows`), with their cases' metadata where the
     version has a metadata head."""
     t0 = time.perf_counter()
-    probs, gradcams = predict_batch(model, images, plus_plus=settings.GRADCAM_PLUS_PLUS)
+    probs, gradcams, pooled = predict_batch(model, images, plus_plus=settings.GRADCAM_PLUS_PLUS)
     probs, chosen, metadata_used = predict.answer_with_metadata(model, probs, rows)
     gradcams = explain_chosen(model, images, gradcams, chosen, metadata_used)
     predict_ms = round((time.perf_counter() - t0) * 1000, 1)
@@ -367,7 +376,7 @@ def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], sett
             )
         )
     log.info("Predicted %d image(s) in one pass of %.0f ms.", len(images), predict_ms)
-    return Pass(probs, chosen, metadata_used, gradcams, overlays, predict_ms)
+    return Pass(probs, chosen, metadata_used, gradcams, overlays, predict_ms, pooled)
 
 
 def _store_pass(

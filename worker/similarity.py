@@ -1,10 +1,11 @@
 """The embedding and out-of-distribution verdict of each predicted image (ml.retrieval, ml.ood).
 
 The artifact's projection and detector are read once per artifact folder and kept. The pooled
-embedding comes from `Predictor.embed_and_predict_raw`, one forward pass per batch beside the
-prediction pass (the Grad-CAM pass does not hand its pooled features out). A model without them
-(an untrained model, a test double, an artifact from before) stores none: the analysis then has no
-similar cases and no verdict, and its prediction is unaffected.
+embedding is an output of the prediction pass itself (`worker.batching.predict_batch`: the forward
+CAM's pooled features, or the pooling layer's output beside the tape or the plain pass), so
+describing an image calls no model. Without them (a test double, an untrained model, an artifact
+without `retrieval.npz`) nothing is stored: the analysis then has no similar cases and no verdict, and its
+prediction is unaffected.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import traceback
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
@@ -21,9 +22,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from webapp.models import Analysis, ModelVersion
 
 from . import predict
-
-if TYPE_CHECKING:
-    from ml.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +51,20 @@ def _folder(model_version: ModelVersion) -> str | None:
     return str(folder) if folder and (Path(folder) / "manifest.json").is_file() else None
 
 
-def describe(model: Predictor, images: list[np.ndarray], model_version: ModelVersion) -> list[Described]:
-    """One Described per image; NOTHING for each when the model or artifact cannot give them (logged)."""
+def describe(pooled: np.ndarray | None, count: int, model_version: ModelVersion) -> list[Described]:
+    """One Described for each of `count` images from the prediction pass's pooled features (N, D);
+    NOTHING for each when the pass gave none or the artifact cannot use them (logged)."""
     folder = _folder(model_version)
-    if folder is None or not hasattr(model, "embed_and_predict_raw") or not images:
-        return [NOTHING] * len(images)
+    if folder is None or pooled is None or not count or np.shape(pooled)[-1] == 0:
+        return [NOTHING] * count
     try:
         projection, detector = _artifact_parts(folder)
         if projection is None:
-            return [NOTHING] * len(images)
+            return [NOTHING] * count
         from ml.retrieval import to_bytes
 
-        pooled, _ = model.embed_and_predict_raw(np.stack([model.preprocess(im) for im in images]))
         stored = projection(pooled)
-        scores = detector.score(pooled) if detector is not None else [None] * len(images)
+        scores = detector.score(pooled) if detector is not None else [None] * count
         return [
             Described(to_bytes(v), None if s is None else float(s), None if s is None else bool(s > detector.threshold))
             for v, s in zip(stored, scores)
@@ -74,8 +72,8 @@ def describe(model: Predictor, images: list[np.ndarray], model_version: ModelVer
     except SoftTimeLimitExceeded:
         raise
     except Exception:
-        log.error("Embedding pass failed; storing the predictions without it:\n%s", traceback.format_exc())
-        return [NOTHING] * len(images)
+        log.error("Embedding could not be stored; storing the predictions without it:\n%s", traceback.format_exc())
+        return [NOTHING] * count
 
 
 def store(analysis: Analysis, described: Described) -> None:

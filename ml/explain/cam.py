@@ -5,8 +5,9 @@ dense layer, a class logit is `b_k + sum_c W_ck * mean_ij F_ijc`. Its gradient w
 F_ijc is `W_ck / (h w)` at every position, so Grad-CAM's channel weights (the spatially averaged
 gradients) are the dense kernel's column divided by h w, and Grad-CAM's map is the feature map times
 that column: no gradient tape is needed. `cam_head` recognises that architecture from the model's
-graph when the model is loaded; `cam_function` computes probabilities, logits and maps in one
-forward pass plus one matrix product. Any other head keeps the tape (`ml.explain.gradcam`).
+graph when the model is loaded; `cam_function` computes probabilities, logits, maps and the pooled
+features (the image embedding the worker stores, `worker.similarity`) in one forward pass plus one
+matrix product. Any other head keeps the tape (`ml.explain.gradcam`).
 """
 
 from __future__ import annotations
@@ -118,14 +119,16 @@ def _build_cam_function(model: keras.Model, feature_layer: keras.layers.Layer, h
         positions = tf.cast(tf.shape(features)[1] * tf.shape(features)[2], tf.float32)
         weights = tf.gather(tf.transpose(kernel), targets) / positions
         maps = tf.nn.relu(tf.einsum("nhwc,nc->nhw", features, weights))
-        return probs, logits, targets, upsample_and_normalise(maps, (height, width))
+        # `pooled` is the global average pooling's output (the only reader of the feature map): the
+        # embedding, handed out so that no second pass computes it.
+        return probs, logits, targets, upsample_and_normalise(maps, (height, width)), pooled
 
     return cam
 
 
 def cam_function(
     model: keras.Model, feature_layer: keras.layers.Layer
-) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
+) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]:
     """The cached, compiled forward CAM pass, with the signature and outputs of
     `ml.explain.gradcam.gradcam_function`.
 

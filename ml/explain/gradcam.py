@@ -1,6 +1,6 @@
 """Grad-CAM and Grad-CAM++ computed in the same forward pass as the prediction.
 
-One `keras.Model(inputs, [feature_map, head_input, probabilities])` is built per (model, layer) and
+One `keras.Model(inputs, [feature_map, probabilities, head_input, pooled])` is built per (model, layer) and
 wrapped in a `tf.function` with a fixed input signature, so a batch costs one forward pass under a
 gradient tape plus a backward pass from the class score to the feature map only (the backbone below
 the feature map is never differentiated). The functions are cached per model object, so a worker
@@ -10,7 +10,9 @@ When the model ends in a softmax (a `Dense(..., activation="softmax")` or an `Ac
 layer), the class score that is differentiated is the pre-softmax logit, as in Selvaraju et al.
 (2017): the gradient of a saturated probability vanishes and would give empty maps for confident
 predictions. The logit is recomputed from the head's input inside the same pass; the probabilities
-returned are the model's own output tensor.
+returned are the model's own output tensor. The pass also hands out the pooled image embedding
+(`ml.model.EMBEDDING_LAYER`, the features the classifier reads), which the worker stores
+(`worker.similarity`): no second forward pass computes it.
 
 For a head of global average pooling, dropout and a dense softmax (ours), Grad-CAM equals the class
 activation map of the dense kernel, which needs no tape: `predict_with_gradcam` and `explain_gradcam`
@@ -35,6 +37,7 @@ import tensorflow as tf
 
 from ml.calibration import calibrated_softmax as calibrate
 from ml.explain.cam import cam_function, exact_method, map_pass_signature, upsample_and_normalise
+from ml.model import EMBEDDING_LAYER
 
 if TYPE_CHECKING:
     from ml.predictor import Predictor
@@ -50,11 +53,14 @@ class GradCamExplanation(NamedTuple):
         probs: (N, C) float32 calibrated class probabilities.
         class_indices: (N,) int, the class each map explains.
         maps: list of N float32 arrays in [0, 1], each at its original image's height and width.
+        embeddings: (N, D) float32 pooled features from the same pass (D = 0 for a model without
+            a pooled embedding layer).
     """
 
     probs: np.ndarray
     class_indices: np.ndarray
     maps: list
+    embeddings: np.ndarray
 
 
 def _output_rank(layer) -> int:
@@ -106,6 +112,14 @@ def _softmax_head(model: keras.Model):
     return None
 
 
+def _pooled_tensor(model: keras.Model):
+    """The pooled embedding's tensor (`EMBEDDING_LAYER`), or None for a model without that layer."""
+    try:
+        return model.get_layer(EMBEDDING_LAYER).output
+    except ValueError:
+        return None
+
+
 def _head_logits(head, head_input):
     """Pre-softmax logits of the head layer, from the tensor that entered it."""
     x = tf.cast(head_input, tf.float32)
@@ -137,19 +151,19 @@ def _weighted_map(features, grads, plus_plus: bool):
 def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plus: bool):
     feature_layer = _feature_layer(model, layer_name)
     head = _softmax_head(model)
-    outputs = [feature_layer.output, model.output]
-    if head is not None:
-        outputs.append(head.input)
-    grad_model = keras.Model(model.inputs, outputs, name=f"{model.name}_gradcam")
+    pooled_tensor = _pooled_tensor(model)
+    outputs = [feature_layer.output, model.output, head.input if head is not None else None, pooled_tensor]
+    grad_model = keras.Model(model.inputs, [t for t in outputs if t is not None], name=f"{model.name}_gradcam")
     height, width = (int(d) for d in model.input_shape[1:3])
 
     @tf.function(input_signature=map_pass_signature(model))
     def gradcam(images, class_indices, class_offsets):
         with tf.GradientTape() as tape:
-            features, probs, *head_input = grad_model(images, training=False)
+            features, probs, *rest = grad_model(images, training=False)
             features, probs = tf.cast(features, tf.float32), tf.cast(probs, tf.float32)
+            head_input = rest.pop(0) if head is not None else None
             # Without a softmax head to undo, the probability itself is the differentiated score.
-            logits = _head_logits(head, head_input[0]) if head is not None else tf.math.log(probs + 1e-12)
+            logits = _head_logits(head, head_input) if head is not None else tf.math.log(probs + 1e-12)
             # The served decision: argmax of log p plus a per-class offset (ml.decision), computed as
             # p * exp(offset) so that zero offsets give exactly the plain argmax.
             predicted = tf.argmax(probs * tf.exp(class_offsets), axis=-1, output_type=tf.int32)
@@ -158,14 +172,15 @@ def _build_gradcam_function(model: keras.Model, layer_name: str | None, plus_plu
         grads = tape.gradient(scores, features)
         cam = _weighted_map(features, grads, plus_plus)
         maps = upsample_and_normalise(cam, (height, width))
-        return probs, logits, targets, maps
+        pooled = tf.cast(rest[0], tf.float32) if pooled_tensor is not None else tf.zeros((tf.shape(images)[0], 0))
+        return probs, logits, targets, maps, pooled
 
     return gradcam
 
 
 def gradcam_function(
     model: keras.Model, layer_name: str | None = None, plus_plus: bool = False
-) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]:
+) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]:
     """The cached, compiled Grad-CAM pass for `model`.
 
     Args:
@@ -175,9 +190,10 @@ def gradcam_function(
 
     Returns:
         A `tf.function` `(images float32 (N, H, W, 3), class_indices int32 (N,), class_offsets
-        float32 (C,)) -> (probs (N, C), logits (N, C), targets (N,), maps (N, H, W))`, where a class
-        index of -1 means the predicted class, argmax(log p + class_offsets). Its input signature
-        is fixed, so it is traced once.
+        float32 (C,)) -> (probs (N, C), logits (N, C), targets (N,), maps (N, H, W), pooled (N, D))`,
+        where a class index of -1 means the predicted class, argmax(log p + class_offsets), and
+        pooled is the `EMBEDDING_LAYER` output (D = 0 without that layer). Its input signature is
+        fixed, so it is traced once.
 
     Raises:
         ValueError: if the layer does not exist or is not a 4-D feature map.
@@ -251,7 +267,7 @@ def map_function(model: keras.Model, layer_name: str | None, plus_plus: bool, me
 
 
 def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, class_offsets=None, method="auto"):
-    """(probs, logits, targets, maps) as NumPy arrays, processed in chunks of `batch_size`."""
+    """(probs, logits, targets, maps, pooled) as NumPy arrays, processed in chunks of `batch_size`."""
     batch = _as_batch(model, images)
     num_classes = int(model.output.shape[-1])
     targets = _class_targets(class_index, len(batch), num_classes)
@@ -263,7 +279,7 @@ def _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, 
         fn(tf.constant(batch[i : i + batch_size]), tf.constant(targets[i : i + batch_size]), tf.constant(offsets))
         for i in range(0, len(batch), batch_size)
     ]
-    return tuple(np.concatenate([p[k].numpy() for p in parts]) for k in range(4))
+    return tuple(np.concatenate([p[k].numpy() for p in parts]) for k in range(5))
 
 
 def predict_with_gradcam(
@@ -297,7 +313,7 @@ def predict_with_gradcam(
         ValueError: for images of the wrong shape, unknown layers, out-of-range classes, or
             method="forward" on a model where CAM is not Grad-CAM.
     """
-    probs, _, _, maps = _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, method=method)
+    probs, _, _, maps, _ = _run_gradcam(model, images, layer_name, class_index, plus_plus, batch_size, method=method)
     return probs, maps
 
 
@@ -368,8 +384,8 @@ def explain_gradcam(
         method: "auto", "forward" or "tape", as in `predict_with_gradcam`.
 
     Returns:
-        A `GradCamExplanation(probs, class_indices, maps)`; probs are temperature-scaled exactly
-        like `predictor.predict` (the argmax is unchanged by the temperature).
+        A `GradCamExplanation(probs, class_indices, maps, embeddings)`; probs are temperature-scaled
+        exactly like `predictor.predict` (the argmax is unchanged by the temperature).
 
     Raises:
         ValueError: for an empty image list, unknown class names, or images that
@@ -382,9 +398,9 @@ def explain_gradcam(
     temperature = predictor_temperature(predictor)
     decision = getattr(predictor, "decision", None)
     offsets = decision.offsets_for_raw(temperature, len(predictor.class_names)) if decision is not None else None
-    _, logits, targets, maps = _run_gradcam(
+    _, logits, targets, maps, pooled = _run_gradcam(
         predictor.model, batch, predictor_layer(predictor), class_index, plus_plus, batch_size, offsets, method
     )
     probs = calibrate(logits, temperature)
     resized = [np.clip(resize_map(m, np.shape(img)[:2]), 0.0, 1.0) for m, img in zip(maps, images)]
-    return GradCamExplanation(probs, targets.astype(np.int64), resized)
+    return GradCamExplanation(probs, targets.astype(np.int64), resized, pooled.astype(np.float32))

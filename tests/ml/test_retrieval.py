@@ -76,6 +76,6 @@ def test_the_shipped_artifact_describes_an_image_and_flags_noise():
 
     from worker.similarity import describe
 
-    described = describe(predictor, list(noise), SimpleNamespace(artifact_path=str(ARTIFACT)))
+    described = describe(pooled, 3, SimpleNamespace(artifact_path=str(ARTIFACT)))
     assert [len(d.embedding) for d in described] == [2 * predictor.manifest["retrieval"]["dims"]] * 3
     assert all(0 <= d.ood_score <= 1 and d.ood_flagged == (d.ood_score > detector.threshold) for d in described)
