@@ -10,7 +10,7 @@ PORT   ?= 5000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench lock migrate clean-instance system-deps
+.PHONY: help install run test test-fast lint bench bench-scale lock migrate clean-instance system-deps
 
 help:
 	@echo "make run [PORT=5000]   start Redis, the Celery worker and the web server (Ctrl-C stops all)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint              ruff check and ruff format --check only"
 	@echo "make test-fast         the suite without the end-to-end tests"
 	@echo "make bench             pipeline throughput and latency vs the model alone (bench-out/pipeline.json), similar-case search at 100,000 cases (bench-out/similar.json)"
+	@echo "make bench-scale       a folder of 10,000 images through a portal started as make run starts it (bench-out/scale.json; SCALE_ARGS=\"--images 500\")"
 	@echo "make lock              re-pin requirements.lock from what is installed in .venv"
 	@echo "make migrate           apply database migrations to instance/portal.db (or DATABASE_URL)"
 
@@ -60,6 +61,10 @@ migrate: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_pipeline.py $(BENCH_ARGS)
 	$(PY) scripts/bench_similar.py
+
+# The portal as `make run` starts it, on free ports with a temporary instance; at most ~45 minutes.
+bench-scale: $(STAMP)
+	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
 
 # Pins exactly what is installed (pip, and the editable project itself, left out).
 lock:
