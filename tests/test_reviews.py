@@ -230,6 +230,179 @@ def test_blind_review_shows_the_model_only_after_the_reviewer_saved(app, client,
     assert 'id="model-top"' in other and 'id="blind-notice"' not in other
 
 
+@pytest.fixture
+def blind(app, reviewed):
+    """BLIND_REVIEW on; case 0 (predicted mel) has a stored Grad-CAM map and rev2's review, which
+    agrees with the model; rev1 has reviewed nothing yet."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from webapp.cases.explanations import explanation_keys
+    from webapp.db import db
+    from webapp.models import Analysis, Explanation, Image, Review, User, utcnow
+    from webapp.storage import storage_from_settings
+
+    app.config["BLIND_REVIEW"] = True
+    make_user(app, "lead@example.org", role="admin")
+    make_user(app, "study@example.org", role="researcher")
+    case_id = reviewed["cases"][0]
+    with app.app_context():
+        image = db.session.scalar(db.select(Image).where(Image.case_id == case_id))
+        analysis = db.session.scalar(db.select(Analysis).where(Analysis.image_id == image.id))
+        raw_key, overlay_key = explanation_keys(image.content_hash, reviewed["mv"], "gradcam", "mel")
+        storage = storage_from_settings(app.extensions["settings"])
+        raw, png = io.BytesIO(), io.BytesIO()
+        np.save(raw, np.linspace(0, 1, 100, dtype=np.float16).reshape(10, 10))
+        PILImage.new("RGBA", (10, 10), (200, 40, 0, 128)).save(png, "PNG")
+        storage.save(raw_key, raw.getvalue())
+        storage.save(overlay_key, png.getvalue())
+        row = Explanation(
+            analysis=analysis,
+            image=image,
+            model_version_id=reviewed["mv"],
+            method="gradcam",
+            class_name="mel",
+            status="done",
+            raw_key=raw_key,
+            overlay_key=overlay_key,
+            finished_at=utcnow(),
+        )
+        db.session.add(row)
+        rev2 = db.session.scalar(db.select(User.id).where(User.email == "rev2@example.org"))
+        db.session.add_all(
+            [Review(case_id=case_id, reviewer_id=rev2, diagnosis="mel", agrees_with_model=True, confidence=4)]
+        )
+        db.session.commit()
+        return {"case": case_id, "explanation": row.id, "overlay_key": overlay_key, "cases": reviewed["cases"]}
+
+
+def _token_headers(app, email):
+    return {"Authorization": f"Bearer {make_token(app, email)}"}
+
+
+def test_blind_review_hides_the_answer_on_the_case_page_until_the_reviewer_saved(app, client, blind):
+    login(client, "rev1@example.org")
+    url = f"/cases/{blind['case']}"
+    page = client.get(url).get_data(as_text=True)
+    assert 'id="blind-notice"' in page and "hidden until you save your own review" in page
+    assert f'href="/cases/{blind["case"]}/review"' in page  # what reveals it
+    assert "Top class:" not in page and "Probabilities of the seven classes" not in page
+    assert 'class="overlay"' not in page and "Explanations ·" not in page
+    assert "rev2@example.org" not in page and 'id="reviews-hidden"' in page  # rev2 agreed: that names the answer
+    status = client.get(f"{url}/status.json").json
+    (analysis,) = status["analyses"]
+    assert "probabilities" not in analysis and "top_class" not in analysis and analysis["explanations"] == []
+    assert status["reviews"] == [] and status["blind_review"]["hidden"] is True
+    assert 'id="blind-notice"' in status["html"] and 'class="overlay"' not in status["explanations_html"]
+
+    assert _review(client, blind["case"], diagnosis="nv", confidence="3").status_code == 302
+    after = client.get(url).get_data(as_text=True)
+    assert 'id="blind-notice"' not in after and "Top class:" in after and 'class="overlay"' in after
+    assert "rev2@example.org" in after
+    assert client.get(f"{url}/status.json").json["analyses"][0]["top_class"] == "mel"
+
+
+def test_blind_review_refuses_a_reviewer_the_maps_until_they_reviewed(app, client, blind):
+    case_id, eid = blind["case"], blind["explanation"]
+    overlay, raw = f"/cases/{case_id}/explanations/{eid}/overlay.png", f"/cases/{case_id}/explanations/{eid}/raw.npy"
+    headers = _token_headers(app, "rev1@example.org")
+    for answer in (client.get(overlay, headers=headers), client.get(raw, headers=headers)):
+        assert answer.status_code == 403 and "Blind review" in answer.get_data(as_text=True)
+    asked = client.post(f"/api/v1/cases/{case_id}/explanations", json={"method": "gradcam++"}, headers=headers)
+    assert asked.status_code == 403 and "Blind review" in asked.json["error"]
+    # The map's storage key is no way round: /files serves uploaded images only.
+    assert client.get(f"/files/{blind['overlay_key']}", headers=headers).status_code == 404
+    login(client, "rev1@example.org")
+    form = client.get(f"/cases/{case_id}").get_data(as_text=True)
+    page = client.post(
+        f"/cases/{case_id}/explanations",
+        data={"csrf_token": csrf_from(form), "method": "gradcam", "class": "nv"},
+        follow_redirects=True,
+    ).get_data(as_text=True)
+    assert "Blind review: the model&#39;s answer" in page
+    assert client.get(overlay).status_code == 403
+
+    assert _review(client, case_id, diagnosis="mel", confidence="3").status_code == 302
+    assert client.get(overlay).status_code == 200 and client.get(raw, headers=headers).status_code == 200
+    for email in ("lead@example.org", "study@example.org"):
+        assert app.test_client().get(overlay, headers=_token_headers(app, email)).status_code == 200
+
+
+def test_blind_review_hides_the_answer_in_the_case_list_filters_and_exports(app, client, blind):
+    import csv
+    import io
+
+    login(client, "rev1@example.org")
+    listing = client.get("/cases").get_data(as_text=True)
+    assert 'id="blind-list-notice"' in listing and listing.count("hidden until you") == len(blind["cases"])
+    assert "<strong>mel</strong>" not in listing and "<strong>nv</strong>" not in listing
+    assert "1✓" not in listing  # rev2's agreement with the model
+    # Filtering on the model's answer would give it away: those filters match only reviewed cases.
+    assert "0 cases match" in client.get("/cases?predicted=mel").get_data(as_text=True)
+    assert "0 cases match" in client.get("/cases?agreement=agree").get_data(as_text=True)
+    exported = client.get("/cases/export.json").json["cases"]
+    row = next(r for r in exported if r["id"] == blind["case"])
+    assert row["prediction"] is None and row["predictions"] == [] and row["reviews"] == []
+    assert row["review_summary"]["agree"] is None and row["blind_review"]["hidden"] is True
+    api = client.get("/api/v1/cases", headers=_token_headers(app, "rev1@example.org")).json["cases"]
+    assert all(r["prediction"] is None and r["blind_review"]["hidden"] for r in api)
+    rows = {
+        int(r["case_id"]): r
+        for r in csv.DictReader(io.StringIO(client.get("/cases/export.csv").get_data(as_text=True)))
+    }
+    assert rows[blind["case"]]["predicted_class"] == "hidden until you review this case (blind review)"
+    assert rows[blind["case"]]["probability_mel"] == "" and rows[blind["case"]]["reviews"] == ""
+
+    assert _review(client, blind["case"], diagnosis="mel", confidence="3").status_code == 302
+    listing = client.get("/cases?predicted=mel").get_data(as_text=True)
+    assert "1 case matches" in listing and "<strong>mel</strong>" in listing
+    rows = {
+        int(r["case_id"]): r
+        for r in csv.DictReader(io.StringIO(client.get("/cases/export.csv").get_data(as_text=True)))
+    }
+    assert rows[blind["case"]]["predicted_class"] == "mel" and float(rows[blind["case"]]["probability_mel"]) == 0.6
+    assert rows[blind["cases"][1]]["predicted_class"].startswith("hidden until")  # still unreviewed
+
+
+def test_blind_review_hides_the_answer_in_the_api(app, client, blind):
+    headers = _token_headers(app, "rev1@example.org")
+    body = client.get(f"/api/v1/cases/{blind['case']}", headers=headers).json
+    (analysis,) = body["analyses"]
+    assert "probabilities" not in analysis and "top_class" not in analysis and "malignant_probability" not in analysis
+    assert analysis["explanations"] == [] and body["reviews"] == []
+    assert body["blind_review"]["note"].startswith("Blind review") and body["blind_review"]["review_url"].endswith(
+        "/review"
+    )
+    reviews = client.get(f"/api/v1/cases/{blind['case']}/reviews", headers=headers).json
+    assert reviews["reviews"] == [] and reviews["blind_review"]["hidden"] is True
+    put = client.put(
+        f"/api/v1/cases/{blind['case']}/reviews", json={"diagnosis": "bcc", "confidence": 3}, headers=headers
+    )
+    assert put.status_code == 201
+    body = client.get(f"/api/v1/cases/{blind['case']}", headers=headers).json
+    assert body["analyses"][0]["top_class"] == "mel" and "blind_review" not in body and len(body["reviews"]) == 2
+
+
+def test_blind_review_leaves_admins_and_researchers_and_is_off_by_default(app, blind):
+    for email in ("lead@example.org", "study@example.org"):
+        client = app.test_client()
+        body = client.get(f"/api/v1/cases/{blind['case']}", headers=_token_headers(app, email)).json
+        assert body["analyses"][0]["top_class"] == "mel" and "blind_review" not in body
+        assert body["analyses"][0]["explanations"][0]["url"] and len(body["reviews"]) == 1
+        login(client, email)
+        page = client.get(f"/cases/{blind['case']}").get_data(as_text=True)
+        assert "Top class:" in page and 'class="overlay"' in page and 'id="blind-notice"' not in page
+        listing = client.get("/cases?predicted=mel").get_data(as_text=True)
+        assert "1 case matches" in listing and 'id="blind-list-notice"' not in listing
+    app.config["BLIND_REVIEW"] = False
+    client = app.test_client()
+    login(client, "rev1@example.org")
+    page = client.get(f"/cases/{blind['case']}").get_data(as_text=True)
+    assert "Top class:" in page and 'class="overlay"' in page and "rev2@example.org" in page
+
+
 def test_rerun_with_another_model_version_keeps_results_side_by_side(
     app, client, auth_headers, sent_tasks, monkeypatch
 ):

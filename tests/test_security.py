@@ -319,12 +319,16 @@ def test_every_patient_file_is_private_and_api_urls_work_with_the_token(app, cli
         response.close()
 
 
-def test_a_stored_npy_map_downloads_from_the_files_route(app, client, case_id, token):
+def test_a_stored_npy_map_downloads_from_its_own_route_not_the_files_route(app, client, case_id, token):
     from webapp.models import Explanation
 
     with app.app_context():
-        raw_key = db.session.scalars(db.select(Explanation).where(Explanation.raw_key.is_not(None))).first().raw_key
-    response = client.get(f"/files/{raw_key}", headers={"Authorization": f"Bearer {token}"})
+        row = db.session.scalars(db.select(Explanation).where(Explanation.raw_key.is_not(None))).first()
+        raw_key, raw_url = row.raw_key, f"/cases/{row.image.case_id}/explanations/{row.id}/raw.npy"
+    headers = {"Authorization": f"Bearer {token}"}
+    # /files serves uploaded images only: a map passes its route's blind-review check (webapp.review.blind).
+    assert client.get(f"/files/{raw_key}", headers=headers).status_code == 404
+    response = client.get(raw_url, headers=headers)
     assert response.status_code == 200 and response.mimetype == "application/octet-stream"
     assert response.data.startswith(b"\x93NUMPY")
 

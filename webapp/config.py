@@ -123,8 +123,9 @@ class Settings:
     WORKER_PROCESSES: int = 0
     PREDICT_THREADS: int = 0
     CSRF_ENABLED: bool = True
-    # Blind review: the review form hides the model's answer until the reviewer has saved their own
-    # diagnosis, so the reviewers' consensus is not anchored on the model it is compared with.
+    # Blind review: a reviewer sees the model's answer to a case (on its page, in the case list, exports
+    # and API) and the other reviews of it only after saving their own diagnosis, so the reviewers'
+    # consensus is not anchored on the model it is compared with. Admins and researchers see everything.
     BLIND_REVIEW: bool = False
     SESSION_HOURS: float = 8  # A signed-in session ends this many hours after its last request (cookie and server).
     # Rate limits in Flask-Limiter's syntax ("5 per 15 minutes"; several separated by ";"), counted in Redis.

@@ -37,9 +37,12 @@ def check_key(key: str) -> str:
     return key
 
 
+IMAGES = "images/"  # the keys of uploaded images; maps and archives lie elsewhere
+
+
 def image_key(content_hash: str, extension: str) -> str:
     """The key of an image stored by content: images/<h[:2]>/<h[2:4]>/<hash>.<ext>."""
-    return check_key(f"images/{content_hash[:2]}/{content_hash[2:4]}/{content_hash}.{extension}")
+    return check_key(f"{IMAGES}{content_hash[:2]}/{content_hash[2:4]}/{content_hash}.{extension}")
 
 
 class Storage(Protocol):

@@ -17,6 +17,7 @@ from ..config import DISCLAIMER
 from ..errors import get_or_404
 from ..models import Case
 from ..presenters import case_dict, explanation_dict
+from ..review import blind
 from ..security import explain_limit, upload_limit
 from ..similar.service import add_similar_cases
 from .blueprint import bp, error, request_body, spec, token_required
@@ -71,7 +72,7 @@ def show(case_id: int):
     case = get_or_404(Case, case_id)
     body = case_dict(case)
     add_similar_cases(body["analyses"], g.api_user)
-    return jsonify(body)
+    return jsonify(blind.hide_from(g.api_user, body))
 
 
 @bp.delete("/cases/<int:case_id>")
@@ -103,7 +104,9 @@ def deletion_response(delete: Callable[..., Deletion], entity_id: int):
 @explain_limit
 @spec.validate(
     json=ExplanationRequest,
-    resp=Response(HTTP_200=ExplanationBody, HTTP_202=ExplanationBody, HTTP_404=ErrorBody, HTTP_409=ErrorBody),
+    resp=Response(
+        HTTP_200=ExplanationBody, HTTP_202=ExplanationBody, HTTP_403=ErrorBody, HTTP_404=ErrorBody, HTTP_409=ErrorBody
+    ),
 )
 def request_explanation(case_id: int):
     """Queues an explanation: JSON {"method": "gradcam"|"gradcam++"|"shap", "class": "mel", "analysis_id"?}.
@@ -112,6 +115,8 @@ def request_explanation(case_id: int):
     """
     case = get_or_404(Case, case_id)
     body = request_body()
+    if blind.is_blinded(g.api_user, case_id):
+        return error(403, blind.NOTE)
     try:
         row, queued = request_one(case, body.get("method"), body.get("class"), body.get("analysis_id"))
     except ExplanationRequestError as exc:

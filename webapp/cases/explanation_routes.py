@@ -13,6 +13,7 @@ from ..db import db
 from ..errors import get_or_404
 from ..models import Case, Explanation
 from ..presenters import METHOD_LABELS
+from ..review import blind
 from ..security import explain_limit
 from ..states import ExplanationStatus
 from ..storage import StorageError, storage_from_settings
@@ -22,7 +23,9 @@ from .progress import case_progress
 bp = Blueprint("explanations", __name__)
 
 
-def _stored_explanation(case_id: int, explanation_id: int) -> Explanation:
+def _stored_explanation(case_id: int, explanation_id: int, user) -> Explanation:
+    if blind.is_blinded(user, case_id):
+        abort(403, description=blind.NOTE)
     row = db.session.get(Explanation, explanation_id)
     if row is None or row.image.case_id != case_id:
         abort(404, description=f"Case {case_id} has no explanation {explanation_id}.")
@@ -46,7 +49,7 @@ def overlay(case_id: int, explanation_id: int):
     user, response = viewer_or_refusal()
     if user is None:
         return response
-    row = _stored_explanation(case_id, explanation_id)
+    row = _stored_explanation(case_id, explanation_id, user)
     return _send_stored(row.overlay_key, "image/png")
 
 
@@ -55,7 +58,7 @@ def raw(case_id: int, explanation_id: int):
     user, response = viewer_or_refusal()
     if user is None:
         return response
-    row = _stored_explanation(case_id, explanation_id)
+    row = _stored_explanation(case_id, explanation_id, user)
     name = f"case{case_id}-{METHOD_SLUGS[row.method]}-{row.class_name}.npy"
     return _send_stored(row.raw_key, "application/octet-stream", download_name=name)
 
@@ -69,6 +72,8 @@ def request_from_page(case_id: int):
     case = get_or_404(Case, case_id)
     shown: dict[str, object] = {}
     try:
+        if blind.is_blinded(g.user, case_id):
+            raise ExplanationRequestError(403, blind.NOTE)
         row, queued = request_explanation(
             case, request.form.get("method"), request.form.get("class"), request.form.get("analysis_id")
         )

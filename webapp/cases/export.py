@@ -12,6 +12,7 @@ from flask import Response, stream_with_context
 
 from ..config import DISCLAIMER
 from ..models import DX_CLASSES, User
+from ..review import blind
 from ..security import neutralise
 from .listing import CaseFilters, fetch_page, parse_filters
 
@@ -115,6 +116,8 @@ def _export_record(row: dict[str, Any]) -> list[Any]:
         **{f"probability_{c}": _rounded((p.get("probabilities") or {}).get(c)) for c in DX_CLASSES},
         "notice": DISCLAIMER,
     }
+    if row.get("blind_review"):
+        values["predicted_class"] = blind.MARK
     return [neutralise("" if values[c] is None else values[c]) for c in EXPORT_COLUMNS]
 
 

@@ -32,6 +32,7 @@ from ..models import (
     User,
 )
 from ..presenters import STATUS_ORDER, iso, model_dict, out_of_distribution, review_dict
+from ..review import blind
 from ..security import ID_MAX
 from ..states import AnalysisStatus, JobStatus
 
@@ -230,6 +231,10 @@ def conditions(f: CaseFilters, user: User | None) -> list:
         )
         where.append(Case.reference_dx.is_not(None))
         where.append(_analyses_of(f, compare).where(Image.case_id == Case.id).correlate(Case).exists())
+    reviewed_only = blind.only_reviewed_by(user)
+    if (f.predicted or f.agreement) and reviewed_only is not None:
+        # Matching on the model's answer would give it away for the cases a blinded reviewer has not reviewed.
+        where.append(reviewed_only)
     if f.status:
         where.append(
             Case.id.in_(
@@ -405,6 +410,7 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
         else {}
     )
 
+    blinded = blind.blinded_cases(user, ids)
     rows = []
     for case in cases:
         preds = [_prediction(a, mv) for a, mv in analyses.get(case.id, [])]
@@ -446,5 +452,7 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
         }
         if with_reviews:
             row["reviews"] = [review_dict(r, email) for r, email in case_reviews]
+        if case.id in blinded:
+            blind.hide_in_row(row)
         rows.append(row)
     return rows

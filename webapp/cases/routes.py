@@ -26,11 +26,12 @@ from ..db import db
 from ..errors import error_response, get_or_404, wants_json
 from ..models import DX_CLASSES, SEXES, SITES, AuditEntry, Batch, Case, ModelVersion, Review, User
 from ..presenters import case_dict
+from ..review import blind
 from ..review.service import can_review
 from ..security import upload_limit
 from ..similar.service import add_similar_cases
 from ..states import JobStatus
-from ..storage import StorageError, storage_from_settings
+from ..storage import IMAGES, StorageError, storage_from_settings
 from .deletion import DeletionError, check_confirmed, delete_case
 from .export import csv_response
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
@@ -66,7 +67,14 @@ def index():
         "sites": SITES,
     }
     start = request.args.get("start", 1, type=int)
-    return render_template("cases/index.html", page=page, f=filters, choices=choices, start=max(start, 1)), status
+    return render_template(
+        "cases/index.html",
+        page=page,
+        f=filters,
+        choices=choices,
+        start=max(start, 1),
+        blinded=blind.applies_to(g.user),
+    ), status
 
 
 @bp.route("/cases/new", methods=("GET", "POST"))
@@ -114,9 +122,14 @@ def upload_too_large(exc: RequestEntityTooLarge):
 @login_required
 def show(case_id: int):
     case = get_or_404(Case, case_id)
+    return render_template("cases/show.html", case=case, data=_case_data(case), research=_research_context(case))
+
+
+def _case_data(case: Case) -> dict:
+    """The case as the signed-in user may see it (blind review: webapp.review.blind)."""
     data = case_dict(case)
     add_similar_cases(data["analyses"], g.user)
-    return render_template("cases/show.html", case=case, data=data, research=_research_context(case))
+    return blind.hide_from(g.user, data)
 
 
 @bp.post("/cases/<int:case_id>/delete")
@@ -135,11 +148,16 @@ def delete(case_id: int):
 
 def _research_context(case: Case) -> dict:
     """What the case page shows of the research portal: reviews, their history, re-run choices."""
-    reviews = db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id)).all()
-    history = db.session.scalars(
-        select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id.desc()).limit(200)
-    ).all()
+    blinded = blind.is_blinded(g.user, case.id)
+    if blinded:  # the other reviews and their history say whether each agreed with the model
+        reviews, history = [], []
+    else:
+        reviews = db.session.scalars(select(Review).where(Review.case_id == case.id).order_by(Review.id)).all()
+        history = db.session.scalars(
+            select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id.desc()).limit(200)
+        ).all()
     return {
+        "blinded": blinded,
         "reviews": reviews,
         "history": [entry_dict(e) for e in history],
         "model_versions": db.session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all(),
@@ -152,9 +170,7 @@ def _research_context(case: Case) -> dict:
 @login_required
 def status(case_id: int):
     """Polled by static/case.js: the case as the API gives it, plus the rendered results block."""
-    case = get_or_404(Case, case_id)
-    data = case_dict(case)
-    add_similar_cases(data["analyses"], g.user)
+    data = _case_data(get_or_404(Case, case_id))
     data["html"] = render_template("cases/_results.html", data=data)
     data["explanations_html"] = render_template("cases/_explanations.html", data=data)
     data["done"] = JobStatus(data["status"]).finished and not data["explanations_pending"]
@@ -163,16 +179,21 @@ def status(case_id: int):
 
 @bp.get("/files/<path:key>")
 def stored_file(key: str):
-    """A stored image, for a signed-in page or an API token (the `url` of the API's image entries)."""
+    """A stored image, for a signed-in page or an API token (the `url` of the API's image entries).
+
+    Images only: explanation maps have their own routes, which check blind review
+    (webapp.cases.explanation_routes), and a batch's uploaded archive is the worker's alone."""
     user, refusal = viewer_or_refusal()
     if user is None:
         return refusal
+    if not key.startswith(IMAGES):
+        abort(404)
     storage = storage_from_settings(current_app.extensions["settings"])
     try:
         handle = storage.open(key)
     except StorageError:
         abort(404)
-    # Stored keys end .png or .npy (explanation maps); anything else downloads as bytes, never guessed.
+    # Anything but a PNG downloads as bytes, its type never guessed.
     return send_file(handle, mimetype="image/png" if key.endswith(".png") else "application/octet-stream")
 
 
