@@ -261,7 +261,7 @@ def test_a_transient_error_puts_the_job_back_and_retries(app, monkeypatch):
         db.session.commit()
         job_id = job.id
 
-    def hiccup(job):
+    def hiccup(job, **kwargs):
         raise OperationalError("UPDATE", {}, Exception("database is locked"))
 
     monkeypatch.setattr(batching, "run_batch", hiccup)

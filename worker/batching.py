@@ -3,12 +3,15 @@
 Why: one EfficientNetB3 forward pass on 2 CPU cores costs ~0.1 s for one image but ~0.035 s per image
 in a batch of 16, and everything around the model (Celery, the database, PNG decoding) is cheap next
 to it. So when `worker.tasks.analyse(job_id)` runs, it also *claims* up to PREDICT_BATCH_SIZE - 1
-further `queued` analyse jobs of the same model version (oldest first, each with the same
-conditional UPDATE as worker.recovery.claim, so no two deliveries or workers take the same job),
-decodes their stored PNGs in a small thread pool, runs ONE forward pass that gives the calibrated
-probabilities, the Grad-CAM maps and the pooled embeddings of all of them
-(`ml.explain.explain_gradcam`; the embeddings feed `worker.similarity`), stores every
-result in one commit and marks the jobs succeeded. A folder upload sends one message per
+further `queued` analyse jobs of the same model version (oldest first, in one conditional UPDATE
+inside the lead's own claim transaction, worker.recovery.claim, so no two deliveries or workers take
+the same job), decodes their stored PNGs in a small thread pool, runs ONE forward pass that gives
+the calibrated probabilities, the Grad-CAM maps and the pooled embeddings of all of them
+(`ml.explain.explain_gradcam`; the embeddings feed `worker.similarity`), and stores every result
+in ONE transaction (`_store`: analyses, embeddings and verdicts, explanation rows, the jobs' ends;
+new rows go in as one INSERT per table where the database allows). A micro-batch thus costs two
+commits whatever its size: the claim, which must be committed before the pass so that a killed
+worker's jobs are found again, and the results. A folder upload sends one message per
 PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message lists are taken first,
 so a folder costs one delivery per batch; a listed job that this batch could not take is sent on
 its own afterwards. The messages of jobs taken along otherwise (single uploads) find their job
@@ -41,7 +44,7 @@ from webapp.cases.deletion import lock_images
 from webapp.db import db
 from webapp.models import Analysis, Image, Job, ModelVersion, utcnow
 from webapp.queue import ANALYSE_TASK, PREDICT_QUEUE
-from webapp.states import JobKind, JobStatus
+from webapp.states import AnalysisStatus, JobKind, JobStatus
 from webapp.storage import Storage, storage_from_settings
 
 from . import explain, predict, recovery, similarity
@@ -206,21 +209,34 @@ def _candidates(lead: Job, model_version_id: int | None, count: int, listed: Seq
 
 def claim_companions(
     lead: Job, model_version_id: int | None, count: int, now: datetime, listed: Sequence[int] = ()
-) -> list[Job]:
+) -> list[int]:
     """Claims up to `count` further queued analyse jobs of the same model version: those `listed` in
     the lead's message first, then the oldest others.
 
-    Each claim is the conditional UPDATE of worker.recovery.take (status and attempts as seen), so a
-    job that another delivery or worker takes at the same moment is skipped. Committed.
+    One conditional UPDATE for all (worker.recovery.take_queued), so a job that another delivery or
+    worker takes at the same moment is skipped. Not committed: returns the ids won.
     """
     if count <= 0:
         return []
     candidates = _candidates(lead, model_version_id, count, listed, among=True) if listed else []
     if len(candidates) < count:
         candidates += _candidates(lead, model_version_id, count - len(candidates), listed, among=False)
-    claimed = [job_id for job_id, attempts in candidates if recovery.take(job_id, JobStatus.QUEUED, attempts, now)]
-    db.session.commit()
-    return [db.session.get(Job, job_id) for job_id in claimed]
+    return recovery.take_queued([job_id for job_id, _ in candidates], now)
+
+
+class Companions:
+    """The queued jobs an analyse delivery takes along into its micro-batch, those `listed` in its
+    message first. `take` claims them in the lead's own claim transaction (worker.recovery.claim
+    calls it), so that the whole micro-batch is claimed with one commit."""
+
+    def __init__(self, listed: Sequence[int] = ()):
+        self.listed = tuple(listed)
+        self.ids: list[int] = []
+        self.taken = False
+
+    def take(self, lead: Job, now: datetime) -> None:
+        self.ids = claim_companions(lead, lead.model_version_id, predict.batch_limit() - 1, now, self.listed)
+        self.taken = True
 
 
 def uploads_streaming(lead: Job, window: float = 0.5) -> bool:
@@ -232,47 +248,57 @@ def uploads_streaming(lead: Job, window: float = 0.5) -> bool:
     return newest is not None and newest > since
 
 
-def gather(lead: Job, version_id: int | None, count: int, listed: Sequence[int] = ()) -> list[Job]:
-    """Companions for the lead job, the jobs `listed` in its message first. While uploads stream in
-    and the batch is less than half full, waits GATHER_WAIT_S (up to GATHER_ROUNDS times) for more:
-    the CPU goes to the uploads meanwhile, and a batch of 8 costs about as much as 3 single passes.
-    A lone upload never waits."""
-    companions = claim_companions(lead, version_id, count, utcnow(), listed)
+def gather(lead: Job, version_id: int | None, count: int, companions: Companions) -> list[Job]:
+    """The lead's companions as rows (one query): those claimed with the lead, and, while uploads
+    stream in and the batch is less than half full, more: it waits GATHER_WAIT_S (up to
+    GATHER_ROUNDS times) and claims what came, committed before the pass like every claim. The CPU
+    goes to the uploads meanwhile, and a batch of 8 costs about as much as 3 single passes. A lone
+    upload, or a folder's full batch, never waits."""
+    if not companions.taken:  # called without worker.recovery.claim taking them along
+        companions.take(lead, utcnow())
+        db.session.commit()
     for _ in range(GATHER_ROUNDS):
-        if len(companions) + 1 > (count + 1) // 2 or not uploads_streaming(lead):
+        if len(companions.ids) + 1 > (count + 1) // 2 or not uploads_streaming(lead):
             break
         time.sleep(GATHER_WAIT_S)
-        companions += claim_companions(lead, version_id, count - len(companions), utcnow())
-    return companions
+        more = claim_companions(lead, version_id, count - len(companions.ids), utcnow())
+        if more:
+            db.session.commit()
+            companions.ids += more
+    if not companions.ids:
+        return []
+    query = select(Job).where(Job.id.in_(companions.ids)).order_by(Job.id)
+    return list(db.session.scalars(query.execution_options(populate_existing=True)))
 
 
 # --- one batch ---------------------------------------------------------------------------------------
 
 
-def run_batch(lead: Job, listed: Sequence[int] = ()) -> None:
-    """analyse's work for the claimed job `lead` plus the queued jobs it takes along, those `listed`
-    in its message first.
+def run_batch(lead: Job, companions: Companions | None = None) -> None:
+    """analyse's work for the claimed job `lead` plus the queued jobs it takes along (`companions`,
+    claimed with it, or here when None). Two transactions in all: the claim, committed before the
+    pass so that a killed worker's jobs are found again (worker.recovery), and one that stores every
+    result of the micro-batch (`_store`).
 
     Raises whatever ends the lead job (worker.recovery.run_job turns it into `failed` or a retry);
     the companions are failed (or, for transient errors, put back to `queued`) here first, so none
     is left `running`.
     """
-    version_id = lead.model_version_id  # None: the worker's default model
-    model, model_version = predict.predictor_for_job(lead)  # re-run jobs name their model version
-    companions = gather(lead, version_id, predict.batch_limit() - 1, listed)
-    companion_ids = [job.id for job in companions]
+    companions = companions or Companions()
     try:
-        _process([lead] + companions, model, model_version)
+        model, model_version = predict.predictor_for_job(lead)  # re-run jobs name their model version
+        jobs = gather(lead, lead.model_version_id, predict.batch_limit() - 1, companions)
+        _process([lead] + jobs, model, model_version)
     except BaseException as exc:
         if recovery.is_transient(exc):
-            for job_id in companion_ids:
+            for job_id in companions.ids:
                 recovery.release(job_id)
         elif isinstance(exc, SoftTimeLimitExceeded):
-            recovery.fail_jobs(companion_ids, f"Timed out after {current_settings().TASK_SOFT_TIME_LIMIT} s.")
+            recovery.fail_jobs(companions.ids, f"Timed out after {current_settings().TASK_SOFT_TIME_LIMIT} s.")
         else:
-            recovery.fail_jobs(companion_ids, f"{exc.__class__.__name__}: {exc}")
+            recovery.fail_jobs(companions.ids, f"{exc.__class__.__name__}: {exc}")
         raise
-    send_left_behind(listed)
+    send_left_behind(companions.listed)
 
 
 def send_left_behind(listed: Sequence[int]) -> None:
@@ -286,10 +312,11 @@ def send_left_behind(listed: Sequence[int]) -> None:
 
 
 def _process(jobs: list[Job], model: Predictor, model_version: ModelVersion) -> None:
-    todo, reused = predict.begin_analyses(jobs, model_version)
-    shap_pending = _predict_and_store(todo, model, model_version) if todo else []
-    explain.send_shap(shap_pending)
-    explain.queue_followups(model, reused)
+    images = predict.images_to_predict(jobs, model_version)  # read only: nothing is written before the pass
+    computed = _compute(images, model, model_version)
+    shap_pending, followups = _store(jobs, images, computed, model, model_version)
+    explain.send_shap([analysis.id for analysis in shap_pending])
+    explain.send_followups(followups)
 
 
 def _decoder_pool() -> ThreadPoolExecutor:
@@ -319,32 +346,66 @@ def _overlay(heatmap: np.ndarray | None, size: tuple[int, int]) -> bytes | Excep
         return exc
 
 
-def _predict_and_store(jobs: list[Job], model: Predictor, model_version: ModelVersion) -> list[int]:
-    """Loads, predicts and stores the jobs' analyses (one commit); returns the analyses with SHAP to send."""
-    settings = current_settings()
-    # Several jobs may name one image (a repeated upload of the same file): predict it once.
-    analyses: list[Analysis] = list(dict.fromkeys(job.analysis for job in jobs))
-    storage = storage_from_settings(settings)  # the decoder threads have no app context
-    loaded = list(_decoder_pool().map(_load, [storage] * len(analyses), [a.image.storage_key for a in analyses]))
-    ok = [(a, pixels, seconds) for a, (pixels, seconds, error) in zip(analyses, loaded) if error is None]
-    passed = _predict(model, [pixels for _, pixels, _ in ok], [a.image for a, _, _ in ok], settings) if ok else None
-    described = similarity.describe(passed.pooled if passed else None, len(ok), model_version)
+class Computed(NamedTuple):
+    """What the micro-batch computed, before anything is stored."""
 
+    loaded: list[tuple[np.ndarray | None, float, Exception | None]]  # per image: (pixels, seconds, error)
+    passed: Pass | None  # the pass over the images that loaded, in order
+    described: list[similarity.Described]  # per image that loaded
+
+
+def _compute(images: list[Image], model: Predictor, model_version: ModelVersion) -> Computed:
+    """Loads the images (in the decoder threads) and predicts those that loaded in one pass."""
+    settings = current_settings()
+    storage = storage_from_settings(settings)  # the decoder threads have no app context
+    loaded = list(_decoder_pool().map(_load, [storage] * len(images), [image.storage_key for image in images]))
+    ok = [(image, pixels) for image, (pixels, _, error) in zip(images, loaded) if error is None]
+    passed = _predict(model, [pixels for _, pixels in ok], [image for image, _ in ok], settings) if ok else None
+    described = similarity.describe(passed.pooled if passed else None, len(ok), model_version)
+    return Computed(loaded, passed, described)
+
+
+def _store(
+    jobs: list[Job], images: list[Image], computed: Computed, model: Predictor, model_version: ModelVersion
+) -> tuple[list[Analysis], list[explain.FollowUp]]:
+    """Stores everything the micro-batch produced in ONE transaction: the analyses (new ones in one
+    INSERT), their embeddings and verdicts, the explanation rows (Grad-CAM maps done, SHAP queued),
+    the follow-up rows of analyses stored earlier, and the jobs' ends. Returns what to send once it
+    is committed: the analyses with queued SHAP rows, and the follow-up messages."""
     # Locked from here to the commit: the results of a case deleted during the pass are dropped, and
     # a deletion that comes now waits, then removes them with the rest (webapp.cases.deletion).
-    alive = lock_images(a.image_id for a in analyses)
-    for analysis, (_, _, error) in zip(analyses, loaded):
-        if error is not None and analysis.image_id in alive:
-            message = f"{error.__class__.__name__}: {error}"
-            log.error("Could not read the image of analysis %s: %s", analysis.id, message)
-            predict.fail_analysis(analysis, message)
-    kept = [entry for entry in enumerate(ok) if entry[1][0].image_id in alive]
-    for i, (analysis, _, _) in kept:
-        similarity.store(analysis, described[i])
-    shap_pending = _store_pass(kept, passed, model, model_version) if kept else []
-    predict.finish_jobs([job for job in jobs if job.image_id in alive])
+    alive = lock_images(job.image_id for job in jobs)
+    analyses = predict.analyses_of(alive, model_version)
+    earlier = [a for a in analyses.values() if a.status == AnalysisStatus.SUCCEEDED]
+    stored = _store_results(images, computed, analyses, alive, model_version)
+    shap_pending = _store_pass(stored, computed.passed, model, model_version) if stored else []
+    followups = explain.queue_followups(model, earlier)
+    predict.finish_jobs([job for job in jobs if job.image_id in alive], analyses, model_version)
     db.session.commit()
-    return shap_pending
+    return shap_pending, followups
+
+
+def _store_results(
+    images: list[Image], computed: Computed, analyses: dict[int, Analysis], alive: set[int], model_version: ModelVersion
+) -> list[tuple[int, Analysis, float]]:
+    """Gives each predicted image still there its analysis (failed where its file could not be read)
+    with its embedding; returns (position in the pass, analysis, load seconds) of those predicted.
+    An analysis that succeeded meanwhile (another delivery) is kept as it is: never overwritten."""
+    stored, position = [], -1
+    for image, (_, seconds, error) in zip(images, computed.loaded):
+        position += error is None
+        current = analyses.get(image.id)
+        if image.id not in alive or (current is not None and current.status == AnalysisStatus.SUCCEEDED):
+            continue
+        analysis = predict.analysis_for(analyses, image, model_version)
+        if error is not None:
+            message = f"{error.__class__.__name__}: {error}"
+            log.error("Could not read image %s: %s", image.id, message)
+            predict.fail_analysis(analysis, message)
+            continue
+        similarity.store(analysis, computed.described[position])
+        stored.append((position, analysis, seconds))
+    return stored
 
 
 class Pass(NamedTuple):
@@ -380,15 +441,12 @@ def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], sett
 
 
 def _store_pass(
-    kept: list[tuple[int, tuple[Analysis, np.ndarray, float]]],
-    passed: Pass,
-    model: Predictor,
-    model_version: ModelVersion,
-) -> list[int]:
-    """Stores the pass's results of the images still there (`kept`: their positions in the pass);
-    returns the analyses with SHAP to send."""
+    stored: list[tuple[int, Analysis, float]], passed: Pass, model: Predictor, model_version: ModelVersion
+) -> list[Analysis]:
+    """Stores the pass's results of the analyses `stored` (with their positions in the pass); returns
+    the analyses with SHAP to send (the caller commits)."""
     class_names = list(model_version.class_names)
-    for i, (analysis, _, seconds) in kept:
+    for i, analysis, seconds in stored:
         # predict_ms: the batched pass this image was part of.
         timings = {"load_image_ms": round(seconds * 1000, 1), "predict_ms": passed.predict_ms}
         used = passed.metadata_used[i]
@@ -396,12 +454,12 @@ def _store_pass(
     if passed.gradcams is None:
         return []
     return explain.record_prediction_pass(
-        [analysis for _, (analysis, _, _) in kept],
-        [passed.gradcams[i] for i, _ in kept],
-        [passed.overlays[i] for i, _ in kept],
+        [analysis for _, analysis, _ in stored],
+        [passed.gradcams[i] for i, _, _ in stored],
+        [passed.overlays[i] for i, _, _ in stored],
         class_names,
         model.input_size,
     )
 
 
-__all__ = ["run_batch", "predict_batch", "warm_up", "bucket_sizes", "padded_size", "pad"]
+__all__ = ["Companions", "run_batch", "predict_batch", "warm_up", "bucket_sizes", "padded_size", "pad"]

@@ -219,8 +219,8 @@ def record_prediction_pass(
     size: tuple[int, int],
 ) -> list[int]:
     """The Grad-CAM rows of a prediction pass (done, or failed with the reason: a storage problem never
-    costs the prediction) and the queued SHAP rows of the top SHAP_TOP_K classes. The caller commits,
-    then sends the SHAP tasks (`send_shap`).
+    costs the prediction) and the queued SHAP rows of the top SHAP_TOP_K classes, added to the session:
+    the caller commits them with the rest of the micro-batch, then sends the SHAP tasks (`send_shap`).
 
     Args:
         analyses: the succeeded analyses of one model version.
@@ -231,11 +231,10 @@ def record_prediction_pass(
         size: (H, W), the model's input resolution: the maps are stored at it.
 
     Returns:
-        The ids of the analyses that have queued SHAP rows.
+        The analyses that have queued SHAP rows (their ids are known once the caller commits).
     """
     method = gradcam_method(bool(current_settings().GRADCAM_PLUS_PLUS))
     rows = _rows_of(analyses)
-    shap_pending = []
     for analysis, (index, heatmap, error), overlay in zip(analyses, gradcams, overlays):
         class_name = class_names[index] if error is None else analysis.top_class
         row = _row_for(rows, analysis, method, class_name, attempts=0)
@@ -262,10 +261,8 @@ def record_prediction_pass(
                     error = f"{exc.__class__.__name__}: {exc}"
             if error is not None:
                 row.status, row.error, row.finished_at = ExplanationStatus.FAILED, error[:4000], utcnow()
-        if _queue_shap_rows(rows, analysis):
-            shap_pending.append(analysis)
-    db.session.flush()  # ids for the SHAP messages
-    return [a.id for a in shap_pending]
+    # After all the Grad-CAM rows: rows alike in a row share one INSERT.
+    return [analysis for analysis in analyses if _queue_shap_rows(rows, analysis)]
 
 
 def send_shap(analysis_ids: Sequence[int]) -> None:
@@ -274,37 +271,48 @@ def send_shap(analysis_ids: Sequence[int]) -> None:
         send(SHAP_TASK, analysis_id)
 
 
-def queue_followups(model: Predictor, analysis_ids: Sequence[int]) -> None:
+FollowUp = tuple[str, Explanation | Analysis]  # (task name, row whose id the message carries)
+
+
+def queue_followups(model: Predictor, analyses: Sequence[Analysis]) -> list[FollowUp]:
     """For analyses stored earlier (a repeated job reuses them): queued SHAP rows for the top-k
-    classes, and a Grad-CAM row for the top class if the prediction pass left none (older analyses),
-    each sent to the explain queue. Nothing for a model without a Keras model to explain; a failure
-    is logged (the prediction is stored: a lost SHAP request must not fail the job)."""
-    if not explainable(model):
-        return
-    for analysis_id in analysis_ids:
+    classes, and a queued Grad-CAM row for the top class if the prediction pass left none (older
+    analyses), added to the session with one query for all. The caller commits them with the rest
+    of the micro-batch, then sends the returned messages (`send_followups`). Nothing for a model
+    without a Keras model to explain; a failure is logged (the prediction is stored: a lost SHAP
+    request must not fail the job)."""
+    analyses = [a for a in analyses if a.status == AnalysisStatus.SUCCEEDED and a.probabilities]
+    if not explainable(model) or not analyses:
+        return []
+    rows = _rows_of(analyses)
+    messages: list[FollowUp] = []
+    for analysis in analyses:
         try:
-            _queue_followups(analysis_id)
+            messages += _queue_followups(rows, analysis)
         except Exception:
-            db.session.rollback()
-            log.exception("Could not queue the explanations of analysis %s.", analysis_id)
+            log.exception("Could not queue the explanations of analysis %s.", analysis.id)
+    return messages
 
 
-def _queue_followups(analysis_id: int) -> None:
-    analysis = db.session.get(Analysis, analysis_id)
-    if analysis is None or analysis.status != AnalysisStatus.SUCCEEDED or not analysis.probabilities:
-        return
-    rows = _rows_of([analysis])
+def _queue_followups(rows: dict[RowKey, Explanation], analysis: Analysis) -> list[FollowUp]:
     shap_pending = _queue_shap_rows(rows, analysis)
     gradcam = (
         rows.get((analysis.image_id, ExplanationMethod.GRADCAM, analysis.top_class))
         or rows.get((analysis.image_id, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class))
         or _row_for(rows, analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED)
     )
-    db.session.commit()
+    messages: list[FollowUp] = []
     if gradcam.status == ExplanationStatus.QUEUED:
-        send(GRADCAM_TASK, gradcam.id)
+        messages.append((GRADCAM_TASK, gradcam))
     if shap_pending:
-        send(SHAP_TASK, analysis.id)
+        messages.append((SHAP_TASK, analysis))
+    return messages
+
+
+def send_followups(messages: Sequence[FollowUp] | None) -> None:
+    """Sends the messages of `queue_followups` (after their rows were committed)."""
+    for task_name, row in messages or ():
+        send(task_name, row.id)
 
 
 # --- SHAP and requested Grad-CAM ------------------------------------------------------------------------

@@ -14,15 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import inspect, select
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 
-from webapp.cases.deletion import lock_images
 from webapp.db import db
 from webapp.model_versions.service import register_model_version
 from webapp.models import Analysis, Image, Job, ModelVersion, utcnow
@@ -161,51 +161,56 @@ def read_image(storage_key: str, storage: Storage | None = None) -> np.ndarray:
 # --- analyses -----------------------------------------------------------------------------------------
 
 
-def begin_analyses(jobs: Sequence[Job], model_version: ModelVersion) -> tuple[list[Job], list[int]]:
-    """Gives each claimed job its analysis of (image, model version) and commits.
+def images_to_predict(jobs: Sequence[Job], model_version: ModelVersion) -> list[Image]:
+    """The images of the claimed jobs that have no succeeded analysis by `model_version` yet, each
+    once (two jobs may name one image), with their cases, in two queries.
 
-    A succeeded analysis is reused (results are never overwritten) and its job succeeds at once;
-    otherwise the analysis is created, or a failed one restarted, `running`. Two jobs for one image
-    share the analysis. Jobs whose case was deleted meanwhile are dropped.
-
-    Returns:
-        (the jobs whose images are to be predicted, the ids of the reused analyses).
+    Nothing is written here: the analyses are stored with the results, in the micro-batch's one
+    transaction (`analyses_of`, `analysis_for`, `finish_jobs`). A job whose case was deleted since
+    its claim is gone with it and left out.
     """
-    # The claimed jobs and their analyses are this delivery's alone: keep the loaded rows after each
-    # commit instead of reloading every attribute with one query each (~40% of a batch's time).
+    # The claimed jobs and the rows read for them are this delivery's alone: keep them loaded after
+    # the commit instead of reloading every attribute with one query each (~40% of a batch's time).
     db.session().expire_on_commit = False
-    # Locked until the commit below: the jobs of a case deleted since their claim are gone with it
-    # and are left out, and a deletion that comes now waits for this commit (webapp.cases.deletion).
-    # The ids come from a query: reading an expired attribute of a deleted job would raise.
-    job_ids = [inspect(job).identity[0] for job in jobs]
-    image_of = dict(db.session.execute(select(Job.id, Job.image_id).where(Job.id.in_(job_ids))).tuples().all())
-    alive = lock_images(image_of.values())
-    jobs = [job for job, job_id in zip(jobs, job_ids) if image_of.get(job_id) in alive]
-    image_ids = [job.image_id for job in jobs]
-    db.session.scalars(select(Image).where(Image.id.in_(image_ids))).all()  # one query, not one per job
-    existing = {
-        a.image_id: a
-        for a in db.session.scalars(
-            select(Analysis).where(Analysis.image_id.in_(image_ids), Analysis.model_version_id == model_version.id)
-        )
+    image_ids = list(dict.fromkeys(job.image_id for job in jobs))
+    images = {
+        image.id: image
+        for image in db.session.scalars(
+            select(Image).where(Image.id.in_(image_ids)).options(joinedload(Image.case))
+        ).unique()
     }
-    todo, reused = [], []
-    for job in jobs:
-        job.model_version = model_version
-        analysis = existing.get(job.image_id)
-        if analysis is not None and analysis.status == AnalysisStatus.SUCCEEDED:
-            job.analysis, job.status, job.finished_at = analysis, JobStatus.SUCCEEDED, utcnow()
-            reused.append(analysis.id)
-            continue
-        if analysis is None:
-            analysis = Analysis(image_id=job.image_id, model_version=model_version)
-            db.session.add(analysis)
-            existing[job.image_id] = analysis
-        analysis.status, analysis.error = AnalysisStatus.RUNNING, None
-        job.analysis = analysis
-        todo.append(job)
-    db.session.commit()
-    return todo, list(dict.fromkeys(reused))
+    done = set(
+        db.session.scalars(
+            select(Analysis.image_id).where(
+                Analysis.image_id.in_(image_ids),
+                Analysis.model_version_id == model_version.id,
+                Analysis.status == AnalysisStatus.SUCCEEDED,
+            )
+        )
+    )
+    return [images[i] for i in image_ids if i in images and i not in done]
+
+
+def analyses_of(image_ids: Iterable[int], model_version: ModelVersion) -> dict[int, Analysis]:
+    """The stored analyses of the images by `model_version`, by image id (one query). Read after the
+    images were locked: an analysis another worker stored meanwhile is seen and kept."""
+    ids = sorted(set(image_ids))
+    query = select(Analysis).where(Analysis.image_id.in_(ids), Analysis.model_version_id == model_version.id)
+    return {a.image_id: a for a in db.session.scalars(query)} if ids else {}
+
+
+def analysis_for(analyses: dict[int, Analysis], image: Image, model_version: ModelVersion) -> Analysis:
+    """The image's analysis by the version to store results in: the stored one (restarted after a
+    failure), or a new one added to `analyses` (the caller commits; new rows go in as one INSERT)."""
+    analysis = analyses.get(image.id)
+    if analysis is None:
+        # Both the relations and their ids: the explanation rows read the ids before any flush.
+        analysis = Analysis(image=image, image_id=image.id, model_version=model_version)
+        analysis.model_version_id = model_version.id
+        db.session.add(analysis)
+        analyses[image.id] = analysis
+    analysis.error = None
+    return analysis
 
 
 def top_class_indices(model: Any, probs: np.ndarray) -> np.ndarray:
@@ -259,11 +264,14 @@ def fail_analysis(analysis: Analysis, message: str) -> None:
     analysis.status, analysis.error, analysis.finished_at = AnalysisStatus.FAILED, message[:4000], utcnow()
 
 
-def finish_jobs(jobs: Sequence[Job]) -> None:
-    """Each job ends as its analysis did: `succeeded`, or `failed` with the analysis's error (the caller commits)."""
+def finish_jobs(jobs: Sequence[Job], analyses: dict[int, Analysis], model_version: ModelVersion) -> None:
+    """Each job ends as the analysis of its image did: `succeeded`, or `failed` with the analysis's
+    error (the caller commits)."""
     for job in jobs:
-        job.finished_at = utcnow()
-        if job.analysis.status == AnalysisStatus.SUCCEEDED:
+        analysis = analyses.get(job.image_id)
+        job.model_version, job.analysis, job.finished_at = model_version, analysis, utcnow()
+        if analysis is not None and analysis.status == AnalysisStatus.SUCCEEDED:
             job.status = JobStatus.SUCCEEDED
         else:
-            job.status, job.error = JobStatus.FAILED, job.analysis.error
+            error = analysis.error if analysis is not None else "The image's analysis was not stored."
+            job.status, job.error = JobStatus.FAILED, error

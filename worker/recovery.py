@@ -167,7 +167,39 @@ def take(job_id: int, seen_status: str, seen_attempts: int, now: datetime) -> bo
     return result.rowcount == 1
 
 
-def claim(job: Job, request: Any, settings: Settings, now: datetime) -> str | None:
+def take_queued(job_ids: Sequence[int], now: datetime) -> list[int]:
+    """`take` for many queued jobs in one UPDATE: each still `queued` (and not out of attempts)
+    becomes this process's, exactly as `take` would make it. Not committed.
+
+    Returns:
+        The ids this process won (another delivery or worker may have taken some first).
+    """
+    if not job_ids:
+        return []
+    result = db.session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(list(job_ids)),
+            Job.status == JobStatus.QUEUED,
+            Job.attempts < current_settings().TASK_MAX_ATTEMPTS,
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            error=None,
+            claimed_by=worker_identity(),
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(row[0] for row in result)
+
+
+TakeAlong = Callable[[Job, datetime], Any]  # claims further jobs in the lead's transaction (not committed)
+
+
+def claim(job: Job, request: Any, settings: Settings, now: datetime, take_along: TakeAlong | None = None) -> str | None:
     """Claims `job` for this delivery.
 
     Args:
@@ -175,6 +207,8 @@ def claim(job: Job, request: Any, settings: Settings, now: datetime) -> str | No
         request: the task's `self.request` (delivery_info, retries).
         settings: webapp.config.Settings (time limits, TASK_MAX_ATTEMPTS).
         now: the current UTC time.
+        take_along: called as `take_along(job, now)` once the job is won, before the commit, to
+            claim the jobs of its micro-batch (worker.batching) in the same transaction.
 
     Returns:
         None when this delivery now owns the job (status running, attempts + 1, committed);
@@ -199,6 +233,8 @@ def claim(job: Job, request: Any, settings: Settings, now: datetime) -> str | No
         db.session.commit()
         return JobStatus.FAILED
     won = take(job.id, job.status, job.attempts, now)
+    if won and take_along is not None:
+        take_along(job, now)
     db.session.commit()
     db.session.refresh(job)
     if not won:
@@ -247,8 +283,9 @@ def fail_jobs(job_ids: Iterable[int], message: str) -> None:
             log.exception("Could not mark job %s failed.", job_id)
 
 
-def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
-    """One delivery of a job's task: claim the job, run `work(job)`, end it `succeeded` or `failed`.
+def run_job(job_id: int, request: Any, work: Callable[[Job], None], take_along: TakeAlong | None = None) -> str:
+    """One delivery of a job's task: claim the job (and, with `take_along`, the rest of its
+    micro-batch in the same transaction: `claim`), run `work(job)`, end it `succeeded` or `failed`.
 
     Never leaves the job `running`: every error but a transient one ends it `failed` with its
     reason (the soft time limit included); a transient error (database or broker briefly
@@ -267,7 +304,7 @@ def run_job(job_id: int, request: Any, work: Callable[[Job], None]) -> str:
         if job is None:
             log.warning("Job %s does not exist; nothing to do.", job_id)
             return "missing"
-        outcome = claim(job, request, settings, utcnow())
+        outcome = claim(job, request, settings, utcnow(), take_along)
         if outcome is not None:
             return outcome
         claimed = True

@@ -30,9 +30,10 @@ def analyse(self: Task, job_id: int, *listed_job_ids: int) -> str:
     briefly unavailable) puts it back to `queued` and retries with backoff; every other error ends
     in `failed` with its reason.
     """
+    companions = batching.Companions(listed_job_ids)  # claimed with the job, in one transaction
     try:
-        work = partial(batching.run_batch, listed=listed_job_ids) if listed_job_ids else batching.run_batch
-        return str(recovery.run_job(job_id, self.request, work))
+        work = partial(batching.run_batch, companions=companions)
+        return str(recovery.run_job(job_id, self.request, work, companions.take))
     except recovery.RetryLater as later:
         raise self.retry(exc=later.cause, countdown=recovery.retry_countdown(self.request.retries)) from None
 

@@ -1,7 +1,9 @@
 """Folder uploads (a folder sent in chunks, a zip archive or a server-side folder) stored as cases.
 
 One bad image is a per-file error on the batch (a `BatchItem` with `error`), never a failed batch.
-Each file is committed on its own (case, image, job and item together), so nothing is half-stored.
+A chunk of files is committed in one transaction (its cases, images, jobs and items, one INSERT per
+table); each file is checked on its own before, so a bad file is skipped and nothing is
+half-stored, and a failed commit removes the chunk's files again (cases.intake.Intake).
 A file whose normalised pixels are already stored is linked: its item points at the existing case
 and image instead of storing it twice.
 
@@ -20,12 +22,13 @@ from typing import Any, BinaryIO
 
 from flask import current_app
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from .. import queue
-from ..cases.intake import DuplicateImage, store_image
+from ..cases.intake import DuplicateImage, Intake, StoredImage
 from ..db import db
 from ..imaging import UploadError
-from ..models import Analysis, Batch, BatchItem, Explanation, Image, Job, User
+from ..models import Analysis, Batch, BatchItem, Explanation, Job, User
 from ..queue import ANALYSE_TASK, INGEST_QUEUE, INGEST_TASK, PREDICT_QUEUE
 from ..states import ExplanationStatus
 from ..storage import check_key, storage_from_settings
@@ -77,31 +80,105 @@ def create_batch(
     return batch
 
 
-def _latest_job_id(image_id: int) -> int | None:
-    return db.session.scalar(select(func.max(Job.id)).where(Job.image_id == image_id, Job.kind == "analyse"))
+def _latest_job_ids(image_ids: Iterable[int]) -> dict[int, int]:
+    """The newest analyse job of each image, in one query."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return {}
+    query = select(Job.image_id, func.max(Job.id)).where(Job.image_id.in_(ids), Job.kind == "analyse")
+    return dict(db.session.execute(query.group_by(Job.image_id)).tuples().all())
 
 
-def _save_item(batch: Batch, filename: str, item: BatchItem | None, **values: Any) -> BatchItem:
-    """Commits a new item, or fills in a pending one (an archive entry the ingest task decoded)."""
-    item = item or BatchItem(batch_id=batch.id, filename=filename)
-    for name, value in values.items():
-        setattr(item, name, value)
-    item.pending = False
-    db.session.add(item)
-    db.session.commit()
-    return item
+File = tuple[str, bytes | None, str | None]  # (filename as sent, bytes, error found before storing)
+Outcome = StoredImage | DuplicateImage | str  # what staging one file gave: stored, a duplicate, or an error
 
 
-def _link_duplicate(batch: Batch, filename: str, image: Image, item: BatchItem | None) -> BatchItem:
-    return _save_item(
-        batch,
-        filename,
-        item,
-        case_id=image.case_id,
-        image_id=image.id,
-        job_id=_latest_job_id(image.id),
-        duplicate=True,
-    )
+def _stage(
+    intake: Intake, batch: Batch, filename: str, data: bytes | None, user: User | None, error: str | None
+) -> Outcome:
+    """Stages one file of the batch (`Intake.stage`); a bad file gives its error, a duplicate its
+    DuplicateImage, and neither adds anything to the session."""
+    if error is None and not filename.lower().endswith(IMAGE_EXTENSIONS):
+        error = "Skipped: not a .jpg, .jpeg or .png file."
+    if error is not None:
+        return error
+    fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
+    try:
+        return intake.stage(data or b"", PurePosixPath(filename).name[:255], fields, user, batch)
+    except UploadError as exc:
+        return exc.message
+    except DuplicateImage as exc:
+        return exc
+
+
+def _item_values(outcome: Outcome, latest_jobs: dict[int, int]) -> dict[str, Any]:
+    """The batch item's columns for one staged file (after the flush that gave the rows their ids).
+    Every column is given, so that all the chunk's items share one INSERT."""
+    values: dict[str, Any] = {"case_id": None, "image_id": None, "job_id": None, "duplicate": False, "error": None}
+    if isinstance(outcome, str):
+        values["error"] = outcome
+    elif isinstance(outcome, DuplicateImage):
+        image = outcome.image
+        values.update(case_id=image.case_id, image_id=image.id, job_id=latest_jobs.get(image.id), duplicate=True)
+    else:
+        values.update(case_id=outcome.case.id, image_id=outcome.image.id, job_id=outcome.job.id)
+    return values
+
+
+def _store_once(
+    batch: Batch, files: list[File], user: User | None, pending: list[BatchItem | None], prune: bool
+) -> tuple[list[BatchItem], list[int]]:
+    intake = Intake()
+    try:
+        outcomes = [_stage(intake, batch, clean_filename(name), data, user, error) for name, data, error in files]
+        db.session.flush()  # one INSERT per table for the whole chunk; ids for the items
+        duplicates = [o.image.id for o in outcomes if isinstance(o, DuplicateImage)]
+        latest_jobs = _latest_job_ids(duplicates)
+        items = []
+        for (name, _, _), outcome, item in zip(files, outcomes, pending, strict=True):
+            item = item or BatchItem(batch_id=batch.id, filename=clean_filename(name))
+            for column, value in _item_values(outcome, latest_jobs).items():
+                setattr(item, column, value)
+            item.pending = False
+            items.append(item)
+        db.session.add_all(items)
+        if prune:
+            prune_metadata(batch)
+    except BaseException:
+        db.session.rollback()
+        intake.remove_unnamed_files()
+        raise
+    intake.commit()
+    return items, [o.job.id for o in outcomes if isinstance(o, StoredImage)]
+
+
+def store_files(
+    batch: Batch,
+    files: Iterable[File],
+    user: User | None,
+    pending: Iterable[BatchItem | None] | None = None,
+    prune: bool = False,
+) -> tuple[list[BatchItem], list[int]]:
+    """Stores files of the batch in one transaction; returns their items and the jobs to send.
+
+    Each file is checked on its own: a bad file becomes an item with `error`, a duplicate (of a
+    stored image or of an earlier file of the same call) an item linked to that case; neither
+    stores anything. A pending item (an archive entry, worker.ingest) is filled in rather than a new
+    one added. When a concurrent request committed one of the images first (a unique constraint),
+    the whole call is staged again once, and that file then becomes a duplicate.
+
+    Args:
+        pending: per file, its pending item or None (default: None for each).
+        prune: drop the metadata rows that no file of the batch uses once every announced file is
+            in (`prune_metadata`), in the same transaction.
+    """
+    files = list(files)
+    pending = list(pending) if pending is not None else [None] * len(files)
+    try:
+        return _store_once(batch, files, user, pending, prune)
+    except IntegrityError:
+        log.info("A concurrent upload stored one of %d files of batch %s first; storing again.", len(files), batch.id)
+        return _store_once(batch, files, user, pending, prune)
 
 
 def add_file(
@@ -112,24 +189,10 @@ def add_file(
     error: str | None = None,
     item: BatchItem | None = None,
 ) -> tuple[BatchItem, int | None]:
-    """Stores one file of the batch; returns its item and the id of the job to send (None if none).
-
-    A bad file becomes an item with `error`; a duplicate an item linked to the existing case. A
-    pending `item` (an archive entry) is filled in rather than a new one added.
-    """
-    filename = clean_filename(filename)
-    if error is None and not filename.lower().endswith(IMAGE_EXTENSIONS):
-        error = "Skipped: not a .jpg, .jpeg or .png file."
-    if error is not None:
-        return _save_item(batch, filename, item, error=error), None
-    fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
-    try:
-        stored = store_image(data or b"", PurePosixPath(filename).name[:255], fields, user, batch, filename, item)
-    except UploadError as exc:
-        return _save_item(batch, filename, item, error=exc.message), None
-    except DuplicateImage as exc:
-        return _link_duplicate(batch, filename, exc.image, item), None
-    return stored.item, stored.job.id
+    """Stores one file of the batch (`store_files` of one); returns its item and the id of the job
+    to send (None if none)."""
+    (item,), job_ids = store_files(batch, [(filename, data, error)], user, [item])
+    return item, (job_ids[0] if job_ids else None)
 
 
 def send_jobs(job_ids: Iterable[int]) -> int:
@@ -141,21 +204,14 @@ def send_jobs(job_ids: Iterable[int]) -> int:
     return queue.send_grouped(ANALYSE_TASK, list(job_ids), size, queue=PREDICT_QUEUE)
 
 
-def add_files(
-    batch: Batch, files: Iterable[tuple[str, bytes | None, str | None]], user: User | None
-) -> list[BatchItem]:
-    """Stores (filename, bytes, error) triples one by one (a commit each), then sends their jobs."""
-    items, job_ids = [], []
+def add_files(batch: Batch, files: Iterable[File], user: User | None, prune: bool = False) -> list[BatchItem]:
+    """Stores (filename, bytes, error) triples in one transaction (`store_files`), then sends their jobs."""
     session = db.session()
-    # The rows committed here are exactly as written: expiring them at each commit would reload the
-    # batch, the user and every item with one SELECT each (a third of an upload's time in profiles).
+    # The rows committed here are exactly as written: expiring them at the commit would reload the
+    # batch, the user and every item with one SELECT each.
     expire_on_commit, session.expire_on_commit = session.expire_on_commit, False
     try:
-        for filename, data, error in files:
-            item, job_id = add_file(batch, filename, data, user, error)
-            items.append(item)
-            if job_id is not None:
-                job_ids.append(job_id)
+        items, job_ids = store_files(batch, files, user, prune=prune)
     finally:
         session.expire_on_commit = expire_on_commit
     send_jobs(job_ids)
@@ -368,15 +424,14 @@ def _batch_files(images: list, archive: Archive | None, expected: str) -> int:
 
 
 def chunk_from_request(request, batch: Batch, user: User) -> list[BatchItem]:
-    """Adds the request's `images` to an existing batch; the last announced chunk drops the
-    metadata rows no file of the batch used."""
-    items = add_files(batch, _image_triples(_uploaded_images(request)), user)
-    prune_metadata(batch)
-    return items
+    """Adds the request's `images` to an existing batch in one transaction; the last announced
+    chunk drops the metadata rows no file of the batch used."""
+    return add_files(batch, _image_triples(_uploaded_images(request)), user, prune=True)
 
 
 def prune_metadata(batch: Batch) -> None:
-    """Once every announced file is in, keeps only the metadata rows of the batch's files."""
+    """Once every announced file is in, keeps only the metadata rows of the batch's files (the
+    caller commits)."""
     if not batch.metadata_rows or not batch.expected_files:
         return
     names = db.session.scalars(select(BatchItem.filename).where(BatchItem.batch_id == batch.id)).all()
@@ -384,7 +439,6 @@ def prune_metadata(batch: Batch) -> None:
         return
     stems = {file_stem(name) for name in names}
     batch.metadata_rows = {stem: row for stem, row in batch.metadata_rows.items() if stem in stems}
-    db.session.commit()
 
 
 def items_summary(items: list[BatchItem]) -> dict[str, Any]:

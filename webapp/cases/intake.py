@@ -1,13 +1,16 @@
 """How an image enters the portal: validate, store, commit the case, its image and a queued job.
 
-`store_image` is the one way in (single uploads from the page, the API, folder uploads and the CLI
-import all call it); `create_case` adds sending the task at once, for a single upload.
+`Intake.stage` is the one way in: a single upload from the page or the API is an intake of one
+(`store_image`; `create_case` adds sending the task at once), a chunk of a folder upload, the CLI
+import and an archive entry go through webapp.batches.service.store_files, which stages each file
+and commits the chunk in one transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from .. import queue
 from ..db import db
 from ..imaging import UploadError, check_filename, process_upload
-from ..models import DX_CLASSES, DX_TYPES, SEXES, SITES, Batch, BatchItem, Case, Image, Job, User
+from ..models import DX_CLASSES, DX_TYPES, SEXES, SITES, Batch, Case, Image, Job, User
 from ..queue import ANALYSE_TASK, PREDICT_QUEUE
 from ..states import JobKind, JobStatus
 from ..storage import image_key, storage_from_settings
@@ -38,23 +41,23 @@ class FieldError(ValueError):
 
 
 class DuplicateImage(ValueError):
-    """The same image (same normalised pixels) is already stored: `image`, of case `case_id`."""
+    """The same image (same normalised pixels) is already stored: `image`, of case `case_id` (None
+    for an image staged earlier in the same upload, not yet committed)."""
 
     def __init__(self, image: Image):
-        super().__init__(f"This image was already uploaded as case {image.case_id}.")
+        where = f"as case {image.case_id}" if image.case_id is not None else "earlier in this upload"
+        super().__init__(f"This image was already uploaded {where}.")
         self.image, self.case_id = image, image.case_id
         self.message = str(self)
 
 
 @dataclass(frozen=True)
 class StoredImage:
-    """What one accepted image became: its case, the image row, the queued analysis job and, in a
-    folder upload, its batch item."""
+    """What one accepted image became: its case, the image row and the queued analysis job."""
 
     case: Case
     image: Image
     job: Job
-    item: BatchItem | None = None
 
 
 @dataclass(frozen=True)
@@ -129,64 +132,118 @@ def _reference(form: Mapping[str, Any]) -> dict[str, str]:
     return values
 
 
-def _raise_if_stored(column, value: str) -> None:
-    existing = db.session.scalar(select(Image).where(column == value).limit(1))
-    if existing is not None:
-        raise DuplicateImage(existing)
+class Intake:
+    """Images stored in one transaction: each validated and saved on its own, all committed at once.
+
+    A folder-upload chunk is one transaction (one commit, one bulk INSERT per table) rather than one
+    per file; a single upload is an intake of one. `stage` raises for a bad or duplicate file and
+    adds nothing for it, so the caller reports that file and goes on with the next. The session is
+    never flushed while staging: duplicates within the intake are found by hash here, not in the
+    database, and every row goes in at the final flush.
+    """
+
+    def __init__(self) -> None:
+        self.staged: dict[str, Image] = {}  # source and content hashes of the images staged so far
+        self.saved: dict[str, float] = {}  # storage key -> when this intake wrote it
+
+    def check_new(self, column, value: str) -> None:
+        """Raises DuplicateImage when an image with this hash is stored or staged already."""
+        staged = self.staged.get(value)
+        if staged is not None:
+            raise DuplicateImage(staged)
+        with db.session.no_autoflush:
+            existing = db.session.scalar(select(Image).where(column == value).limit(1))
+        if existing is not None:
+            raise DuplicateImage(existing)
+
+    def stage(
+        self, data: bytes, filename: str, fields: Mapping[str, Any], uploader: User | None, batch: Batch | None = None
+    ) -> StoredImage:
+        """Validates one image, saves its file and adds its case, image and queued job to the session.
+
+        Raises:
+            UploadError: the bytes are not an acceptable image.
+            DuplicateImage: the same image is already stored, or staged in this intake.
+        """
+        config = current_app.config
+        source_hash = hashlib.sha256(data).hexdigest()
+        self.check_new(Image.source_hash, source_hash)  # the same file again: no decoding
+        processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
+        self.check_new(Image.content_hash, processed.content_hash)  # the same pixels in another file
+        key = image_key(processed.content_hash, processed.extension)
+        storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)  # content-addressed
+        self.saved[key] = time.time()
+        # Every case field set, absent ones to None: rows with the same columns share one INSERT.
+        case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **{**NO_FIELDS, **fields})
+        image = Image(
+            case=case,
+            content_hash=processed.content_hash,
+            source_hash=source_hash,
+            storage_key=key,
+            width=processed.width,
+            height=processed.height,
+            original_filename=filename,
+        )
+        job = Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image=image)
+        db.session.add_all([case, image, job])
+        self.staged[source_hash] = self.staged[processed.content_hash] = image
+        return StoredImage(case, image, job)
+
+    def commit(self) -> None:
+        """Commits the session. A failed commit is rolled back and leaves no file that no row names.
+
+        Raises:
+            DuplicateImage: a single staged image was committed by a concurrent request a moment ago.
+            Whatever the commit raised otherwise (IntegrityError for a chunk: the caller stages it again).
+        """
+        try:
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            self.remove_unnamed_files()
+            raise
+        self.saved.clear()
+
+    def remove_unnamed_files(self) -> None:
+        """Deletes the files this intake wrote that no image row names (after a rollback), unless
+        written again since (the same image uploaded at this moment by another request)."""
+        if not self.saved:
+            return
+        storage = storage_from_settings(current_app.extensions["settings"])
+        try:
+            named = set(db.session.scalars(select(Image.storage_key).where(Image.storage_key.in_(list(self.saved)))))
+        except Exception:  # the database itself failed: none of this intake's rows exists
+            log.warning("Could not read which stored images are named; removing this upload's files.", exc_info=True)
+            named = set()
+        for key, saved_at in self.saved.items():
+            modified = storage.modified(key)
+            if key not in named and modified is not None and modified <= saved_at:
+                storage.delete(key)
+        db.session.rollback()  # the read above: no transaction is left open
+        self.saved.clear()
 
 
-def store_image(
-    data: bytes,
-    filename: str,
-    fields: Mapping[str, Any],
-    uploader: User | None,
-    batch: Batch | None = None,
-    item_name: str | None = None,
-    item: BatchItem | None = None,
-) -> StoredImage:
+NO_FIELDS = {name: None for name in CaseFields.__dataclass_fields__}
+
+
+def store_image(data: bytes, filename: str, fields: Mapping[str, Any], uploader: User | None) -> StoredImage:
     """Validates and stores one image, then commits its case, image and queued job together.
 
-    The task is not sent here: the caller sends it once the commit is done (a folder upload sends
-    a whole chunk's jobs at once). With `batch`, the batch item (named `item_name`) is committed in
-    the same transaction, so a file is either wholly stored or not at all; a pending `item` (an
-    archive entry, worker.ingest) is filled in instead of a new one.
+    The task is not sent here: the caller sends it once the commit is done.
 
     Raises:
         UploadError: the bytes are not an acceptable image.
         DuplicateImage: the same image is already stored (also when another request stored it a
             moment ago).
     """
-    config = current_app.config
-    source_hash = hashlib.sha256(data).hexdigest()
-    _raise_if_stored(Image.source_hash, source_hash)  # the same file again: no decoding
-    processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
-    _raise_if_stored(Image.content_hash, processed.content_hash)  # the same pixels in another file
-    key = image_key(processed.content_hash, processed.extension)
-    storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)  # content-addressed
-    case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **fields)
-    image = Image(
-        case=case,
-        content_hash=processed.content_hash,
-        source_hash=source_hash,
-        storage_key=key,
-        width=processed.width,
-        height=processed.height,
-        original_filename=filename,
-    )
-    job = Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image=image)
-    db.session.add_all([case, image, job])
-    if batch is not None:
-        db.session.flush()  # ids for the item: inserted with them, not updated after
-        item = item or BatchItem(batch_id=batch.id, filename=item_name)
-        item.case_id, item.image_id, item.job_id, item.pending = case.id, image.id, job.id, False
-        db.session.add(item)
+    intake = Intake()
+    stored = intake.stage(data, filename, fields, uploader)
     try:
-        db.session.commit()
+        intake.commit()
     except IntegrityError:  # the same image committed by a concurrent request a moment ago
-        db.session.rollback()
-        _raise_if_stored(Image.content_hash, processed.content_hash)
+        intake.check_new(Image.content_hash, stored.image.content_hash)
         raise
-    return StoredImage(case, image, job, item)
+    return stored
 
 
 def create_case(data: bytes, filename: str | None, fields: CaseFields, uploader: User | None) -> tuple[Case, Job]:
@@ -206,6 +263,7 @@ __all__ = [
     "CaseFields",
     "DuplicateImage",
     "FieldError",
+    "Intake",
     "StoredImage",
     "UploadError",
     "create_case",

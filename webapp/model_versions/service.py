@@ -52,7 +52,10 @@ def register_model_version(manifest: dict[str, Any], artifact_path: str | Path |
             manifest=_jsonable(manifest),
         )
         db.session.add(row)
-    row.artifact_path = str(Path(artifact_path).resolve()) if artifact_path else row.artifact_path
+    path = str(Path(artifact_path).resolve()) if artifact_path else row.artifact_path
+    if row.id is not None and row.artifact_path == path:
+        return row  # known and unchanged: no transaction of its own (the worker asks once per micro-batch)
+    row.artifact_path = path
     try:
         db.session.commit()
     except IntegrityError:  # another process registered it first
