@@ -150,14 +150,15 @@ def make_account(env: dict[str, str]) -> tuple[str, str, str]:
 
 
 def start_portal(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=open(log_path, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log_path, "wb") as out:  # the launcher and its children keep their own copy
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "run_portal.py"), "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_for_banner(proc: subprocess.Popen, log_path: Path, timeout: float = 1000) -> str:
@@ -356,14 +357,22 @@ class Sampler:
             if first is not None:
                 urls.insert(1, ("case_page", f"/cases/{rng.randint(first, last)}"))
             for name, url in urls:
-                started = time.perf_counter()
-                response = session.get(base + url, timeout=60)
-                elapsed = time.perf_counter() - started
-                if response.status_code == 200 and "/login" not in response.url:
-                    self.latencies[name].append(elapsed)
-                else:
-                    self.page_errors.append(f"{url}: {response.status_code}")
+                self.time_page(session, name, base + url)
                 self.stopping.wait(0.5)
+
+    def time_page(self, session, name: str, url: str) -> None:
+        import requests
+
+        started = time.perf_counter()
+        try:
+            response = session.get(url, timeout=60)
+        except requests.RequestException as exc:  # counted, and the sampling goes on
+            self.page_errors.append(f"{url}: {exc.__class__.__name__}")
+            return
+        if response.status_code == 200 and "/login" not in response.url:
+            self.latencies[name].append(time.perf_counter() - started)
+        else:
+            self.page_errors.append(f"{url}: {response.status_code}")
 
 
 def login(base: str, email: str, password: str):
@@ -401,21 +410,29 @@ def wait_for_results(progress: Progress, proc: subprocess.Popen, deadline: float
 
 
 def upload(client: ScaleClient, batch_id: int, paths: list[Path], per_request: int) -> dict:
-    sent = stored = duplicates = refused = 0
+    """Sends the chunks one after the other; a chunk the portal answers with an error is counted and
+    the upload goes on (its files count as lost unless the portal stored them after all)."""
+    import requests
+
+    totals = {"sent": 0, "stored": 0, "duplicates": 0, "refused": 0, "chunk_errors": 0}
     for index, part in enumerate(chunks(paths, per_request)):
-        summary = client.send_chunk(batch_id, part)
-        sent += len(part)
-        stored += summary["stored"]
-        duplicates += summary["duplicates"]
-        refused += len(summary["errors"])
+        totals["sent"] += len(part)
+        try:
+            summary = client.send_chunk(batch_id, part)
+        except (RuntimeError, requests.RequestException) as exc:
+            totals["chunk_errors"] += 1
+            log(f"chunk {index + 1}: {exc}")
+            continue
+        totals["stored"] += summary["stored"]
+        totals["duplicates"] += summary["duplicates"]
+        totals["refused"] += len(summary["errors"])
         if index % 20 == 0:
-            log(f"sent {sent} of {len(paths)} files")
-    return {"sent": sent, "stored": stored, "duplicates": duplicates, "refused": refused}
+            log(f"sent {totals['sent']} of {len(paths)} files")
+    return totals
 
 
-def summarise(
-    args, folder_size: int, load_start, t0: float, uploaded: dict, upload_s: float, progress, sampler, finished: bool
-):
+def summarise(args, measured: dict, progress: Progress, sampler: Sampler) -> dict:
+    """The summary from the database and the samplers; `measured` holds what the run itself timed."""
     from webapp.config import usable_cpus
 
     items = progress.items()
@@ -425,18 +442,19 @@ def summarise(
     maps, last_map = maps_finished(explanations)
     stored_n = items["items"] - items["duplicates"] - items["refused"]
     last = max((t for t in (last_analysis, last_map) if t), default=None)
-    to_last = round(last - t0, 1) if last else None
+    uploaded, upload_s = measured["uploaded"], measured["upload_s"]
+    to_last = round(last - measured["t0"], 1) if last else None
     final_worker = sampler.worker_rss()
     base = sampler.worker_rss_at_baseline
     shap = {status: n for (method, status), (n, _) in explanations.items() if method == "shap"}
     return {
-        "images": folder_size,
+        "images": measured["images"],
         "analysed": analysed,
         "analysed_twice": progress.analysed_twice(),
         "failed": failed + items["refused"],
         "duplicates": items["duplicates"],
         "lost": (uploaded["sent"] - items["items"]) + (stored_n - analysed - failed),
-        "finished_within_limit": finished,
+        "finished_within_limit": measured["finished"],
         "ingest_images_per_s": round(uploaded["sent"] / upload_s, 2),
         "upload_s": round(upload_s, 1),
         "analysis_images_per_s": round(analysed / to_last, 2) if to_last else None,
@@ -457,10 +475,13 @@ def summarise(
         "batch_page_p95_s": p95(sampler.latencies["batch_page"]),
         "page_samples": {name: len(values) for name, values in sampler.latencies.items()},
         "page_errors": len(sampler.page_errors),
+        "chunk_errors": uploaded["chunk_errors"],
         "chunk_files": args.chunk,
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
-        "load_average_start": load_start,
+        "portal_ready_s": measured["portal_ready_s"],
+        "load_average_start": measured["load_average_start"],
+        "load_average_upload": measured["load_average_upload"],
         "load_average_end": load_average(),
     }
 
@@ -489,9 +510,10 @@ def print_table(summary: dict) -> None:
         ("case page p95", f"{s['case_page_p95_s']} s (target <= 0.3)"),
         ("batch page p95", f"{s['batch_page_p95_s']} s"),
         ("page samples / errors", f"{s['page_samples']} / {s['page_errors']}"),
+        ("portal start to the ready banner", f"{s['portal_ready_s']} s"),
         (
-            "cores; load average at start / end",
-            f"{s['cpu_count']}; {s['load_average_start']} / {s['load_average_end']}",
+            "cores; load average at start / upload / end",
+            f"{s['cpu_count']}; {s['load_average_start']} / {s['load_average_upload']} / {s['load_average_end']}",
         ),
     ]
     width = max(len(name) for name, _ in rows)
@@ -501,8 +523,8 @@ def print_table(summary: dict) -> None:
 
 
 def run(args, sources: list[Path], tmp: Path) -> dict:
-    load_start = load_average()
-    log(f"building a folder of {args.images} images; load average {load_start}")
+    measured = {"load_average_start": load_average(), "images": args.images}
+    log(f"building a folder of {args.images} images; load average {measured['load_average_start']}")
     copies = tmp / "folder"
     copies.mkdir()
     paths = build_folder(sources, args.images, copies)
@@ -512,25 +534,28 @@ def run(args, sources: list[Path], tmp: Path) -> dict:
     base = f"http://127.0.0.1:{port}"
     log_path = args.out.parent / "scale-portal.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     proc = start_portal(env, port, log_path)
     try:
         log(f"portal starting (scripts/run_portal.py, log in {log_path})")
         log(f"portal ready: {wait_for_banner(proc, log_path)!r}")
+        measured.update(portal_ready_s=round(time.time() - started, 1), load_average_upload=load_average())
         client = ScaleClient(base, token)
-        t0 = time.time()
+        measured["t0"] = time.time()
         batch_id = client.create_batch_expecting(f"bench-scale {args.images} images", len(paths))
         progress = Progress(tmp / "instance" / "portal.db", batch_id)
         baseline = min(RSS_BASELINE_IMAGES, max(1, args.images // 10))
         sampler = Sampler(proc.pid, progress, (login(base, email, password), base, batch_id), baseline)
         sampler.start()
         try:
-            uploaded = upload(client, batch_id, paths, args.chunk)
-            upload_s = time.time() - t0
-            log(f"uploaded {uploaded} in {upload_s:.0f} s; waiting for the results")
-            finished = wait_for_results(progress, proc, time.monotonic() + args.max_minutes * 60 - upload_s)
+            measured["uploaded"] = upload(client, batch_id, paths, args.chunk)
+            measured["upload_s"] = time.time() - measured["t0"]
+            log(f"uploaded {measured['uploaded']} in {measured['upload_s']:.0f} s; waiting for the results")
+            deadline = time.monotonic() + args.max_minutes * 60 - measured["upload_s"]
+            measured["finished"] = wait_for_results(progress, proc, deadline)
         finally:
             sampler.stop()
-        return summarise(args, len(paths), load_start, t0, uploaded, upload_s, progress, sampler, finished)
+        return summarise(args, measured, progress, sampler)
     finally:
         stop_portal(proc)
 
