@@ -4,11 +4,14 @@ axe-core (vendored in tests/e2e/vendor/, MPL-2.0), run in Debian's Chromium thro
 
 The portal runs for real (redis-server, the web app in an HTTP server thread); the cases are
 uploaded through the app and their results written as the worker would, so no worker is needed.
+One case carries the shipped model's real Grad-CAM and SHAP maps (tests/fixtures/maps), so the
+side-by-side view and the colour bars are checked at both widths too.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -25,6 +28,51 @@ WIDTHS = (375, 1280)
 BLOCKING = ("serious", "critical")
 ROLES = ("admin", "researcher", "reviewer")
 SHOTS = os.environ.get("LAYOUT_SCREENSHOTS")
+MAPS = ROOT / "tests" / "fixtures" / "maps"
+
+
+def seed_maps(app, case_id: int, mv_id: int) -> None:
+    """The shipped model's real maps of ISIC_0025964 (tests/fixtures/maps, made by its make_maps.py)
+    stored for the case's analysis by `mv_id` as worker.explain.store_explanation leaves them: the
+    raw map and its colour layer under the row's keys, status done. The version gets the shipped
+    manifest and the analysis that model's probabilities, so page and maps tell one story."""
+    from webapp.cases.explanations import explanation_keys
+    from webapp.db import db
+    from webapp.models import Analysis, Explanation, Image, ModelVersion, utcnow
+    from webapp.storage import storage_from_settings
+
+    summary = json.loads((MAPS / "summary.json").read_text())
+    storage = storage_from_settings(app.extensions["settings"])
+    with app.app_context():
+        image = db.session.scalar(db.select(Image).where(Image.case_id == case_id))
+        assert image.original_filename == summary["image"], "the maps belong to another image"
+        mv = db.session.get(ModelVersion, mv_id)
+        mv.manifest = json.loads((ROOT / "models" / "default" / "manifest.json").read_text())
+        mv.trained_on = mv.manifest["trained_on"]
+        analysis = db.session.scalar(
+            db.select(Analysis).where(Analysis.image_id == image.id, Analysis.model_version_id == mv_id)
+        )
+        analysis.probabilities, analysis.top_class = summary["probabilities"], summary["top_class"]
+        for method in ("gradcam", "shap"):
+            raw_key, overlay_key = explanation_keys(image.content_hash, mv_id, method, summary["top_class"])
+            storage.save(raw_key, (MAPS / f"{method}.npy").read_bytes())
+            storage.save(overlay_key, (MAPS / f"{method}.png").read_bytes())
+            db.session.add(
+                Explanation(
+                    analysis=analysis,
+                    image=image,
+                    model_version_id=mv_id,
+                    method=method,
+                    class_name=summary["top_class"],
+                    status="done",
+                    raw_key=raw_key,
+                    overlay_key=overlay_key,
+                    params=summary[method],
+                    attempts=1,
+                    finished_at=utcnow(),
+                )
+            )
+        db.session.commit()
 
 
 def _seed(app) -> dict[str, int]:
@@ -72,7 +120,9 @@ def _seed(app) -> dict[str, int]:
         batch = Batch(name="layout batch", source="browser", created_by_id=users["admin@example.org"])
         db.session.add(batch)
         db.session.commit()
-        return {"case": ids[0], "batch": batch.id, "card": new}
+        batch_id = batch.id
+    seed_maps(app, ids[0], new)
+    return {"case": ids[0], "batch": batch_id, "card": new}
 
 
 def _pages(role: str, ids: dict[str, int]) -> list[str]:
@@ -115,6 +165,25 @@ def _check(page, url: str, width: int) -> list[str]:
     return problems
 
 
+def _maps_problems(page, url: str, width: int) -> list[str]:
+    """The case page's side-by-side view (original, Grad-CAM, SHAP) and its two colour bars: every
+    picture loaded and within the window."""
+    shown = page.evaluate(
+        """() => { const row = document.querySelector('.explanation-row:not([hidden])');
+             const fits = e => e.getBoundingClientRect().right <= window.innerWidth + 1;
+             const loaded = i => i.complete && i.naturalWidth > 0;
+             return {figures: row ? [...row.querySelectorAll('figure')].map(fits) : [],
+                     overlays: row ? [...row.querySelectorAll('img.overlay')].map(loaded) : [],
+                     bars: [...document.querySelectorAll('.colour-scale img')].map(i => loaded(i) && fits(i))}; }"""
+    )
+    wanted = {"figures": 3, "overlays": 2, "bars": 2}
+    return [
+        f"{url} at {width} px: {name} {shown[name]} (want {n}, each shown and within the window)"
+        for name, n in wanted.items()
+        if shown[name] != [True] * n
+    ]
+
+
 def test_every_page_fits_both_widths_and_passes_axe(web_app, server):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
@@ -145,6 +214,8 @@ def test_every_page_fits_both_widths_and_passes_axe(web_app, server):  # noqa: F
                             slug = url.strip("/").replace("/", "-").replace("?", "-").replace("=", "-") or "home"
                             page.screenshot(path=str(Path(SHOTS) / f"{role}-{width}-{slug}.png"), full_page=True)
                         problems += [f"{role}: {p}" for p in _check(page, url, width)]
+                        if url == f"/cases/{ids['case']}":
+                            problems += [f"{role}: {p}" for p in _maps_problems(page, url, width)]
                     context.close()
         finally:
             browser.close()
