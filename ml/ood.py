@@ -11,11 +11,13 @@ also scores it) with four signals, none of which separates well on its own:
 - the largest softmax probability;
 - the length of the embedding;
 
-and the PCA coordinates themselves. A logistic regression on the standardised signals is fitted with outlier exposure: training-split
-dermoscopy against generated non-dermoscopic images of ml.outliers.TRAINING_KINDS only (the other
-kinds, and new draws of the training kinds from another seed and the test split's masks, are kept
-for the measurement). The threshold is the score above which at most 5 % of the validation split's
-dermoscopy images lie.
+and (depending on the variant) the leading PCA coordinates themselves. A logistic regression on the
+standardised signals is fitted with outlier exposure: training-split dermoscopy against generated
+non-dermoscopic images of ml.outliers.TRAINING_KINDS only (the other kinds, and new draws of the
+training kinds from another seed and the test split's masks, are kept for the measurement). The
+threshold is the score above which at most 5 % of the validation split's dermoscopy images lie.
+Which variant (how many coordinates, how much regularisation) is shipped is chosen by
+`ml.ood_choice` without looking at the kind it is measured on (leave one kind out).
 
     python -m ml.ood --model models/default --data ../shared/data/ham10000-200x150 [--write]
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +37,23 @@ from numpy.typing import ArrayLike
 
 OOD_FILE = "ood.npz"
 PCA_DIMS = 64
-REGULARISATION = 0.1  # inverse L2 strength of the regression over the 68 standardised signals
 FALSE_FLAG_RATE = 0.05  # at most this share of the validation split's dermoscopy is flagged
 TRAIN_SEED, EVAL_SEED = 1, 2
 TRAIN_PER_KIND, EVAL_PER_KIND = 150, 60
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the regression sees and how strongly it is regularised."""
+
+    coordinates: int  # leading PCA coordinates appended to the four signals (0 to PCA_DIMS)
+    regularisation: float  # inverse L2 strength (scikit-learn's C)
+
+    def __str__(self) -> str:
+        return f"{self.coordinates} coordinates, C = {self.regularisation:g}"
+
+
+SHIPPED = Variant(coordinates=64, regularisation=0.01)  # the choice of `python -m ml.ood_choice`
 
 
 @dataclass
@@ -51,15 +66,15 @@ class OodDetector:
     precision: np.ndarray  # (d, d) inverse of the tied covariance
     head_kernel: np.ndarray  # (D, C) the classifier's dense layer
     head_bias: np.ndarray  # (C,)
-    signal_mean: np.ndarray  # (S,) standardisation of the signals (S = 4 + d)
+    signal_mean: np.ndarray  # (S,) standardisation of the signals (S = 4 + the variant's coordinates)
     signal_scale: np.ndarray
     weights: np.ndarray  # (S,) logistic regression
     bias: float
     threshold: float
 
     def signals(self, embeddings: ArrayLike) -> np.ndarray:
-        """(N, 4 + d): log Mahalanobis distance, energy, max softmax, log embedding norm, and the
-        PCA coordinates themselves (where in embedding space the outliers lie)."""
+        """(N, S): log Mahalanobis distance, energy, max softmax, log embedding norm, and the leading
+        S - 4 PCA coordinates themselves (where in embedding space the outliers lie)."""
         e = np.asarray(embeddings, np.float32)
         z = (e - self.mean) @ self.components
         diff = z[:, None, :] - self.class_means[None]
@@ -69,11 +84,16 @@ class OodDetector:
         lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
         msp = np.exp(top[:, 0] - lse)
         norm = np.log(np.linalg.norm(e, axis=1) + 1e-6)
-        return np.hstack([np.stack([np.log(maha + 1e-6), -lse, msp, norm], axis=1), z])
+        return np.hstack([np.stack([np.log(maha + 1e-6), -lse, msp, norm], axis=1), z[:, : len(self.weights) - 4]])
 
     def score(self, embeddings: ArrayLike) -> np.ndarray:
         """(N,) probability-like score in [0, 1] that each image is not dermoscopy."""
-        x = (self.signals(embeddings) - self.signal_mean) / self.signal_scale
+        return self.score_signals(self.signals(embeddings))
+
+    def score_signals(self, signals: np.ndarray) -> np.ndarray:
+        """`score` from already computed signals; columns beyond this variant's (all the PCA
+        coordinates, as `fit_statistics` gives them) are ignored."""
+        x = (signals[:, : len(self.weights)] - self.signal_mean) / self.signal_scale
         return 1.0 / (1.0 + np.exp(-(x @ self.weights + self.bias)))
 
     def flagged(self, scores: ArrayLike) -> np.ndarray:
@@ -103,11 +123,20 @@ def fit(
     val_embeddings: ArrayLike,
     head: tuple[np.ndarray, np.ndarray],
     num_classes: int,
+    variant: Variant = SHIPPED,
 ) -> OodDetector:
     """Fits the signals' statistics on the training split, the regression with outlier exposure,
     and the threshold on the validation split's dermoscopy."""
-    from sklearn.linear_model import LogisticRegression
+    base = fit_statistics(train_embeddings, train_labels, head, num_classes)
+    signals = [base.signals(e) for e in (train_embeddings, outlier_embeddings, val_embeddings)]
+    return with_regression(base, *signals, variant)
 
+
+def fit_statistics(
+    train_embeddings: ArrayLike, train_labels: ArrayLike, head: tuple[np.ndarray, np.ndarray], num_classes: int
+) -> OodDetector:
+    """The signals' statistics from the training split; no regression yet (its `signals` are all
+    4 + PCA_DIMS columns, which `with_regression` selects from)."""
     e = np.asarray(train_embeddings, np.float64)
     labels = np.asarray(train_labels)
     mean = e.mean(axis=0)
@@ -124,14 +153,33 @@ def fit(
         precision.astype(np.float32), np.asarray(head[0], np.float32), np.asarray(head[1], np.float32),
         np.zeros(4 + PCA_DIMS, np.float32), np.ones(4 + PCA_DIMS, np.float32), np.zeros(4 + PCA_DIMS, np.float32), 0.0, 0.5,
     )  # fmt: skip
-    real, outliers = detector.signals(train_embeddings), detector.signals(outlier_embeddings)
+    return detector
+
+
+def with_regression(
+    base: OodDetector, real: np.ndarray, outliers: np.ndarray, val: np.ndarray, variant: Variant
+) -> OodDetector:
+    """`base` with the variant's regression, fitted on the `fit_statistics` signals of training
+    dermoscopy (`real`) against `outliers`, and its threshold from the validation split (`val`)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not 0 <= variant.coordinates <= PCA_DIMS:
+        raise ValueError(f"A variant uses 0 to {PCA_DIMS} PCA coordinates, got {variant.coordinates}.")
+    columns = 4 + variant.coordinates
+    real, outliers = real[:, :columns], outliers[:, :columns]
     both = np.concatenate([real, outliers])
-    detector.signal_mean, detector.signal_scale = both.mean(axis=0), both.std(axis=0) + 1e-6
-    x = (both - detector.signal_mean) / detector.signal_scale
+    mean, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
     y = np.r_[np.zeros(len(real)), np.ones(len(outliers))]
-    model = LogisticRegression(C=REGULARISATION, class_weight="balanced", max_iter=3000).fit(x, y)
-    detector.weights, detector.bias = model.coef_[0].astype(np.float32), float(model.intercept_[0])
-    detector.threshold = float(np.quantile(detector.score(val_embeddings), 1 - FALSE_FLAG_RATE))
+    model = LogisticRegression(C=variant.regularisation, class_weight="balanced", max_iter=3000)
+    model.fit((both - mean) / scale, y)
+    detector = replace(
+        base,
+        signal_mean=mean.astype(np.float32),
+        signal_scale=scale.astype(np.float32),
+        weights=model.coef_[0].astype(np.float32),
+        bias=float(model.intercept_[0]),
+    )
+    detector.threshold = float(np.quantile(detector.score_signals(val), 1 - FALSE_FLAG_RATE))
     return detector
 
 
@@ -205,31 +253,45 @@ def dense_head(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return kernel, bias
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ml import data as D
-    from ml.retrieval import split_embeddings
-
-    parser = argparse.ArgumentParser(description="Fit and measure the out-of-distribution detector.")
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line options of this module and `ml.ood_choice`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", type=Path, default=Path("models/default"))
     parser.add_argument("--data", default="../shared/data/ham10000-200x150")
     parser.add_argument("--cache", type=Path, help=".npz of the split's embeddings (ml.retrieval --cache)")
     parser.add_argument("--outlier-cache", type=Path, help=".npz of the generated images' embeddings")
     parser.add_argument("--write", action="store_true", help="store the detector in the artifact")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def inputs(args: argparse.Namespace) -> tuple[dict, np.ndarray, dict, tuple[np.ndarray, np.ndarray]]:
+    """(split embeddings by split, training labels as indices, outlier embeddings by set, dense head)."""
+    from ml import data as D
+    from ml.retrieval import split_embeddings
+
     emb, _, labels, _ = split_embeddings(args.model, args.data, args.cache)
     outliers = outlier_embeddings(args.model, args.data, args.outlier_cache)
+    return emb, D.labels_to_indices(labels["train"]), outliers, dense_head(args.model)
+
+
+def write(model_dir: Path, detector: OodDetector, report: dict) -> None:
+    """Stores the detector in the artifact (`ood.npz`) and its figures in `manifest["ood"]`."""
+    detector.save(model_dir / OOD_FILE)
+    manifest_path = model_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["ood"] = {"file": OOD_FILE, "false_flag_rate_validation": FALSE_FLAG_RATE, **report}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments("Fit and measure the shipped variant of the out-of-distribution detector.").parse_args(argv)
+    emb, y, outliers, head = inputs(args)
     training = np.concatenate([v for k, v in outliers.items() if k.startswith("train/")])
-    y = D.labels_to_indices(labels["train"])
-    head = dense_head(args.model)
     detector = fit(emb["train"], y, training, emb["val"], head, head[0].shape[1])
-    report = evaluate(detector, emb["test"], outliers)
+    report = {"variant": asdict(SHIPPED), **evaluate(detector, emb["test"], outliers)}
     print(json.dumps(report, indent=2))
     if args.write:
-        detector.save(args.model / OOD_FILE)
-        manifest_path = args.model / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest["ood"] = {"file": OOD_FILE, "false_flag_rate_validation": FALSE_FLAG_RATE, **report}
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        write(args.model, detector, report)
     return 0
 
 

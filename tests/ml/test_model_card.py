@@ -72,4 +72,12 @@ def test_the_card_reports_retrieval_and_the_not_dermoscopy_detector_from_the_man
     }
     text = "\n".join(retrieval_ood_lines(manifest))
     assert "64-d projection" in text and "0.664" in text
-    assert "photo 50/60" in text and "5.2%" in text and "optimistic" in text
+    assert "photo 50/60" in text  # a detector fitted before the leave-one-kind-out choice: its counts only
+    manifest["ood"]["variant"] = {"coordinates": 64, "regularisation": 0.01}
+    manifest["ood"]["leave_one_kind_out"] = {
+        "photo": {"variant": {"coordinates": 16, "regularisation": 0.1}, "flagged": 41, "n": 60, "chosen_on": []}
+    }
+    text = "\n".join(retrieval_ood_lines(manifest))
+    assert "| photo | 16 coordinates, C = 0.1 | 41 / 60 | 50 / 60 | no |" in text
+    assert "Left out, all kinds: 68.3% flagged" in text and "64 coordinates, C = 0.01" in text
+    assert "flagged 5.2%" in text and "optimistic" in text and "python -m ml.ood_choice" in text
