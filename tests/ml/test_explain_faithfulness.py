@@ -1,5 +1,6 @@
 """Faithfulness: on a model whose class evidence comes from one known image region, Grad-CAM and
-SHAP put most of their mass in that region, and not when the model reads another region.
+SHAP put most of their mass in that region, and not when the model reads another region; the
+deletion curve ranks a map on that region above maps elsewhere.
 
 The model is a tiny conv net with hand-set weights (deterministic, nothing trained):
   a 1x1 "bright red" detector relu(R/255 - 0.5) with two identical channels, 4x4 average pooling,
@@ -19,8 +20,9 @@ import pytest
 from keras import layers, ops
 
 from ml.explain import positive_mass_inside, predict_with_gradcam
-from ml.explain.metrics import energy_inside
-from ml.explain.shap_explainer import probability_function, shap_values
+from ml.explain.faithfulness import deletion_auc, deletion_curve
+from ml.explain.metrics import attribution_order, energy_inside, top_share_inside
+from ml.explain.shap_explainer import blurred, probability_function, shap_values
 
 H, W, POOL = 32, 48, 4
 QUADRANTS = {  # (row slice, column slice) in pixels
@@ -126,3 +128,76 @@ def test_shap_of_a_model_reading_elsewhere_fails_the_same_check(images):
     values = _shap_class0(gated_model("bottom_left", "top_left"), images[0])
     assert positive_mass_inside(values, region_mask("top_right")) < THRESHOLD
     assert positive_mass_inside(values, region_mask("bottom_left")) > THRESHOLD
+
+
+# --- the deletion curve and the lesion share: known answers on the same planted-signal model ----------
+
+
+def _curve(model, image, values, class_index=0):
+    return deletion_curve(probability_function(model), image, values, class_index, blurred(image))
+
+
+def test_deletion_auc_is_lowest_for_the_map_on_the_region_the_class_reads(images):
+    model = gated_model("top_right", "bottom_left")
+    image = images[0].astype(np.float32)
+    auc = {name: deletion_auc(_curve(model, image, region_mask(name).astype(float))) for name in QUADRANTS}
+    # Hiding the read region first removes the evidence at once; hiding an unread one changes
+    # nothing until the read region goes; hiding the counter-evidence first raises the probability.
+    assert auc["top_right"] < auc["top_left"] < auc["bottom_left"]
+    assert auc["top_left"] - auc["top_right"] > 0.2
+
+
+def test_the_curve_runs_from_the_image_to_the_baseline_for_every_map(images):
+    model = gated_model("top_right", "bottom_left")
+    image = images[0].astype(np.float32)
+    fn = probability_function(model)
+    expected_ends = fn(np.stack([image, blurred(image)]))[:, 0]
+    for values in (region_mask("top_right").astype(float), np.random.default_rng(0).random((H, W))):
+        curve = _curve(model, image, values)
+        assert curve.shape == (17,)
+        np.testing.assert_allclose(curve[[0, -1]], expected_ends, atol=1e-6)
+
+
+def test_superpixel_shap_beats_a_random_map_on_the_deletion_curve(images):
+    model = gated_model("top_right", "bottom_left")
+    image = images[0].astype(np.float32)
+    result = shap_values(probability_function(model), image, class_indices=[0], max_evals=300, regions="superpixels")
+    shap_auc = deletion_auc(_curve(model, image, result.values[0]))
+    random_auc = deletion_auc(_curve(model, image, np.random.default_rng(1).random((H, W))))
+    assert shap_auc < random_auc - 0.1
+
+
+def test_top_share_inside_scores_one_on_the_region_and_its_area_for_a_blind_map():
+    region = region_mask("top_right")
+    assert top_share_inside(region.astype(float), region) == 1.0
+    assert top_share_inside(region_mask("bottom_left").astype(float), region) == 0.0
+    # a flat map ranks pixels at random: about the region's 25 % of the image
+    assert top_share_inside(np.zeros((H, W)), region) == pytest.approx(0.25, abs=0.06)
+    assert top_share_inside(region.astype(float), region, fraction=0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: top_share_inside(np.ones((4, 4)), np.zeros((4, 4))), "region is empty"),
+        (lambda: top_share_inside(np.ones((4, 4)), np.ones((4, 4)), 1.5), "fraction must be in"),
+        (lambda: attribution_order(np.full((2, 2), np.nan)), "NaN"),
+        (lambda: attribution_order(np.ones(4)), "must be 2-D"),
+        (lambda: deletion_auc(np.ones(1)), "at least two points"),
+    ],
+)
+def test_faithfulness_measures_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_deletion_curve_rejects_bad_shapes_steps_and_classes(images):
+    fn = probability_function(gated_model("top_right", "bottom_left"))
+    image = images[0].astype(np.float32)
+    values = np.ones((H, W))
+    with pytest.raises(ValueError, match="one HxWx3 shape"):
+        deletion_curve(fn, image, values, 0, image[:-1])
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        deletion_curve(fn, image, values, 0, image, steps=0)
+    with pytest.raises(ValueError, match="Class index 5 is out of range"):
+        deletion_curve(fn, image, values, 5, image)

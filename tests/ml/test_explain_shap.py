@@ -1,4 +1,5 @@
-"""Partition SHAP with a blur masker: shapes, additivity, class choice, calibration, bad inputs."""
+"""Partition SHAP with a blur masker over superpixels or blocks: shapes, additivity, class choice,
+calibration, bad inputs, and the cost of the masker and the model calls."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def predictor(tiny_predictor):
     return tiny_predictor
 
 
-def test_values_are_per_class_2d_maps_that_add_up_to_the_output_change(model_fn):
+@pytest.mark.parametrize("regions", ["superpixels", "blocks"])
+def test_values_are_per_class_2d_maps_that_add_up_to_the_output_change(model_fn, regions):
     image = spot_image()
-    result = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=50)
+    result = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=50, regions=regions)
     assert result.values.shape == (2, H, W) and result.values.dtype == np.float32
     assert list(result.class_indices) == list(np.argsort(-result.probs)[:2])
     # Owen values are efficient: they sum to f(image) - f(fully blurred image).
@@ -54,8 +56,9 @@ def test_values_are_per_class_2d_maps_that_add_up_to_the_output_change(model_fn)
     np.testing.assert_allclose(result.values.sum(axis=(1, 2)), expected, atol=1e-4)
 
 
-def test_evidence_for_the_red_class_sits_on_the_red_spots(model_fn):
-    result = shap_values(model_fn, spot_image(), class_indices=[0], max_evals=300, batch_size=100)
+@pytest.mark.parametrize("regions", ["superpixels", "blocks"])
+def test_evidence_for_the_red_class_sits_on_the_red_spots(model_fn, regions):
+    result = shap_values(model_fn, spot_image(), class_indices=[0], max_evals=300, batch_size=100, regions=regions)
     values = result.values[0]
     red = (spot_image() == (255, 0, 0)).all(axis=2)
     green = (spot_image() == (0, 255, 0)).all(axis=2)
@@ -107,6 +110,8 @@ def test_default_blur_scales_with_the_image():
         (spot_image(), {"batch_size": 0}, "batch_size must be a positive integer"),
         (spot_image(), {"top_k": 0}, r"top_k must be between 1 and the number of classes \(3\)"),
         (spot_image(), {"class_indices": [7]}, "Class index 7 is out of range for a model with 3 classes"),
+        (spot_image(), {"regions": "grid"}, "regions must be one of superpixels, blocks"),
+        (spot_image(), {"blur": "gauss(3)"}, r"must read 'blur\(kx,ky\)'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(model_fn, image, kwargs, match):
@@ -140,9 +145,9 @@ def test_the_cached_masker_gives_shap_s_own_values(model_fn, monkeypatch):
     import ml.explain.shap_explainer as shap_explainer
 
     image = spot_image()
-    ours = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32)
+    ours = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32, regions="blocks")
     monkeypatch.setattr(shap_explainer, "blur_masker", lambda blur, shape: shap.maskers.Image(blur, shape))
-    theirs = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32)
+    theirs = shap_values(model_fn, image, top_k=2, max_evals=200, batch_size=32, regions="blocks")
     np.testing.assert_array_equal(ours.class_indices, theirs.class_indices)
     np.testing.assert_allclose(ours.values, theirs.values, atol=1e-7)
     np.testing.assert_allclose(ours.base_values, theirs.base_values, atol=1e-7)
