@@ -236,6 +236,9 @@ def test_forward_cam_equals_the_tape_grad_cam_on_the_shipped_model(shipped):
     tape = explain_gradcam(shipped, images, method="tape")
     np.testing.assert_array_equal(forward.class_indices, tape.class_indices)
     np.testing.assert_allclose(forward.probs, tape.probs, atol=1e-6)
+    # The pooled embedding: the forward CAM's mean of the feature map is the tape pass's avg_pool output.
+    assert forward.embeddings.shape == (len(images), 1536)
+    np.testing.assert_allclose(forward.embeddings, tape.embeddings, rtol=1e-4, atol=1e-5)
     for by_forward, by_tape in zip(forward.maps, tape.maps):
         assert by_forward.max() > 0.9 and np.abs(by_forward - by_tape).max() <= 1e-5  # resized: peak near 1
     for class_name in ("mel", "vasc"):  # classes other than the decided one, too
