@@ -10,16 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("tensorflow", "keras", "shap", "ml", "worker", "cv2", "torch")
 
 PROBE = """
-import json, sys, time
-started = time.perf_counter()
+import json, sys
 from webapp import create_app
 app = create_app({"TESTING": True, "INSTANCE_DIR": sys.argv[1], "DATABASE_URL": "sqlite://"})
 client = app.test_client()
 client.get("/login")
 client.get("/api/v1/cases/1")
-elapsed = time.perf_counter() - started
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))
-print(json.dumps({"heavy": heavy, "seconds": elapsed}))
+print(json.dumps({"heavy": heavy}))
 """
 
 
@@ -34,7 +32,6 @@ def test_create_app_does_not_import_tensorflow(tmp_path):
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["seconds"] < 5  # typically ~0.6 s; generous for a loaded CI machine
 
 
 def test_webapp_sources_do_not_import_ml_or_worker():
