@@ -1,6 +1,6 @@
 """Cost of explanations on this machine: Grad-CAM against a bare forward pass, and SHAP seconds.
 
-    python scripts/bench_explain.py [--model models/default] [--repeats 20] [--shap-images 1]
+    python scripts/bench_explain.py [--model models/default] [--repeats 20] [--shap-images 1] [--regions superpixels]
 
 - `forward_ms`: one image through a compiled `model(x)` (batch 1, as the predict queue runs).
 - `predict_gradcam_ms`: the same image through the compiled one-pass prediction + Grad-CAM with a
@@ -13,8 +13,11 @@
 - `shap_s_300`, `shap_s_500`: seconds per image for Partition SHAP (top 3 classes) with 300 and
   500 evaluations at the model's input size (target: 500 in <= 10 s on 2 cores);
   `shap_cpu_s_500` the CPU seconds this process spent on each (all threads: on a machine shared
-  with other work the wall time grows, the CPU time hardly), and `shap_model_calls_500` how many
-  model calls shap made per image. `--shap-only` skips the Grad-CAM part.
+  with other work the wall time grows, the CPU time hardly), `shap_model_cpu_s_500` the part of it
+  spent inside model calls (the rest is shap, the masker and the segmentation), and
+  `shap_model_calls_500` / `shap_model_rows_500` how many model calls and masked images shap made
+  per image. `--regions` picks the SHAP regions (default: the served ones). `--shap-only` skips the
+  Grad-CAM part.
 
 `--model` defaults to models/default when it has a manifest.json, else an untrained model at
 120x160 (`--untrained-size`). The last line of output is JSON.
@@ -48,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shap-batch-size", type=int, default=64)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--shap-only", action="store_true", help="skip the Grad-CAM measurements")
+    p.add_argument("--regions", default=None, help="SHAP regions: superpixels or blocks (default: the served ones)")
     return p.parse_args(argv)
 
 
@@ -115,30 +119,42 @@ def bench_gradcam(predictor, image: np.ndarray, repeats: int) -> dict:
 
 def bench_shap(predictor, images: list[np.ndarray], args) -> dict:
     from ml.explain import probability_function, shap_values
+    from ml.explain.shap_explainer import DEFAULT_REGIONS
 
+    regions = args.regions or DEFAULT_REGIONS
     compiled = probability_function(predictor.model, float(predictor.temperature))
-    calls = []
+    rows, model_cpu = [], []
 
     def model_fn(batch):
-        calls.append(len(batch))
-        return compiled(batch)
+        start = time.process_time()
+        out = compiled(batch)
+        model_cpu.append(time.process_time() - start)
+        rows.append(len(batch))
+        return out
+
+    def run(x, evals):
+        return shap_values(
+            model_fn, x, top_k=args.top_k, max_evals=evals, batch_size=args.shap_batch_size, regions=regions
+        )
 
     inputs = [predictor.preprocess(im) for im in images]
-    shap_values(model_fn, inputs[0], top_k=args.top_k, max_evals=100, batch_size=args.shap_batch_size)  # trace, numba
+    run(inputs[0], 100)  # trace, numba
     for size in (1, 2, 4, 8, 16, 32, 64):  # every padded batch shape, as the worker's warm-up does
         compiled(np.zeros((size, *inputs[0].shape), np.float32))
-    result = {}
+    result = {"shap_regions": regions}
     for evals in (300, 500):
         seconds, cpu = [], []
-        calls.clear()
+        rows.clear(), model_cpu.clear()
         for x in inputs:
             start, start_cpu = time.perf_counter(), time.process_time()
-            shap_values(model_fn, x, top_k=args.top_k, max_evals=evals, batch_size=args.shap_batch_size)
+            run(x, evals)
             seconds.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
         result[f"shap_s_{evals}"] = round(float(np.mean(seconds)), 2)
         result[f"shap_cpu_s_{evals}"] = round(float(np.mean(cpu)), 2)
-        result[f"shap_model_calls_{evals}"] = round(len(calls) / len(inputs), 1)
+        result[f"shap_model_cpu_s_{evals}"] = round(sum(model_cpu) / len(inputs), 2)
+        result[f"shap_model_calls_{evals}"] = round(len(rows) / len(inputs), 1)
+        result[f"shap_model_rows_{evals}"] = round(sum(rows) / len(inputs), 1)
     return result
 
 

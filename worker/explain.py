@@ -367,7 +367,13 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
     """Computes and stores the SHAP maps of `rows` (claimed, one analysis), one scale for all; commits."""
     # ml.explain loads TensorFlow: never before the fork
     from ml.explain.gradcam import predictor_temperature
-    from ml.explain.shap_explainer import default_blur, probability_function, resize_values, shap_values
+    from ml.explain.shap_explainer import (
+        DEFAULT_REGIONS,
+        default_blur,
+        probability_function,
+        resize_values,
+        shap_values,
+    )
 
     model = model_for(rows[0])
     settings = current_settings()
@@ -399,6 +405,7 @@ def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | N
                 "max_evals": max_evals,
                 "batch_size": batch_size,
                 "blur": blur,
+                "regions": DEFAULT_REGIONS,
                 "vmax": vmax,
                 "base_value": float(base),
                 "probability": float(result.probs[index]),
