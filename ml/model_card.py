@@ -265,12 +265,14 @@ def ood_lines(ood: dict) -> list[str]:
     return [
         "## Not dermoscopy",
         "",
-        f"A detector (`{ood['file']}`) flags images unlike dermoscopy; its threshold flags "
-        f"{ood['false_flag_rate_validation']:.0%} of validation images. Its variant was chosen leaving each "
-        'kind of generated non-dermoscopic image out in turn (docs/similar.md): "flagged (left out)" counts '
-        "the images of a kind that neither trained nor chose the detector; the shipped variant's own counts "
-        "are optimistic for the kinds it was chosen on. `python -m ml.ood_choice --cache /tmp/ham.npz "
-        "--outlier-cache /tmp/ood.npz` prints this table.",
+        f"A detector (`{ood['file']}`) flags images unlike dermoscopy from the pooled embedding and cheap "
+        "statistics of the input image's pixels (`ml.image_stats`: colour, texture, flat area, distinct "
+        f"colours); its threshold flags {ood['false_flag_rate_validation']:.0%} of validation images. Its "
+        "variant was chosen leaving each kind of generated non-dermoscopic image out in turn "
+        '(docs/similar.md): "flagged (left out)" counts the images of a kind that neither trained nor chose '
+        "the detector; the shipped variant's own counts are optimistic for the kinds it was chosen on. "
+        "`python -m ml.ood_choice --cache /tmp/ham.npz --outlier-cache /tmp/ood.npz --stats-cache "
+        "/tmp/stats.npz` prints this table.",
         "",
         markdown(ood["leave_one_kind_out"], ood, Variant(**ood["variant"])),
         "",

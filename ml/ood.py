@@ -1,8 +1,9 @@
 """Out-of-distribution warning: is this image dermoscopy like the images the model was trained on?
 
 The network gives every image a diagnosis, a building or a page of text included. The detector
-scores an image from its pooled embedding alone (so the prediction pass that stores the embedding
-also scores it) with four signals, none of which separates well on its own:
+scores an image from its pooled embedding and its pixels (so the prediction pass that stores the
+embedding also scores it, with no further model call) with signals none of which separates well on
+its own:
 
 - the Mahalanobis distance to the nearest class of the training split, in a PCA space of the
   embedding (tied covariance);
@@ -10,6 +11,9 @@ also scores it) with four signals, none of which separates well on its own:
   dense head's weights);
 - the largest softmax probability;
 - the length of the embedding;
+- cheap statistics of the input image at the model's input size (`ml.image_stats`: colour,
+  texture, flat area, distinct colours, centre against border), which the embedding of a network
+  trained on dermoscopy alone hardly sees: a flat colour or a mask lands near some real lesions;
 
 and (depending on the variant) the leading PCA coordinates themselves. A logistic regression on the
 standardised signals is fitted with outlier exposure: training-split dermoscopy against generated
@@ -31,29 +35,41 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from ml import image_stats
 
 OOD_FILE = "ood.npz"
 PCA_DIMS = 64
 FALSE_FLAG_RATE = 0.05  # at most this share of the validation split's dermoscopy is flagged
 TRAIN_SEED, EVAL_SEED = 1, 2
 TRAIN_PER_KIND, EVAL_PER_KIND = 150, 60
+EMBEDDING_SIGNALS = 4  # Mahalanobis distance, energy, max softmax, embedding norm
+FIXED = EMBEDDING_SIGNALS + len(image_stats.NAMES)  # signal columns every variant uses
+
+
+class Inputs(NamedTuple):
+    """What the detector reads of N images: pooled embeddings (N, D) and `ml.image_stats.statistics`."""
+
+    embeddings: np.ndarray
+    statistics: np.ndarray
 
 
 @dataclass(frozen=True)
 class Variant:
     """What the regression sees and how strongly it is regularised."""
 
-    coordinates: int  # leading PCA coordinates appended to the four signals (0 to PCA_DIMS)
+    coordinates: int  # leading PCA coordinates appended to the FIXED signals (0 to PCA_DIMS)
     regularisation: float  # inverse L2 strength (scikit-learn's C)
 
     def __str__(self) -> str:
         return f"{self.coordinates} coordinates, C = {self.regularisation:g}"
 
 
-SHIPPED = Variant(coordinates=64, regularisation=0.01)  # the choice of `python -m ml.ood_choice`
+SHIPPED = Variant(coordinates=0, regularisation=0.01)  # the choice of `python -m ml.ood_choice`
 
 
 @dataclass
@@ -66,15 +82,21 @@ class OodDetector:
     precision: np.ndarray  # (d, d) inverse of the tied covariance
     head_kernel: np.ndarray  # (D, C) the classifier's dense layer
     head_bias: np.ndarray  # (C,)
-    signal_mean: np.ndarray  # (S,) standardisation of the signals (S = 4 + the variant's coordinates)
+    input_size: np.ndarray  # (H, W) the images' statistics are computed at (the model's input)
+    signal_mean: np.ndarray  # (S,) standardisation of the signals (S = FIXED + the variant's coordinates)
     signal_scale: np.ndarray
     weights: np.ndarray  # (S,) logistic regression
     bias: float
     threshold: float
 
-    def signals(self, embeddings: ArrayLike) -> np.ndarray:
-        """(N, S): log Mahalanobis distance, energy, max softmax, log embedding norm, and the leading
-        S - 4 PCA coordinates themselves (where in embedding space the outliers lie)."""
+    def statistics(self, images: ArrayLike) -> np.ndarray:
+        """`ml.image_stats.statistics` of RGB images of any size, at the model's input size."""
+        return image_stats.statistics(images, tuple(int(s) for s in self.input_size))
+
+    def signals(self, embeddings: ArrayLike, statistics: ArrayLike) -> np.ndarray:
+        """(N, S): log Mahalanobis distance, energy, max softmax, log embedding norm, the image
+        statistics, and the leading S - FIXED PCA coordinates themselves (where in embedding space
+        the outliers lie)."""
         e = np.asarray(embeddings, np.float32)
         z = (e - self.mean) @ self.components
         diff = z[:, None, :] - self.class_means[None]
@@ -84,11 +106,13 @@ class OodDetector:
         lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
         msp = np.exp(top[:, 0] - lse)
         norm = np.log(np.linalg.norm(e, axis=1) + 1e-6)
-        return np.hstack([np.stack([np.log(maha + 1e-6), -lse, msp, norm], axis=1), z[:, : len(self.weights) - 4]])
+        embedding = np.stack([np.log(maha + 1e-6), -lse, msp, norm], axis=1)
+        return np.hstack([embedding, np.asarray(statistics, np.float32), z[:, : len(self.weights) - FIXED]])
 
-    def score(self, embeddings: ArrayLike) -> np.ndarray:
-        """(N,) probability-like score in [0, 1] that each image is not dermoscopy."""
-        return self.score_signals(self.signals(embeddings))
+    def score(self, embeddings: ArrayLike, images: ArrayLike) -> np.ndarray:
+        """(N,) probability-like score in [0, 1] that each image is not dermoscopy, from the pooled
+        embeddings (N, D) and the images themselves (N RGB uint8 arrays, any size)."""
+        return self.score_signals(self.signals(embeddings, self.statistics(images)))
 
     def score_signals(self, signals: np.ndarray) -> np.ndarray:
         """`score` from already computed signals; columns beyond this variant's (all the PCA
@@ -107,7 +131,13 @@ class OodDetector:
         with np.load(path) as f:
             values = {k: f[k] for k in f.files}
         values["bias"], values["threshold"] = float(values["bias"]), float(values["threshold"])
-        return cls(**{k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in values.items()})
+        values["input_size"] = values["input_size"].astype(np.int64)
+        return cls(
+            **{
+                k: (v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+                for k, v in values.items()
+            }
+        )
 
     @classmethod
     def from_artifact(cls, folder: str | Path, manifest: dict) -> OodDetector | None:
@@ -117,26 +147,31 @@ class OodDetector:
 
 
 def fit(
-    train_embeddings: ArrayLike,
+    train: Inputs,
     train_labels: ArrayLike,
-    outlier_embeddings: ArrayLike,
-    val_embeddings: ArrayLike,
+    outliers: Inputs,
+    val: Inputs,
     head: tuple[np.ndarray, np.ndarray],
     num_classes: int,
+    input_size: tuple[int, int],
     variant: Variant = SHIPPED,
 ) -> OodDetector:
     """Fits the signals' statistics on the training split, the regression with outlier exposure,
     and the threshold on the validation split's dermoscopy."""
-    base = fit_statistics(train_embeddings, train_labels, head, num_classes)
-    signals = [base.signals(e) for e in (train_embeddings, outlier_embeddings, val_embeddings)]
+    base = fit_statistics(train.embeddings, train_labels, head, num_classes, input_size)
+    signals = [base.signals(*x) for x in (train, outliers, val)]
     return with_regression(base, *signals, variant)
 
 
 def fit_statistics(
-    train_embeddings: ArrayLike, train_labels: ArrayLike, head: tuple[np.ndarray, np.ndarray], num_classes: int
+    train_embeddings: ArrayLike,
+    train_labels: ArrayLike,
+    head: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    input_size: tuple[int, int],
 ) -> OodDetector:
     """The signals' statistics from the training split; no regression yet (its `signals` are all
-    4 + PCA_DIMS columns, which `with_regression` selects from)."""
+    FIXED + PCA_DIMS columns, which `with_regression` selects from)."""
     e = np.asarray(train_embeddings, np.float64)
     labels = np.asarray(train_labels)
     mean = e.mean(axis=0)
@@ -148,10 +183,12 @@ def fit_statistics(
     )
     centred = z - class_means[labels]
     precision = np.linalg.inv(np.cov(centred, rowvar=False) + 1e-6 * np.eye(PCA_DIMS))
+    columns = FIXED + PCA_DIMS
     detector = OodDetector(
         mean.astype(np.float32), components.astype(np.float32), class_means.astype(np.float32),
         precision.astype(np.float32), np.asarray(head[0], np.float32), np.asarray(head[1], np.float32),
-        np.zeros(4 + PCA_DIMS, np.float32), np.ones(4 + PCA_DIMS, np.float32), np.zeros(4 + PCA_DIMS, np.float32), 0.0, 0.5,
+        np.asarray(input_size, np.int64), np.zeros(columns, np.float32), np.ones(columns, np.float32),
+        np.zeros(columns, np.float32), 0.0, 0.5,
     )  # fmt: skip
     return detector
 
@@ -165,7 +202,7 @@ def with_regression(
 
     if not 0 <= variant.coordinates <= PCA_DIMS:
         raise ValueError(f"A variant uses 0 to {PCA_DIMS} PCA coordinates, got {variant.coordinates}.")
-    columns = 4 + variant.coordinates
+    columns = FIXED + variant.coordinates
     real, outliers = real[:, :columns], outliers[:, :columns]
     both = np.concatenate([real, outliers])
     mean, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
@@ -225,13 +262,41 @@ def outlier_embeddings(model_dir: Path, data: str, cache: Path | None = None) ->
     return out
 
 
-def evaluate(detector: OodDetector, real_test: ArrayLike, outliers: dict[str, np.ndarray]) -> dict:
+def image_statistics(model_dir: Path, data: str, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """`ml.image_stats.statistics` at the model's input size of the split's images (by split, in
+    the order of `ml.retrieval.split_embeddings`) and of `outlier_sets` (by set name); cached in
+    `cache` when given, since decoding the dataset takes minutes."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    from ml import data as D
+    from ml.artifact import read_manifest
+
+    size = tuple(int(s) for s in read_manifest(model_dir)["input_size"])
+    table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
+    out = {
+        name: image_stats.statistics(images, size)
+        for name, images in outlier_sets(data, model_dir / "split.csv").items()
+    }
+    every = image_stats.statistics(D.load_images(table["path"], size), size)
+    out.update({split: every[(table["split"] == split).to_numpy()] for split in ("train", "val", "test")})
+    if cache is not None:
+        np.savez(cache, **out)
+    return out
+
+
+def scores(detector: OodDetector, inputs: Inputs) -> np.ndarray:
+    """`detector.score` of images whose statistics are already computed."""
+    return detector.score_signals(detector.signals(*inputs))
+
+
+def evaluate(detector: OodDetector, real_test: Inputs, outliers: dict[str, Inputs]) -> dict:
     """AUROC of evaluation outliers against test dermoscopy (all kinds; held-out kinds only),
     flagged per kind, and the share of flagged test dermoscopy."""
     from ml.outliers import TRAINING_KINDS
 
-    real = detector.score(real_test)
-    evaluation = {k.split("/", 1)[1]: detector.score(v) for k, v in outliers.items() if k.startswith("eval/")}
+    real = scores(detector, real_test)
+    evaluation = {k.split("/", 1)[1]: scores(detector, v) for k, v in outliers.items() if k.startswith("eval/")}
     held_out = [s for k, s in evaluation.items() if k not in TRAINING_KINDS]
     return {
         "threshold": detector.threshold,
@@ -260,18 +325,24 @@ def arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--data", default="../shared/data/ham10000-200x150")
     parser.add_argument("--cache", type=Path, help=".npz of the split's embeddings (ml.retrieval --cache)")
     parser.add_argument("--outlier-cache", type=Path, help=".npz of the generated images' embeddings")
+    parser.add_argument("--stats-cache", type=Path, help=".npz of every image's statistics (ml.image_stats)")
     parser.add_argument("--write", action="store_true", help="store the detector in the artifact")
     return parser
 
 
-def inputs(args: argparse.Namespace) -> tuple[dict, np.ndarray, dict, tuple[np.ndarray, np.ndarray]]:
-    """(split embeddings by split, training labels as indices, outlier embeddings by set, dense head)."""
+def inputs(args: argparse.Namespace) -> tuple[dict, np.ndarray, dict, tuple[np.ndarray, np.ndarray], tuple]:
+    """(Inputs by split, training labels as indices, Inputs by outlier set, dense head, input size)."""
     from ml import data as D
+    from ml.artifact import read_manifest
     from ml.retrieval import split_embeddings
 
     emb, _, labels, _ = split_embeddings(args.model, args.data, args.cache)
     outliers = outlier_embeddings(args.model, args.data, args.outlier_cache)
-    return emb, D.labels_to_indices(labels["train"]), outliers, dense_head(args.model)
+    stats = image_statistics(args.model, args.data, args.stats_cache)
+    real = {split: Inputs(e, stats[split]) for split, e in emb.items()}
+    other = {name: Inputs(e, stats[name]) for name, e in outliers.items()}
+    size = tuple(int(s) for s in read_manifest(args.model)["input_size"])
+    return real, D.labels_to_indices(labels["train"]), other, dense_head(args.model), size
 
 
 def write(model_dir: Path, detector: OodDetector, report: dict) -> None:
@@ -283,12 +354,20 @@ def write(model_dir: Path, detector: OodDetector, report: dict) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def training_outliers(outliers: dict[str, Inputs], kinds) -> Inputs:
+    """The outlier-exposure images of `kinds`, as one Inputs."""
+    chosen = [outliers[f"train/{k}"] for k in kinds]
+    return Inputs(*(np.concatenate(parts) for parts in zip(*chosen)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ml.outliers import TRAINING_KINDS
+
     args = arguments("Fit and measure the shipped variant of the out-of-distribution detector.").parse_args(argv)
-    emb, y, outliers, head = inputs(args)
-    training = np.concatenate([v for k, v in outliers.items() if k.startswith("train/")])
-    detector = fit(emb["train"], y, training, emb["val"], head, head[0].shape[1])
-    report = {"variant": asdict(SHIPPED), **evaluate(detector, emb["test"], outliers)}
+    real, y, outliers, head, size = inputs(args)
+    exposure = training_outliers(outliers, TRAINING_KINDS)
+    detector = fit(real["train"], y, exposure, real["val"], head, head[0].shape[1], size)
+    report = {"variant": asdict(SHIPPED), **evaluate(detector, real["test"], outliers)}
     print(json.dumps(report, indent=2))
     if args.write:
         write(args.model, detector, report)

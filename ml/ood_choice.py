@@ -1,7 +1,7 @@
 """Which variant of the out-of-distribution detector to ship, chosen without the kind it is judged on.
 
-A variant (`ml.ood.Variant`: how many PCA coordinates the regression sees beside the four signals,
-how strongly it is regularised) picked by its flag counts on the evaluation set would be judged on
+A variant (`ml.ood.Variant`: how many PCA coordinates the regression sees beside the embedding's
+four signals and the image statistics, how strongly it is regularised) picked by its flag counts on the evaluation set would be judged on
 the images that picked it. Here each kind of non-dermoscopic image (`ml.outliers.EVALUATION_KINDS`)
 is left out in turn:
 
@@ -16,7 +16,7 @@ The shipped variant is chosen by the same rule with no kind left out (trained on
 kinds, chosen on all the others); its per-kind counts are therefore optimistic for the kinds it
 was chosen on, which the leave-one-kind-out figures are not.
 
-    python -m ml.ood_choice --cache /tmp/ham.npz --outlier-cache /tmp/ood.npz [--write]
+    python -m ml.ood_choice --cache /tmp/ham.npz --outlier-cache /tmp/ood.npz --stats-cache /tmp/stats.npz [--write]
 
 prints both tables (Markdown, then the JSON), and with --write stores the chosen variant's
 detector in the artifact (`ml.ood.write`).
@@ -30,7 +30,18 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ml.ood import SHIPPED, OodDetector, Variant, arguments, evaluate, fit_statistics, inputs, with_regression, write
+from ml.ood import (
+    SHIPPED,
+    Inputs,
+    OodDetector,
+    Variant,
+    arguments,
+    evaluate,
+    fit_statistics,
+    inputs,
+    with_regression,
+    write,
+)
 from ml.outliers import EVALUATION_KINDS, TRAINING_KINDS
 
 VARIANTS = tuple(Variant(c, r) for c in (0, 16, 64) for r in (0.01, 0.1, 1.0))
@@ -40,10 +51,10 @@ class Signals:
     """Every set's signals under one set of statistics (all PCA coordinates): a variant's fit only
     selects columns, so the embeddings are turned into signals once."""
 
-    def __init__(self, base: OodDetector, emb: dict, outliers: dict):
+    def __init__(self, base: OodDetector, real: dict[str, Inputs], outliers: dict[str, Inputs]):
         self.base = base
-        self.real = {split: base.signals(e) for split, e in emb.items()}
-        self.outliers = {name: base.signals(e) for name, e in outliers.items()}
+        self.real = {split: base.signals(*x) for split, x in real.items()}
+        self.outliers = {name: base.signals(*x) for name, x in outliers.items()}
 
     def fit(self, variant: Variant, training_kinds: Sequence[str]) -> OodDetector:
         exposure = np.concatenate([self.outliers[f"train/{k}"] for k in training_kinds])
@@ -103,15 +114,15 @@ def markdown(loko: dict, report: dict, chosen: Variant) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments("Choose the detector's variant leaving one kind out; measure the choice.").parse_args(argv)
-    emb, y, outliers, head = inputs(args)
-    signals = Signals(fit_statistics(emb["train"], y, head, head[0].shape[1]), emb, outliers)
+    real, y, outliers, head, size = inputs(args)
+    signals = Signals(fit_statistics(real["train"].embeddings, y, head, head[0].shape[1], size), real, outliers)
     loko = leave_one_kind_out(signals)
     held_out = [k for k in EVALUATION_KINDS if k not in TRAINING_KINDS]
     chosen, shares = choose(signals, TRAINING_KINDS, held_out)
     detector = signals.fit(chosen, TRAINING_KINDS)
     report = {
         "variant": asdict(chosen),
-        **evaluate(detector, emb["test"], outliers),
+        **evaluate(detector, real["test"], outliers),
         "leave_one_kind_out": loko,
         "mean_flagged_share_per_variant": shares,
     }

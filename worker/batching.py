@@ -361,7 +361,7 @@ def _compute(images: list[Image], model: Predictor, model_version: ModelVersion)
     loaded = list(_decoder_pool().map(_load, [storage] * len(images), [image.storage_key for image in images]))
     ok = [(image, pixels) for image, (pixels, _, error) in zip(images, loaded) if error is None]
     passed = _predict(model, [pixels for _, pixels in ok], [image for image, _ in ok], settings) if ok else None
-    described = similarity.describe(passed.pooled if passed else None, len(ok), model_version)
+    described = similarity.describe(passed.pooled if passed else None, [pixels for _, pixels in ok], model_version)
     return Computed(loaded, passed, described)
 
 

@@ -3,7 +3,8 @@
 The artifact's projection and detector are read once per artifact folder and kept. The pooled
 embedding is an output of the prediction pass itself (`worker.batching.predict_batch`: the forward
 CAM's pooled features, or the pooling layer's output beside the tape or the plain pass), so
-describing an image calls no model. Without them (a test double, an untrained model, an artifact
+describing an image calls no model; the detector also reads cheap statistics of the images' pixels
+(`ml.image_stats`, at the model's input size). Without them (a test double, an untrained model, an artifact
 without `retrieval.npz`) nothing is stored: the analysis then has no similar cases and no verdict, and its
 prediction is unaffected.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -51,9 +53,11 @@ def _folder(model_version: ModelVersion) -> str | None:
     return str(folder) if folder and (Path(folder) / "manifest.json").is_file() else None
 
 
-def describe(pooled: np.ndarray | None, count: int, model_version: ModelVersion) -> list[Described]:
-    """One Described for each of `count` images from the prediction pass's pooled features (N, D);
-    NOTHING for each when the pass gave none or the artifact cannot use them (logged)."""
+def describe(pooled: np.ndarray | None, images: Sequence[np.ndarray], model_version: ModelVersion) -> list[Described]:
+    """One Described for each of the N `images` (the RGB arrays the pass predicted) from the
+    prediction pass's pooled features (N, D) and the images' pixels; NOTHING for each when the pass
+    gave no features or the artifact cannot use them (logged)."""
+    count = len(images)
     folder = _folder(model_version)
     if folder is None or pooled is None or not count or np.shape(pooled)[-1] == 0:
         return [NOTHING] * count
@@ -64,7 +68,7 @@ def describe(pooled: np.ndarray | None, count: int, model_version: ModelVersion)
         from ml.retrieval import to_bytes
 
         stored = projection(pooled)
-        scores = detector.score(pooled) if detector is not None else [None] * count
+        scores = detector.score(pooled, images) if detector is not None else [None] * count
         return [
             Described(to_bytes(v), None if s is None else float(s), None if s is None else bool(s > detector.threshold))
             for v, s in zip(stored, scores)

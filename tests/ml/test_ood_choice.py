@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ml import ood_choice
-from ml.ood import fit_statistics
+from ml.image_stats import NAMES
+from ml.ood import Inputs, fit_statistics
 from ml.outliers import EVALUATION_KINDS, TRAINING_KINDS
 
 DIM, CLASSES = 96, 3
@@ -33,7 +34,10 @@ def embeddings(seed: int = 0) -> tuple[dict, np.ndarray, dict, tuple]:
 
 
 def signals(emb, labels, outliers, head) -> ood_choice.Signals:
-    return ood_choice.Signals(fit_statistics(emb["train"], labels, head, CLASSES), emb, outliers)
+    """The sets as Inputs whose image statistics are all alike: the embeddings alone tell kinds apart."""
+    inputs = lambda sets: {k: Inputs(e, np.zeros((len(e), len(NAMES)))) for k, e in sets.items()}  # noqa: E731
+    base = fit_statistics(emb["train"], labels, head, CLASSES, (8, 8))
+    return ood_choice.Signals(base, inputs(emb), inputs(outliers))
 
 
 def test_each_kind_is_judged_by_a_variant_chosen_and_trained_without_it():

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml import outliers
-from ml.ood import OodDetector, auroc, fit
+from ml import image_stats, outliers
+from ml.ood import Inputs, OodDetector, auroc, fit, scores
 from ml.retrieval import Projection, from_bytes, precision_at_k, to_bytes
 
 ARTIFACT = Path(__file__).resolve().parents[2] / "models" / "default"
@@ -51,11 +51,17 @@ def test_detector_separates_a_shifted_cluster_and_keeps_its_false_flag_rate(tmp_
     labels = rng.integers(0, 3, 600)
     odd = rng.normal(loc=3.0, size=(200, 80)).astype(np.float32)
     head = (rng.normal(size=(80, 3)).astype(np.float32), np.zeros(3, np.float32))
-    detector = fit(real[:400], labels[:400], odd[:100], real[400:500], head, 3)
-    assert np.mean(detector.flagged(detector.score(real[400:500]))) <= 0.06
-    assert auroc(detector.score(real[500:]), detector.score(odd[100:])) > 0.95
+    size = (12, 16)
+    pictures = rng.integers(0, 256, (800, *size, 3), dtype=np.uint8)
+    stats = image_stats.statistics(pictures, size)  # uninformative here: the embeddings separate
+    both = Inputs(np.concatenate([real, odd]), stats)
+    part = lambda a, b: Inputs(both.embeddings[a:b], both.statistics[a:b])  # noqa: E731
+    detector = fit(part(0, 400), labels[:400], part(600, 700), part(400, 500), head, 3, size)
+    assert np.mean(detector.flagged(scores(detector, part(400, 500)))) <= 0.06
+    assert auroc(scores(detector, part(500, 600)), scores(detector, part(700, 800))) > 0.95
     detector.save(tmp_path / "ood.npz")
-    assert np.allclose(OodDetector.load(tmp_path / "ood.npz").score(odd[:5]), detector.score(odd[:5]), atol=1e-5)
+    loaded = OodDetector.load(tmp_path / "ood.npz")
+    assert np.allclose(loaded.score(odd[:5], pictures[600:605]), scores(detector, part(600, 605)), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -70,12 +76,12 @@ def test_the_shipped_artifact_describes_an_image_and_flags_noise():
     noise = outliers.generate("noise", 3, 99)
     pooled, _ = predictor.embed_and_predict_raw(np.stack([predictor.preprocess(im) for im in noise]))
     assert projection(pooled).shape == (3, predictor.manifest["retrieval"]["dims"])
-    assert detector.flagged(detector.score(pooled)).sum() >= 2
+    assert detector.flagged(detector.score(pooled, noise)).sum() >= 2
     # The worker's step: what each analysis stores, from the same artifact.
     from types import SimpleNamespace
 
     from worker.similarity import describe
 
-    described = describe(pooled, 3, SimpleNamespace(artifact_path=str(ARTIFACT)))
+    described = describe(pooled, list(noise), SimpleNamespace(artifact_path=str(ARTIFACT)))
     assert [len(d.embedding) for d in described] == [2 * predictor.manifest["retrieval"]["dims"]] * 3
     assert all(0 <= d.ood_score <= 1 and d.ood_flagged == (d.ood_score > detector.threshold) for d in described)
