@@ -228,59 +228,75 @@ def auroc(negatives: ArrayLike, positives: ArrayLike) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos]))
 
 
-def outlier_sets(data: str, split_csv: Path) -> dict[str, np.ndarray]:
-    """The generated images: 'train/<kind>' (seed 1, the training split's masks) and 'eval/<kind>'
-    (seed 2, the test split's masks and skin)."""
+def outlier_set_names() -> list[str]:
+    """'train/<kind>' for each training kind, 'eval/<kind>' for each evaluation kind."""
+    from ml import outliers as O
+
+    return [f"train/{k}" for k in O.TRAINING_KINDS] + [f"eval/{k}" for k in O.EVALUATION_KINDS]
+
+
+def outlier_sets(data: str, split_csv: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The generated images of `names` (default all `outlier_set_names`): 'train/<kind>' (seed 1,
+    the training split's masks) and 'eval/<kind>' (seed 2, the test split's masks and skin)."""
     from ml import data as D
     from ml import outliers as O
 
     table = D.apply_split(D.read_dataset(data), split_csv)
     paths = {s: list(table.loc[table["split"] == s, "path"]) for s in ("train", "test")}
 
-    def draw(kind: str, split: str, n: int, seed: int) -> np.ndarray:
+    def draw(name: str) -> np.ndarray:
+        part, kind = name.split("/")
+        split, n, seed = (
+            ("train", TRAIN_PER_KIND, TRAIN_SEED) if part == "train" else ("test", EVAL_PER_KIND, EVAL_SEED)
+        )
         return O.ham_outliers(paths[split], kind, n, seed) if kind in O.FROM_HAM10000 else O.generate(kind, n, seed)
 
-    sets = {f"train/{k}": draw(k, "train", TRAIN_PER_KIND, TRAIN_SEED) for k in O.TRAINING_KINDS}
-    sets.update({f"eval/{k}": draw(k, "test", EVAL_PER_KIND, EVAL_SEED) for k in O.EVALUATION_KINDS})
-    return sets
+    return {name: draw(name) for name in (outlier_set_names() if names is None else names)}
+
+
+def _cached(cache: Path | None) -> dict[str, np.ndarray]:
+    if cache is None or not cache.is_file():
+        return {}
+    with np.load(cache) as f:
+        return {k: f[k] for k in f.files}
 
 
 def outlier_embeddings(model_dir: Path, data: str, cache: Path | None = None) -> dict[str, np.ndarray]:
-    """Pooled embeddings of `outlier_sets`, by set name (cached in `cache` when given)."""
-    if cache is not None and cache.is_file():
-        with np.load(cache) as f:
-            return {k[: -len("/emb")]: f[k] for k in f.files if k.endswith("/emb")}
-    from ml.predictor import Predictor
+    """Pooled embeddings of `outlier_sets`, by set name (cached in `cache` when given; only the sets
+    the cache lacks, a kind added to the recipe for instance, are computed)."""
+    out = {k[: -len("/emb")]: v for k, v in _cached(cache).items() if k.endswith("/emb")}
+    missing = [name for name in outlier_set_names() if name not in out]
+    if missing:
+        from ml.predictor import Predictor
 
-    predictor = Predictor.load(model_dir)
-    out = {}
-    for name, images in outlier_sets(data, model_dir / "split.csv").items():
-        batch = np.stack([predictor.preprocess(im) for im in images])
-        out[name] = predictor.embed_and_predict_raw(batch)[0]
-    if cache is not None:
-        np.savez(cache, **{f"{k}/emb": v for k, v in out.items()})
-    return out
+        predictor = Predictor.load(model_dir)
+        for name, images in outlier_sets(data, model_dir / "split.csv", missing).items():
+            batch = np.stack([predictor.preprocess(im) for im in images])
+            out[name] = predictor.embed_and_predict_raw(batch)[0]
+        if cache is not None:
+            np.savez(cache, **{f"{k}/emb": v for k, v in out.items()})
+    return {name: out[name] for name in outlier_set_names()}
 
 
 def image_statistics(model_dir: Path, data: str, cache: Path | None = None) -> dict[str, np.ndarray]:
     """`ml.image_stats.statistics` at the model's input size of the split's images (by split, in
     the order of `ml.retrieval.split_embeddings`) and of `outlier_sets` (by set name); cached in
-    `cache` when given, since decoding the dataset takes minutes."""
-    if cache is not None and cache.is_file():
-        with np.load(cache) as f:
-            return {k: f[k] for k in f.files}
+    `cache` when given (only what it lacks is computed), since decoding the dataset takes minutes."""
     from ml import data as D
     from ml.artifact import read_manifest
 
+    out = _cached(cache)
+    before = set(out)
     size = tuple(int(s) for s in read_manifest(model_dir)["input_size"])
-    table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
-    out = {
-        name: image_stats.statistics(images, size)
-        for name, images in outlier_sets(data, model_dir / "split.csv").items()
-    }
-    every = image_stats.statistics(D.load_images(table["path"], size), size)
-    out.update({split: every[(table["split"] == split).to_numpy()] for split in ("train", "val", "test")})
-    if cache is not None:
+    missing = [name for name in outlier_set_names() if name not in out]
+    sets = outlier_sets(data, model_dir / "split.csv", missing) if missing else {}
+    out.update({name: image_stats.statistics(images, size) for name, images in sets.items()})
+    splits = ("train", "val", "test")
+    if not set(splits) <= set(out):
+        table = D.apply_split(D.read_dataset(data), model_dir / "split.csv")
+        every = image_stats.statistics(D.load_images(table["path"], size), size)
+        out.update({split: every[(table["split"] == split).to_numpy()] for split in splits})
+    if cache is not None and set(out) != before:
         np.savez(cache, **out)
     return out
 

@@ -3,8 +3,9 @@
 The portal must say when an upload is not a dermoscopic image (ml.ood). To measure that, and to
 give the detector examples of what "not dermoscopy" looks like (outlier exposure), this module
 draws such images from a seed, with no download: photograph-like scenes, documents and
-screenshots, charts, X-ray-like images, noise, flat colours, lesion masks, and skin without a
-lesion (lesion-free corners of HAM10000 images, found with their segmentation masks).
+screenshots, charts, X-ray-like images, noise, flat colours, clip art (geometric shapes), smooth
+gradients, blurred and tinted scenes, lesion masks, and skin without a lesion (lesion-free corners
+of HAM10000 images, found with their segmentation masks).
 
 Kinds are split in two so that the detector is never measured on a kind it was trained on:
 TRAINING_KINDS feed the outlier exposure, EVALUATION_KINDS only the measurement
@@ -172,6 +173,64 @@ def xray(rng: np.random.Generator) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+def shapes(rng: np.random.Generator) -> np.ndarray:
+    """Clip art or a diagram: filled circles, rectangles, triangles and lines on a plain or
+    gradient background."""
+    h, w = SIZE
+    background = rng.integers(0, 256, 3).astype(np.float32)
+    ramp = np.linspace(0, 1, h, dtype=np.float32)[:, None, None] * (rng.random() < 0.5)
+    image = np.repeat(background * (1 - ramp) + rng.integers(0, 256, 3) * ramp, w, axis=1).astype(np.uint8)
+    image = np.ascontiguousarray(image)
+    for _ in range(int(rng.integers(3, 10))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        size = int(rng.integers(6, 45))
+        form = rng.integers(4)
+        if form == 0:
+            cv2.circle(image, (x, y), size, colour, -1, cv2.LINE_AA)
+        elif form == 1:
+            cv2.rectangle(image, (x, y), (x + size, y + int(rng.integers(6, 45))), colour, -1)
+        elif form == 2:
+            points = np.array([[x, y], [x + size, y], [x + size // 2, y - size]], np.int32)
+            cv2.fillPoly(image, [points], colour, cv2.LINE_AA)
+        else:
+            end = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            cv2.line(image, (x, y), end, colour, int(rng.integers(1, 5)), cv2.LINE_AA)
+    return image
+
+
+def gradient(rng: np.random.Generator) -> np.ndarray:
+    """A smooth linear or radial blend of two or three colours (a third of them skin tones and
+    browns): no texture at all, though a radial one has a dark centre like a lesion."""
+    h, w = SIZE
+    skin = rng.random() < 0.33
+    colours = [np.clip(np.array([225, 180, 155]) + rng.normal(0, 20, 3), 0, 255) if skin else rng.integers(0, 256, 3)]
+    colours.append(np.array([110, 70, 50]) + rng.normal(0, 15, 3) if skin else rng.integers(0, 256, 3))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if rng.random() < 0.5:
+        angle = rng.uniform(0, np.pi)
+        t = xx * np.cos(angle) + yy * np.sin(angle)
+    else:
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+        t = -np.hypot(yy - cy, xx - cx)  # the second colour at the centre
+    t = ((t - t.min()) / (np.ptp(t) + 1e-6))[:, :, None]
+    image = colours[0] * (1 - t) + colours[1] * t
+    if rng.random() < 0.5:
+        image = image * 0.6 + rng.integers(0, 256, 3) * 0.4 * (xx / w)[:, :, None]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def blurred(rng: np.random.Generator) -> np.ndarray:
+    """A photograph-like scene or an X-ray, heavily blurred and tinted (hue turned, colours scaled):
+    colour and texture unlike both the originals and dermoscopy."""
+    image = (photo if rng.random() < 0.6 else xray)(rng)
+    image = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(3, 8)))
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(0, 180))) % 180
+    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 2.5) + rng.integers(0, 80), 0, 255)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+
 GENERATED: dict[str, Generator] = {
     "noise": noise,
     "flat": flat,
@@ -179,10 +238,19 @@ GENERATED: dict[str, Generator] = {
     "document": document,
     "chart": chart,
     "xray": xray,
+    "shapes": shapes,
+    "gradient": gradient,
+    "blurred": blurred,
 }
+# Each generated kind's random stream is its place here: a new kind goes at the end, so that the
+# images of the kinds before it (and every measurement made on them) never change.
+STREAMS = ("chart", "document", "flat", "noise", "photo", "xray", "shapes", "gradient", "blurred")
 FROM_HAM10000 = ("mask", "skin")  # drawn from the dataset's images and masks (`ham_outliers`)
 TRAINING_KINDS = ("noise", "flat", "document", "mask")
-EVALUATION_KINDS = ("photo", "chart", "xray", "skin", "noise", "flat", "document", "mask")
+EVALUATION_KINDS = (
+    *("photo", "chart", "xray", "skin", "noise", "flat", "document", "mask"),
+    *("shapes", "gradient", "blurred"),  # never trained on, like the first four
+)
 
 
 def generate(kind: str, n: int, seed: int) -> np.ndarray:
@@ -194,7 +262,7 @@ def generate(kind: str, n: int, seed: int) -> np.ndarray:
     """
     if kind not in GENERATED:
         raise ValueError(f"Unknown generated kind {kind!r}; expected one of {sorted(GENERATED)}.")
-    rng = np.random.default_rng([seed, sorted(GENERATED).index(kind)])
+    rng = np.random.default_rng([seed, STREAMS.index(kind)])
     return np.stack([GENERATED[kind](rng) for _ in range(n)]) if n else np.zeros((0, *SIZE, 3), np.uint8)
 
 

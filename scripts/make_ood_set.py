@@ -2,8 +2,9 @@
 
     python scripts/make_ood_set.py --out ood-set [--per-kind 40] [--seed 2] [--data ../shared/data/ham10000-200x150]
 
-One folder per kind (ml.outliers: photo, document, chart, xray, noise, flat, and with --data the
-lesion masks and lesion-free skin crops of the artifact's test split), plus `index.csv`
+One folder per kind (ml.outliers.GENERATED: photo, document, chart, xray, noise, flat, shapes,
+gradient, blurred, and with --data the lesion masks and lesion-free skin crops of the artifact's
+test split), plus `index.csv`
 (path,kind). The recipe is the code in ml/outliers.py: the same seed gives the same images.
 """
 
