@@ -7,7 +7,8 @@ first, so that every region is one connected piece. `region_tree` joins adjacent
 similar colour (Ward linkage constrained to the adjacency graph), so that the Partition
 explainer's top splits separate lesion from skin rather than the image's left half from its right.
 
-At the model's 120x160 input a segmentation costs a few milliseconds: it runs per image.
+At the model's 120x160 input a segmentation and its tree cost about 0.1 CPU s, against 10-15 s
+for the 500 model evaluations of a SHAP map: they run per image, uncached.
 """
 
 from __future__ import annotations
