@@ -313,15 +313,15 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
         .order_by(BatchItem.id)
     ).all()
     counts = {"pending": 0, "queued": 0, "running": 0, "done": 0, "failed": 0}
-    case_ids: list[int] = []
+    case_ids: dict[int, None] = {}  # insertion-ordered and O(1) membership: a batch has 10,000s of items
     errors: list[dict[str, str]] = []
     duplicates = 0
     for filename, case_id, error, duplicate, pending, job_status, job_error in rows:
         state = item_state(error, job_status, pending)
         counts[state] += 1
         duplicates += bool(duplicate)
-        if case_id is not None and case_id not in case_ids:
-            case_ids.append(case_id)
+        if case_id is not None:
+            case_ids.setdefault(case_id)
         if state == "failed":
             errors.append({"file": filename, "error": error or f"Analysis failed: {job_error or 'unknown error'}"})
     total = len(rows)
@@ -347,7 +347,7 @@ def batch_progress(batch: Batch) -> dict[str, Any]:
         "predictions_finished": predictions_finished,
         "finished": finished,
         "metadata_rows": len(batch.metadata_rows or {}),
-        "case_ids": case_ids,
+        "case_ids": list(case_ids),
         "errors": errors,
     }
 
