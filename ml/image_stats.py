@@ -68,7 +68,9 @@ def _at_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _one(image: np.ndarray) -> list[float]:
     """The NAMES of one float32 (H, W, 3) image."""
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
-    brightest, darkest = image.max(axis=2), image.min(axis=2)
+    # Elementwise over the three planes: the same values as max/min over axis 2, which numpy
+    # reduces pixel by pixel (about 20 times slower on a (H, W, 3) array).
+    brightest, darkest = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     chroma = brightest - darkest
     brightness = 0.299 * r + 0.587 * g + 0.114 * b
     return [
@@ -77,7 +79,7 @@ def _one(image: np.ndarray) -> list[float]:
         _hue_spread(image, chroma),
         float(((r > g) & (g > b) & (r - b > 20)).mean()),
         *_texture(brightness),
-        float(np.log(len(np.unique(_quantised(image))))),
+        float(np.log(_distinct(_quantised(image)))),
         _centre_darkening(brightness),
         float(brightness.std() / 255.0),
         float(((brightness > 235) & (chroma < 20)).mean()),
@@ -115,6 +117,11 @@ def _quantised(image: np.ndarray) -> np.ndarray:
     """Each pixel's colour at 4 bits per channel, as one integer."""
     q = np.clip(image, 0, 255).astype(np.int32) >> 4
     return (q[..., 0] << 8) | (q[..., 1] << 4) | q[..., 2]
+
+
+def _distinct(codes: np.ndarray) -> int:
+    """How many distinct 12-bit colour codes there are (a histogram: no sort, unlike np.unique)."""
+    return int(np.count_nonzero(np.bincount(codes.ravel(), minlength=4096)))
 
 
 def _centre_darkening(brightness: np.ndarray) -> float:
