@@ -246,7 +246,14 @@ def map_method(model: keras.Model, layer_name: str | None = None, plus_plus: boo
     Raises:
         ValueError: if the layer does not exist or is not a 4-D feature map.
     """
-    return "tape" if plus_plus else exact_method(model, _feature_layer(model, layer_name))
+    if plus_plus:
+        return "tape"
+    # Cached per model, like its passes: finding the head walks every layer (~1 ms a batch in the worker).
+    per_model = _FUNCTION_CACHE.setdefault(model, {})
+    key = ("method", layer_name)
+    if key not in per_model:
+        per_model[key] = exact_method(model, _feature_layer(model, layer_name))
+    return per_model[key]
 
 
 def map_function(model: keras.Model, layer_name: str | None, plus_plus: bool, method: str = "auto"):

@@ -15,6 +15,8 @@ canvas are used (never pyplot), so drawing is safe in worker processes without a
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import matplotlib
 import numpy as np
@@ -88,15 +90,22 @@ def colour_indices(
     values = _check_map(values)
     if not vmax > vmin:
         raise ValueError(f"The colour scale needs vmax > vmin, got vmin={vmin} and vmax={vmax}.")
-    colormap = _colormap(cmap)
-    if colormap.N > 256:
-        raise ValueError(f"The colour map {cmap!r} has {colormap.N} entries; at most 256 are supported.")
+    palette = _palette(cmap)
     scaled = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
     # Index the lookup table by rounding, so that +v and -v land on mirrored entries of a
     # diverging map (matplotlib's own float lookup floors, shifting positives by one entry).
-    indices = np.rint(scaled * (colormap.N - 1)).astype(np.uint8)
-    palette = np.ascontiguousarray(colormap(np.arange(colormap.N), bytes=True)[:, :3])
-    return indices, palette
+    indices = np.rint(scaled * (len(palette) - 1)).astype(np.uint8)
+    return indices, palette.copy()
+
+
+@functools.cache
+def _palette(cmap: str) -> np.ndarray:
+    """The colour map's (N, 3) uint8 RGB table, built once per name: matplotlib hands out a copy of
+    the map that builds its table again on each lookup (a third of a worker's colour-layer time)."""
+    colormap = _colormap(cmap)
+    if colormap.N > 256:
+        raise ValueError(f"The colour map {cmap!r} has {colormap.N} entries; at most 256 are supported.")
+    return np.ascontiguousarray(colormap(np.arange(colormap.N), bytes=True)[:, :3])
 
 
 def ramp_alpha(entries: int = 256) -> np.ndarray:
