@@ -43,7 +43,19 @@ def limit_threads() -> int:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:  # the runtime was already initialised in this process (tests, solo pool)
         log.warning("TensorFlow already initialised; its thread count stays as it is.")
+    limit_blas_threads(threads)
     return threads
+
+
+def limit_blas_threads(threads: int) -> None:
+    """NumPy's BLAS (the embedding projection and the OOD detector's products on each batch) gets the
+    same share: by default each pool process starts a BLAS thread per core, and those threads spin
+    after each small product, taking CPU from the other pool process and the web server."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it BLAS keeps its default
+        return
+    threadpool_limits(threads, user_api="blas")
 
 
 @worker_process_init.connect
