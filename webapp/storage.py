@@ -12,6 +12,7 @@ one whole, never part of it; a write that fails leaves what was there before.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -254,4 +255,14 @@ def storage_from_settings(settings) -> Storage:
             region=settings.S3_REGION or None,
             prefix=settings.S3_PREFIX or "",
         )
-    return LocalStorage(settings.STORAGE_DIR)
+    root = os.fspath(settings.STORAGE_DIR)
+    if not os.path.isdir(root):  # resolved again once it exists (it may yet become a link)
+        return LocalStorage(root)
+    return _local_storage(root, os.getcwd() if not os.path.isabs(root) else "")
+
+
+@functools.lru_cache(maxsize=32)
+def _local_storage(root: str, cwd: str) -> LocalStorage:
+    """One LocalStorage per existing folder (and working directory, for a relative one): resolving
+    the root walks every component of the path, and an upload asks for the storage once per file."""
+    return LocalStorage(root)
