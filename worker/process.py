@@ -51,10 +51,8 @@ def limit_blas_threads(threads: int) -> None:
     """NumPy's BLAS (the embedding projection and the OOD detector's products on each batch) gets the
     same share: by default each pool process starts a BLAS thread per core, and those threads spin
     after each small product, taking CPU from the other pool process and the web server."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn's dependency; without it BLAS keeps its default
-        return
+    from threadpoolctl import threadpool_limits
+
     threadpool_limits(threads, user_api="blas")
 
 
