@@ -155,16 +155,21 @@ def take(job_id: int, seen_status: str, seen_attempts: int, now: datetime) -> bo
     result = db.session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            error=None,
-            claimed_by=worker_identity(),
-        )
+        .values(**_claimed(now))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def _claimed(now: datetime) -> dict:
+    """What claiming a job writes, for one job (`take`) or many (`take_queued`)."""
+    return {
+        "status": JobStatus.RUNNING,
+        "attempts": Job.attempts + 1,
+        "started_at": now,
+        "error": None,
+        "claimed_by": worker_identity(),
+    }
 
 
 def take_queued(job_ids: Sequence[int], now: datetime) -> list[int]:
@@ -183,13 +188,7 @@ def take_queued(job_ids: Sequence[int], now: datetime) -> list[int]:
             Job.status == JobStatus.QUEUED,
             Job.attempts < current_settings().TASK_MAX_ATTEMPTS,
         )
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            error=None,
-            claimed_by=worker_identity(),
-        )
+        .values(**_claimed(now))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )

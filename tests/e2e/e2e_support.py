@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from portal_helpers import PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -172,3 +173,15 @@ def wait_for(predicate, timeout: float, worker: WorkerProcess, what: str):
             pytest.fail(f"The worker exited ({worker.proc.returncode}) before {what}:\n{worker.tail()}")
         time.sleep(0.5)
     pytest.fail(f"Timed out after {timeout} s waiting for {what}. Worker log:\n{worker.tail()}")
+
+
+def signed_in_page(browser, server: str, email: str, width: int = 1280, height: int = 800):
+    """A new browser page at `width` x `height`, signed in as `email` (PASSWORD) on the case list."""
+    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{server}/login")
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/cases")
+    return page

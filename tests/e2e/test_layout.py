@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
-from e2e_support import ROOT
+from e2e_support import ROOT, signed_in_page
 from portal_helpers import IMAGES, PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
 from research_helpers import CLASSES, model_version
 from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
@@ -254,17 +254,6 @@ def test_narrow_menu_collapses_and_opens_with_its_button(web_app, server):  # no
             browser.close()
 
 
-def _signed_in_page(browser, server, email, width=1280):  # noqa: F811
-    page = browser.new_page(viewport={"width": width, "height": 800})
-    page.set_default_timeout(30_000)
-    page.goto(f"{server}/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/cases")
-    return page
-
-
 def test_folder_upload_lists_bad_rows_once_and_skipped_files(web_app, server, tmp_path):  # noqa: F811
     """batch.js: a bad CSV's rows in one table (not also in the message); a .txt beside the images
     is listed on the batch page as skipped, not dropped silently."""
@@ -286,7 +275,7 @@ def test_folder_upload_lists_bad_rows_once_and_skipped_files(web_app, server, tm
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = _signed_in_page(browser, server, "lead@example.org")
+            page = signed_in_page(browser, server, "lead@example.org")
             page.goto(f"{server}/batches/new")
             page.wait_for_load_state("load")
             page.set_input_files("#folder-input", str(folder))
@@ -318,7 +307,7 @@ def test_key_hint_colours_and_the_model_name_on_one_line(web_app, server):  # no
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = _signed_in_page(browser, server, "reviewer@example.org")
+            page = signed_in_page(browser, server, "reviewer@example.org")
             page.goto(f"{server}/cases/{ids['case']}/review")
             colours = page.eval_on_selector(
                 "#review-submit kbd",
@@ -345,7 +334,7 @@ def test_skip_link_comes_first_and_focus_is_clearly_visible(web_app, server):  #
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = _signed_in_page(browser, server, "lead@example.org")
+            page = signed_in_page(browser, server, "lead@example.org")
             page.keyboard.press("Tab")
             focused = page.evaluate(
                 """() => { const e = document.activeElement, s = getComputedStyle(e), r = e.getBoundingClientRect();

@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 
 import pytest
-from e2e_support import ROOT
-from portal_helpers import PASSWORD, csrf_from, image_bytes, login, make_token, make_user
+from e2e_support import ROOT, signed_in_page
+from portal_helpers import csrf_from, image_bytes, login, make_token, make_user
 from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
 from test_layout import MAPS, seed_maps
 
@@ -151,17 +151,6 @@ def _picture(page, folder: Path, name: str, part: str | None = None) -> Path:
     return path
 
 
-def _signed_in(browser, server, email: str, width: int):  # noqa: F811
-    page = browser.new_context(viewport={"width": width, "height": 760}).new_page()
-    page.set_default_timeout(30_000)
-    page.goto(f"{server}/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/cases")
-    return page
-
-
 def _open(page, url: str) -> None:
     page.goto(url)
     page.wait_for_load_state("load")
@@ -184,7 +173,7 @@ def test_the_tour_pages_render_what_their_screenshots_show(web_app, server, tmp_
             expect(anonymous.locator("input[name=password]")).to_be_visible()
             _picture(anonymous, folder, "login")
 
-            page = _signed_in(browser, server, "researcher@example.org", 1280)
+            page = signed_in_page(browser, server, "researcher@example.org", 1280, height=760)
             _open(page, f"{server}/cases/new")
             expect(page.locator("input[type=file][name=image]")).to_be_visible()
             expect(page.locator("select[name=reference_dx]")).to_be_visible()
@@ -230,13 +219,13 @@ def test_the_tour_pages_render_what_their_screenshots_show(web_app, server, tmp_
             expect(page.locator("#api-operations")).to_contain_text("POST /api/v1/cases")
             _picture(page, folder, "api-docs")
 
-            reviewer = _signed_in(browser, server, "reviewer@example.org", 1280)
+            reviewer = signed_in_page(browser, server, "reviewer@example.org", 1280, height=760)
             _open(reviewer, f"{server}/review/next")
             expect(reviewer.locator("#review-form")).to_be_visible()
             expect(reviewer.locator("#review-submit")).to_contain_text("Save review")
             _picture(reviewer, folder, "review")
 
-            phone = _signed_in(browser, server, "researcher@example.org", 375)
+            phone = signed_in_page(browser, server, "researcher@example.org", 375, height=760)
             _open(phone, f"{server}/cases")
             expect(phone.locator("#menu-toggle")).to_be_visible()
             _picture(phone, folder, "case-list-375")
