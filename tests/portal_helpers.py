@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -111,3 +112,13 @@ def missing_part(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: a missing part fails the run instead of skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+def upload_all(app, client, sent_tasks) -> list[int]:
+    """Uploads SMALL_IMAGES through the API as one user; the job ids of the analyse messages sent."""
+    make_user(app, "u@example.org")
+    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
+    for name in SMALL_IMAGES:
+        response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
+        assert response.status_code == 202, response.get_json()
+    return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]

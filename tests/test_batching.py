@@ -9,7 +9,7 @@ import pytest
 from PIL import Image as PILImage
 from portal_helpers import FAKE_CLASSES as CLASSES
 from portal_helpers import FAKE_MANIFEST as MANIFEST
-from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user, upload_all
 
 from webapp.db import db
 from webapp.models import Analysis, Job
@@ -50,15 +50,6 @@ def tasks(predictors):
     import worker.tasks as tasks
 
     return tasks
-
-
-def upload_all(app, client, sent_tasks) -> list[int]:
-    make_user(app, "u@example.org")
-    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
-    for name in SMALL_IMAGES:
-        response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
-        assert response.status_code == 202
-    return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
 
 
 def test_one_task_processes_the_queued_jobs_in_one_pass(app, client, sent_tasks, tasks, predictors):

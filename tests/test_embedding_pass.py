@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+from portal_helpers import SMALL_IMAGES, image_bytes, upload_all
 
 from webapp.db import db
 from webapp.models import Analysis
@@ -43,15 +43,6 @@ def worker(app, monkeypatch, shipped):
     monkeypatch.setitem(predict._state, "predictor_error", None)
     monkeypatch.setattr(predict, "_versioned_predictors", {})
     return tasks
-
-
-def upload_all(app, client, sent_tasks) -> list[int]:
-    make_user(app, "u@example.org")
-    headers = {"Authorization": f"Bearer {make_token(app, 'u@example.org')}"}
-    for name in SMALL_IMAGES:
-        response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
-        assert response.status_code == 202, response.get_json()
-    return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
 
 
 @pytest.fixture
