@@ -175,9 +175,10 @@ def wait_for(predicate, timeout: float, worker: WorkerProcess, what: str):
     pytest.fail(f"Timed out after {timeout} s waiting for {what}. Worker log:\n{worker.tail()}")
 
 
-def signed_in_page(browser, server: str, email: str, width: int = 1280, height: int = 800):
-    """A new browser page at `width` x `height`, signed in as `email` (PASSWORD) on the case list."""
-    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+def signed_in_page(browser, server: str, email: str, width: int = 1280, height: int = 800, **context_options):
+    """A new browser page at `width` x `height` (in a context with `context_options`), signed in as
+    `email` (PASSWORD) on the case list."""
+    page = browser.new_context(viewport={"width": width, "height": height}, **context_options).new_page()
     page.set_default_timeout(30_000)
     page.goto(f"{server}/login")
     page.fill("input[name=email]", email)

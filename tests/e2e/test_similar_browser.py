@@ -14,7 +14,8 @@ import io
 
 import numpy as np
 import pytest
-from portal_helpers import PASSWORD, SMALL_IMAGES, csrf_from, image_bytes, login, make_user
+from e2e_support import signed_in_page
+from portal_helpers import SMALL_IMAGES, csrf_from, image_bytes, login, make_user
 from research_helpers import CLASSES, model_version
 from test_browser import CHROMIUM_ARGS, _chromium, server  # noqa: F401  (the server fixture)
 from test_layout import WIDTHS, _check
@@ -107,14 +108,7 @@ def test_the_case_page_shows_similar_cases_and_the_warning_at_both_widths(web_ap
         try:
             for width in WIDTHS:
                 # bypass_csp: axe is added as a script the page's policy (scripts from files only) would refuse.
-                context = browser.new_context(viewport={"width": width, "height": 800}, bypass_csp=True)
-                page = context.new_page()
-                page.set_default_timeout(30_000)
-                page.goto(f"{server}/login")
-                page.fill("input[name=email]", "lead@example.org")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("button[type=submit]")
-                page.wait_for_url("**/cases")
+                page = signed_in_page(browser, server, "lead@example.org", width, bypass_csp=True)
                 page.goto(f"{server}{url}")
                 page.wait_for_load_state("load")
                 page.locator(".similar-cases img").last.scroll_into_view_if_needed()  # lazy thumbnails load
@@ -134,7 +128,7 @@ def test_the_case_page_shows_similar_cases_and_the_warning_at_both_widths(web_ap
                 assert shown["warningShown"] and "does not look like dermoscopy" in shown["warning"], shown
                 assert "bcc" in shown["top"] and "unreliable" in shown["top"], shown["top"]
                 problems += _check(page, url, width)
-                context.close()
+                page.context.close()
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
