@@ -10,6 +10,7 @@ the shown decision, on the lesion-disjoint test split; the card says plainly whi
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -297,6 +298,54 @@ def fullres_lines(extras: dict) -> list[str]:
     ]
 
 
+def best_epoch(history: Path) -> dict | None:
+    """The epoch of a run's history.csv with the best validation balanced accuracy of the decision that
+    would ship (`val_balanced_accuracy_decided`; runs older than that column: the plain argmax)."""
+    if not history.is_file():
+        return None
+    with history.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    column = "val_balanced_accuracy_decided" if "val_balanced_accuracy_decided" in rows[0] else "val_balanced_accuracy"
+    best = max(rows, key=lambda row: float(row[column]))
+    return {
+        "epochs": len(rows),
+        "epoch": int(best["epoch"]),
+        "balanced_accuracy": float(best[column]),
+        "decided": column.endswith("_decided"),
+        "macro_auc": float(best["val_macro_auc"]),
+    }
+
+
+def recipe_lines(compared: list[tuple[Path, str]]) -> list[str]:
+    """The recipe changes tried, each with the best validation figures of its run (`--compare`)."""
+    rows = []
+    for run, recipe in compared:
+        best = best_epoch(run / "history.csv")
+        if best is None:
+            continue
+        decision = "shippable decision" if best["decided"] else "plain argmax"
+        rows.append(
+            f"| `{run.name}` | {recipe} | {best['epochs']} | {best['epoch']} | "
+            f"{best['balanced_accuracy']:.3f} ({decision}) | {best['macro_auc']:.3f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Recipe changes and their effect on validation",
+        "",
+        "Each training run changed the recipe; its best epoch by validation balanced accuracy (the plain argmax",
+        "for runs made before the shippable decision was tracked per epoch; the decision's own effect is",
+        "given above). Chosen on validation only; the test split was not looked at to compare them.",
+        "",
+        "| run | recipe | epochs run | best epoch | validation balanced accuracy | macro AUC there |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
 def render(
     manifest: dict,
     metrics: dict | None,
@@ -304,6 +353,7 @@ def render(
     commands: list[str],
     weights_mb: float,
     artifact_extras: dict | None = None,
+    compared: list[tuple[Path, str]] | None = None,
 ) -> str:
     artifact_extras = artifact_extras or {}
     h, w = manifest["input_size"]
@@ -365,6 +415,7 @@ def render(
         "",
         *training_lines(manifest, run_args),
         "",
+        *recipe_lines(compared or []),
         "## Reproduce",
         "",
         "```",
@@ -398,7 +449,11 @@ def render(
 
 
 def write_model_card(
-    artifact: Path, eval_dir: Path | None = None, run_dir: Path | None = None, commands: list[str] | None = None
+    artifact: Path,
+    eval_dir: Path | None = None,
+    run_dir: Path | None = None,
+    commands: list[str] | None = None,
+    compared: list[tuple[Path, str]] | None = None,
 ) -> Path:
     """Writes MODEL_CARD.md (and LICENSE-DATA.md) into `artifact`; returns the card's path.
 
@@ -416,7 +471,7 @@ def write_model_card(
         "fullres": load_json(artifact / "eval_fullres" / "agreement.json"),
         "fusion_test": load_json(artifact / "eval_test" / "fusion.json"),
     }
-    card.write_text(render(manifest, metrics, run_args, commands or [], weights_mb, extras))
+    card.write_text(render(manifest, metrics, run_args, commands or [], weights_mb, extras, compared))
     (artifact / "LICENSE-DATA.md").write_text(HAM10000_LICENCE)
     return card
 
@@ -429,8 +484,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--command", action="append", default=[], help="a command that reproduces the artifact (repeatable)"
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="RUN=RECIPE",
+        help="a training run folder and what its recipe changed, for the card's recipe table (repeatable)",
+    )
     args = parser.parse_args(argv)
-    print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command)}")
+    compared = [(Path(run), recipe) for run, _, recipe in (c.partition("=") for c in args.compare)]
+    print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command, compared)}")
 
 
 if __name__ == "__main__":

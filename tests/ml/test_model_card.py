@@ -81,3 +81,24 @@ def test_the_card_reports_retrieval_and_the_not_dermoscopy_detector_from_the_man
     assert "| photo | 16 coordinates, C = 0.1 | 41 / 60 | 50 / 60 | no |" in text
     assert "Left out, all kinds: 68.3% flagged" in text and "64 coordinates, C = 0.01" in text
     assert "flagged 5.2%" in text and "optimistic" in text and "python -m ml.ood_choice" in text
+
+
+def test_the_recipe_table_shows_each_runs_best_validation_epoch(artifact, tmp_path):
+    older, newer = tmp_path / "runs" / "older", tmp_path / "runs" / "newer"
+    older.mkdir(parents=True)
+    newer.mkdir()
+    (older / "history.csv").write_text(
+        "epoch,val_balanced_accuracy,val_macro_auc\n1,0.41,0.80\n2,0.52,0.85\n3,0.47,0.86\n"
+    )
+    (newer / "history.csv").write_text(
+        "epoch,val_balanced_accuracy,val_macro_auc,val_balanced_accuracy_decided\n1,0.50,0.90,0.61\n2,0.55,0.91,0.58\n"
+    )
+    card = write_model_card(
+        artifact, compared=[(older, "from scratch"), (newer, "warm start"), (tmp_path / "missing", "never ran")]
+    ).read_text()
+
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert rows == [
+        "| `older` | from scratch | 3 | 2 | 0.520 (plain argmax) | 0.850 |",
+        "| `newer` | warm start | 2 | 1 | 0.610 (shippable decision) | 0.900 |",
+    ]
