@@ -38,8 +38,9 @@ archive() {
   [ -e "$old" ] && { echo "$old exists already" >&2; exit 1; }
   git mv models/default "$old"
   basename "$old" >"$STAGE/previous_version"
-  # the archived card's commands name the folder it now lives in
-  sed -i "s#models/default#$old#g" "$old/make_card.sh"
+  # the archived card's commands name the folder it now lives in, one level deeper
+  sed -i -e "s#models/default#$old#g" -e 's#/\.\./\.\."#/../../.."#' "$old/make_card.sh"
+  bash "$old/make_card.sh"
 }
 
 export_weights() {
