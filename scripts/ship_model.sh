@@ -12,6 +12,7 @@
 #   heads     the metadata head, the retrieval projection and the not-dermoscopy detector, refitted
 #             on the new network (each reads its outputs) and stored in the artifact
 #   card      make_card.sh written for this version, then run
+#   fixtures  the browser tests' explanation maps (tests/fixtures/maps) remade from the new model
 # Everything that chooses (epoch, temperature, tau, thresholds, head settings) uses validation only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ FULLRES=${FULLRES:-../shared/data/ham10000-fullres}
 PY=${PY:-.venv/bin/python}
 STAGE=${STAGE:-/tmp/ship-$VERSION}
 export TF_CPP_MIN_LOG_LEVEL=2
-STEPS=(snapshot archive export test heads card)
+STEPS=(snapshot archive export test heads card fixtures)
 
 manifest_field() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1/manifest.json" "$2"; }
 
@@ -102,7 +103,8 @@ for step in "${STEPS[@]}"; do
     test) test_once ;;
     heads) heads ;;
     card) card ;;
+    fixtures) "$PY" tests/fixtures/maps/make_maps.py ;;
   esac
 done
 $started || { echo "unknown step $FIRST_STEP (one of ${STEPS[*]})" >&2; exit 2; }
-echo "Shipped $VERSION into models/default. Commit models/ and docs/model.md's figures."
+echo "Shipped $VERSION into models/default. Commit models/ and tests/fixtures/maps, and update docs/model.md's figures."
