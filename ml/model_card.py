@@ -138,23 +138,30 @@ def headline(metrics: dict | None) -> list[str]:
 
 def training_lines(manifest: dict, run_args: dict | None) -> list[str]:
     training = manifest.get("training", {})
+    init = (run_args or {}).get("init_from")
+    start = (
+        f"- Initial weights: a warm start from `{init}` as it was when the run began (the version before; "
+        "its own training is on its card in `models/archive/`). Epochs below count this run only."
+        if init
+        else f"- Initial weights: {training.get('weights_init', 'n/a')} (`none` = random initialisation, no ImageNet pretraining)."
+    )
     lines = [
-        f"- Initial weights: {training.get('weights_init', 'n/a')} (`none` = random initialisation, no ImageNet pretraining).",
+        start,
         f"- Epochs run: {training.get('epochs_run')}; weights shipped from epoch {training.get('best_epoch')} "
         f"(best {training.get('monitor')} = {fmt(training.get('best_value'))}); stopped early: {training.get('stopped_early')}.",
         f"- Loss: {training.get('loss')}; class balance: {training.get('balance')}.",
         f"- Calibration: temperature {fmt(manifest.get('temperature'))} fitted on the validation split.",
     ]
-    init = (run_args or {}).get("init_from")
-    if init:
-        lines.append(f"- Warm start from the weights in `{init}`.")
     if run_args:
         keys = (
             "img_size",
             "batch_size",
+            "epochs",
             "optimizer",
+            "schedule",
             "lr",
             "weight_decay",
+            "augment",
             "gamma",
             "class_weight_power",
             "dropout",
