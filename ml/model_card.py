@@ -325,8 +325,9 @@ def best_epoch(history: Path) -> dict | None:
     }
 
 
-def recipe_lines(compared: list[tuple[Path, str]]) -> list[str]:
-    """The recipe changes tried, each with the best validation figures of its run (`--compare`)."""
+def recipe_lines(compared: list[tuple[Path, str]], findings: list[str]) -> list[str]:
+    """The recipe changes tried, each with the best validation figures of its run (`--compare`), and
+    other changes measured on validation without a run of their own (`--finding`)."""
     rows = []
     for run, recipe in compared:
         best = best_epoch(run / "history.csv")
@@ -337,7 +338,7 @@ def recipe_lines(compared: list[tuple[Path, str]]) -> list[str]:
             f"| `{run.name}` | {recipe} | {best['epochs']} | {best['epoch']} | "
             f"{best['balanced_accuracy']:.3f} ({decision}) | {best['macro_auc']:.3f} |"
         )
-    if not rows:
+    if not rows and not findings:
         return []
     return [
         "## Recipe changes and their effect on validation",
@@ -350,6 +351,8 @@ def recipe_lines(compared: list[tuple[Path, str]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
+        *[f"- {finding}" for finding in findings],
+        *([""] if findings else []),
     ]
 
 
@@ -361,6 +364,7 @@ def render(
     weights_mb: float,
     artifact_extras: dict | None = None,
     compared: list[tuple[Path, str]] | None = None,
+    findings: list[str] | None = None,
 ) -> str:
     artifact_extras = artifact_extras or {}
     h, w = manifest["input_size"]
@@ -422,7 +426,7 @@ def render(
         "",
         *training_lines(manifest, run_args),
         "",
-        *recipe_lines(compared or []),
+        *recipe_lines(compared or [], findings or []),
         "## Reproduce",
         "",
         "```",
@@ -461,6 +465,7 @@ def write_model_card(
     run_dir: Path | None = None,
     commands: list[str] | None = None,
     compared: list[tuple[Path, str]] | None = None,
+    findings: list[str] | None = None,
 ) -> Path:
     """Writes MODEL_CARD.md (and LICENSE-DATA.md) into `artifact`; returns the card's path.
 
@@ -478,7 +483,7 @@ def write_model_card(
         "fullres": load_json(artifact / "eval_fullres" / "agreement.json"),
         "fusion_test": load_json(artifact / "eval_test" / "fusion.json"),
     }
-    card.write_text(render(manifest, metrics, run_args, commands or [], weights_mb, extras, compared))
+    card.write_text(render(manifest, metrics, run_args, commands or [], weights_mb, extras, compared, findings))
     (artifact / "LICENSE-DATA.md").write_text(HAM10000_LICENCE)
     return card
 
@@ -498,9 +503,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="RUN=RECIPE",
         help="a training run folder and what its recipe changed, for the card's recipe table (repeatable)",
     )
+    parser.add_argument(
+        "--finding", action="append", default=[], help="another change measured on validation, in one sentence"
+    )
     args = parser.parse_args(argv)
     compared = [(Path(run), recipe) for run, _, recipe in (c.partition("=") for c in args.compare)]
-    print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command, compared)}")
+    print(f"Wrote {write_model_card(args.artifact, args.eval, args.run, args.command, compared, args.finding)}")
 
 
 if __name__ == "__main__":

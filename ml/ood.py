@@ -69,7 +69,17 @@ class Variant:
         return f"{self.coordinates} coordinates, C = {self.regularisation:g}"
 
 
-SHIPPED = Variant(coordinates=0, regularisation=0.01)  # the choice of `python -m ml.ood_choice`
+# The variant for an artifact that records none; `python -m ml.ood_choice --write` stores the one it
+# chooses in the artifact's manifest, and a refit (`python -m ml.ood`) keeps it.
+DEFAULT_VARIANT = Variant(coordinates=0, regularisation=0.01)
+
+
+def artifact_variant(model_dir: Path) -> Variant:
+    """The variant the artifact's detector was chosen with (DEFAULT_VARIANT when it records none)."""
+    from ml.artifact import read_manifest
+
+    recorded = read_manifest(model_dir).get("ood", {}).get("variant")
+    return Variant(**recorded) if recorded else DEFAULT_VARIANT
 
 
 @dataclass
@@ -154,7 +164,7 @@ def fit(
     head: tuple[np.ndarray, np.ndarray],
     num_classes: int,
     input_size: tuple[int, int],
-    variant: Variant = SHIPPED,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> OodDetector:
     """Fits the signals' statistics on the training split, the regression with outlier exposure,
     and the threshold on the validation split's dermoscopy."""
@@ -379,11 +389,12 @@ def training_outliers(outliers: dict[str, Inputs], kinds) -> Inputs:
 def main(argv: list[str] | None = None) -> int:
     from ml.outliers import TRAINING_KINDS
 
-    args = arguments("Fit and measure the shipped variant of the out-of-distribution detector.").parse_args(argv)
+    args = arguments("Fit and measure the artifact's variant of the out-of-distribution detector.").parse_args(argv)
+    variant = artifact_variant(args.model)
     real, y, outliers, head, size = inputs(args)
     exposure = training_outliers(outliers, TRAINING_KINDS)
-    detector = fit(real["train"], y, exposure, real["val"], head, head[0].shape[1], size)
-    report = {"variant": asdict(SHIPPED), **evaluate(detector, real["test"], outliers)}
+    detector = fit(real["train"], y, exposure, real["val"], head, head[0].shape[1], size, variant)
+    report = {"variant": asdict(variant), **evaluate(detector, real["test"], outliers)}
     print(json.dumps(report, indent=2))
     if args.write:
         write(args.model, detector, report)

@@ -57,7 +57,8 @@ heads() {
   "$PY" -m ml.fusion --model models/default --data "$DATA" --write
   "$PY" -m ml.fusion --model models/default --data "$DATA" --test
   "$PY" -m ml.retrieval --model models/default --data "$DATA" --cache "$STAGE/split_embeddings.npz" --write
-  "$PY" -m ml.ood --model models/default --data "$DATA" --cache "$STAGE/split_embeddings.npz" \
+  # the detector's variant chosen leaving each kind of outlier out, then fitted and stored
+  "$PY" -m ml.ood_choice --model models/default --data "$DATA" --cache "$STAGE/split_embeddings.npz" \
     --outlier-cache "$STAGE/outlier_embeddings.npz" --stats-cache "$STAGE/image_stats.npz" --write
 }
 
@@ -85,7 +86,7 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m ml.model_card --artifact models/defau
   --command "python -m ml.fusion --model models/default --data $DATA --write" \\
   --command "python -m ml.fusion --model models/default --data $DATA --test" \\
   --command "python -m ml.retrieval --model models/default --data $DATA --write" \\
-  --command "python -m ml.ood --model models/default --data $DATA --write" \\
+  --command "python -m ml.ood_choice --model models/default --data $DATA --write" \\
   --command "bash models/default/make_card.sh   # this card"
 EOF
   bash models/default/make_card.sh

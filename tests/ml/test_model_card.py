@@ -83,7 +83,7 @@ def test_the_card_reports_retrieval_and_the_not_dermoscopy_detector_from_the_man
     assert "flagged 5.2%" in text and "optimistic" in text and "python -m ml.ood_choice" in text
 
 
-def test_the_recipe_table_shows_each_runs_best_validation_epoch(artifact, tmp_path):
+def test_the_recipe_table_shows_each_runs_best_validation_epoch_and_other_findings(artifact, tmp_path):
     older, newer = tmp_path / "runs" / "older", tmp_path / "runs" / "newer"
     older.mkdir(parents=True)
     newer.mkdir()
@@ -94,7 +94,9 @@ def test_the_recipe_table_shows_each_runs_best_validation_epoch(artifact, tmp_pa
         "epoch,val_balanced_accuracy,val_macro_auc,val_balanced_accuracy_decided\n1,0.50,0.90,0.61\n2,0.55,0.91,0.58\n"
     )
     card = write_model_card(
-        artifact, compared=[(older, "from scratch"), (newer, "warm start"), (tmp_path / "missing", "never ran")]
+        artifact,
+        compared=[(older, "from scratch"), (newer, "warm start"), (tmp_path / "missing", "never ran")],
+        findings=["Test-time flips: 0.60 against 0.61 without."],
     ).read_text()
 
     rows = [line for line in card.splitlines() if line.startswith("| `")]
@@ -102,3 +104,4 @@ def test_the_recipe_table_shows_each_runs_best_validation_epoch(artifact, tmp_pa
         "| `older` | from scratch | 3 | 2 | 0.520 (plain argmax) | 0.850 |",
         "| `newer` | warm start | 2 | 1 | 0.610 (shippable decision) | 0.900 |",
     ]
+    assert "- Test-time flips: 0.60 against 0.61 without." in card
