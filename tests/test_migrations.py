@@ -349,8 +349,9 @@ def test_a_migration_that_leaves_dangling_references_fails(tmp_path):
 
 # --- a database made by the last release ------------------------------------------------------
 
-# "Ship 2026.12.01", the last commit whose message names a release: the portal as it was shipped
-# with that model. Its schema is 0004_job_claimed_by; the test runs whatever came after it.
+# "Ship 2026.12.01": the portal as it was shipped with that model, the last release whose schema is
+# older than head (0004_job_claimed_by; "Ship 2026.12.01.2" changed the model, not the schema). The
+# test runs every migration that came after it.
 RELEASE = "c314575"
 RELEASE_PASSWORD = "correct horse battery"
 # Runs inside the release's own code (its webapp/ and migrations/ first on sys.path): migrate, an
