@@ -8,6 +8,8 @@ the worker runs it) decodes each entry through store_image, which refuses raw by
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import time
 import zipfile
@@ -16,7 +18,7 @@ from datetime import timedelta
 import pytest
 from e2e.e2e_support import redis_url  # noqa: F401  (fixture: a real redis-server)
 from PIL import Image as PILImage
-from portal_helpers import SMALL_IMAGES, image_bytes
+from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes
 from research_helpers import run_sent_ingests, zip_bytes
 
 from webapp.queue import INGEST_QUEUE, INGEST_TASK
@@ -141,6 +143,45 @@ def test_the_batch_page_shows_entries_pending_then_decoded_and_refused(
     assert "x/bad.jpg" in after
 
 
+@contextlib.contextmanager
+def two_entry_chunks(app, monkeypatch):
+    """The ingest task with PREDICT_BATCH_SIZE=2: archive entries committed two at a time."""
+    from worker import ingest
+
+    settings = dataclasses.replace(app.extensions["settings"], PREDICT_BATCH_SIZE=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "current_settings", lambda: settings)
+        yield
+
+
+def test_entries_are_committed_a_chunk_at_a_time_with_one_message_per_chunk(
+    app, client, auth_headers, sent_tasks, monkeypatch
+):
+    """The probe: one commit per entry (item, case, image and job each time)."""
+    from sqlalchemy import event
+
+    from webapp.db import db
+    from webapp.queue import ANALYSE_TASK
+
+    entries = {f"c/{name}": image_bytes(name) for name in [*SMALL_IMAGES, FULLRES_IMAGE]}
+    batch = client.post(
+        "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries)), "c.zip")}
+    ).json
+    commits: list[int] = []
+    with app.app_context():
+        engine = db.engine
+    record = lambda conn: commits.append(1)  # noqa: E731
+    event.listen(engine, "commit", record)
+    try:
+        with two_entry_chunks(app, monkeypatch):
+            assert run_sent_ingests(app, sent_tasks) == ["done"]
+    finally:
+        event.remove(engine, "commit", record)
+    assert len(commits) == 3  # 5 entries in chunks of 2
+    assert [len(args) for name, args, _ in sent_tasks if name == ANALYSE_TASK] == [2, 2, 1]
+    assert [pending for _, pending, *_ in _items(app, batch["id"])] == [False] * 5
+
+
 def test_a_killed_worker_loses_nothing_and_the_sweep_sends_the_archive_again(
     app, client, auth_headers, sent_tasks, monkeypatch
 ):
@@ -153,22 +194,23 @@ def test_a_killed_worker_loses_nothing_and_the_sweep_sends_the_archive_again(
         "/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(zip_bytes(entries)), "k.zip")}
     ).json
 
-    real = ingest._ingest_entry
-    done: list[str] = []
+    real = ingest._read_entry
+    read: list[object] = []
 
-    def dies_after_one(batch_row, item, *args):
-        if done:
-            raise SystemExit("worker killed")  # as SIGKILL mid-entry: nothing after this runs
-        done.append(item.filename)
-        return real(batch_row, item, *args)
+    def dies_in_the_second_chunk(archive, info, refused):
+        if len(read) == 2:
+            raise SystemExit("worker killed")  # as SIGKILL mid-chunk: nothing after this runs
+        read.append(info)
+        return real(archive, info, refused)
 
-    monkeypatch.setattr(ingest, "_ingest_entry", dies_after_one)
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(ingest, "_read_entry", dies_in_the_second_chunk)
+    with two_entry_chunks(app, monkeypatch), pytest.raises(SystemExit):
         run_sent_ingests(app, sent_tasks)
-    assert [(n, p) for n, p, *_ in _items(app, batch["id"])] == [(names[0], False), (names[1], True), (names[2], True)]
+    # The first chunk is committed whole; the second, half read, left nothing but its pending item.
+    assert [(n, p) for n, p, *_ in _items(app, batch["id"])] == [(names[0], False), (names[1], False), (names[2], True)]
     assert _archive_stored(app, batch["id"])
 
-    monkeypatch.setattr(ingest, "_ingest_entry", real)
+    monkeypatch.setattr(ingest, "_read_entry", real)
     resent: list[tuple] = []
     settings = app.extensions["settings"]
     early = ingest.sweep_archives(app, lambda *t: resent.append(t), settings, None)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import types
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import image_bytes, make_token, make_user
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
 
 pytestmark = pytest.mark.slow
 SHAP_TASK = "worker.tasks.explain_shap"
@@ -164,6 +165,60 @@ def test_running_twice_duplicates_nothing(app, tasks, job_id, worker_sent):
     after = rows(app)
     assert after == before and len(after) == 3
     assert [c[0] for c in worker_sent] == [SHAP_TASK]  # nothing left to queue the second time
+
+
+def analysed_together(app, client, tasks, headers, web_sent, worker_sent) -> tuple[int, int]:
+    """Two uploads analysed in one micro-batch; the analyses its one SHAP message lists."""
+    for name in SMALL_IMAGES[:2]:
+        response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
+        assert response.status_code == 202
+    assert tasks.analyse(*(args[0] for _, args, _ in web_sent)) == "succeeded"
+    (message,) = [args for name, args, _ in worker_sent if name == SHAP_TASK]  # the probe: one per analysis
+    worker_sent.clear()
+    return message
+
+
+def shap_statuses(app) -> dict[int, set[str]]:
+    statuses: dict[int, set[str]] = {}
+    for row in rows(app):
+        if row["method"] == "shap":
+            statuses.setdefault(row["analysis_id"], set()).add(row["status"])
+    return statuses
+
+
+def test_a_micro_batch_sends_one_shap_message_and_each_delivery_explains_one_analysis(
+    app, client, tasks, headers, web_sent, worker_sent
+):
+    first, second = analysed_together(app, client, tasks, headers, web_sent, worker_sent)
+
+    assert tasks.explain_shap(first, second) == "done"
+    assert worker_sent == [(SHAP_TASK, (second,), "explain")]  # the rest goes on as one message
+    assert shap_statuses(app) == {first: {"done"}, second: {"queued"}}
+    assert tasks.explain_shap(second) == "done"
+    assert shap_statuses(app) == {first: {"done"}, second: {"done"}}
+
+
+def test_a_shap_message_deferred_for_waiting_predictions_is_sent_again_whole(
+    app, client, tasks, headers, web_sent, worker_sent
+):
+    from worker import explain
+
+    first, second = analysed_together(app, client, tasks, headers, web_sent, worker_sent)
+    upload = {"image": (io.BytesIO(image_bytes(SMALL_IMAGES[2])), "w.jpg")}
+    waiting = client.post("/api/v1/cases", data=upload, headers=headers)
+    assert waiting.status_code == 202  # a prediction job waits: SHAP gives way
+
+    class Delivery:  # a delivery from the broker (not called directly)
+        request = types.SimpleNamespace(called_directly=False)
+        resent: list[list[int]] = []
+
+        def apply_async(self, args, **options):
+            self.resent.append(args)
+
+    with app.app_context():
+        assert explain.run_shap(Delivery(), first, (second,)) == "deferred"
+    assert Delivery.resent == [[first, second]] and worker_sent == []
+    assert shap_statuses(app) == {first: {"queued"}, second: {"queued"}}
 
 
 def test_shap_failure_ends_failed_with_reason_and_can_be_requested_again(

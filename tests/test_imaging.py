@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 from portal_helpers import FULLRES_IMAGE, SMALL_IMAGES, image_bytes
@@ -15,15 +16,73 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return out.getvalue()
 
 
-def test_real_jpeg_becomes_png_with_the_same_pixels():
+def test_real_jpeg_is_stored_as_its_own_data_with_the_same_pixels():
     data = image_bytes(SMALL_IMAGES[0])
     result = process_upload(data, 20 * MB, 40_000_000)
     assert (result.width, result.height) == (200, 150)
-    assert result.source_format == "JPEG" and result.data.startswith(b"\x89PNG")
+    assert result.source_format == "JPEG" and result.extension == "jpg" and result.data.startswith(b"\xff\xd8")
     stored = Image.open(io.BytesIO(result.data))
-    assert stored.mode == "RGB" and stored.format == "PNG"
+    assert stored.mode == "RGB" and stored.format == "JPEG"
     original = Image.open(io.BytesIO(data)).convert("RGB")
-    assert list(stored.getdata()) == list(original.getdata())  # lossless: exactly the decoded pixels
+    assert stored.tobytes() == original.tobytes()  # no second round of JPEG: exactly the decoded pixels
+
+
+def markers(jpeg: bytes) -> list[int]:
+    """The markers of a JPEG's segments before its first scan."""
+    found, pos = [], 2
+    while jpeg[pos + 1] != 0xDA:
+        found.append(jpeg[pos + 1])
+        pos += 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
+    return found
+
+
+def test_a_kept_jpeg_loses_its_metadata_and_whatever_follows_it():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "Dermatoscope Inc."
+    exif[0x8825] = {2: (1.0, 2.0, 3.0)}  # GPS info
+    icc = b"\0" * 128 + b"a colour profile"
+    data = encode(image, "JPEG", exif=exif.tobytes(), icc_profile=icc, comment=b"patient 1234", quality=90)
+    data += b"PK\x03\x04 a zip archive appended: a polyglot"
+    result = process_upload(data, MB, 10**6)
+
+    assert result.extension == "jpg" and result.data.endswith(b"\xff\xd9")
+    assert not [m for m in markers(result.data) if 0xE0 <= m <= 0xEF or m == 0xFE]  # no APPn, no COM
+    for hidden in (b"Dermatoscope", b"colour profile", b"patient 1234", b"PK\x03\x04"):
+        assert hidden not in result.data
+    stored = Image.open(io.BytesIO(result.data))
+    assert not stored.getexif() and not {"exif", "icc_profile", "comment"} & set(stored.info)
+    assert stored.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_the_same_pixels_in_a_jpeg_and_a_png_have_one_content_hash():
+    jpeg = image_bytes(SMALL_IMAGES[1])
+    png = encode(Image.open(io.BytesIO(jpeg)).convert("RGB"), "PNG", compress_level=9)
+    as_jpeg, as_png = process_upload(jpeg, MB, 10**6), process_upload(png, MB, 10**6)
+    assert (as_jpeg.extension, as_png.extension) == ("jpg", "png")
+    assert as_jpeg.content_hash == as_png.content_hash
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: encode(Image.new("L", (16, 8), 90), "JPEG"),
+        lambda: encode(Image.new("CMYK", (16, 8), (10, 20, 30, 40)), "JPEG"),
+        lambda: _spliced(encode(Image.new("RGB", (16, 8), (9, 9, 9)), "JPEG"), b"\xff"),
+    ],
+    ids=["grayscale", "cmyk", "fill-byte-before-a-segment"],
+)
+def test_a_jpeg_that_cannot_be_kept_as_it_is_becomes_png(make):
+    data = make()
+    result = process_upload(data, MB, 10**6)
+    stored = Image.open(io.BytesIO(result.data))
+    assert result.extension == "png" and stored.format == "PNG" and stored.mode == "RGB"
+    assert stored.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def _spliced(jpeg: bytes, segment: bytes) -> bytes:
+    """`segment` inserted right after the start marker."""
+    return jpeg[:2] + segment + jpeg[2:]
 
 
 def test_fullres_image_is_accepted():
@@ -43,7 +102,7 @@ def test_exif_orientation_is_applied_and_metadata_dropped():
     exif[0x8825] = {2: (1.0, 2.0, 3.0)}  # GPS info
     data = encode(image, "JPEG", exif=exif.tobytes(), quality=95)
     result = process_upload(data, MB, 10**6)
-    assert (result.width, result.height) == (20, 40)
+    assert (result.width, result.height) == (20, 40) and result.extension == "png"  # turned, so re-encoded
     stored = Image.open(io.BytesIO(result.data))
     assert not stored.getexif() and "exif" not in stored.info
 

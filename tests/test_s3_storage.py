@@ -230,7 +230,7 @@ def test_a_case_on_s3_upload_worker_file_routes_and_deletion(s3_app, s3_bucket, 
 
     client = s3_app.test_client()
     served = client.get(f"/files/{key}", headers=headers)
-    assert served.status_code == 200 and served.mimetype == "image/png"
+    assert served.status_code == 200 and served.mimetype == "image/jpeg"  # a JPEG upload keeps its own data
     with storage_from_settings(s3_app.extensions["settings"]).open(key) as f:
         assert served.data == f.read()
     overlay = client.get(f"/cases/{case['id']}/explanations/{explanation_id}/overlay.png", headers=headers)

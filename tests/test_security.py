@@ -62,11 +62,12 @@ def test_stored_files_need_a_session(app, client, auth_headers, sent_tasks):
     )
     assert response.status_code == 202
     h = client.get(response.json["url"], headers=auth_headers).json["images"][0]["content_hash"]
-    url = f"/files/images/{h[:2]}/{h[2:4]}/{h}.png"  # the key is guessable from the hash: it must not be enough
+    url = f"/files/images/{h[:2]}/{h[2:4]}/{h}.jpg"  # the key is guessable from the hash: it must not be enough
     anonymous = app.test_client().get(url)
-    assert anonymous.status_code in (302, 401, 403) and b"\x89PNG" not in anonymous.data
+    assert anonymous.status_code in (302, 401, 403) and b"\xff\xd8\xff" not in anonymous.data
     login(client, "researcher@example.org")
-    assert client.get(url).data.startswith(b"\x89PNG")
+    stored = client.get(url)
+    assert stored.data.startswith(b"\xff\xd8\xff") and stored.mimetype == "image/jpeg"
 
 
 def test_security_headers_on_pages_and_api(client):

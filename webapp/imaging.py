@@ -2,13 +2,20 @@
 
 An upload is accepted only if its magic bytes say JPEG or PNG, Pillow decodes it as the same
 format, and it is within the size and pixel limits. The decoded image is turned upright
-(EXIF orientation), converted to RGB and re-encoded as PNG.
+(EXIF orientation) and converted to RGB; those pixels are what is stored, with no metadata:
 
-Why PNG: the stored file is what the model (and every later re-analysis) sees. PNG is lossless,
-so the stored pixels are exactly the decoded, upright pixels of the upload, with no second round of
-JPEG artefacts, and the encoding is deterministic, so the content hash identifies the image.
-Re-encoding writes no EXIF, GPS or other metadata. The cost is size (a 600x450 dermatoscope image
-is ~0.5 MB as PNG against ~50 KB as JPEG), which is acceptable for a research archive.
+- A colour JPEG that needs no turning is stored as its own compressed data, its frame, tables and
+  scans, without the APPn and COM segments (EXIF, GPS, XMP, ICC, thumbnails, comments) and without
+  anything after its end marker, and only after the result was decoded again to exactly the pixels
+  of the upload (`stripped_jpeg`). No second round of JPEG artefacts, no metadata, and about a
+  tenth of the size and CPU of a PNG re-encoding (3.6 ms per 200x150 upload, and 2 ms more for every
+  decode by the worker, on the shared 2 cores).
+- Anything else (PNG, grayscale or CMYK JPEG, an EXIF-rotated JPEG, a JPEG laid out in a way the
+  stripping does not follow) is re-encoded as PNG: lossless, so again exactly the decoded pixels,
+  and written with no metadata.
+
+The content hash is the SHA-256 of the normalised pixels (size and RGB values), not of the stored
+file: a JPEG and a PNG of the same pixels, or two files that differ in metadata only, are one image.
 """
 
 from __future__ import annotations
@@ -18,10 +25,9 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-STORED_FORMAT = "png"
 
 
 class UploadError(ValueError):
@@ -35,12 +41,12 @@ class UploadError(ValueError):
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    data: bytes  # PNG bytes, RGB, upright, without metadata
-    content_hash: str  # SHA-256 hex of `data`
+    data: bytes  # the stored file: RGB, upright, without metadata (JPEG or PNG, `extension`)
+    content_hash: str  # SHA-256 hex of the normalised pixels (`pixel_hash`)
     width: int
     height: int
     source_format: str  # "JPEG" or "PNG"
-    extension: str = STORED_FORMAT
+    extension: str  # "jpg" or "png"
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -59,7 +65,15 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright, as stored)."""
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB; an RGB image itself (no copy)."""
+    if image.mode == "RGB":
+        return image
     image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -96,7 +110,8 @@ def check_filename(name: str | None) -> str | None:
 
 
 def process_upload(data: bytes, max_bytes: int, max_pixels: int) -> ProcessedImage:
-    """Checks an uploaded file and returns its normalised PNG re-encoding.
+    """Checks an uploaded file and returns the file to store: the JPEG's own data without its
+    metadata where that decodes to the normalised pixels, else their PNG encoding.
 
     Args:
         data: the uploaded file's bytes.
@@ -104,7 +119,7 @@ def process_upload(data: bytes, max_bytes: int, max_pixels: int) -> ProcessedIma
         max_pixels: largest accepted width x height (checked before the pixels are decoded).
 
     Returns:
-        The re-encoded image with its content hash and size.
+        The file to store, with the hash of its pixels and its size.
 
     Raises:
         UploadError: empty, too large, not JPEG/PNG, undecodable or too many pixels.
@@ -126,23 +141,99 @@ def process_upload(data: bytes, max_bytes: int, max_pixels: int) -> ProcessedIma
             if width < 1 or height < 1:
                 raise UploadError("The image has no pixels.")
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+            upright = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+            rgb = _to_rgb(upright)
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UploadError("The image has more pixels than allowed.", 413) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UploadError(f"The file could not be decoded as a {declared} image ({exc.__class__.__name__}).") from None
+    pixels = rgb.tobytes()
+    kept = stripped_jpeg(data, pixels) if declared == "JPEG" and rgb is image else None
+    return ProcessedImage(
+        data=kept if kept is not None else png_bytes(rgb),
+        content_hash=pixel_hash(rgb.size, pixels),
+        width=rgb.width,
+        height=rgb.height,
+        source_format=declared,
+        extension="jpg" if kept is not None else "png",
+    )
+
+
+def pixel_hash(size: tuple[int, int], rgb: bytes) -> str:
+    """SHA-256 hex of an image's size and RGB bytes: the same pixels give the same hash, whatever
+    file they came in."""
+    return hashlib.sha256(b"%dx%d:" % size + rgb).hexdigest()
+
+
+def png_bytes(rgb: Image.Image) -> bytes:
     out = io.BytesIO()
     # Level 1: about 3x faster than 6 (28 -> 11 ms for 200x150, 450 -> 100 ms for 600x450 on the
     # shared 2 cores) for ~15% larger files; the upload is on the pipeline's critical path.
     rgb.save(out, format="PNG", compress_level=1)
-    encoded = out.getvalue()
-    return ProcessedImage(
-        data=encoded,
-        content_hash=hashlib.sha256(encoded).hexdigest(),
-        width=rgb.width,
-        height=rgb.height,
-        source_format=declared,
-    )
+    return out.getvalue()
+
+
+# Segments of the image itself: frames (SOF0-15 but DHT C4, JPG C8, DAC CC), DHT, DAC, DQT, DRI.
+_IMAGE_SEGMENTS = frozenset(set(range(0xC0, 0xD0)) - {0xC8}) | {0xDB, 0xDD}
+_METADATA_SEGMENTS = frozenset(range(0xE0, 0xF0)) | {0xFE}  # APP0-APP15 (JFIF, EXIF, XMP, ICC, ...), COM
+_SOS, _EOI = 0xDA, 0xD9
+
+
+def stripped_jpeg(data: bytes, pixels: bytes) -> bytes | None:
+    """The JPEG without its metadata segments and without anything after its end marker, if it
+    decodes to exactly `pixels` (RGB); None when it does not (a colour transform that an APP14
+    segment named, say) or when its segments are not laid out as the standard says."""
+    kept = _image_segments(data)
+    if kept is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(kept), formats=["JPEG"]) as again:
+            same = again.mode == "RGB" and again.tobytes() == pixels
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return None
+    return kept if same else None
+
+
+def _image_segments(data: bytes) -> bytes | None:
+    """SOI, the tables, frame and scans (with their entropy-coded data) and EOI, in order; None for
+    a marker out of place or a segment that runs past the end."""
+    parts, pos = [b"\xff\xd8"], 2
+    while pos + 2 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == _EOI:
+            parts.append(b"\xff\xd9")
+            return b"".join(parts)
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            return None
+        if marker == _SOS:
+            end = _scan_end(data, end)
+            if end is None:
+                return None
+        elif marker not in _IMAGE_SEGMENTS:
+            if marker not in _METADATA_SEGMENTS:
+                return None
+            pos = end
+            continue
+        parts.append(data[pos:end])
+        pos = end
+    return None
+
+
+def _scan_end(data: bytes, pos: int) -> int | None:
+    """Where a scan's entropy-coded data ends: at the first marker that is neither a stuffed 0xFF
+    byte (FF 00) nor a restart marker (FF D0-D7)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        following = data[pos + 1]
+        if following == 0xFF:  # fill bytes before a marker
+            pos += 1
+        elif following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        else:
+            return pos

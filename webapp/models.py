@@ -184,7 +184,8 @@ class Image(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
-    content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the stored bytes
+    # SHA-256 of the normalised pixels (webapp.imaging.pixel_hash), not of the stored file.
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
     # SHA-256 of the bytes as uploaded: the same file again is refused before it is decoded (a zip of
     # large PNGs once cost the web process tens of seconds of CPU, and again for each repeat).
     source_hash: Mapped[str | None] = mapped_column(String(64), index=True)

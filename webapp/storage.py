@@ -158,14 +158,14 @@ class S3Storage:
     def save(self, key: str, data: Data) -> str:
         name = self.name(key)
         if isinstance(data, bytes | bytearray | memoryview):
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(data), ContentType=_content_type(key))
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(data), ContentType=content_type(key))
             return key
         # boto3 needs a seekable body (it measures and checksums it before sending): a stream is
         # spooled first, so one that fails while read fails before the request starts.
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as body:
             shutil.copyfileobj(data, body)
             body.seek(0)
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType=_content_type(key))
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType=content_type(key))
         return key
 
     def open(self, key: str) -> BinaryIO:
@@ -208,8 +208,12 @@ class S3Storage:
         return None
 
 
-def _content_type(key: str) -> str:
-    return "image/png" if key.endswith(".png") else "application/octet-stream"
+# A stored image's media type by its extension; anything else is bytes, its type never guessed.
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
+
+
+def content_type(key: str) -> str:
+    return CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
 
 
 def _is_missing(error) -> bool:

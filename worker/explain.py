@@ -266,9 +266,10 @@ def record_prediction_pass(
 
 
 def send_shap(analysis_ids: Sequence[int]) -> None:
-    """Sends `worker.tasks.explain_shap` for each analysis (after its rows were committed)."""
-    for analysis_id in analysis_ids:
-        send(SHAP_TASK, analysis_id)
+    """Sends `worker.tasks.explain_shap` for the analyses (after their rows were committed): one
+    message for a micro-batch's analyses, which `run_shap` explains one per delivery."""
+    if analysis_ids:
+        send(SHAP_TASK, *analysis_ids)
 
 
 FollowUp = tuple[str, Explanation | Analysis]  # (task name, row whose id the message carries)
@@ -310,9 +311,13 @@ def _queue_followups(rows: dict[RowKey, Explanation], analysis: Analysis) -> lis
 
 
 def send_followups(messages: Sequence[FollowUp] | None) -> None:
-    """Sends the messages of `queue_followups` (after their rows were committed)."""
-    for task_name, row in messages or ():
-        send(task_name, row.id)
+    """Sends the messages of `queue_followups` (after their rows were committed), the SHAP ones as
+    one message (`send_shap`)."""
+    messages = messages or ()
+    for task_name, row in messages:
+        if task_name != SHAP_TASK:
+            send(task_name, row.id)
+    send_shap([row.id for task_name, row in messages if task_name == SHAP_TASK])
 
 
 # --- SHAP and requested Grad-CAM ------------------------------------------------------------------------
@@ -334,19 +339,26 @@ def model_for(row: Explanation) -> Predictor:
     return model
 
 
-def run_shap(task: Task, analysis_id: int) -> str:
+def run_shap(task: Task, analysis_id: int, more_analysis_ids: Sequence[int] = ()) -> str:
     """SHAP maps for every queued SHAP row of the analysis (one Partition-explainer run for all).
+
+    A micro-batch sends its analyses in one message: the first is explained here, the others are
+    passed on first in one message of their own (another pool process may take it at once). While
+    predictions wait, the whole message is deferred as one. A killed worker's message comes back
+    whole (late acknowledgement): a repeated analysis finds its rows claimed or done.
 
     Returns:
         "done", "failed", "deferred" (predictions are waiting), "nothing to do", "missing" or "deleted".
     """
-    analysis = db.session.get(Analysis, analysis_id)
-    if analysis is None:
-        return "missing"
     waiting = priority.should_defer(task)  # SHAP never delays a prediction on a worker that also serves predict
     if waiting:
         db.session.remove()
-        return priority.defer(task, analysis_id, waiting)
+        return priority.defer(task, [analysis_id, *more_analysis_ids], waiting)
+    if more_analysis_ids:
+        send_shap(more_analysis_ids)
+    analysis = db.session.get(Analysis, analysis_id)
+    if analysis is None:
+        return "missing"
     rows = db.session.scalars(
         select(Explanation)
         .where(Explanation.analysis_id == analysis_id, Explanation.method == ExplanationMethod.SHAP)
@@ -360,7 +372,7 @@ def run_shap(task: Task, analysis_id: int) -> str:
     try:
         return run_explanations(ids, lambda: compute_shap(analysis, claimed, task))
     except priority.PredictionsWaiting:  # uploads arrived mid-computation: give the CPU back
-        return priority.requeue_explanations(task, analysis_id, ids)
+        return priority.requeue_explanations(task, analysis_id, ids)  # the others went on before
 
 
 def compute_shap(analysis: Analysis, rows: Sequence[Explanation], task: Task | None = None) -> None:

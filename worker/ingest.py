@@ -2,14 +2,16 @@
 
 The web request checks the archive's central directory, stores the archive as uploaded and one
 `pending` batch item per image entry (webapp.batches.service.queue_archive). This task reads each
-pending entry's raw bytes and hands them to the same `add_file` -> `store_image` as every other
-upload, which refuses a file already stored (the SHA-256 of the raw bytes against
+pending entry's raw bytes and hands them, a chunk at a time, to the same `store_files` as a
+folder-upload chunk, which refuses a file already stored (the SHA-256 of the raw bytes against
 `images.source_hash`, also an earlier entry of this archive) before decoding it. An entry whose
 raw bytes equal an entry refused a moment ago gets the same reason without a second decode.
 
-Nothing is lost to a killed worker: each entry is committed on its own (item, case, image and job
-together), the archive stays stored until no entry is pending, and the sweep (`sweep_archives`)
-re-sends the task for a batch whose entries wait with no worker holding its claim.
+Nothing is lost to a killed worker: each chunk (PREDICT_BATCH_SIZE entries, at most CHUNK_BYTES)
+is committed in one transaction (items, cases, images and jobs together), so a kill leaves the
+entries of the chunk it was decoding pending, the archive stays stored until no entry is pending,
+and the sweep (`sweep_archives`) re-sends the task for a batch whose entries wait with no worker
+holding its claim.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flask import Flask, current_app
 from sqlalchemy import func, select
 
 from webapp.batches.inputs import BatchInputError, open_archive
-from webapp.batches.service import add_file, archive_key, entry_names, send_jobs
+from webapp.batches.service import archive_key, entry_names, send_jobs, store_files
 from webapp.config import Settings
 from webapp.db import db
 from webapp.imaging import UploadError
@@ -45,6 +47,7 @@ SENT_KEY = "dermportal:ingest-sent:{}"  # the sweep's last re-send of the batch'
 # Renewed before each entry; one entry (40 MP at most) decodes in well under this, so a claim that
 # runs out belongs to a process that is gone.
 CLAIM_SECONDS = 300
+CHUNK_BYTES = 16 * 1024 * 1024  # uncompressed entries held per transaction, as a browser's chunk
 
 
 def run_archive(batch_id: int) -> str:
@@ -86,50 +89,70 @@ def _ingest(batch: Batch, claims: redis.Redis | None) -> str:
         archive = _open_stored(batch.id)
     except (StorageError, BatchInputError) as exc:
         reason = f"The stored archive could not be read ({exc}); upload it again."
-        for item in items:
-            add_file(batch, item.filename, None, batch.created_by, reason, item)
+        store_files(batch, [(item.filename, None, reason) for item in items], batch.created_by, items)
         return "done"
     entries = entry_names(archive)
     deadline = time.monotonic() + 0.5 * float(current_settings().TASK_SOFT_TIME_LIMIT)
-    size = current_settings().PREDICT_BATCH_SIZE
-    job_ids: list[int] = []
     refused: dict[str, str] = {}
-    for item in items:
+    for chunk in chunks(items, entries, current_settings().PREDICT_BATCH_SIZE):
         if time.monotonic() > deadline:
-            send_jobs(job_ids)
             return "continued"
         _renew(claims, batch.id)
-        job_id = _ingest_entry(batch, item, archive, entries.get(item.filename), refused)
-        if job_id is not None:
-            job_ids.append(job_id)
-        if len(job_ids) >= size:  # analyses start while later entries decode
-            send_jobs(job_ids)
-            job_ids = []
-    send_jobs(job_ids)
+        send_jobs(_ingest_chunk(batch, chunk, archive, entries, refused))  # analyses start while later entries decode
     _drop_archive(batch.id)
     return "done"
 
 
-def _ingest_entry(batch: Batch, item: BatchItem, archive: Any, info: Any, refused: dict[str, str]) -> int | None:
-    """One entry through add_file (store_image checks its raw bytes before decoding)."""
-    db.session.refresh(item)
-    if not item.pending:
-        return None  # decoded by another delivery of this task meanwhile
-    data, error, digest = None, None, None
+def chunks(items: list[BatchItem], entries: dict[str, Any], size: int) -> list[list[int]]:
+    """The pending items' ids in chunks of at most `size` entries (a micro-batch: one message for
+    their jobs) and CHUNK_BYTES of uncompressed entries (a larger entry goes alone)."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for item in items:
+        info = entries.get(item.filename)
+        entry_bytes = info.file_size if info is not None else 0
+        if current and (len(current) >= size or current_bytes + entry_bytes > CHUNK_BYTES):
+            out.append(current)
+            current, current_bytes = [], 0
+        current.append(item.id)
+        current_bytes += entry_bytes
+    return out + [current] if current else out
+
+
+def _ingest_chunk(
+    batch: Batch, item_ids: list[int], archive: Any, entries: dict[str, Any], refused: dict[str, str]
+) -> list[int]:
+    """The chunk's entries that are still pending through store_files, in one transaction (which
+    checks raw bytes against those stored before decoding); returns the jobs to send."""
+    items = list(
+        db.session.scalars(
+            select(BatchItem)
+            .where(BatchItem.id.in_(item_ids), BatchItem.pending)  # not decoded by another delivery meanwhile
+            .order_by(BatchItem.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+    if not items:
+        return []
+    files = [(item.filename, *_read_entry(archive, entries.get(item.filename), refused)) for item in items]
+    stored, job_ids = store_files(batch, files, batch.created_by, items)
+    for (_, data, _), item in zip(files, stored, strict=True):
+        if data is not None and item.error:
+            refused[hashlib.sha256(data).hexdigest()] = item.error
+    return job_ids
+
+
+def _read_entry(archive: Any, info: Any, refused: dict[str, str]) -> tuple[bytes | None, str | None]:
+    """An entry's raw bytes, or why there are none; bytes refused a moment ago get the same reason
+    without a second decode."""
     if info is None:
-        error = "The entry is missing from the stored archive."
-    else:
-        try:
-            data = archive.read(info, int(current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024))
-        except UploadError as exc:
-            error = exc.message
-    if data is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        error = refused.get(digest)
-    item, job_id = add_file(batch, item.filename, data, batch.created_by, error, item)
-    if digest is not None and item.error:
-        refused[digest] = item.error
-    return job_id
+        return None, "The entry is missing from the stored archive."
+    try:
+        data = archive.read(info, int(current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024))
+    except UploadError as exc:
+        return None, exc.message
+    return data, refused.get(hashlib.sha256(data).hexdigest())
 
 
 def _open_stored(batch_id: int):

@@ -105,11 +105,12 @@ def should_defer(task: Task) -> int:
     return queued_predictions()
 
 
-def defer(task: Task, analysis_id: int, queued: int) -> str:
-    """Re-sends the explain task with a countdown (a new message: no retry budget is used)."""
+def defer(task: Task, analysis_ids: Sequence[int], queued: int) -> str:
+    """Re-sends the explain task for these analyses, as one message, with a countdown (a new
+    message: no retry budget is used)."""
     countdown = defer_countdown(queued)
-    task.apply_async(args=[analysis_id], queue=EXPLAIN_QUEUE, countdown=countdown)
-    log.info("SHAP for analysis %s deferred %.0f s: %d prediction(s) queued.", analysis_id, countdown, queued)
+    task.apply_async(args=list(analysis_ids), queue=EXPLAIN_QUEUE, countdown=countdown)
+    log.info("SHAP for analyses %s deferred %.0f s: %d prediction(s) queued.", analysis_ids, countdown, queued)
     return "deferred"
 
 
@@ -147,4 +148,4 @@ def requeue_explanations(task: Task, analysis_id: int, row_ids: Sequence[int]) -
     db.session.commit()
     queued = queued_predictions()
     db.session.remove()
-    return defer(task, analysis_id, queued)
+    return defer(task, [analysis_id], queued)

@@ -39,9 +39,12 @@ def analyse(self: Task, job_id: int, *listed_job_ids: int) -> str:
 
 
 @app.task(name=SHAP_TASK, bind=True)
-def explain_shap(self: Task, analysis_id: int) -> str:
-    """SHAP maps for every queued SHAP row of the analysis; gives way to predictions (worker.priority)."""
-    return str(explain.run_shap(self, analysis_id))
+def explain_shap(self: Task, analysis_id: int, *more_analysis_ids: int) -> str:
+    """SHAP maps for every queued SHAP row of the analysis; gives way to predictions (worker.priority).
+
+    A micro-batch sends one message for its analyses: `more_analysis_ids` go on in a message of
+    their own (worker.explain.run_shap)."""
+    return str(explain.run_shap(self, analysis_id, more_analysis_ids))
 
 
 @app.task(name=GRADCAM_TASK)

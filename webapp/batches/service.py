@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from .. import queue
-from ..cases.intake import DuplicateImage, Intake, StoredImage
+from ..cases.intake import DuplicateImage, Intake, StoredImage, Upload
 from ..db import db
 from ..imaging import UploadError
 from ..models import Analysis, Batch, BatchItem, Explanation, Job, User
@@ -93,22 +93,25 @@ File = tuple[str, bytes | None, str | None]  # (filename as sent, bytes, error f
 Outcome = StoredImage | DuplicateImage | str  # what staging one file gave: stored, a duplicate, or an error
 
 
-def _stage(
-    intake: Intake, batch: Batch, filename: str, data: bytes | None, user: User | None, error: str | None
-) -> Outcome:
-    """Stages one file of the batch (`Intake.stage`); a bad file gives its error, a duplicate its
+def _stage_chunk(intake: Intake, batch: Batch, files: list[File], user: User | None) -> list[Outcome]:
+    """Stages the batch's files (`Intake.stage_all`); a bad file gives its error, a duplicate its
     DuplicateImage, and neither adds anything to the session."""
-    if error is None and not filename.lower().endswith(IMAGE_EXTENSIONS):
-        error = "Skipped: not a .jpg, .jpeg or .png file."
-    if error is not None:
-        return error
-    fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
-    try:
-        return intake.stage(data or b"", PurePosixPath(filename).name[:255], fields, user, batch)
-    except UploadError as exc:
-        return exc.message
-    except DuplicateImage as exc:
-        return exc
+    outcomes: list[Outcome | None] = []
+    uploads: list[Upload] = []
+    for name, data, error in files:
+        filename = clean_filename(name)
+        if error is None and not filename.lower().endswith(IMAGE_EXTENSIONS):
+            error = "Skipped: not a .jpg, .jpeg or .png file."
+        outcomes.append(error)
+        if error is None:
+            fields = dict((batch.metadata_rows or {}).get(file_stem(filename)) or {})
+            uploads.append(Upload(data or b"", PurePosixPath(filename).name[:255], fields))
+    staged = iter(intake.stage_all(uploads, user, batch))
+    return [outcome if outcome is not None else _outcome(next(staged)) for outcome in outcomes]
+
+
+def _outcome(staged: StoredImage | UploadError | DuplicateImage) -> Outcome:
+    return staged.message if isinstance(staged, UploadError) else staged
 
 
 def _item_values(outcome: Outcome, latest_jobs: dict[int, int]) -> dict[str, Any]:
@@ -130,7 +133,7 @@ def _store_once(
 ) -> tuple[list[BatchItem], list[int]]:
     intake = Intake()
     try:
-        outcomes = [_stage(intake, batch, clean_filename(name), data, user, error) for name, data, error in files]
+        outcomes = _stage_chunk(intake, batch, files, user)
         db.session.flush()  # one INSERT per table for the whole chunk; ids for the items
         duplicates = [o.image.id for o in outcomes if isinstance(o, DuplicateImage)]
         latest_jobs = _latest_job_ids(duplicates)

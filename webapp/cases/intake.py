@@ -1,6 +1,6 @@
 """How an image enters the portal: validate, store, commit the case, its image and a queued job.
 
-`Intake.stage` is the one way in: a single upload from the page or the API is an intake of one
+`Intake.stage_all` is the one way in: a single upload from the page or the API is an intake of one
 (`store_image`; `create_case` adds sending the task at once), a chunk of a folder upload, the CLI
 import and an archive entry go through webapp.batches.service.store_files, which stages each file
 and commits the chunk in one transaction.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import queue
 from ..db import db
-from ..imaging import UploadError, check_filename, process_upload
+from ..imaging import ProcessedImage, UploadError, check_filename, process_upload
 from ..models import DX_CLASSES, DX_TYPES, SEXES, SITES, Batch, Case, Image, Job, User
 from ..queue import ANALYSE_TASK, PREDICT_QUEUE
 from ..states import JobKind, JobStatus
@@ -136,45 +136,92 @@ class Intake:
     """Images stored in one transaction: each validated and saved on its own, all committed at once.
 
     A folder-upload chunk is one transaction (one commit, one bulk INSERT per table) rather than one
-    per file; a single upload is an intake of one. `stage` raises for a bad or duplicate file and
-    adds nothing for it, so the caller reports that file and goes on with the next. The session is
-    never flushed while staging: duplicates within the intake are found by hash here, not in the
-    database, and every row goes in at the final flush.
+    per file; a single upload is an intake of one. `stage_all` gives, per file, its stored image or
+    why it was not stored (a bad or duplicate file adds nothing), so the caller reports that file and
+    goes on with the next. The session is never flushed while staging: duplicates within the intake
+    are found by hash here, and those of stored images with one query per hash column for the whole
+    intake (`look_up`), not one per file; every row goes in at the final flush.
     """
 
     def __init__(self) -> None:
         self.staged: dict[str, Image] = {}  # source and content hashes of the images staged so far
         self.saved: dict[str, float] = {}  # storage key -> when this intake wrote it
+        # (column name, hash) -> the stored image with it, or None: looked up in the database already
+        self.stored: dict[tuple[str, str], Image | None] = {}
+
+    def look_up(self, column, values: Iterable[str]) -> None:
+        """Finds the stored images with any of these hashes (`Image.source_hash` or
+        `Image.content_hash`) in one query per LOOKUP_CHUNK hashes, for `check_new`."""
+        new = sorted({value for value in values if (column.key, value) not in self.stored})
+        for start in range(0, len(new), LOOKUP_CHUNK):
+            part = new[start : start + LOOKUP_CHUNK]
+            self.stored.update({(column.key, value): None for value in part})
+            with db.session.no_autoflush:
+                for image in db.session.scalars(select(Image).where(column.in_(part))):
+                    self.stored[column.key, getattr(image, column.key)] = image
 
     def check_new(self, column, value: str) -> None:
         """Raises DuplicateImage when an image with this hash is stored or staged already."""
         staged = self.staged.get(value)
         if staged is not None:
             raise DuplicateImage(staged)
-        with db.session.no_autoflush:
-            existing = db.session.scalar(select(Image).where(column == value).limit(1))
+        self.look_up(column, [value])
+        existing = self.stored[column.key, value]
         if existing is not None:
             raise DuplicateImage(existing)
 
-    def stage(
-        self, data: bytes, filename: str, fields: Mapping[str, Any], uploader: User | None, batch: Batch | None = None
-    ) -> StoredImage:
-        """Validates one image, saves its file and adds its case, image and queued job to the session.
+    def stage_all(
+        self, uploads: Sequence[Upload], uploader: User | None, batch: Batch | None = None
+    ) -> list[StoredImage | UploadError | DuplicateImage]:
+        """Validates the files, saves each new image's file and adds its case, image and queued job
+        to the session; per file, in order, what it became.
 
-        Raises:
-            UploadError: the bytes are not an acceptable image.
-            DuplicateImage: the same image is already stored, or staged in this intake.
+        A file is a duplicate (DuplicateImage) when its bytes or its normalised pixels are those of
+        a stored image or of an earlier file of the intake; a file whose bytes are a stored image's
+        is not decoded, nor are the bytes of an earlier file decoded twice.
         """
         config = current_app.config
-        source_hash = hashlib.sha256(data).hexdigest()
-        self.check_new(Image.source_hash, source_hash)  # the same file again: no decoding
-        processed = process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
-        self.check_new(Image.content_hash, processed.content_hash)  # the same pixels in another file
+        sources = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
+        self.look_up(Image.source_hash, sources)  # the same file again: no decoding
+        decoded: dict[str, ProcessedImage | UploadError] = {}
+        for upload, source in zip(uploads, sources, strict=True):
+            if source not in decoded and self.stored[Image.source_hash.key, source] is None:
+                decoded[source] = _decode(upload.data, config)
+        self.look_up(Image.content_hash, [p.content_hash for p in decoded.values() if isinstance(p, ProcessedImage)])
+        return [
+            self._stage(upload, source, decoded, uploader, batch)
+            for upload, source in zip(uploads, sources, strict=True)
+        ]
+
+    def _stage(
+        self,
+        upload: Upload,
+        source_hash: str,
+        decoded: Mapping[str, ProcessedImage | UploadError],
+        uploader: User | None,
+        batch: Batch | None,
+    ) -> StoredImage | UploadError | DuplicateImage:
+        """One file of `stage_all`; `decoded` holds what each new file's bytes decoded to."""
+        try:
+            self.check_new(Image.source_hash, source_hash)
+            processed = decoded[source_hash]
+            if isinstance(processed, UploadError):
+                return processed
+            self.check_new(Image.content_hash, processed.content_hash)  # the same pixels in another file
+        except DuplicateImage as exc:
+            return exc
+        return self._add(upload, source_hash, processed, uploader, batch)
+
+    def _add(
+        self, upload: Upload, source_hash: str, processed: ProcessedImage, uploader: User | None, batch: Batch | None
+    ) -> StoredImage:
+        """Saves a new image's file and adds its case, image and queued job to the session."""
         key = image_key(processed.content_hash, processed.extension)
         storage_from_settings(current_app.extensions["settings"]).save(key, processed.data)  # content-addressed
         self.saved[key] = time.time()
         # Every case field set, absent ones to None: rows with the same columns share one INSERT.
-        case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **{**NO_FIELDS, **fields})
+        fields = {**NO_FIELDS, **upload.fields}
+        case = Case(uploader=uploader, batch_id=batch.id if batch is not None else None, **fields)
         image = Image(
             case=case,
             content_hash=processed.content_hash,
@@ -182,7 +229,7 @@ class Intake:
             storage_key=key,
             width=processed.width,
             height=processed.height,
-            original_filename=filename,
+            original_filename=upload.filename,
         )
         job = Job(kind=JobKind.ANALYSE, status=JobStatus.QUEUED, image=image)
         db.session.add_all([case, image, job])
@@ -224,6 +271,24 @@ class Intake:
 
 
 NO_FIELDS = {name: None for name in CaseFields.__dataclass_fields__}
+LOOKUP_CHUNK = 500  # hashes per duplicate query: far below every engine's limit on bound parameters
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file to stage: its bytes, its file name as stored, and its case fields."""
+
+    data: bytes
+    filename: str | None
+    fields: Mapping[str, Any]
+
+
+def _decode(data: bytes, config: Mapping[str, Any]) -> ProcessedImage | UploadError:
+    """The checked, normalised image, or why it was refused."""
+    try:
+        return process_upload(data, config["MAX_UPLOAD_MB"] * 1024 * 1024, config["MAX_IMAGE_PIXELS"])
+    except UploadError as exc:
+        return exc
 
 
 def store_image(data: bytes, filename: str, fields: Mapping[str, Any], uploader: User | None) -> StoredImage:
@@ -237,11 +302,13 @@ def store_image(data: bytes, filename: str, fields: Mapping[str, Any], uploader:
             moment ago).
     """
     intake = Intake()
-    stored = intake.stage(data, filename, fields, uploader)
+    (stored,) = intake.stage_all([Upload(data, filename, fields)], uploader)
+    if isinstance(stored, (UploadError, DuplicateImage)):
+        raise stored
     try:
         intake.commit()
     except IntegrityError:  # the same image committed by a concurrent request a moment ago
-        intake.check_new(Image.content_hash, stored.image.content_hash)
+        Intake().check_new(Image.content_hash, stored.image.content_hash)  # asks the database again
         raise
     return stored
 
@@ -265,6 +332,7 @@ __all__ = [
     "FieldError",
     "Intake",
     "StoredImage",
+    "Upload",
     "UploadError",
     "create_case",
     "parse_case_fields",

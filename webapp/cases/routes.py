@@ -31,7 +31,7 @@ from ..review.service import can_review
 from ..security import upload_limit
 from ..similar.service import add_similar_cases
 from ..states import JobStatus
-from ..storage import IMAGES, StorageError, storage_from_settings
+from ..storage import IMAGES, StorageError, content_type, storage_from_settings
 from .deletion import DeletionError, check_confirmed, delete_case
 from .export import csv_response
 from .intake import DuplicateImage, FieldError, UploadError, create_case, parse_case_fields
@@ -193,8 +193,7 @@ def stored_file(key: str):
         handle = storage.open(key)
     except StorageError:
         abort(404)
-    # Anything but a PNG downloads as bytes, its type never guessed.
-    return send_file(handle, mimetype="image/png" if key.endswith(".png") else "application/octet-stream")
+    return send_file(handle, mimetype=content_type(key))
 
 
 @bp.get("/cases/export.json")
