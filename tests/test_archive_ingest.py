@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import time
 import zipfile
 from datetime import timedelta
 
@@ -64,14 +63,14 @@ def decodes(monkeypatch):
     return calls
 
 
-def test_a_tiny_zip_of_36_mp_pngs_costs_the_web_request_little_cpu(app, client, auth_headers, sent_tasks, decodes):
+def test_a_tiny_zip_of_36_mp_pngs_is_decoded_by_the_worker_not_the_web_request(
+    app, client, auth_headers, sent_tasks, decodes
+):
     pngs = {f"lesions/big{i}.png": _png(6000, (40 * i, 90, 120)) for i in range(3)}
     archive = zip_bytes(pngs)
     assert len(archive) < 8 * 1024, len(archive)  # the probe's was 3.9 KB
 
-    started = time.process_time()
     response = client.post("/api/v1/batches", headers=auth_headers, data={"archive": (io.BytesIO(archive), "b.zip")})
-    web_cpu = time.process_time() - started
     assert response.status_code == 202, response.json
     assert response.json["pending"] == 3 and response.json["stored"] == 0 and decodes == []
     batch_id = response.json["id"]
@@ -79,12 +78,8 @@ def test_a_tiny_zip_of_36_mp_pngs_costs_the_web_request_little_cpu(app, client, 
     page = client.get(f"/api/v1/batches/{batch_id}", headers=auth_headers).json
     assert page["counts"]["pending"] == 3 and not page["finished"] and _archive_stored(app, batch_id)
 
-    started = time.process_time()
     assert run_sent_ingests(app, sent_tasks) == ["done"]
-    worker_cpu = time.process_time() - started
-    print(f"\n3 x 36 MP PNGs in a {len(archive)} B zip: web request {web_cpu:.3f} s CPU, worker {worker_cpu:.1f} s CPU")
     assert len(decodes) == 3
-    assert web_cpu < 1.0 and web_cpu < worker_cpu / 10
     progress = client.get(f"/api/v1/batches/{batch_id}", headers=auth_headers).json
     assert len(progress["case_ids"]) == 3 and progress["counts"]["pending"] == 0 and progress["counts"]["queued"] == 3
     assert not _archive_stored(app, batch_id)  # every entry decoded: the archive is not kept
@@ -307,11 +302,10 @@ def test_a_zip_through_the_upload_page_is_stored_pending_and_decoded_by_the_work
     login(client, researcher)
     token = csrf_from(client.get("/batches/new").get_data(as_text=True))
     archive = zip_bytes({"w/one.jpg": image_bytes(SMALL_IMAGES[3])})
-    started = time.process_time()
     response = client.post(
         "/batches", data={"csrf_token": token, "archive": (io.BytesIO(archive), "w.zip"), "name": "page zip"}
     )
-    assert response.status_code == 302 and decodes == [] and time.process_time() - started < 1.0
+    assert response.status_code == 302 and decodes == []
     page = client.get(response.headers["Location"]).get_data(as_text=True)
     assert '<span id="count-pending">1</span>' in page
     assert run_sent_ingests(app, sent_tasks) == ["done"] and len(decodes) == 1
