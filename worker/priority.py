@@ -85,7 +85,8 @@ def queued_predictions() -> int:
 
 def defer_countdown(queued: int) -> float:
     """Seconds before a deferred SHAP task looks again. Each look is a task run (~5 ms), so the wait
-    grows with the SHAP tasks waiting (all of them cycle) and with the predictions queued; jittered."""
+    grows with the SHAP messages waiting (all of them cycle; one carries a micro-batch's analyses,
+    SHAP_TOP_K explanations each) and with the predictions queued; jittered."""
     pending = int(
         db.session.scalar(
             select(func.count(Explanation.id)).where(
@@ -94,7 +95,8 @@ def defer_countdown(queued: int) -> float:
         )
         or 0
     )
-    pending_tasks = pending / max(1, int(current_settings().SHAP_TOP_K))
+    settings = current_settings()
+    pending_tasks = pending / max(1, int(settings.SHAP_TOP_K) * int(settings.PREDICT_BATCH_SIZE))
     return float(min(120.0, 3.0 + 0.1 * pending_tasks + 0.05 * queued) + random.uniform(0.0, 2.0))
 
 
