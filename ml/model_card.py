@@ -115,6 +115,18 @@ def weak_classes(metrics: dict | None, below: float = 0.3) -> str | None:
     return ", ".join(f"{name} (recall {m['recall']:.2f}, {m['support']} test images)" for name, m in weak)
 
 
+def validation_optimism(manifest: dict, metrics: dict | None) -> list[str]:
+    """A limit line when the validation figure the choices were made on is above the test figure."""
+    val = (manifest.get("metrics") or {}).get("validation", {}).get("balanced_accuracy")
+    test = (metrics or {}).get("balanced_accuracy")
+    if val is None or test is None or val <= test:
+        return []
+    return [
+        f"- The epoch, temperature and decision were chosen on the validation split, so its balanced accuracy "
+        f"({val:.3f}) is optimistic: on the test split it is {test:.3f}. Expect the test figure on new lesions."
+    ]
+
+
 def headline(metrics: dict | None) -> list[str]:
     if metrics is None:
         return ["No test evaluation was found: run `python -m ml.evaluate` and write the card again."]
@@ -435,6 +447,7 @@ def render(
         "",
         "## Known limits",
         "",
+        *validation_optimism(manifest, metrics),
         f"- Low resolution: {h}x{w} from 200x150 downscales; fine structures (dots, globules, vessels) are largely lost.",
         "- No ImageNet pretraining (weights could not be downloaded) and a short CPU training run: the model",
         "  is far from what the architecture reaches with pretraining (see the targets above).",

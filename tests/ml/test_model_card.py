@@ -36,6 +36,9 @@ def test_the_card_states_the_evaluation_figures_and_which_targets_were_met(artif
     assert "`img_size=" in card  # the run's arguments
     for name in manifest["class_names"]:
         assert f"| {name} (" in card
+    validation = manifest["metrics"]["validation"]["balanced_accuracy"]
+    optimistic = f"its balanced accuracy ({validation:.3f}) is optimistic" in card
+    assert optimistic == (validation > metrics["balanced_accuracy"])
 
 
 def test_the_licence_file_names_cc_by_nc_and_the_citation(artifact):

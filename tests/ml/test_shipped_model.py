@@ -48,6 +48,8 @@ def test_the_card_reports_the_test_evaluation_shipped_beside_it(manifest):
     assert f"balanced accuracy: {metrics['balanced_accuracy_ci']['estimate']:.3f}" in card
     assert f"{metrics['macro_auc_ci']['estimate']:.3f}" in card
     assert "python -m ml.evaluate" in card and "Research use only" in card
+    if manifest["metrics"]["validation"]["balanced_accuracy"] > metrics["balanced_accuracy"]:
+        assert "Expect the test figure on new lesions." in card  # the figures a user reads say what to expect
 
 
 def test_the_worker_loads_it_by_default_and_it_predicts_on_the_cpu(monkeypatch):
