@@ -335,15 +335,17 @@ def _load(storage: Storage, storage_key: str) -> tuple[np.ndarray | None, float,
         return None, time.perf_counter() - t0, exc
 
 
-def _overlay(heatmap: np.ndarray | None, size: tuple[int, int]) -> bytes | Exception | None:
-    """The colour layer of the Grad-CAM map as stored (at the model's resolution) as PNG bytes, or
-    the exception (encoded in the thread pool)."""
+def _overlay(heatmap: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray | None, bytes | Exception | None]:
+    """(the Grad-CAM map as stored, at the model's resolution; its colour layer as PNG bytes), or
+    (None, the exception), computed in the thread pool. The stored map goes on to
+    `explain.store_explanation`, which then has nothing left to resample."""
     if heatmap is None:
-        return None
+        return None, None
     try:
-        return explain.gradcam_layer_png(explain.stored_map(heatmap, size))
+        values = explain.stored_map(heatmap, size)
+        return values, explain.gradcam_layer_png(values)
     except Exception as exc:
-        return exc
+        return None, exc
 
 
 class Computed(NamedTuple):
@@ -409,7 +411,8 @@ def _store_results(
 
 
 class Pass(NamedTuple):
-    """What one batched pass gives, per image: the answer, its map and the map's colour layer."""
+    """What one batched pass gives, per image: the answer, its map (as stored, at the model's
+    resolution) and the map's colour layer."""
 
     probs: np.ndarray
     chosen: np.ndarray  # top class indices
@@ -430,12 +433,14 @@ def _predict(model: Predictor, images: list[np.ndarray], rows: list[Image], sett
     predict_ms = round((time.perf_counter() - t0) * 1000, 1)
     overlays = None
     if gradcams is not None:
-        overlays = list(
+        drawn = list(
             _decoder_pool().map(
                 functools.partial(_overlay, size=model.input_size),
                 [heatmap if error is None else None for _, heatmap, error in gradcams],
             )
         )
+        gradcams = [(index, values, error) for (index, _, error), (values, _) in zip(gradcams, drawn)]
+        overlays = [layer for _, layer in drawn]
     log.info("Predicted %d image(s) in one pass of %.0f ms.", len(images), predict_ms)
     return Pass(probs, chosen, metadata_used, gradcams, overlays, predict_ms, pooled)
 

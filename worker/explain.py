@@ -71,9 +71,12 @@ def map_dtype(method: str) -> type[np.floating]:
 
 def stored_map(values: np.ndarray, size: tuple[int, int], dtype: type[np.floating] = np.float16) -> np.ndarray:
     """The map as stored: at most `size` = (H, W), the model's input resolution (area-averaged when
-    it was computed at the upload's size), as `dtype`."""
-    values = np.asarray(values, dtype=np.float32)
+    it was computed at the upload's size), as `dtype`. A map stored already (of `dtype`, within
+    `size`) is returned as it is: the prediction pass stores the maps it drew its layers from."""
     h, w = size
+    if isinstance(values, np.ndarray) and values.dtype == dtype and values.shape[0] <= h and values.shape[1] <= w:
+        return values
+    values = np.asarray(values, dtype=np.float32)
     if values.shape[0] > h or values.shape[1] > w:
         values = cv2.resize(values, (w, h), interpolation=cv2.INTER_AREA)
     limit = float(np.finfo(dtype).max)
