@@ -9,7 +9,8 @@ the same job), decodes their stored PNGs in a small thread pool, runs ONE forwar
 the calibrated probabilities, the Grad-CAM maps and the pooled embeddings of all of them
 (`ml.explain.explain_gradcam`; the embeddings feed `worker.similarity`), and stores every result
 in ONE transaction (`_store`: analyses, embeddings and verdicts, explanation rows, the jobs' ends;
-new rows go in as one INSERT per table where the database allows). A micro-batch thus costs two
+the new explanation rows go in as one INSERT per kind, the new analyses as one INSERT where the
+database returns their ids in order, PostgreSQL, not SQLite). A micro-batch thus costs two
 commits whatever its size: the claim, which must be committed before the pass so that a killed
 worker's jobs are found again, and the results. A folder upload sends one message per
 PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message lists are taken first,

@@ -31,7 +31,7 @@ import numpy as np
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from webapp.cases.deletion import lock_images
 from webapp.cases.explanations import explanation_keys
@@ -164,46 +164,72 @@ def store_explanation(
 # --- rows after a prediction ------------------------------------------------------------------------
 
 
-def _rows_of(analyses: Sequence[Analysis]) -> dict[RowKey, Explanation]:
-    """The explanation rows of the analyses' (image, model version) pairs, in one query."""
-    return {
-        (r.image_id, r.method, r.class_name): r
-        for r in db.session.scalars(
-            select(Explanation).where(
-                Explanation.image_id.in_([a.image_id for a in analyses]),
-                Explanation.model_version_id == analyses[0].model_version_id,
+class _Rows:
+    """The explanation rows of some analyses of one model version: those stored (one query) and the
+    ones created here, which `add_new` or `insert_new` writes.
+
+    New rows are built apart from the session: the prediction pass writes all of its rows with one
+    INSERT (`insert_new`), where the ORM would send one INSERT per row to fetch each new id (SQLite
+    cannot return the ids of a multi-row INSERT in order), and it needs none of those ids."""
+
+    def __init__(self, analyses: Sequence[Analysis]):
+        db.session.flush()  # new analyses get their ids, which their new rows refer to
+        self.rows: dict[RowKey, Explanation] = {
+            (r.image_id, r.method, r.class_name): r
+            for r in db.session.scalars(
+                select(Explanation).where(
+                    Explanation.image_id.in_([a.image_id for a in analyses]),
+                    Explanation.model_version_id == analyses[0].model_version_id,
+                )
             )
-        )
-    }
+        }
+        self.new: list[Explanation] = []
+
+    def get(self, analysis: Analysis, method: str, class_name: str) -> Explanation | None:
+        return self.rows.get((analysis.image_id, method, class_name))
+
+    def row_for(self, analysis: Analysis, method: str, class_name: str, **fields: Any) -> Explanation:
+        """The row of (analysis, method, class), created with `fields` if there is none yet."""
+        row = self.get(analysis, method, class_name)
+        if row is None:
+            row = Explanation(
+                analysis_id=analysis.id,
+                image_id=analysis.image_id,
+                model_version_id=analysis.model_version_id,
+                method=method,
+                class_name=class_name,
+                **fields,
+            )
+            self.rows[(analysis.image_id, method, class_name)] = row
+            self.new.append(row)
+        return row
+
+    def add_new(self) -> None:
+        """Adds the new rows to the session: the caller's commit inserts them and gives them ids."""
+        db.session.add_all(self.new)
+        self.new = []
+
+    def insert_new(self) -> None:
+        """Inserts the new rows, one statement for the rows that set the same columns (the caller
+        commits); they get no ids here."""
+        table = Explanation.__table__
+        columns = [column.key for column in table.columns]
+        alike: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in self.new:
+            values = {key: value for key in columns if (value := getattr(row, key)) is not None}
+            alike.setdefault(tuple(values), []).append(values)
+        for rows in alike.values():
+            db.session.execute(insert(table), rows)  # Core: no per-row ORM bookkeeping
+        self.new = []
 
 
-def _row_for(
-    rows: dict[RowKey, Explanation], analysis: Analysis, method: str, class_name: str, **fields: Any
-) -> Explanation:
-    """The row of (analysis, method, class), created with `fields` if there is none yet."""
-    row = rows.get((analysis.image_id, method, class_name))
-    if row is None:
-        row = Explanation(
-            analysis=analysis,
-            image_id=analysis.image_id,
-            model_version_id=analysis.model_version_id,
-            method=method,
-            class_name=class_name,
-            **fields,
-        )
-        db.session.add(row)
-        rows[(analysis.image_id, method, class_name)] = row
-    return row
-
-
-def _queue_shap_rows(rows: dict[RowKey, Explanation], analysis: Analysis) -> bool:
+def _queue_shap_rows(rows: _Rows, analysis: Analysis) -> bool:
     """`queued` SHAP rows for the top SHAP_TOP_K classes; whether any of them is queued (to send)."""
     settings = current_settings()
     ranked = sorted(analysis.probabilities, key=analysis.probabilities.get, reverse=True)
     pending = False
     for class_name in ranked[: int(settings.SHAP_TOP_K)]:
-        row = _row_for(
-            rows,
+        row = rows.row_for(
             analysis,
             ExplanationMethod.SHAP,
             class_name,
@@ -237,10 +263,10 @@ def record_prediction_pass(
         The analyses that have queued SHAP rows (their ids are known once the caller commits).
     """
     method = gradcam_method(bool(current_settings().GRADCAM_PLUS_PLUS))
-    rows = _rows_of(analyses)
+    rows = _Rows(analyses)
     for analysis, (index, heatmap, error), overlay in zip(analyses, gradcams, overlays):
         class_name = class_names[index] if error is None else analysis.top_class
-        row = _row_for(rows, analysis, method, class_name, attempts=0)
+        row = rows.row_for(analysis, method, class_name, attempts=0)
         if row.status != ExplanationStatus.DONE:  # never overwritten
             row.attempts, row.started_at = (row.attempts or 0) + 1, utcnow()
             if error is None and isinstance(overlay, BaseException):
@@ -264,8 +290,9 @@ def record_prediction_pass(
                     error = f"{exc.__class__.__name__}: {exc}"
             if error is not None:
                 row.status, row.error, row.finished_at = ExplanationStatus.FAILED, error[:4000], utcnow()
-    # After all the Grad-CAM rows: rows alike in a row share one INSERT.
-    return [analysis for analysis in analyses if _queue_shap_rows(rows, analysis)]
+    pending = [analysis for analysis in analyses if _queue_shap_rows(rows, analysis)]
+    rows.insert_new()
+    return pending
 
 
 def send_shap(analysis_ids: Sequence[int]) -> None:
@@ -288,22 +315,23 @@ def queue_followups(model: Predictor, analyses: Sequence[Analysis]) -> list[Foll
     analyses = [a for a in analyses if a.status == AnalysisStatus.SUCCEEDED and a.probabilities]
     if not explainable(model) or not analyses:
         return []
-    rows = _rows_of(analyses)
+    rows = _Rows(analyses)
     messages: list[FollowUp] = []
     for analysis in analyses:
         try:
             messages += _queue_followups(rows, analysis)
         except Exception:
             log.exception("Could not queue the explanations of analysis %s.", analysis.id)
+    rows.add_new()  # the messages carry the new Grad-CAM rows' ids
     return messages
 
 
-def _queue_followups(rows: dict[RowKey, Explanation], analysis: Analysis) -> list[FollowUp]:
+def _queue_followups(rows: _Rows, analysis: Analysis) -> list[FollowUp]:
     shap_pending = _queue_shap_rows(rows, analysis)
     gradcam = (
-        rows.get((analysis.image_id, ExplanationMethod.GRADCAM, analysis.top_class))
-        or rows.get((analysis.image_id, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class))
-        or _row_for(rows, analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED)
+        rows.get(analysis, ExplanationMethod.GRADCAM, analysis.top_class)
+        or rows.get(analysis, ExplanationMethod.GRADCAM_PLUS_PLUS, analysis.top_class)
+        or rows.row_for(analysis, ExplanationMethod.GRADCAM, analysis.top_class, status=ExplanationStatus.QUEUED)
     )
     messages: list[FollowUp] = []
     if gradcam.status == ExplanationStatus.QUEUED:
