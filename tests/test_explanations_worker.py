@@ -147,6 +147,24 @@ def test_prediction_stores_gradcam_then_shap_for_the_top_classes(app, tasks, job
         assert r["attempts"] == 1 and r["error"] is None
 
 
+def test_the_pass_gets_the_images_at_the_models_input_size(app, tasks, job_id, monkeypatch):
+    """Resized once, as they are loaded, by the model's own resize: the pass's preprocessing, the
+    OOD statistics and the stored maps have nothing left to resample."""
+    import worker.batching as batching
+
+    shapes = []
+    predict_batch = batching.predict_batch
+
+    def recording(model, images, *args, **kwargs):
+        shapes.extend(image.shape for image in images)
+        return predict_batch(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "predict_batch", recording)
+    assert tasks.analyse(job_id) == "succeeded"
+    assert shapes == [(64, 64, 3)]  # the upload is 200x150
+    check_files(app, rows(app)[0])
+
+
 def test_running_twice_duplicates_nothing(app, tasks, job_id, worker_sent):
     from webapp.db import db
     from webapp.models import Job

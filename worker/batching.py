@@ -1,23 +1,23 @@
 """Micro-batching of predictions: what `worker.tasks.analyse` does with its claimed job.
 
-Why: one EfficientNetB3 forward pass on 2 CPU cores costs ~0.1 s for one image but ~0.035 s per image
-in a batch of 16, and everything around the model (Celery, the database, PNG decoding) is cheap next
-to it. So when `worker.tasks.analyse(job_id)` runs, it also *claims* up to PREDICT_BATCH_SIZE - 1
-further `queued` analyse jobs of the same model version (oldest first, in one conditional UPDATE
-inside the lead's own claim transaction, worker.recovery.claim, so no two deliveries or workers take
-the same job), decodes their stored PNGs in a small thread pool, runs ONE forward pass that gives
-the calibrated probabilities, the Grad-CAM maps and the pooled embeddings of all of them
-(`ml.explain.explain_gradcam`; the embeddings feed `worker.similarity`), and stores every result
-in ONE transaction (`_store`: analyses, embeddings and verdicts, explanation rows, the jobs' ends;
-the new explanation rows go in as one INSERT per kind, the new analyses as one INSERT where the
-database returns their ids in order, PostgreSQL, not SQLite). A micro-batch thus costs two
-commits whatever its size: the claim, which must be committed before the pass so that a killed
-worker's jobs are found again, and the results. A folder upload sends one message per
-PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message lists are taken first,
-so a folder costs one delivery per batch; a listed job that this batch could not take is sent on
-its own afterwards. The messages of jobs taken along otherwise (single uploads) find their job
-finished and return at once (claim is idempotent). With PREDICT_BATCH_SIZE=1 the same path runs
-one job per pass.
+Why: one EfficientNetB3 forward pass on 2 CPU cores costs ~0.1 s for one image but ~0.035 s per
+image in a batch of 16, and everything around the model (Celery, the database, PNG decoding) is
+cheap next to it. So when `worker.tasks.analyse(job_id)` runs, it also *claims* up to
+PREDICT_BATCH_SIZE - 1 further `queued` analyse jobs of the same model version (oldest first, in one
+conditional UPDATE inside the lead's own claim transaction, worker.recovery.claim, so no two
+deliveries or workers take the same job), decodes their stored PNGs in a small thread pool (at the
+model's input size), runs ONE forward pass that gives the calibrated probabilities, the Grad-CAM
+maps and the pooled embeddings of all of them (`ml.explain.explain_gradcam`; the embeddings feed
+`worker.similarity`), and stores every result in ONE transaction (`_store`: analyses, embeddings and
+verdicts, explanation rows, the jobs' ends; the new explanation rows go in as one INSERT per kind,
+the new analyses as one INSERT where the database returns their ids in order, PostgreSQL, not
+SQLite). A micro-batch thus costs two commits whatever its size: the claim, which must be committed
+before the pass so that a killed worker's jobs are found again, and the results. A folder upload
+sends one message per PREDICT_BATCH_SIZE jobs (webapp.queue.send_grouped) and the jobs a message
+lists are taken first, so a folder costs one delivery per batch; a listed job that this batch could
+not take is sent on its own afterwards. The messages of jobs taken along otherwise (single uploads)
+find their job finished and return at once (claim is idempotent). With PREDICT_BATCH_SIZE=1 the same
+path runs one job per pass.
 
 Batches are padded (by repeating the last image) to a few fixed sizes (1, 2, 4, 8, 16, ...
 up to PREDICT_BATCH_SIZE), so that the compiled pass only ever sees those shapes: oneDNN builds its
@@ -327,11 +327,19 @@ def _decoder_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def _load(storage: Storage, storage_key: str) -> tuple[np.ndarray | None, float, Exception | None]:
-    """(pixels or None, seconds, error or None): PNG decoding releases the GIL, so threads overlap."""
+def _load(
+    storage: Storage, storage_key: str, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray | None, float, Exception | None]:
+    """(pixels or None, seconds, error or None): PNG decoding releases the GIL, so threads overlap.
+    With `size`, the pixels come at that size, by the model's own resize (`ml.data.resize_image`)."""
     t0 = time.perf_counter()
     try:
-        return predict.read_image(storage_key, storage), time.perf_counter() - t0, None
+        pixels = predict.read_image(storage_key, storage)
+        if size is not None:
+            from ml.data import resize_image  # ml.data loads TensorFlow: never before the fork
+
+            pixels = resize_image(pixels, size)
+        return pixels, time.perf_counter() - t0, None
     except Exception as exc:
         return None, time.perf_counter() - t0, exc
 
@@ -361,7 +369,12 @@ def _compute(images: list[Image], model: Predictor, model_version: ModelVersion)
     """Loads the images (in the decoder threads) and predicts those that loaded in one pass."""
     settings = current_settings()
     storage = storage_from_settings(settings)  # the decoder threads have no app context
-    loaded = list(_decoder_pool().map(_load, [storage] * len(images), [image.storage_key for image in images]))
+    # The resize `Predictor.preprocess` would do, done once as each image is loaded: the pass, the
+    # OOD statistics (worker.similarity) and the Grad-CAM maps, which then come out at the
+    # resolution they are stored at, share it.
+    size = tuple(model.input_size) if predict.explainable(model) else None
+    load = functools.partial(_load, storage, size=size)
+    loaded = list(_decoder_pool().map(load, [image.storage_key for image in images]))
     ok = [(image, pixels) for image, (pixels, _, error) in zip(images, loaded) if error is None]
     passed = _predict(model, [pixels for _, pixels in ok], [image for image, _ in ok], settings) if ok else None
     described = similarity.describe(passed.pooled if passed else None, [pixels for _, pixels in ok], model_version)
