@@ -495,11 +495,15 @@ def run_gradcam(explanation_id: int) -> str:
 
 def compute_gradcam(row: Explanation) -> None:
     """Computes and stores the Grad-CAM(++) map of the row's class (claimed); commits."""
-    from ml.explain import explain_gradcam  # ml.explain loads TensorFlow: never before the fork
+    # ml.data and ml.explain load TensorFlow: never before the fork
+    from ml.data import resize_image
+    from ml.explain import explain_gradcam
 
     model = model_for(row)
     t0 = time.perf_counter()
-    pixels = read_image(row.image.storage_key)
+    # At the model's input size, as the prediction pass explains its images (worker.batching): the
+    # map comes out at the resolution it is stored at, as SHAP's do.
+    pixels = resize_image(read_image(row.image.storage_key), model.input_size)
     t1 = time.perf_counter()
     result = explain_gradcam(
         model, [pixels], row.class_name, plus_plus=row.method == ExplanationMethod.GRADCAM_PLUS_PLUS
