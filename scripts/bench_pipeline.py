@@ -506,12 +506,50 @@ def upload_one_by_one(client: Client, images: list[Path], clients: int) -> list[
         return list(pool.map(client.upload, images))
 
 
+def cpu_seconds(procs: Processes) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the portal, by this bench (the upload
+    client and the database polling), and by the whole machine: where a pipeline's CPU went."""
+    import psutil
+
+    def tree(pid: int, with_root: bool = True, with_children: bool = True) -> float:
+        try:
+            root = psutil.Process(pid)
+            members = ([root] if with_root else []) + (root.children(recursive=True) if with_children else [])
+            return sum(sum(p.cpu_times()[:2]) for p in members if p.is_running())
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    def pid(name: str) -> int:
+        return procs.procs[name].pid
+
+    machine = psutil.cpu_times()
+    return {
+        "web": tree(pid("web")),
+        "worker_pool": tree(pid("worker"), with_root=False),
+        "worker_main": tree(pid("worker"), with_children=False),
+        "redis": tree(pid("redis")),
+        "bench_client": sum(psutil.Process().cpu_times()[:2]),
+        "machine": machine.user + machine.nice + machine.system + machine.irq + machine.softirq,
+    }
+
+
+def cpu_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
+    """Milliseconds of CPU per image of each part between two `cpu_seconds` readings; `other` is the
+    machine's CPU outside the portal and the bench (e.g. a paused training run should leave it ~0)."""
+    used = {name: 1000 * (after[name] - before[name]) / images for name in before}
+    parts = sum(value for name, value in used.items() if name != "machine")
+    used["other"] = used.pop("machine") - parts
+    return {name: round(value, 2) for name, value in used.items()}
+
+
 def measure_pipeline(procs: Processes, db: Db, upload) -> dict:
     """Runs `upload()` (-> case ids) and waits for every prediction and Grad-CAM map of those cases."""
+    cpu_before = cpu_seconds(procs)
     t0 = time.time()
     case_ids = upload()
     uploaded_s = time.time() - t0
     n = len(case_ids)
+    (done_at_upload, _), _, _ = db.pipeline_state(case_ids)
     deadline = time.monotonic() + 480
     while True:
         (done, last), (maps, last_map), failed = db.pipeline_state(case_ids)
@@ -522,7 +560,17 @@ def measure_pipeline(procs: Processes, db: Db, upload) -> dict:
         procs.check()
         time.sleep(0.25)
     end = max(parse_utc(last), parse_utc(last_map) if last_map else 0.0)
-    return {"images": n, "seconds": end - t0, "upload_seconds": uploaded_s, "failed": failed}
+    cpu = cpu_per_image(cpu_before, cpu_seconds(procs), n)  # includes up to one polling interval after `end`
+    # Once every file is in, the web server is idle: the rate from then on is the worker's own.
+    after_upload = (n - done_at_upload) / max(end - t0 - uploaded_s, 1e-3)
+    return {
+        "images": n,
+        "seconds": end - t0,
+        "upload_seconds": uploaded_s,
+        "failed": failed,
+        "cpu_ms_per_image": cpu,
+        "after_upload_images_per_s": after_upload,
+    }
 
 
 def run_pipeline_phase(procs: Processes, env: dict, client: Client, db: Db, warm_image: Path, upload):
@@ -727,6 +775,11 @@ def main(argv=None) -> int:
         "pipeline_seconds": round(pipeline["seconds"], 2),
         "pipeline_upload_seconds": round(pipeline["upload_seconds"], 2),
         "pipeline_failed": pipeline["failed"],
+        "pipeline_after_upload_images_per_s": round(pipeline["after_upload_images_per_s"], 2),
+        "pipeline_after_upload_over_raw": round(pipeline["after_upload_images_per_s"] / raw, 3),
+        "pipeline_cpu_ms_per_image": pipeline["cpu_ms_per_image"],
+        # The model's own CPU per image at the ceiling: every usable core busy with forward passes.
+        "raw_cpu_ms_per_image": round(1000 * usable_cpus() / raw, 2),
         "pipeline_mean_batch": round(sum(batches) / len(batches), 2) if batches else None,
         "pipeline_upload": f"batch API, {args.chunk} files per request",
         "single_uploads_images_per_s": round(single_rate, 2),
@@ -762,10 +815,18 @@ def main(argv=None) -> int:
         ("  pipeline / naive", f"{summary['pipeline_over_naive']:.1f}x (target >= 5)"),
         (f"  (uploads took {pipeline['upload_seconds']:.1f} s of {pipeline['seconds']:.1f} s)", ""),
         (
+            "  from the last upload to the last result",
+            f"{pipeline['after_upload_images_per_s']:.1f} img/s ({summary['pipeline_after_upload_over_raw']:.2f} of raw)",
+        ),
+        (
             f"same with {single['images']} single uploads (POST /api/v1/cases)",
             f"{single_rate:.1f} img/s ({summary['single_uploads_over_raw']:.2f} of raw)",
         ),
         ("  mean images per forward pass", str(summary["pipeline_mean_batch"])),
+        (
+            "  CPU ms per image: " + ", ".join(f"{k} {v}" for k, v in pipeline["cpu_ms_per_image"].items()),
+            f"(the model alone {summary['raw_cpu_ms_per_image']})",
+        ),
         ("single image, upload -> stored, p50", f"{summary['single_image_p50_s']:.3f} s (target <= 0.1)"),
         ("single image, p95", f"{summary['single_image_p95_s']:.3f} s"),
         (

@@ -57,6 +57,28 @@ def test_save_open_exists_url_delete(storage, tmp_path):
     assert leftovers(storage, tmp_path) == []
 
 
+def test_a_local_save_steps_over_a_temporary_file_left_by_a_crash(tmp_path, monkeypatch):
+    """A crashed process leaves its ".tmp-<pid>-<thread>-<n>" file; a later process that gets the
+    same id takes the next name instead of failing or writing into the leftover."""
+    import itertools
+    import os
+    import threading
+
+    from webapp import storage as storage_module
+
+    local = LocalStorage(tmp_path / "store")
+    folder = local.path(KEY).parent
+    folder.mkdir(parents=True)
+    leftover = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-0"
+    leftover.write_bytes(b"half of an earlier write")
+    monkeypatch.setattr(storage_module, "_temporary_names", itertools.count())
+    local.save(KEY, b"data")
+    with local.open(KEY) as f:
+        assert f.read() == b"data"
+    assert leftover.read_bytes() == b"half of an earlier write"
+    assert leftovers(local, tmp_path) == [leftover.name]
+
+
 def test_save_from_a_stream_and_overwrite(storage):
     storage.save(KEY, b"old contents, longer than the new")
     storage.save(KEY, io.BytesIO(b"new"))

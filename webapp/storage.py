@@ -13,6 +13,7 @@ one whole, never part of it; a write that fails leaves what was there before.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -75,10 +76,9 @@ class LocalStorage:
 
     def save(self, key: str, data: Data) -> str:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # os.replace within one folder (one file system) is atomic: readers see the old file or the
         # new one whole. The ".tmp-" name is not a valid key, so listings (backup) skip it.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = _create_temporary(path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 if isinstance(data, bytes | bytearray | memoryview):
@@ -112,6 +112,24 @@ class LocalStorage:
             return self.path(key).stat().st_mtime
         except FileNotFoundError:
             return None
+
+
+_temporary_names = itertools.count()
+
+
+def _create_temporary(folder: Path) -> tuple[int, str]:
+    """Creates a new empty file in `folder` (made if missing) for writing; returns (fd, its path).
+
+    Named by process, thread and a counter: the worker writes two files per image, and tempfile's
+    random names and the folder check before each write cost more than the write itself."""
+    while True:
+        tmp = f"{folder}/.tmp-{os.getpid()}-{threading.get_ident()}-{next(_temporary_names)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except FileNotFoundError:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # left by a process that had the same id: take the next number
+            pass
 
 
 class S3Storage:
