@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="balanced_accuracy_decided",
         help="validation metric that picks the best epoch; *_decided is at the decision that would ship",
     )
-    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=8,
+        help="early-stopping patience in epochs (not with --schedule cosine, which runs to its end)",
+    )
     p.add_argument("--lr-patience", type=int, default=3, help="ReduceLROnPlateau patience in epochs")
     p.add_argument("--lr-factor", type=float, default=0.5)
     p.add_argument("--min-lr", type=float, default=1e-6)
@@ -435,6 +440,12 @@ def decided_balanced_accuracy(
     return scores[decision.tau]
 
 
+def early_stop_due(state: dict, args) -> bool:
+    """Whether the run stops for want of improvement. A cosine schedule runs to its end: its last,
+    low-learning-rate epochs are the ones it is chosen for, and the best epoch is kept anyway."""
+    return args.schedule != "cosine" and state["es_wait"] >= args.patience
+
+
 class TrainingController(keras.callbacks.Callback):
     """ReduceLROnPlateau + EarlyStopping + best checkpoint + history.csv + resumable state.
 
@@ -469,7 +480,7 @@ class TrainingController(keras.callbacks.Callback):
             s["lr_wait"] += 1
             if self.args.schedule == "plateau":
                 lr = self._maybe_reduce_lr(lr)
-        if self.early_stopping and s["es_wait"] >= self.args.patience:
+        if self.early_stopping and early_stop_due(s, self.args):
             s["stopped_early"] = True
             self.model.stop_training = True
         max_minutes = getattr(self.args, "max_minutes", None)

@@ -16,7 +16,7 @@ from ml import metadata as MD
 from ml.calibration import calibrated_softmax
 from ml.decision import Decision, class_prior, fit_decision
 from ml.losses import LogitAdjustedCrossentropy
-from ml.train import cosine_lr
+from ml.train import cosine_lr, early_stop_due
 
 
 def test_logit_adjusted_loss_is_cross_entropy_of_log_p_plus_tau_log_prior():
@@ -40,6 +40,13 @@ def test_cosine_schedule_warms_up_then_decays_to_the_minimum():
     assert rates[1] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(rates[1:], rates[2:]))
     assert cosine_lr(10, args) == pytest.approx(1e-6)
+
+
+def test_a_cosine_schedule_runs_to_its_end_where_a_plateau_schedule_stops_early():
+    waited = {"es_wait": 8}
+    assert early_stop_due(waited, SimpleNamespace(schedule="plateau", patience=8))
+    assert not early_stop_due({"es_wait": 7}, SimpleNamespace(schedule="plateau", patience=8))
+    assert not early_stop_due(waited, SimpleNamespace(schedule="cosine", patience=8))
 
 
 def test_decision_with_tau_zero_is_the_argmax_and_tau_one_favours_rare_classes():
