@@ -121,7 +121,7 @@ def _create_temporary(folder: Path) -> tuple[int, str]:
     """Creates a new empty file in `folder` (made if missing) for writing; returns (fd, its path).
 
     Named by process, thread and a counter: the worker writes two files per image, and tempfile's
-    random names and the folder check before each write cost more than the write itself."""
+    random names and a folder check before each write cost about as much as the write itself."""
     while True:
         tmp = f"{folder}/.tmp-{os.getpid()}-{threading.get_ident()}-{next(_temporary_names)}"
         try:
