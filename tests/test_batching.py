@@ -167,6 +167,24 @@ def test_listed_jobs_beyond_the_batch_are_sent_on_their_own(app, client, sent_ta
         assert [db.session.get(Job, i).status for i in ids] == ["succeeded", "succeeded", "queued", "queued"]
 
 
+def test_a_message_whose_lead_another_delivery_took_hands_on_the_rest_of_its_list(
+    app, client, sent_tasks, tasks, predictors, monkeypatch
+):
+    import worker.batching as batching
+
+    resent: list[tuple] = []
+    monkeypatch.setattr(batching, "send", lambda name, *args, queue: resent.append((name, args, queue)) or "id")
+    with_batch_size(app, monkeypatch, 4)
+    (ids,) = upload_folder(app, client, sent_tasks, 4)
+    with_batch_size(app, monkeypatch, 2)
+    assert tasks.analyse(ids[0]) == "succeeded"  # another message for the lead came first: takes ids[1] along
+    assert resent == []
+    assert tasks.analyse(*ids) == "succeeded"  # the folder's message finds its lead done
+    assert resent == [("worker.tasks.analyse", (ids[2],), "predict"), ("worker.tasks.analyse", (ids[3],), "predict")]
+    with app.app_context():
+        assert [db.session.get(Job, i).status for i in ids] == ["succeeded", "succeeded", "queued", "queued"]
+
+
 def test_a_listed_job_taken_by_another_delivery_is_skipped(app, client, sent_tasks, tasks, predictors, monkeypatch):
     with_batch_size(app, monkeypatch, 4)
     (ids,) = upload_folder(app, client, sent_tasks, 4)

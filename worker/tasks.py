@@ -33,7 +33,9 @@ def analyse(self: Task, job_id: int, *listed_job_ids: int) -> str:
     companions = batching.Companions(listed_job_ids)  # claimed with the job, in one transaction
     try:
         work = partial(batching.run_batch, companions=companions)
-        return str(recovery.run_job(job_id, self.request, work, companions.take))
+        status = recovery.run_job(job_id, self.request, work, companions.take)
+        batching.hand_on(companions)
+        return str(status)
     except recovery.RetryLater as later:
         raise self.retry(exc=later.cause, countdown=recovery.retry_countdown(self.request.retries)) from None
 
