@@ -299,21 +299,13 @@ def run_batch(lead: Job, companions: Companions | None = None) -> None:
         else:
             recovery.fail_jobs(companions.ids, f"{exc.__class__.__name__}: {exc}")
         raise
-    send_left_behind(companions.listed)
-
-
-def hand_on(companions: Companions) -> None:
-    """After a delivery that did not win its lead job (another delivery runs it or ran it, or it gave
-    up): the jobs its message listed that no delivery took get messages of their own. Without them
-    they would wait for the sweep (a minute and more), as a folder's last jobs did when another
-    delivery's pass took this message's lead but not all of its list."""
-    if not companions.taken:
-        send_left_behind(companions.listed)
 
 
 def send_left_behind(listed: Sequence[int]) -> None:
-    """Sends a message of its own for each listed job still `queued` (another model version, or more
-    jobs than this worker's batch): the batch message that named it is about to be acknowledged."""
+    """Sends a message of its own for each listed job still `queued`: the batch message that named it
+    is about to be acknowledged, and no delivery took it (another model version, more jobs than this
+    worker's batch, or another delivery won the message's lead job and filled its pass without it).
+    Without one it would wait for the sweep, a minute and more."""
     if not listed:
         return
     left = db.session.scalars(select(Job.id).where(Job.id.in_(list(listed)), Job.status == JobStatus.QUEUED)).all()
@@ -490,4 +482,13 @@ def _store_pass(
     )
 
 
-__all__ = ["Companions", "hand_on", "run_batch", "predict_batch", "warm_up", "bucket_sizes", "padded_size", "pad"]
+__all__ = [
+    "Companions",
+    "run_batch",
+    "send_left_behind",
+    "predict_batch",
+    "warm_up",
+    "bucket_sizes",
+    "padded_size",
+    "pad",
+]

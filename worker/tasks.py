@@ -34,7 +34,7 @@ def analyse(self: Task, job_id: int, *listed_job_ids: int) -> str:
     try:
         work = partial(batching.run_batch, companions=companions)
         status = recovery.run_job(job_id, self.request, work, companions.take)
-        batching.hand_on(companions)
+        batching.send_left_behind(companions.listed)  # whether this delivery ran the batch or not
         return str(status)
     except recovery.RetryLater as later:
         raise self.retry(exc=later.cause, countdown=recovery.retry_countdown(self.request.retries)) from None
