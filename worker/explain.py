@@ -263,6 +263,7 @@ def record_prediction_pass(
         The analyses that have queued SHAP rows (their ids are known once the caller commits).
     """
     method = gradcam_method(bool(current_settings().GRADCAM_PLUS_PLUS))
+    params = {"in_prediction_pass": True, "cmap": gradcam_cmap(), "range": [0.0, 1.0]}  # once: an import per call
     rows = _Rows(analyses)
     for analysis, (index, heatmap, error), overlay in zip(analyses, gradcams, overlays):
         class_name = class_names[index] if error is None else analysis.top_class
@@ -274,14 +275,7 @@ def record_prediction_pass(
             if error is None:
                 t0 = time.perf_counter()
                 try:
-                    store_explanation(
-                        row,
-                        analysis.image,
-                        heatmap,
-                        overlay,
-                        size,
-                        {"in_prediction_pass": True, "cmap": gradcam_cmap(), "range": [0.0, 1.0]},
-                    )
+                    store_explanation(row, analysis.image, heatmap, overlay, size, params)
                     row.timings = {"store_ms": round((time.perf_counter() - t0) * 1000, 1)}
                 except SoftTimeLimitExceeded:
                     raise
