@@ -168,7 +168,14 @@ class ImageBatches(keras.utils.PyDataset):
         return mixup(x, labels, rng, self.recipe)
 
     def on_epoch_end(self) -> None:
-        self.epoch += 1
+        self.start_at(self.epoch + 1)
+
+    def start_at(self, epoch: int) -> None:
+        """The batches from now on are those of `epoch` (0-based, Keras' epoch index). A resumed run
+        calls it with the epoch it resumes at, and draws the order and augmentations an uninterrupted
+        run draws there: a new dataset would otherwise replay epoch 0's at every resume, and a run
+        resumed many times would see the same augmented images again and again."""
+        self.epoch = epoch
         self.order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:

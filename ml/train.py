@@ -768,10 +768,12 @@ def train(args: argparse.Namespace) -> Path:
         else:
             state.update(stage=stage.name, lr=lr, lr_wait=0)
         controller.early_stopping = stage is stages[-1]
+        first_epoch = max(begin, state["epoch"])  # 0-based, as Keras counts
+        train_ds.start_at(first_epoch)
         log.info(
             "stage %s: epochs %d-%d, lr %.3g, %d trainable weights of %d",
             stage.name,
-            max(begin, state["epoch"]) + 1,
+            first_epoch + 1,
             stage.end_epoch,
             lr,
             len(model.trainable_weights),
@@ -780,7 +782,7 @@ def train(args: argparse.Namespace) -> Path:
         model.fit(
             train_ds,
             epochs=stage.end_epoch,
-            initial_epoch=max(begin, state["epoch"]),
+            initial_epoch=first_epoch,
             shuffle=False,  # ImageBatches shuffles (or samples) itself
             callbacks=callbacks,
             verbose=verbose,

@@ -231,6 +231,22 @@ def test_training_batches_are_cropped_to_the_input_size_and_stay_in_pixel_range(
     assert not np.allclose(x, resized)
 
 
+def test_a_dataset_started_at_an_epoch_draws_what_an_uninterrupted_one_draws_there():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    labels = np.arange(12) % 7
+    uninterrupted = A.ImageBatches(images, labels, 4, (32, 32), training=True, recipe=A.AugmentRecipe())
+    first_epoch = uninterrupted[0]
+    for _ in range(3):
+        uninterrupted.on_epoch_end()
+    resumed = A.ImageBatches(images, labels, 4, (32, 32), training=True, recipe=A.AugmentRecipe())
+    resumed.start_at(3)
+    for index in range(len(resumed)):
+        for ours, theirs in zip(resumed[index], uninterrupted[index]):
+            np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(resumed[0][0], first_epoch[0])
+
+
 def test_no_augmentation_is_the_identity_besides_the_resize():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

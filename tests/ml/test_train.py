@@ -129,6 +129,34 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
     assert "resuming run" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_resumed_run_draws_the_batches_of_its_epoch_not_epoch_0s_again(trained_run, tmp_path, monkeypatch):
+    """Epoch 2 of a resumed run trains on the shuffle and augmentations of epoch 2 (index 1), as an
+    uninterrupted run would, never on a replay of epoch 1's."""
+    import shutil
+
+    from ml import augment
+    from ml.train import train
+
+    drawn: list[int] = []  # the epoch of each training batch, in the order they are drawn
+    original = augment.ImageBatches.__getitem__
+
+    def recording(self, index):
+        if self.training:
+            drawn.append(self.epoch)
+        return original(self, index)
+
+    monkeypatch.setattr(augment.ImageBatches, "__getitem__", recording)
+    run = tmp_path / "resumed"
+    shutil.copytree(trained_run, run)
+    data = json.loads((run / "args.json").read_text())["data"]
+    train(
+        parse_args(["--out", str(run), "--resume", "--epochs", "2", "--no-test-eval", "--verbose", "0", "--data", data])
+    )
+    # tf.data may fetch ahead into an epoch that never runs (2), never back into epoch 0's batches.
+    assert drawn[0] == 1 and 0 not in drawn
+
+
 def test_resume_from_the_compact_carry_over_alone(trained_run, tmp_path):
     """What a later session on a fresh machine has: resume/ (float16, committed), no checkpoints/."""
     import shutil
