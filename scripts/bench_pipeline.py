@@ -783,7 +783,7 @@ def main(argv=None) -> int:
                     (logs / f"{name}.log").write_bytes((folder / f"{name}.log").read_bytes())
 
     # The model's speed here moves with the machine's neighbours: measured again once the portal is
-    # gone, it shows how far the ceiling moved while the pipeline ran (the ratio keeps the first).
+    # gone, it shows how far the ceiling moved over the run (each folder's ratio uses its own ceiling).
     log("the worker's layout again, after the portal stopped")
     raw_after = sum(layout_raw(env, processes, threads, args.seconds))
     batches = [size for run in runs for size in run["batches"]]
