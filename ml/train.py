@@ -54,7 +54,7 @@ from ml.artifact import (
     write_manifest,
 )
 from ml.augment import ImageBatches
-from ml.decision import class_prior, fit_decision
+from ml.decision import Decision, class_prior, fit_decision
 from ml.losses import LogitAdjustedCrossentropy
 from ml.model import ModelConfig, build_model, shift_head_bias
 
@@ -663,20 +663,52 @@ def prepare_split(args: argparse.Namespace, run_dir: Path) -> pandas.DataFrame:
     return table
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Runs (or resumes) training and finalises the run folder as a model artifact.
+@dataclass
+class TrainingData:
+    """The run's split table, and the images and labels it trains and validates on."""
 
-    Args:
-        args: parsed arguments (see `build_parser`).
+    table: pandas.DataFrame
+    x_train: np.ndarray  # at the augmentation's source size (random crops are cut from it)
+    y_train: np.ndarray
+    x_val: np.ndarray  # at the training size
+    y_val: np.ndarray
 
-    Returns:
-        The run folder.
-    """
+    @property
+    def prior(self) -> tuple[float, ...]:
+        """The class frequencies of the training images."""
+        return class_prior(self.y_train, len(D.CLASS_NAMES))
+
+
+def load_training_data(args: argparse.Namespace, run_dir: Path) -> TrainingData:
+    """The run's split (made and saved on the first start) and its training and validation images."""
+    table = prepare_split(args, run_dir)
+    train_rows, val_rows = table[table["split"] == "train"], table[table["split"] == "val"]
+    size = tuple(args.img_size)
+    return TrainingData(
+        table,
+        x_train=D.load_images(train_rows["path"], A.source_size(size)),
+        y_train=D.labels_to_indices(train_rows["dx"]),
+        x_val=D.load_images(val_rows["path"], size),
+        y_val=D.labels_to_indices(val_rows["dx"]),
+    )
+
+
+@dataclass
+class StartingPoint:
+    """Where training starts: the state, whether weights were restored, and from which full
+    checkpoint (None for a fresh start or the float16 carry-over, whose optimizer restarts)."""
+
+    state: dict
+    restored: bool = False
+    checkpoint: Path | None = None
+
+
+def open_run(args: argparse.Namespace) -> tuple[Path, RunCheckpoints]:
+    """Creates (or reopens, with --resume) the run folder and records the run's arguments."""
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     checkpoints = RunCheckpoints(run_dir, args.keep_checkpoints)
-    latest = checkpoints.latest() if args.resume else None
     if not args.resume and (checkpoints.latest() or (run_dir / "manifest.json").exists()):
         raise ValueError(f"Run folder {str(run_dir)!r} already holds a run; pass --resume or choose another --out.")
     if not args.resume:
@@ -685,40 +717,18 @@ def train(args: argparse.Namespace) -> Path:
     elif args.epochs != json.loads((run_dir / "args.json").read_text())["epochs"]:
         write_json(run_dir / "args.json", json.loads((run_dir / "args.json").read_text()) | {"epochs": args.epochs})
     log.info("%s run in %s: %s", "resuming" if args.resume else "starting", run_dir, " ".join(sys.argv))
+    return run_dir, checkpoints
 
-    policy = configure_hardware()
-    log.info("Keras backend %s, precision policy %s", keras.backend.backend(), policy)
-    table = prepare_split(args, run_dir)
-    train_rows, val_rows = table[table["split"] == "train"], table[table["split"] == "val"]
-    size = tuple(args.img_size)
-    x_train = D.load_images(train_rows["path"], A.source_size(size))
-    y_train = D.labels_to_indices(train_rows["dx"])
-    x_val = D.load_images(val_rows["path"], size)
-    y_val = D.labels_to_indices(val_rows["dx"])
-    weights = D.class_weights(y_train, power=args.class_weight_power)
-    log.info(
-        "class weights (power %s): %s",
-        args.class_weight_power,
-        {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)},
-    )
 
-    recipe = A.NO_AUGMENTATION if args.no_augment else A.RECIPES[args.augment]
-    train_ds = A.ImageBatches(
-        x_train, y_train, args.batch_size, size, training=True, recipe=recipe, balance=args.balance, seed=args.seed
-    )
-    val_ds = A.ImageBatches(x_val, y_val, args.batch_size, size)
-
-    model = build_model(model_config(args))
-    loss_fn = make_loss(args, weights, class_prior=np.bincount(y_train, minlength=len(D.CLASS_NAMES)))
-    stages = plan_stages(args)
-    if args.weights in ("none", "", None) and not args.init_from:
-        log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
-    state = _initial_state(stages[0], args)
-    restored = False
+def restore_starting_point(
+    model: keras.Model, args: argparse.Namespace, run_dir: Path, checkpoints: RunCheckpoints, first: Stage
+) -> StartingPoint:
+    """Loads the weights training starts from: the newest full checkpoint, else the float16
+    carry-over (with --resume), else --init-from's warm start, else none (a fresh start)."""
+    latest = checkpoints.latest() if args.resume else None
     if latest is not None:
         state = checkpoints.read_state(latest)
         checkpoints.restore_model(model, latest)
-        restored = True
         log.info(
             "restored %s (epoch %d, best %s=%s at epoch %s)",
             latest.name,
@@ -727,83 +737,162 @@ def train(args: argparse.Namespace) -> Path:
             state["best"],
             state["best_epoch"],
         )
-    elif args.resume and (carried := unpack_carryover(run_dir, model)) is not None:
-        state, restored = carried, True
+        return StartingPoint(state, restored=True, checkpoint=latest)
+    if args.resume and (state := unpack_carryover(run_dir, model)) is not None:
         log.info(
             "restored the float16 carry-over %s/ (epoch %d); the optimizer's moments restart", CARRYOVER, state["epoch"]
         )
-    elif args.init_from:
+        return StartingPoint(state, restored=True)
+    if args.init_from:
         load_model_weights(model, args.init_from)
         log.info("warm start from %s", args.init_from)
+    elif args.weights in ("none", "", None):
+        log.info("weights=none: training from scratch in one stage (a frozen random backbone would learn nothing)")
+    return StartingPoint(_initial_state(first, args))
 
+
+def train(args: argparse.Namespace) -> Path:
+    """Runs (or resumes) training and finalises the run folder as a model artifact.
+
+    Args:
+        args: parsed arguments (see `build_parser`).
+
+    Returns:
+        The run folder (or --snapshot's folder).
+    """
+    run_dir, checkpoints = open_run(args)
+    log.info("Keras backend %s, precision policy %s", keras.backend.backend(), configure_hardware())
+    data = load_training_data(args, run_dir)
+    model = build_model(model_config(args))
+    stages = plan_stages(args)
+    start = restore_starting_point(model, args, run_dir, checkpoints, stages[0])
     if args.snapshot:
-        if not restored:
+        if not start.restored:
             raise ValueError(f"Run folder {str(run_dir)!r} has no checkpoint or carry-over to take a snapshot of.")
-        finalize_run(args, run_dir, model, table, x_val, y_val, state, out_dir=Path(args.snapshot))
+        finalize_run(args, run_dir, model, data, start.state, out_dir=Path(args.snapshot))
         return Path(args.snapshot)
-    controller = TrainingController(run_dir, checkpoints, state, args)
-    prior = class_prior(y_train, len(D.CLASS_NAMES))
-    shift = args.la_tau * np.log(np.clip(prior, 1e-8, 1.0)) if args.loss == "logit_adjusted" else np.zeros(len(prior))
-    callbacks = [ValidationMetrics(val_ds, y_val, loss_fn, prior, shift), controller]
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    start = 0
-    for stage in stages:
-        begin, start = start, stage.end_epoch
-        if state.get("stopped_early") or state["epoch"] >= stage.end_epoch:
-            continue
-        resuming_stage = restored and state["stage"] == stage.name and state["epoch"] > begin
-        set_trainable(model, stage.trainable, args.unfreeze_from_block)
-        lr = state["lr"] if resuming_stage else stage.lr
-        model.compile(
-            optimizer=make_optimizer(args, lr),
-            loss=loss_fn,
-            metrics=["accuracy"],
-            jit_compile=_jit(args),
-            run_eagerly=bool(getattr(args, "run_eagerly", False)),
-        )
-        if resuming_stage:
-            if latest is not None:
-                checkpoints.restore_optimizer(model, latest)
-            model.optimizer.learning_rate = lr
-        else:
-            state.update(stage=stage.name, lr=lr, lr_wait=0)
-        controller.early_stopping = stage is stages[-1]
-        first_epoch = max(begin, state["epoch"])  # 0-based, as Keras counts
-        train_ds.start_at(first_epoch)
-        log.info(
-            "stage %s: epochs %d-%d, lr %.3g, %d trainable weights of %d",
-            stage.name,
-            first_epoch + 1,
-            stage.end_epoch,
-            lr,
-            len(model.trainable_weights),
-            len(model.weights),
-        )
-        model.fit(
-            train_ds,
-            epochs=stage.end_epoch,
-            initial_epoch=first_epoch,
-            shuffle=False,  # ImageBatches shuffles (or samples) itself
-            callbacks=callbacks,
-            verbose=verbose,
-        )
-        if state.get("stopped_early"):
-            log.info("early stopping: no improvement of %s for %d epochs", controller.monitor, args.patience)
-        if controller.out_of_time:
-            break
+    controller = TrainingController(run_dir, checkpoints, start.state, args)
+    fit_stages(model, stages, data, start, controller, args)
     if controller.out_of_time:
         log.info("stopped after %.1f minutes (--max-minutes); resume the run to go on", args.max_minutes)
         return run_dir
-    state["finished_training"] = True
-    write_json(run_dir / "state.json", state)
+    start.state["finished_training"] = True
+    write_json(run_dir / "state.json", start.state)
     if keras.backend.backend() != "tensorflow":
         log.info(
             "training done on the %s backend: finalise on a TensorFlow machine with --snapshot DIR",
             keras.backend.backend(),
         )
         return run_dir
-    finalize_run(args, run_dir, model, table, x_val, y_val, state)
+    finalize_run(args, run_dir, model, data, start.state)
     return run_dir
+
+
+def fit_stages(
+    model: keras.Model,
+    stages: list[Stage],
+    data: TrainingData,
+    start: StartingPoint,
+    controller: TrainingController,
+    args: argparse.Namespace,
+) -> None:
+    """Trains the stages not finished yet, each from the epoch the run stands at."""
+    train_ds = training_batches(data, args)
+    loss_fn = training_loss(data, args)
+    validation = validation_metrics(data, loss_fn, args)
+    state = start.state
+    begins = [0] + [stage.end_epoch for stage in stages[:-1]]
+    for stage, begin in zip(stages, begins):
+        if state.get("stopped_early") or state["epoch"] >= stage.end_epoch:
+            continue
+        first_epoch = compile_stage(model, stage, begin, start, loss_fn, args)
+        controller.early_stopping = stage is stages[-1]
+        train_ds.start_at(first_epoch)  # the shuffle and augmentations of this epoch, not epoch 0's again
+        model.fit(
+            train_ds,
+            epochs=stage.end_epoch,
+            initial_epoch=first_epoch,
+            shuffle=False,  # ImageBatches shuffles (or samples) itself
+            callbacks=[validation, controller],
+            verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
+        )
+        if state.get("stopped_early"):
+            log.info("early stopping: no improvement of %s for %d epochs", controller.monitor, args.patience)
+        if controller.out_of_time:
+            return
+
+
+def training_batches(data: TrainingData, args: argparse.Namespace) -> ImageBatches:
+    """The training images, shuffled (or class-balanced) and augmented by --augment's recipe."""
+    return ImageBatches(
+        data.x_train,
+        data.y_train,
+        args.batch_size,
+        tuple(args.img_size),
+        training=True,
+        recipe=A.NO_AUGMENTATION if args.no_augment else A.RECIPES[args.augment],
+        balance=args.balance,
+        seed=args.seed,
+    )
+
+
+def training_loss(data: TrainingData, args: argparse.Namespace):
+    """--loss with its class weights (inverse frequency to --class-weight-power) or the class prior."""
+    weights = D.class_weights(data.y_train, power=args.class_weight_power)
+    log.info(
+        "class weights (power %s): %s",
+        args.class_weight_power,
+        {c: round(float(w), 3) for c, w in zip(D.CLASS_NAMES, weights)},
+    )
+    return make_loss(args, weights, class_prior=np.bincount(data.y_train, minlength=len(D.CLASS_NAMES)))
+
+
+def validation_metrics(data: TrainingData, loss_fn, args: argparse.Namespace) -> ValidationMetrics:
+    """The callback that scores every epoch on validation, the shipped decision's balanced accuracy included."""
+    batches = ImageBatches(data.x_val, data.y_val, args.batch_size, tuple(args.img_size))
+    return ValidationMetrics(batches, data.y_val, loss_fn, data.prior, prior_shift(args, data.prior))
+
+
+def prior_shift(args: argparse.Namespace, prior: tuple[float, ...]) -> np.ndarray:
+    """What a logit-adjusted run's outputs lack of the training prior (tau * log prior); zeros otherwise."""
+    if args.loss != "logit_adjusted":
+        return np.zeros(len(prior))
+    return args.la_tau * np.log(np.clip(prior, 1e-8, 1.0))
+
+
+def compile_stage(
+    model: keras.Model, stage: Stage, begin: int, start: StartingPoint, loss_fn, args: argparse.Namespace
+) -> int:
+    """Sets the stage's trainable layers and optimizer (its saved moments when the run resumes
+    inside this stage from a full checkpoint); returns the stage's first epoch (0-based, as Keras counts)."""
+    state = start.state
+    resuming_stage = start.restored and state["stage"] == stage.name and state["epoch"] > begin
+    set_trainable(model, stage.trainable, args.unfreeze_from_block)
+    lr = state["lr"] if resuming_stage else stage.lr
+    model.compile(
+        optimizer=make_optimizer(args, lr),
+        loss=loss_fn,
+        metrics=["accuracy"],
+        jit_compile=_jit(args),
+        run_eagerly=bool(getattr(args, "run_eagerly", False)),
+    )
+    if resuming_stage:
+        if start.checkpoint is not None:
+            RunCheckpoints.restore_optimizer(model, start.checkpoint)
+        model.optimizer.learning_rate = lr
+    else:
+        state.update(stage=stage.name, lr=lr, lr_wait=0)
+    first_epoch = max(begin, state["epoch"])
+    log.info(
+        "stage %s: epochs %d-%d, lr %.3g, %d trainable weights of %d",
+        stage.name,
+        first_epoch + 1,
+        stage.end_epoch,
+        lr,
+        len(model.trainable_weights),
+        len(model.weights),
+    )
+    return first_epoch
 
 
 def _initial_state(stage: Stage, args) -> dict:
@@ -836,9 +925,7 @@ def finalize_run(
     args: argparse.Namespace,
     run_dir: Path,
     model: keras.Model,
-    table: pandas.DataFrame,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    data: TrainingData,
     state: dict,
     out_dir: Path | None = None,
 ) -> dict:
@@ -846,35 +933,58 @@ def finalize_run(
 
     The artifact is the run folder itself, or `out_dir` (a snapshot of a run that goes on).
     """
+    out_dir = out_dir or run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir != run_dir:
+        shutil.copyfile(run_dir / "split.csv", out_dir / "split.csv")
+    load_best_weights(model, run_dir, args, data.prior)
+    save_model_weights(model, out_dir / WEIGHTS)
+    fitted = fit_on_validation(model, data, args)
+    write_json(out_dir / "calibration.json", {**fitted.temperature, "thresholds": fitted.thresholds})
+    manifest = run_manifest(args, data.table, state, fitted)
+    write_manifest(out_dir, manifest)
+    if not args.no_test_eval and (data.table["split"] == "test").any():
+        manifest["metrics"]["test"] = _summary(evaluate_test(model, manifest, out_dir, args))
+        write_manifest(out_dir, manifest)
+    log.info("%s is a model artifact (manifest.json + %s)", out_dir, WEIGHTS)
+    return manifest
+
+
+def load_best_weights(model: keras.Model, run_dir: Path, args: argparse.Namespace, prior: tuple[float, ...]) -> None:
+    """The best epoch's weights, with the training prior folded back into a logit-adjusted head."""
     best = run_dir / "best.weights.h5"
     if best.is_file():
         load_model_weights(model, best)
     else:  # no epoch had a finite monitor value (tiny data): ship the last weights
         save_model_weights(model, best)
-    y_train = D.labels_to_indices(table[table["split"] == "train"]["dx"])
-    prior = class_prior(y_train, len(D.CLASS_NAMES))
     if args.loss == "logit_adjusted":  # the artifact outputs posteriors under the training frequencies
-        shift_head_bias(model, args.la_tau * np.log(np.clip(prior, 1e-8, 1.0)))
-    out_dir = out_dir or run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if out_dir != run_dir:
-        shutil.copyfile(run_dir / "split.csv", out_dir / "split.csv")
-    save_model_weights(model, out_dir / WEIGHTS)
-    probs = model.predict(ImageBatches(x_val, y_val, args.batch_size, tuple(args.img_size)), verbose=0)
-    temperature = C.fit_temperature(y_val, probs)
+        shift_head_bias(model, prior_shift(args, prior))
+
+
+@dataclass
+class ValidationFit:
+    """What is chosen on the validation split, and the validation metrics of the decision it gives."""
+
+    temperature: dict  # C.fit_temperature's result
+    thresholds: dict
+    decision: Decision
+    tau_scores: dict[float, float]  # validation balanced accuracy of every tau tried
+    metrics: dict
+
+
+def fit_on_validation(model: keras.Model, data: TrainingData, args: argparse.Namespace) -> ValidationFit:
+    """Temperature, thresholds and the decision's tau, each fitted on the validation split."""
+    probs = model.predict(ImageBatches(data.x_val, data.y_val, args.batch_size, tuple(args.img_size)), verbose=0)
+    temperature = C.fit_temperature(data.y_val, probs)
     calibrated = C.apply_temperature(probs, temperature["temperature"])
-    thresholds = _fit_thresholds_or_default(y_val, calibrated, args)
-    decision, tau_scores = fit_decision(y_val, calibrated, prior)
+    thresholds = _fit_thresholds_or_default(data.y_val, calibrated, args)
+    decision, tau_scores = fit_decision(data.y_val, calibrated, data.prior)
     log.info(
         "decision: tau %.2f, validation balanced accuracy %.3f (plain argmax %.3f)",
         decision.tau,
         tau_scores[decision.tau],
         tau_scores[0.0],
     )
-    val_metrics = M.classification_metrics(y_val, calibrated, decide=decision.choose)
-    val_metrics["ece"] = M.expected_calibration_error(y_val, calibrated)
-    val_metrics["ece_uncalibrated"] = M.expected_calibration_error(y_val, probs)
-    write_json(out_dir / "calibration.json", {**temperature, "thresholds": thresholds})
     log.info(
         "temperature %.3f (val NLL %.4f -> %.4f); thresholds %s",
         temperature["temperature"],
@@ -882,17 +992,23 @@ def finalize_run(
         temperature["nll_after"],
         thresholds,
     )
+    metrics = M.classification_metrics(data.y_val, calibrated, decide=decision.choose)
+    metrics["ece"] = M.expected_calibration_error(data.y_val, calibrated)
+    metrics["ece_uncalibrated"] = M.expected_calibration_error(data.y_val, probs)
+    return ValidationFit(temperature, thresholds, decision, tau_scores, metrics)
 
-    train_rows = table[table["split"] == "train"]
-    manifest = build_manifest(
+
+def run_manifest(args: argparse.Namespace, table: pandas.DataFrame, state: dict, fitted: ValidationFit) -> dict:
+    """The artifact's manifest: the model's configuration, data, split, validation fit and training."""
+    return build_manifest(
         model_config(args),
         name=args.model_name,
         version=args.model_version or datetime.now(UTC).strftime("%Y.%m.%d"),
         trained=True,
         trained_on=_describe_data(args, table),
-        temperature=temperature["temperature"],
-        thresholds={"malignant": thresholds["malignant"], "melanoma": thresholds["melanoma"]},
-        data_fingerprint=D.data_fingerprint(train_rows),
+        temperature=fitted.temperature["temperature"],
+        thresholds={"malignant": fitted.thresholds["malignant"], "melanoma": fitted.thresholds["melanoma"]},
+        data_fingerprint=D.data_fingerprint(table[table["split"] == "train"]),
         split={
             "seed": args.seed,
             "fractions": list(args.split),
@@ -900,11 +1016,11 @@ def finalize_run(
             "stratified_by": "dx",
             **D.split_summary(table),
         },
-        metrics={"validation": _summary(val_metrics)},
+        metrics={"validation": _summary(fitted.metrics)},
         extra={
-            "decision": decision.to_manifest(),
-            "decision_fit": {"split": "val", "metric": "balanced_accuracy", "by_tau": tau_scores},
-            "threshold_rules": thresholds.get("rules"),
+            "decision": fitted.decision.to_manifest(),
+            "decision_fit": {"split": "val", "metric": "balanced_accuracy", "by_tau": fitted.tau_scores},
+            "threshold_rules": fitted.thresholds.get("rules"),
             "training": {
                 "epochs_run": state["epoch"],
                 "best_epoch": state["best_epoch"],
@@ -918,21 +1034,17 @@ def finalize_run(
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-    write_manifest(out_dir, manifest)
-    if not args.no_test_eval and (table["split"] == "test").any():
-        # The in-memory model holds exactly the weights just written: no need to rebuild it.
-        # Serving and evaluation use TensorFlow; training itself runs on any Keras backend.
-        from ml.evaluate import evaluate
-        from ml.predictor import Predictor
 
-        predictor = Predictor(model, manifest, batch_size=args.batch_size)
-        test = evaluate(
-            out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor
-        )
-        manifest["metrics"]["test"] = _summary(test)
-        write_manifest(out_dir, manifest)
-    log.info("%s is a model artifact (manifest.json + %s)", out_dir, WEIGHTS)
-    return manifest
+
+def evaluate_test(model: keras.Model, manifest: dict, out_dir: Path, args: argparse.Namespace) -> dict:
+    """The test split's metrics of the artifact just written (into out_dir/eval_test)."""
+    # The in-memory model holds exactly the weights just written: no need to rebuild it.
+    # Serving and evaluation use TensorFlow; training itself runs on any Keras backend.
+    from ml.evaluate import evaluate
+    from ml.predictor import Predictor
+
+    predictor = Predictor(model, manifest, batch_size=args.batch_size)
+    return evaluate(out_dir, args.data, out_dir / "eval_test", split="test", n_boot=args.bootstrap, predictor=predictor)
 
 
 def _fit_thresholds_or_default(y_val, calibrated, args) -> dict:
