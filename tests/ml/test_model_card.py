@@ -26,11 +26,17 @@ def test_the_card_states_the_evaluation_figures_and_which_targets_were_met(artif
     assert "Research use only" in card and "not a diagnosis" in card
     assert f"balanced accuracy: {metrics['balanced_accuracy_ci']['estimate']:.3f}" in card
     assert f"{metrics['macro_auc_ci']['estimate']:.3f}" in card
+    unmet = []
     for key, (goal, sign) in TARGETS.items():
         value = target_value(metrics, key)
         met = value >= goal if sign == ">=" else value <= goal
         row = next(line for line in card.splitlines() if line.startswith(f"| {key.replace('_', ' ')} |"))
         assert ("**met**" in row) == met and f"{value:.3f}" in row
+        unmet += [] if met else [key.replace("_", " ")]
+    status = next((line for line in card.splitlines() if line.startswith("**Not met:")), None)
+    assert (status is not None) == bool(unmet)
+    if unmet:  # the tiny test model misses targets: the card names them and says training goes on
+        assert status.startswith(f"**Not met: {', '.join(unmet)}.**") and "carry-over" in status
     assert "python -m ml.train --data X --out Y" in card
     assert manifest["decision"]["description"] in card  # how the top class is chosen
     assert "`img_size=" in card  # the run's arguments
@@ -39,6 +45,14 @@ def test_the_card_states_the_evaluation_figures_and_which_targets_were_met(artif
     validation = manifest["metrics"]["validation"]["balanced_accuracy"]
     optimistic = f"its balanced accuracy ({validation:.3f}) is optimistic" in card
     assert optimistic == (validation > metrics["balanced_accuracy"])
+
+
+def test_a_version_that_meets_every_target_says_nothing_of_targets_out_of_reach():
+    from ml.model_card import target_status
+
+    met = {"balanced_accuracy": 0.70, "macro_auc": 0.95, "ece": 0.02, "melanoma": {"recall_at_decision": 0.66}}
+    assert target_status(met) == []
+    assert target_status({**met, "ece": 0.08})[0].startswith("**Not met: ece.**")
 
 
 def test_the_licence_file_names_cc_by_nc_and_the_citation(artifact):
