@@ -76,7 +76,7 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m ml.model_card --artifact models/defau
   --compare "runs/ham10000-b3cbam-v4=as v3, cosine from 1e-4" \\
   --compare "runs/ham10000-b3cbam-v5-mild=warm start; focal loss with class weights (as the first run); mild augmentation (crops of 80-100 % of the area, flips, brightness and contrast +-10 %, no mixup); AdamW, cosine from 1e-4" \\
   --command "# the network: the run below (arguments above), warm-started from the weights of $previous" \\
-  --command "python -m ml.train --out $RUN --resume --data $DATA   # once per session, from the committed carry-over" \\
+  --command "python -m ml.train --out $RUN --resume --no-test-eval --data $DATA   # once per session, from the committed carry-over" \\
   --command "# this version (bash scripts/ship_model.sh $RUN $VERSION runs these): the run's best epoch by validation," \\
   --command "# calibrated and decided on validation, the test split evaluated once, the heads refitted on the new network" \\
   --command "python -m ml.train --out $RUN --snapshot $STAGE --model-version $VERSION --no-test-eval --data $DATA" \\
