@@ -14,7 +14,8 @@ from ml.calibration import calibrated_softmax
 from ml.decision import Decision
 
 SEXES = ("male", "female")
-# HAM10000's `localization` vocabulary without "unknown" (a missing site is its own feature).
+# HAM10000's `localization` vocabulary without "unknown" (a missing site is its own feature); the web
+# validates against its own copy (webapp.models.SITES), kept equal by tests/test_boundaries.py.
 SITES = (
     "abdomen",
     "acral",

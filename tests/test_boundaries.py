@@ -45,3 +45,17 @@ def test_webapp_sources_do_not_import_ml_or_worker():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in HEAVY, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_dataset_vocabularies_on_both_sides_of_the_boundary_are_the_same():
+    """webapp may not import ml, so each holds HAM10000's vocabularies: the web validates and stores
+    what ml encodes for the metadata head and names in its cards. A site the web accepts that ml does
+    not know would silently reach the head as "site missing"."""
+    from ml.metadata import SEXES as ML_SEXES
+    from ml.metadata import SITES as ML_SITES
+    from ml.model import CLASS_LONG_NAMES, CLASS_NAMES
+    from webapp.models import DX_CLASSES, DX_LONG_NAMES, SEXES, SITES
+
+    assert tuple(s for s in SITES if s != "unknown") == ML_SITES  # ml: "unknown" is the missing-site feature
+    assert tuple(s for s in SEXES if s != "unknown") == ML_SEXES
+    assert DX_CLASSES == CLASS_NAMES and DX_LONG_NAMES == CLASS_LONG_NAMES

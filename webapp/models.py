@@ -36,6 +36,8 @@ from .states import AnalysisStatus, ExplanationMethod, ExplanationStatus, JobKin
 
 ROLES = ("admin", "researcher", "reviewer")
 UPLOAD_ROLES = ("admin", "researcher")
+# HAM10000's vocabularies, as ml.metadata and ml.model hold them too (webapp may not import ml):
+# tests/test_boundaries.py keeps the two sides equal.
 SEXES = ("male", "female", "unknown")
 # The HAM10000 `localization` vocabulary.
 SITES = (
