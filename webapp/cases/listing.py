@@ -1,9 +1,9 @@
 """The case list: filters, keyset pagination, and page summaries without N+1 queries.
 
 One query fetches the page (LIMIT per_page + 1, ordered by an indexed key, continued from a cursor
-instead of an OFFSET), one counts the matches, and three fetch what the page's rows show (their
-analyses, jobs and reviews) for all of the page's case ids at once. Filters on related tables are
-`cases.id IN (SELECT case_id ...)` subqueries that start from an indexed column (analyses.top_class,
+instead of an OFFSET), one counts the matches, and four fetch what the page's rows show (their
+images and analyses, jobs, reviews and uploaders) for all of the page's case ids at once. Filters on
+related tables are `cases.id IN (SELECT case_id ...)` subqueries that start from an indexed column (analyses.top_class,
 jobs.status, reviews.reviewer_id, batch_items.batch_id), so they stay fast at 100,000 cases.
 """
 
@@ -365,14 +365,21 @@ def consensus(diagnoses: list[str]) -> str | None:
     return ranked[0][0]
 
 
-def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews: bool = False) -> list[dict[str, Any]]:
-    """Row dicts for `cases`, with three queries in all (analyses, jobs, reviews), whatever their number."""
+@dataclass
+class _PageRelations:
+    """What the rows of a page show beyond its cases, fetched for all of its case ids at once."""
+
+    analyses: dict[int, list[tuple[Analysis, ModelVersion]]]  # succeeded analyses per case, oldest first
+    filenames: dict[int, str | None]  # of each case's first image
+    thumbnails: dict[int, str]
+    jobs: dict[int, dict[tuple[int, str], str]]  # per case: (image id, kind) -> the newest job's status
+    reviews: dict[int, list[tuple[Review, str]]]  # per case: (review, reviewer's email), oldest first
+    uploaders: dict[int, str]  # user id -> email
+
+
+def _page_relations(cases: list[Case]) -> _PageRelations:
     ids = [c.id for c in cases]
-    if not ids:
-        return []
-    analyses: dict[int, list[tuple[Analysis, ModelVersion]]] = {}
-    filenames: dict[int, str | None] = {}
-    thumbnails: dict[int, str] = {}
+    relations = _PageRelations({}, {}, {}, {}, {}, {})
     for case_id, filename, key, analysis, mv in db.session.execute(
         select(Image.case_id, Image.original_filename, Image.storage_key, Analysis, ModelVersion)
         .outerjoin(Analysis, and_(Analysis.image_id == Image.id, Analysis.status == AnalysisStatus.SUCCEEDED))
@@ -380,79 +387,85 @@ def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews
         .where(Image.case_id.in_(ids))
         .order_by(Image.id, Analysis.id)
     ):
-        filenames.setdefault(case_id, filename)
-        thumbnails.setdefault(case_id, f"/files/{key}")
+        relations.filenames.setdefault(case_id, filename)
+        relations.thumbnails.setdefault(case_id, f"/files/{key}")
         if analysis is not None:
-            analyses.setdefault(case_id, []).append((analysis, mv))
-    jobs: dict[int, dict[tuple[int, str], str]] = {}
+            relations.analyses.setdefault(case_id, []).append((analysis, mv))
     for case_id, image_id, kind, status in db.session.execute(
         select(Image.case_id, Job.image_id, Job.kind, Job.status)
         .join(Job, Job.image_id == Image.id)
         .where(Image.case_id.in_(ids))
         .order_by(Job.id)
     ):
-        jobs.setdefault(case_id, {})[(image_id, kind)] = status
-    reviews: dict[int, list[tuple[Review, str]]] = {}
+        relations.jobs.setdefault(case_id, {})[(image_id, kind)] = status
     for review, email in db.session.execute(
         select(Review, User.email)
         .join(User, User.id == Review.reviewer_id)
         .where(Review.case_id.in_(ids))
         .order_by(Review.id)
     ):
-        reviews.setdefault(review.case_id, []).append((review, email))
-    uploader_emails = (
-        dict(
-            db.session.execute(
-                select(User.id, User.email).where(User.id.in_({c.uploader_id for c in cases if c.uploader_id}))
-            ).all()
+        relations.reviews.setdefault(review.case_id, []).append((review, email))
+    uploader_ids = {c.uploader_id for c in cases if c.uploader_id}
+    if uploader_ids:
+        relations.uploaders = dict(
+            db.session.execute(select(User.id, User.email).where(User.id.in_(uploader_ids))).all()
         )
-        if any(c.uploader_id for c in cases)
-        else {}
-    )
+    return relations
 
-    blinded = blind.blinded_cases(user, ids)
+
+def summarise(cases: list[Case], f: CaseFilters, user: User | None, with_reviews: bool = False) -> list[dict[str, Any]]:
+    """Row dicts for `cases`, with four queries in all (images and analyses, jobs, reviews, uploaders),
+    whatever their number."""
+    if not cases:
+        return []
+    relations = _page_relations(cases)
+    blinded = blind.blinded_cases(user, [c.id for c in cases])
     rows = []
     for case in cases:
-        preds = [_prediction(a, mv) for a, mv in analyses.get(case.id, [])]
-        chosen = [p for p in preds if p["model_version_id"] == f.model_version] if f.model_version else preds
-        if f.predicted:  # show the prediction that the filter matched
-            chosen = [p for p in chosen if p["top_class"] == f.predicted] or chosen
-        statuses = set(jobs.get(case.id, {}).values())
-        status = next((s for s in STATUS_ORDER if s in statuses), JobStatus.QUEUED)
-        case_reviews = reviews.get(case.id, [])
-        row = {
-            "id": case.id,
-            "url": f"/api/v1/cases/{case.id}",
-            "created": iso(case.created_at),
-            "uploader": uploader_emails.get(case.uploader_id),
-            "batch_id": case.batch_id,
-            "filename": filenames.get(case.id),
-            "image_url": thumbnails.get(case.id),
-            "patient_ref": case.patient_ref,
-            "lesion_ref": case.lesion_ref,
-            "age": case.age,
-            "sex": case.sex,
-            "site": case.site,
-            "reference_dx": case.reference_dx,
-            "reference_dx_type": case.reference_dx_type,
-            "reference_dx_name": DX_LONG_NAMES.get(case.reference_dx) if case.reference_dx else None,
-            "status": status,
-            "prediction": chosen[-1] if chosen else None,
-            "differs_from_reference": bool(
-                chosen and case.reference_dx and chosen[-1]["top_class"] != case.reference_dx
-            ),
-            "predictions": preds,
-            "review_summary": {
-                "count": len(case_reviews),
-                "consensus": consensus([r.diagnosis for r, _ in case_reviews]),
-                "agree": sum(1 for r, _ in case_reviews if r.agrees_with_model is True),
-                "disagree": sum(1 for r, _ in case_reviews if r.agrees_with_model is False),
-                "mine": next((r.diagnosis for r, _ in case_reviews if user and r.reviewer_id == user.id), None),
-            },
-        }
+        row = _row(case, relations, f, user)
         if with_reviews:
-            row["reviews"] = [review_dict(r, email) for r, email in case_reviews]
+            row["reviews"] = [review_dict(r, email) for r, email in relations.reviews.get(case.id, [])]
         if case.id in blinded:
             blind.hide_in_row(row)
         rows.append(row)
     return rows
+
+
+def _row(case: Case, relations: _PageRelations, f: CaseFilters, user: User | None) -> dict[str, Any]:
+    preds = [_prediction(a, mv) for a, mv in relations.analyses.get(case.id, [])]
+    chosen = [p for p in preds if p["model_version_id"] == f.model_version] if f.model_version else preds
+    if f.predicted:  # show the prediction that the filter matched
+        chosen = [p for p in chosen if p["top_class"] == f.predicted] or chosen
+    statuses = set(relations.jobs.get(case.id, {}).values())
+    return {
+        "id": case.id,
+        "url": f"/api/v1/cases/{case.id}",
+        "created": iso(case.created_at),
+        "uploader": relations.uploaders.get(case.uploader_id),
+        "batch_id": case.batch_id,
+        "filename": relations.filenames.get(case.id),
+        "image_url": relations.thumbnails.get(case.id),
+        "patient_ref": case.patient_ref,
+        "lesion_ref": case.lesion_ref,
+        "age": case.age,
+        "sex": case.sex,
+        "site": case.site,
+        "reference_dx": case.reference_dx,
+        "reference_dx_type": case.reference_dx_type,
+        "reference_dx_name": DX_LONG_NAMES.get(case.reference_dx) if case.reference_dx else None,
+        "status": next((s for s in STATUS_ORDER if s in statuses), JobStatus.QUEUED),
+        "prediction": chosen[-1] if chosen else None,
+        "differs_from_reference": bool(chosen and case.reference_dx and chosen[-1]["top_class"] != case.reference_dx),
+        "predictions": preds,
+        "review_summary": _review_summary(relations.reviews.get(case.id, []), user),
+    }
+
+
+def _review_summary(reviews: list[tuple[Review, str]], user: User | None) -> dict[str, Any]:
+    return {
+        "count": len(reviews),
+        "consensus": consensus([r.diagnosis for r, _ in reviews]),
+        "agree": sum(1 for r, _ in reviews if r.agrees_with_model is True),
+        "disagree": sum(1 for r, _ in reviews if r.agrees_with_model is False),
+        "mine": next((r.diagnosis for r, _ in reviews if user and r.reviewer_id == user.id), None),
+    }
