@@ -19,6 +19,7 @@ import logging
 import re
 import stat
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -137,6 +138,25 @@ def parse_metadata_csv(data: bytes, files: int | None = None) -> dict[str, dict[
     Raises:
         BatchInputError: not UTF-8, too large, missing columns, or any invalid row (all listed).
     """
+    reader = csv.reader(io.StringIO(_csv_text(data), newline=""))
+    try:
+        header = _csv_header(next(reader, None))
+        max_rows = min(limit("BATCH_MAX_CSV_ROWS"), files if files is not None else limit("BATCH_MAX_CSV_ROWS"))
+        rows, errors = _csv_rows(reader, header, max_rows)
+    except csv.Error as exc:
+        raise BatchInputError(f"The metadata CSV could not be read as CSV: {exc}.") from None
+    if errors:
+        counted = f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored."
+        shown = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:3])
+        raise BatchInputError(
+            f"{counted} {shown}", rows=errors[:100], summary=f"{counted} The rows to fix are listed below."
+        )
+    if not rows:
+        raise BatchInputError("The metadata CSV has a header but no data rows.")
+    return rows
+
+
+def _csv_text(data: bytes) -> str:
     if len(data) > limit("BATCH_MAX_CSV_BYTES"):
         raise BatchInputError(
             f"The metadata CSV is larger than {limit('BATCH_MAX_CSV_BYTES') // 1024 // 1024} MB.", 413
@@ -149,62 +169,54 @@ def parse_metadata_csv(data: bytes, files: int | None = None) -> dict[str, dict[
         ) from None
     if "\x00" in text:
         raise BatchInputError("The metadata CSV contains NUL bytes; it is not a text CSV file.")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    return text
+
+
+def _csv_header(header: list[str] | None) -> list[str]:
+    """The header's column names, lower-case; refused without HAM10000's columns or with one twice."""
+    if not header or not any(h.strip() for h in header):
+        raise BatchInputError("The metadata CSV is empty; it needs a header row: " + ", ".join(CSV_COLUMNS) + ".")
+    header = [h.strip().lower() for h in header]
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise BatchInputError(
+            f"The metadata CSV lacks the column(s) {', '.join(missing)}; the HAM10000 format has the header "
+            f"{','.join(CSV_COLUMNS)}."
+        )
+    if len(set(header)) != len(header):
+        raise BatchInputError("The metadata CSV has a column name twice in its header.")
+    return header
+
+
+def _csv_rows(
+    reader: Iterator[list[str]], header: list[str], max_rows: int
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """(case fields by image_id, every invalid row with its line number and reason); blank lines are
+    skipped, and more than `max_rows` rows refuse the whole file."""
     rows: dict[str, dict[str, Any]] = {}
     errors: list[dict[str, Any]] = []
-    try:
-        header = next(reader, None)
-        if not header or not any(h.strip() for h in header):
-            raise BatchInputError("The metadata CSV is empty; it needs a header row: " + ", ".join(CSV_COLUMNS) + ".")
-        header = [h.strip().lower() for h in header]
-        missing = [c for c in CSV_COLUMNS if c not in header]
-        if missing:
+    id_column = header.index("image_id")
+    for lineno, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(rows) + len(errors) >= max_rows:
             raise BatchInputError(
-                f"The metadata CSV lacks the column(s) {', '.join(missing)}; the HAM10000 format has the header "
-                f"{','.join(CSV_COLUMNS)}."
+                f"The metadata CSV has more than {max_rows} rows: at most one row per file of the batch "
+                f"(announce the folder's size with expected_files), and at most {limit('BATCH_MAX_CSV_ROWS')}.",
+                413,
             )
-        if len(set(header)) != len(header):
-            raise BatchInputError("The metadata CSV has a column name twice in its header.")
-        max_rows = min(limit("BATCH_MAX_CSV_ROWS"), files if files is not None else limit("BATCH_MAX_CSV_ROWS"))
-        for lineno, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(rows) + len(errors) >= max_rows:
-                raise BatchInputError(
-                    f"The metadata CSV has more than {max_rows} rows: at most one row per file of the batch "
-                    f"(announce the folder's size with expected_files), and at most {limit('BATCH_MAX_CSV_ROWS')}.",
-                    413,
-                )
-            image_id = (row[header.index("image_id")] if len(row) > header.index("image_id") else "").strip()[:MAX_CELL]
+        image_id = (row[id_column] if len(row) > id_column else "").strip()[:MAX_CELL]
+        try:
             if len(row) != len(header):
-                errors.append(
-                    {
-                        "row": lineno,
-                        "image_id": neutralise(image_id),
-                        "error": f"the row has {len(row)} cells, the header {len(header)}.",
-                    }
-                )
-                continue
-            try:
-                image_id, fields = _row_fields(dict(zip(header, row)))
-            except ValueError as exc:
-                errors.append({"row": lineno, "image_id": neutralise(image_id), "error": str(exc)})
-                continue
+                raise ValueError(f"the row has {len(row)} cells, the header {len(header)}.")
+            image_id, fields = _row_fields(dict(zip(header, row)))
             if image_id in rows:
-                errors.append({"row": lineno, "image_id": neutralise(image_id), "error": "image_id appears twice."})
-                continue
-            rows[image_id] = fields
-    except csv.Error as exc:
-        raise BatchInputError(f"The metadata CSV could not be read as CSV: {exc}.") from None
-    if errors:
-        counted = f"The metadata CSV has {len(errors)} invalid row(s); nothing was stored."
-        shown = "; ".join(f"row {e['row']}: {e['error']}" for e in errors[:3])
-        raise BatchInputError(
-            f"{counted} {shown}", rows=errors[:100], summary=f"{counted} The rows to fix are listed below."
-        )
-    if not rows:
-        raise BatchInputError("The metadata CSV has a header but no data rows.")
-    return rows
+                raise ValueError("image_id appears twice.")
+        except ValueError as exc:
+            errors.append({"row": lineno, "image_id": neutralise(image_id), "error": str(exc)})
+            continue
+        rows[image_id] = fields
+    return rows, errors
 
 
 # --- zip archives -----------------------------------------------------------------------------
@@ -266,29 +278,12 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
     csvs: list[zipfile.ZipInfo] = []
     for info in infos:
         parts = _entry_parts(info.filename)
-        mode = info.external_attr >> 16
-        if mode and stat.S_ISLNK(mode):
-            raise BatchInputError(f"The archive entry {info.filename!r} is a symbolic link; refused.")
-        if info.flag_bits & 0x1:
-            raise BatchInputError(f"The archive entry {info.filename!r} is encrypted; upload an unencrypted zip.")
-        if info.is_dir() or not parts:
-            continue
-        if parts[0] == "__MACOSX" or parts[-1].startswith("."):
-            continue  # Finder's resource forks and hidden files
-        lower = parts[-1].lower()
-        if lower.endswith(ARCHIVE_EXTENSIONS):
-            raise BatchInputError(
-                f"The archive entry {info.filename!r} is itself an archive; nested archives are refused."
-            )
+        _refuse_link_or_encrypted(info)
+        if info.is_dir() or not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            continue  # folders, Finder's resource forks and hidden files
         total += info.file_size
-        if total > limit("BATCH_MAX_ZIP_TOTAL_BYTES"):
-            raise BatchInputError("The archive declares more uncompressed data than the limit allows; refused.", 413)
-        if info.file_size > 1024 * 1024 and info.file_size > limit("BATCH_MAX_ZIP_RATIO") * max(info.compress_size, 1):
-            raise BatchInputError(
-                f"The archive entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}-fold; "
-                "images do not compress like that (zip bomb?); refused.",
-                413,
-            )
+        lower = parts[-1].lower()
+        _refuse_nested_or_bomb(info, lower, total)
         if lower.endswith(".csv"):
             if info.file_size > limit("BATCH_MAX_CSV_BYTES"):
                 raise BatchInputError(f"The archive's CSV {info.filename!r} is too large.", 413)
@@ -303,6 +298,35 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
             archive.images.append(info)
         else:
             archive.other.append("/".join(parts))
+    _attach_metadata(archive, csvs)
+    return archive
+
+
+def _refuse_link_or_encrypted(info: zipfile.ZipInfo) -> None:
+    mode = info.external_attr >> 16
+    if mode and stat.S_ISLNK(mode):
+        raise BatchInputError(f"The archive entry {info.filename!r} is a symbolic link; refused.")
+    if info.flag_bits & 0x1:
+        raise BatchInputError(f"The archive entry {info.filename!r} is encrypted; upload an unencrypted zip.")
+
+
+def _refuse_nested_or_bomb(info: zipfile.ZipInfo, name: str, total: int) -> None:
+    """Refuses a nested archive (`name`: the entry's file name, lower-case), an archive whose entries
+    so far (`total` bytes) expand past the limit, and an entry that expands more than images do."""
+    if name.endswith(ARCHIVE_EXTENSIONS):
+        raise BatchInputError(f"The archive entry {info.filename!r} is itself an archive; nested archives are refused.")
+    if total > limit("BATCH_MAX_ZIP_TOTAL_BYTES"):
+        raise BatchInputError("The archive declares more uncompressed data than the limit allows; refused.", 413)
+    if info.file_size > 1024 * 1024 and info.file_size > limit("BATCH_MAX_ZIP_RATIO") * max(info.compress_size, 1):
+        raise BatchInputError(
+            f"The archive entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}-fold; "
+            "images do not compress like that (zip bomb?); refused.",
+            413,
+        )
+
+
+def _attach_metadata(archive: Archive, csvs: list[zipfile.ZipInfo]) -> None:
+    """The archive's one CSV becomes its metadata; several are listed as files that are not images."""
     if len(csvs) == 1:
         archive.metadata_name = csvs[0].filename
         try:
@@ -311,4 +335,3 @@ def open_archive(stream: BinaryIO, max_image_bytes: int) -> Archive:
             raise BatchInputError(f"The archive's CSV could not be read: {exc.message}") from None
     elif len(csvs) > 1:
         archive.other.extend(c.filename for c in csvs)
-    return archive
