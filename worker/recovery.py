@@ -536,53 +536,61 @@ def sweep_once(
     settings = settings or app.extensions["settings"]
     now = now or utcnow()
     counts = {"resent": 0, "requeued": 0, "failed": 0, "send_errors": 0}
-    kinds = list(KIND_TASKS)
-    guard_ttl = 10 * float(settings.SWEEP_QUEUED_AFTER)
     with app.app_context():
         try:
-            # 2. running too long: back to queued (or failed), with a conditional update so that a
-            # worker finishing it at this moment wins.
-            stale = now - stale_after(settings)
-            for job in db.session.scalars(
-                select(Job)
-                .where(Job.status == JobStatus.RUNNING, Job.kind.in_(kinds), Job.started_at < stale)
-                .limit(BATCH)
-            ).all():
-                reason = (
-                    f"attempt {job.attempts} did not finish within {settings.TASK_TIME_LIMIT} s (its worker stopped)"
-                )
-                _count(counts, _requeue_running(job, reason, send_job, settings, now, redis_client))
-
-            # 1. queued too long, and no message for it in the broker: send again (at most once per
-            # guard_ttl, in case the broker's contents cannot be read).
-            old = now - timedelta(seconds=float(settings.SWEEP_QUEUED_AFTER))
-            waiting = db.session.execute(
-                select(Job.id, Job.kind)
-                .where(Job.status == JobStatus.QUEUED, Job.kind.in_(kinds), Job.created_at < old)
-                .order_by(Job.id)
-                .limit(BATCH)
-            ).all()
-            pending = pending_job_ids(redis_client, {q for _, q in KIND_TASKS.values()}) if waiting else None
-            for job_id, kind in waiting:
-                if pending is not None and job_id in pending:
-                    continue  # its message is in the queue (behind others) or being worked on
-                if not _mark_sent(redis_client, job_id, guard_ttl):
-                    continue
-                task, queue = KIND_TASKS[kind]
-                if _send(send_job, task, job_id, queue):
-                    counts["resent"] += 1
-                else:
-                    counts["send_errors"] += 1
-                    if redis_client is not None:  # let the next pass try again
-                        try:
-                            redis_client.delete(SENT_KEY.format(job_id))
-                        except Exception:
-                            pass
+            _requeue_stale_running(counts, send_job, settings, now, redis_client)
+            _resend_waiting(counts, send_job, settings, now, redis_client)
         finally:
             db.session.remove()
     if any(counts.values()):
         log.info("Sweep: %s", counts)
     return counts
+
+
+def _requeue_stale_running(
+    counts: dict[str, int], send_job: SendJob, settings: Settings, now: datetime, redis_client: redis.Redis | None
+) -> None:
+    """Running too long: back to queued (or failed), with a conditional update so that a worker
+    finishing it at this moment wins."""
+    stale = now - stale_after(settings)
+    for job in db.session.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.kind.in_(list(KIND_TASKS)), Job.started_at < stale)
+        .limit(BATCH)
+    ).all():
+        reason = f"attempt {job.attempts} did not finish within {settings.TASK_TIME_LIMIT} s (its worker stopped)"
+        _count(counts, _requeue_running(job, reason, send_job, settings, now, redis_client))
+
+
+def _resend_waiting(
+    counts: dict[str, int], send_job: SendJob, settings: Settings, now: datetime, redis_client: redis.Redis | None
+) -> None:
+    """Queued too long, and no message for it in the broker: sent again (at most once per guard
+    period, in case the broker's contents cannot be read)."""
+    guard_ttl = 10 * float(settings.SWEEP_QUEUED_AFTER)
+    old = now - timedelta(seconds=float(settings.SWEEP_QUEUED_AFTER))
+    waiting = db.session.execute(
+        select(Job.id, Job.kind)
+        .where(Job.status == JobStatus.QUEUED, Job.kind.in_(list(KIND_TASKS)), Job.created_at < old)
+        .order_by(Job.id)
+        .limit(BATCH)
+    ).all()
+    pending = pending_job_ids(redis_client, {q for _, q in KIND_TASKS.values()}) if waiting else None
+    for job_id, kind in waiting:
+        if pending is not None and job_id in pending:
+            continue  # its message is in the queue (behind others) or being worked on
+        if not _mark_sent(redis_client, job_id, guard_ttl):
+            continue
+        task, queue = KIND_TASKS[kind]
+        if _send(send_job, task, job_id, queue):
+            counts["resent"] += 1
+            continue
+        counts["send_errors"] += 1
+        if redis_client is not None:  # let the next pass try again
+            try:
+                redis_client.delete(SENT_KEY.format(job_id))
+            except Exception:
+                pass
 
 
 def requeue_orphans(
