@@ -193,32 +193,32 @@ def _text_search(q: str):
 
 def conditions(f: CaseFilters, user: User | None) -> list:
     """The SQL conditions on `cases` for the filters (without the cursor)."""
+    return [
+        *_search_conditions(f),
+        *_model_conditions(f, user),
+        *_reference_conditions(f),
+        *_review_conditions(f, user),
+        *_field_conditions(f),
+    ]
+
+
+def _search_conditions(f: CaseFilters) -> list:
+    if not f.q:
+        return []
+    text = f.q.lstrip("#")
+    if f.q.startswith("#") and text.isdigit() and int(text) <= ID_MAX:
+        return [Case.id == int(text)]
+    return [_text_search(f.q)]
+
+
+def _model_conditions(f: CaseFilters, user: User | None) -> list:
+    """The predicted class, the model version, and how the model's answer compares with the reviews
+    or the reference diagnosis."""
     where: list = []
-    if f.q:
-        text = f.q.lstrip("#")
-        if f.q.startswith("#") and text.isdigit() and int(text) <= ID_MAX:
-            where.append(Case.id == int(text))
-        else:
-            where.append(_text_search(f.q))
     if f.predicted:
         where.append(Case.id.in_(_analyses_of(f, Analysis.top_class == f.predicted)))
     elif f.model_version and f.agreement not in ("matches_reference", "differs_from_reference"):  # those imply it
         where.append(Case.id.in_(_analyses_of(f)))
-    if f.reference == "any":
-        where.append(Case.reference_dx.is_not(None))
-    elif f.reference == "none":
-        where.append(Case.reference_dx.is_(None))
-    elif f.reference:
-        where.append(Case.reference_dx == f.reference)
-    mine = select(Review.case_id).where(Review.reviewer_id == (user.id if user else -1))
-    if f.review == "unreviewed":
-        where.append(not_(Case.id.in_(select(Review.case_id))))
-    elif f.review == "reviewed":
-        where.append(Case.id.in_(select(Review.case_id)))
-    elif f.review == "reviewed_by_me":
-        where.append(Case.id.in_(mine))
-    elif f.review == "not_reviewed_by_me":
-        where.append(not_(Case.id.in_(mine)))
     if f.agreement in ("agree", "disagree"):
         where.append(Case.id.in_(select(Review.case_id).where(Review.agrees_with_model.is_(f.agreement == "agree"))))
     elif f.agreement in ("matches_reference", "differs_from_reference"):
@@ -235,14 +235,36 @@ def conditions(f: CaseFilters, user: User | None) -> list:
     if (f.predicted or f.agreement) and reviewed_only is not None:
         # Matching on the model's answer would give it away for the cases a blinded reviewer has not reviewed.
         where.append(reviewed_only)
+    return where
+
+
+def _reference_conditions(f: CaseFilters) -> list:
+    if f.reference == "any":
+        return [Case.reference_dx.is_not(None)]
+    if f.reference == "none":
+        return [Case.reference_dx.is_(None)]
+    return [Case.reference_dx == f.reference] if f.reference else []
+
+
+def _review_conditions(f: CaseFilters, user: User | None) -> list:
+    reviewed, mine = (
+        select(Review.case_id),
+        select(Review.case_id).where(Review.reviewer_id == (user.id if user else -1)),
+    )
+    return {
+        "unreviewed": [not_(Case.id.in_(reviewed))],
+        "reviewed": [Case.id.in_(reviewed)],
+        "reviewed_by_me": [Case.id.in_(mine)],
+        "not_reviewed_by_me": [not_(Case.id.in_(mine))],
+    }.get(f.review, [])
+
+
+def _field_conditions(f: CaseFilters) -> list:
+    """The job status, and the case's own fields: upload dates, age, sex, site, batch, uploader."""
+    where: list = []
     if f.status:
-        where.append(
-            Case.id.in_(
-                select(Image.case_id)
-                .join(Job, Job.image_id == Image.id)
-                .where(Job.status == f.status, Job.kind == "analyse")
-            )
-        )
+        analysed = select(Image.case_id).join(Job, Job.image_id == Image.id)
+        where.append(Case.id.in_(analysed.where(Job.status == f.status, Job.kind == "analyse")))
     if f.date_from:
         where.append(Case.created_at >= datetime.combine(f.date_from, time.min, UTC))
     if f.date_to:
