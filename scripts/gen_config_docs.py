@@ -7,8 +7,9 @@ Every upper-case field of the dataclass is one row: its name, its default and it
 meaning is taken, in this order, from the field's metadata (`doc`, `help` or `description`), the
 comment on the field's own line, the comment block right above it (shown on the first field of
 the group), and the short notes below for fields the source does not describe. A field counts as an
-environment variable when `Settings.load` names it (or its metadata says `env`); the others can
-only be set through `create_app(overrides)`, and the table says so.
+environment variable when webapp.config's `FROM_ENVIRONMENT` table has a parser for it (or its
+metadata says `env`); the others can only be set through `create_app(overrides)`, and the table
+says so.
 """
 
 from __future__ import annotations
@@ -143,13 +144,9 @@ def _source_comments(cls) -> tuple[dict[str, str], dict[str, str], dict[str, str
     return inline, group, leader
 
 
-def _names_read_by_load(cls) -> set[str]:
-    """Field names that `Settings.load` mentions: the ones it reads from the environment."""
-    load = getattr(cls, "load", None)
-    if load is None:
-        return set()
-    tree = ast.parse(textwrap.dedent(inspect.getsource(load)))
-    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+def _names_read_from_environment(cls) -> set[str]:
+    """The settings the class's module reads from the environment (its FROM_ENVIRONMENT table)."""
+    return set(getattr(sys.modules[cls.__module__], "FROM_ENVIRONMENT", {}))
 
 
 def _clean(text: str, names: set[str], sentence: bool = True) -> str:
@@ -189,7 +186,7 @@ def setting_rows(settings_cls=None) -> list[SettingRow]:
     cls = settings_cls or _settings_class()
     repo = Path(inspect.getfile(cls)).resolve().parents[1]
     inline, group, leader = _source_comments(cls)
-    read_by_load = _names_read_by_load(cls)
+    from_environment = _names_read_from_environment(cls)
     settings = [f for f in dataclasses.fields(cls) if f.name.isupper()]
     names = {f.name for f in settings}
     rows = []
@@ -219,7 +216,7 @@ def setting_rows(settings_cls=None) -> list[SettingRow]:
             default = _clean(default_note, names, sentence=False)
         else:
             default = "unset"
-        env = f.metadata.get("env", f.name in read_by_load)
+        env = f.metadata.get("env", f.name in from_environment)
         rows.append(SettingRow(f.name, default, _clean(meaning, names), bool(env)))
     return rows
 

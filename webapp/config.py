@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +69,61 @@ def _parse_top_k(value: str) -> int:
     if number < 0:
         raise ConfigError(f"SHAP_TOP_K must be 0 or more, got {value!r}.")
     return number
+
+
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _stripped(name: str, value: str) -> str:
+    return value.strip()
+
+
+def _path(name: str, value: str) -> Path:
+    return Path(value)
+
+
+def _switch(name: str, value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _positive_int(name: str, value: str) -> int:
+    return _parse_positive(name, value)
+
+
+def _positive_float(name: str, value: str) -> float:
+    return _parse_positive(name, value, float)
+
+
+def _auto_or_positive_int(name: str, value: str) -> int:
+    return 0 if value.strip() == "0" else _parse_positive(name, value)
+
+
+def _off_or_positive_float(name: str, value: str) -> float:
+    return 0.0 if value.strip() in ("0", "0.0") else _parse_positive(name, value, float)
+
+
+# The settings read from the environment, each with its parser (name, raw text) -> value; the others
+# are set through create_app(overrides) only. docs/configuration.md is generated from this table.
+FROM_ENVIRONMENT: dict[str, Callable[[str, str], Any]] = {
+    **dict.fromkeys(("PORTAL_ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL"), _text),
+    **dict.fromkeys(("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR"), _path),
+    **dict.fromkeys(("STORAGE_BACKEND", "S3_BUCKET", "S3_ENDPOINT_URL", "S3_REGION", "S3_PREFIX"), _stripped),
+    **dict.fromkeys(("SESSION_HOURS", "MAX_UPLOAD_MB"), _positive_float),
+    **dict.fromkeys(
+        ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT", "TASK_MAX_ATTEMPTS"), _positive_int
+    ),
+    **dict.fromkeys(("SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN", "HEALTH_CACHE_SECONDS"), _positive_float),
+    **dict.fromkeys(("WORKER_PROCESSES", "PREDICT_THREADS"), _auto_or_positive_int),  # 0: auto
+    "SWEEP_INTERVAL": _off_or_positive_float,  # 0 turns the sweep off
+    **dict.fromkeys(("SHAP_MAX_EVALS", "SHAP_BATCH_SIZE", "PREDICT_BATCH_SIZE"), _positive_int),
+    "SHAP_TOP_K": lambda name, value: _parse_top_k(value),
+    **dict.fromkeys(("GRADCAM_PLUS_PLUS", "BLIND_REVIEW", "PREDICT_WARMUP"), _switch),
+    **dict.fromkeys(
+        ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT", "EXPLAIN_RATE_LIMIT"), _parse_rate_limit
+    ),
+    "UNTRAINED_INPUT_SIZE": lambda name, value: _parse_size(value),
+}
 
 
 @dataclass(frozen=True)
@@ -143,55 +198,7 @@ class Settings:
             ConfigError: a value is malformed, or `SECRET_KEY` is missing in production.
         """
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in ("PORTAL_ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL"):
-            if environ.get(name):
-                values[name] = environ[name]
-        for name in ("INSTANCE_DIR", "STORAGE_DIR", "MODEL_DIR"):
-            if environ.get(name):
-                values[name] = Path(environ[name])
-        for name in ("STORAGE_BACKEND", "S3_BUCKET", "S3_ENDPOINT_URL", "S3_REGION", "S3_PREFIX"):
-            if environ.get(name):
-                values[name] = environ[name].strip()
-        if environ.get("SESSION_HOURS"):
-            values["SESSION_HOURS"] = _parse_positive("SESSION_HOURS", environ["SESSION_HOURS"], float)
-        if environ.get("MAX_UPLOAD_MB"):
-            values["MAX_UPLOAD_MB"] = _parse_positive("MAX_UPLOAD_MB", environ["MAX_UPLOAD_MB"], float)
-        for name in ("MAX_IMAGE_PIXELS", "TASK_SOFT_TIME_LIMIT", "TASK_TIME_LIMIT"):
-            if environ.get(name):
-                values[name] = _parse_positive(name, environ[name])
-        for name in ("SWEEP_QUEUED_AFTER", "SWEEP_RUNNING_MARGIN", "HEALTH_CACHE_SECONDS"):
-            if environ.get(name):
-                values[name] = _parse_positive(name, environ[name], float)
-        for name in ("WORKER_PROCESSES", "PREDICT_THREADS"):  # 0: auto
-            if environ.get(name):
-                values[name] = 0 if environ[name].strip() == "0" else _parse_positive(name, environ[name])
-        if environ.get("TASK_MAX_ATTEMPTS"):
-            values["TASK_MAX_ATTEMPTS"] = _parse_positive("TASK_MAX_ATTEMPTS", environ["TASK_MAX_ATTEMPTS"])
-        if environ.get("SWEEP_INTERVAL"):  # 0 turns the sweep off
-            values["SWEEP_INTERVAL"] = (
-                0.0
-                if environ["SWEEP_INTERVAL"].strip() in ("0", "0.0")
-                else _parse_positive("SWEEP_INTERVAL", environ["SWEEP_INTERVAL"], float)
-            )
-        for name in ("SHAP_MAX_EVALS", "SHAP_BATCH_SIZE"):
-            if environ.get(name):
-                values[name] = _parse_positive(name, environ[name])
-        if environ.get("SHAP_TOP_K"):
-            values["SHAP_TOP_K"] = _parse_top_k(environ["SHAP_TOP_K"])
-        if environ.get("GRADCAM_PLUS_PLUS"):
-            values["GRADCAM_PLUS_PLUS"] = environ["GRADCAM_PLUS_PLUS"].strip().lower() in ("1", "true", "yes", "on")
-        if environ.get("PREDICT_BATCH_SIZE"):
-            values["PREDICT_BATCH_SIZE"] = _parse_positive("PREDICT_BATCH_SIZE", environ["PREDICT_BATCH_SIZE"])
-        if environ.get("BLIND_REVIEW"):
-            values["BLIND_REVIEW"] = environ["BLIND_REVIEW"].strip().lower() in ("1", "true", "yes", "on")
-        if environ.get("PREDICT_WARMUP"):
-            values["PREDICT_WARMUP"] = environ["PREDICT_WARMUP"].strip().lower() in ("1", "true", "yes", "on")
-        for name in ("LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT", "UPLOAD_RATE_LIMIT", "EXPLAIN_RATE_LIMIT"):
-            if environ.get(name):
-                values[name] = _parse_rate_limit(name, environ[name])
-        if environ.get("UNTRAINED_INPUT_SIZE"):
-            values["UNTRAINED_INPUT_SIZE"] = _parse_size(environ["UNTRAINED_INPUT_SIZE"])
+        values = {name: parse(name, environ[name]) for name, parse in FROM_ENVIRONMENT.items() if environ.get(name)}
 
         known = {f.name for f in fields(cls)} - {"extra"}
         extra: dict[str, Any] = {}
