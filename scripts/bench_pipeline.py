@@ -56,7 +56,9 @@ DEFAULT_IMAGES = Path(
         "BENCH_IMAGES", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200x150" / "images"
     )
 )
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import run_portal  # noqa: E402  (the portal's processes, started as `make run` starts them)
 
 
 def log(message: str) -> None:
@@ -294,42 +296,12 @@ def layout_raw(env: dict, processes: int, threads: int, seconds: float) -> list[
                 proc.kill()
 
 
-def worker_argv() -> list[str]:  # as scripts/run_portal.py (make run)
-    return [
-        str(BIN / "celery"),
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        "predict,ingest,explain",
-        "-c",
-        str(served_layout()[0]),
-        "--pool",
-        "prefork",
-        "-l",
-        "INFO",
-        "-n",
-        f"bench-{os.getpid()}@%h",
-    ]
+def worker_argv() -> list[str]:
+    return run_portal.worker_argv(served_layout()[0], f"bench-{os.getpid()}@%h")
 
 
-def web_argv(port: int) -> list[str]:  # as scripts/run_portal.py (make run)
-    return [
-        str(BIN / "gunicorn"),
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "2",
-        "--threads",
-        "4",
-        "--timeout",
-        "120",
-        "--graceful-timeout",
-        "5",
-        "--access-logfile",
-        "-",
-        "webapp:create_app()",
-    ]
+def web_argv(port: int) -> list[str]:
+    return run_portal.web_argv("127.0.0.1", port, run_portal.WEB_WORKERS)
 
 
 # --- the database, read directly (cheap polling; WAL lets readers run beside the writers) ---------------

@@ -251,8 +251,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    p.add_argument("--web-workers", type=int, default=2)
+    p.add_argument("--web-workers", type=int, default=WEB_WORKERS)
     return p.parse_args(argv)
+
+
+WEB_WORKERS = 2  # gunicorn processes (4 threads each)
+
+
+def worker_argv(processes: int, name: str) -> list[str]:
+    """The Celery worker of the portal: every queue, a prefork pool of `processes`."""
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        "predict,ingest,explain",
+        "-c",
+        str(processes),
+        "--pool",
+        "prefork",
+        "-l",
+        "INFO",
+        "-n",
+        name,
+    ]
+
+
+def web_argv(host: str, port: int, workers: int) -> list[str]:
+    """The portal's web server: gunicorn, `workers` processes of 4 threads."""
+    return [
+        str(BIN / "gunicorn"),
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        "4",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "5",
+        "--access-logfile",
+        "-",
+        "webapp:create_app()",
+    ]
 
 
 def main(argv=None) -> int:
@@ -296,48 +339,8 @@ def main(argv=None) -> int:
 
         forget_warm_workers(redis_url)  # the banner waits for this run's worker processes
         processes = worker_layout(settings)[0]
-        sup.start(
-            "worker",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-Q",
-                "predict,ingest,explain",
-                "-c",
-                str(processes),
-                "--pool",
-                "prefork",
-                "-l",
-                "INFO",
-                "-n",
-                f"portal-{os.getpid()}@%h",
-            ],
-            env,
-            restart=True,
-        )
-        web = sup.start(
-            "web",
-            [
-                str(BIN / "gunicorn"),
-                "--bind",
-                f"{args.host}:{args.port}",
-                "--workers",
-                str(args.web_workers),
-                "--threads",
-                "4",
-                "--timeout",
-                "120",
-                "--graceful-timeout",
-                "5",
-                "--access-logfile",
-                "-",
-                "webapp:create_app()",
-            ],
-            env,
-            restart=True,
-        )
+        sup.start("worker", worker_argv(processes, f"portal-{os.getpid()}@%h"), env, restart=True)
+        web = sup.start("web", web_argv(args.host, args.port, args.web_workers), env, restart=True)
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
         wait_for_web(url, web)
         print("[portal] web server up; waiting for the worker to load and warm the model", flush=True)

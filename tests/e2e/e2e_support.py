@@ -14,7 +14,9 @@ import pytest
 from portal_helpers import PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import run_portal  # noqa: E402
 
 
 def free_port() -> int:
@@ -145,22 +147,8 @@ def start_worker(tmp_path):
 
 
 def celery_worker_argv(name: str) -> list[str]:
-    return [
-        str(BIN / "celery"),
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        "predict,ingest,explain",
-        "-c",
-        "1",
-        "--pool",
-        "prefork",
-        "-l",
-        "INFO",
-        "-n",
-        f"{name}@%h",
-    ]
+    """The worker's command line as `make run` starts it (scripts/run_portal.py), with one pool process."""
+    return run_portal.worker_argv(1, f"{name}@%h")
 
 
 def wait_for(predicate, timeout: float, worker: WorkerProcess, what: str):
