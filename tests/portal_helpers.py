@@ -122,3 +122,17 @@ def upload_all(app, client, sent_tasks) -> list[int]:
         response = client.post("/api/v1/cases", data={"image": (io.BytesIO(image_bytes(name)), name)}, headers=headers)
         assert response.status_code == 202, response.get_json()
     return [args[0] for task, args, _ in sent_tasks if task == "worker.tasks.analyse"]
+
+
+def worker_serving(app, monkeypatch, predictor):
+    """worker.tasks as a worker process runs them: in `app`, with `predictor` loaded (a fake needs no
+    TensorFlow) and the per-version predictor cache empty (ids restart in every test's database)."""
+    import worker.celery_app as celery_app
+    import worker.predict as predict
+    import worker.tasks as tasks
+
+    monkeypatch.setattr(celery_app, "_flask_app", app)
+    monkeypatch.setitem(predict._state, "predictor", predictor)
+    monkeypatch.setitem(predict._state, "predictor_error", None)
+    monkeypatch.setattr(predict, "_versioned_predictors", {})
+    return tasks

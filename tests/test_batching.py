@@ -9,7 +9,7 @@ import pytest
 from PIL import Image as PILImage
 from portal_helpers import FAKE_CLASSES as CLASSES
 from portal_helpers import FAKE_MANIFEST as MANIFEST
-from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user, upload_all
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user, upload_all, worker_serving
 
 from webapp.db import db
 from webapp.models import Analysis, Job
@@ -35,13 +35,9 @@ class BatchRecordingPredictor:
 @pytest.fixture
 def predictors(app, monkeypatch):
     """This process's predictor state in worker.predict, with a recording predictor; tasks run in `app`."""
-    import worker.celery_app as celery_app
     import worker.predict as predict
 
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", BatchRecordingPredictor())
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
+    worker_serving(app, monkeypatch, BatchRecordingPredictor())
     return predict._state
 
 

@@ -10,7 +10,16 @@ import time
 
 import numpy as np
 import pytest
-from portal_helpers import FAKE_MANIFEST, SMALL_IMAGES, csrf_from, image_bytes, login, make_token, make_user
+from portal_helpers import (
+    FAKE_MANIFEST,
+    SMALL_IMAGES,
+    csrf_from,
+    image_bytes,
+    login,
+    make_token,
+    make_user,
+    worker_serving,
+)
 from research_helpers import HAM_CSV
 from sqlalchemy import func, select
 
@@ -508,15 +517,9 @@ class FakePredictor:
 @pytest.fixture
 def worker(app, monkeypatch):
     """worker.tasks running in `app`, with a fake predictor (no TensorFlow) and no broker."""
-    import worker.celery_app as celery_app
     import worker.explain as explain
-    import worker.predict as predict
-    import worker.tasks as tasks
 
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", FakePredictor())
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})
+    tasks = worker_serving(app, monkeypatch, FakePredictor())
     monkeypatch.setattr(explain, "send", lambda *args: None)
     return tasks
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import SMALL_IMAGES, image_bytes, upload_all
+from portal_helpers import SMALL_IMAGES, image_bytes, upload_all, worker_serving
 
 from webapp.db import db
 from webapp.models import Analysis
@@ -32,17 +32,9 @@ def shipped():
 @pytest.fixture
 def worker(app, monkeypatch, shipped):
     """worker.tasks serving the shipped artifact (MODEL_DIR) in `app`."""
-    import worker.celery_app as celery_app
-    import worker.predict as predict
-    import worker.tasks as tasks
-
     settings = dataclasses.replace(app.extensions["settings"], MODEL_DIR=ARTIFACT, PREDICT_BATCH_SIZE=4)
     monkeypatch.setitem(app.extensions, "settings", settings)
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", shipped)
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})
-    return tasks
+    return worker_serving(app, monkeypatch, shipped)
 
 
 @pytest.fixture

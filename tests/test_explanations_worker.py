@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user
+from portal_helpers import SMALL_IMAGES, image_bytes, make_token, make_user, worker_serving
 
 pytestmark = pytest.mark.slow
 SHAP_TASK = "worker.tasks.explain_shap"
@@ -40,17 +40,9 @@ def worker_sent(monkeypatch):
 
 @pytest.fixture
 def tasks(app, monkeypatch, tiny_predictor, worker_sent):
-    import worker.celery_app as celery_app
-    import worker.predict as predict
-    import worker.tasks as tasks
-
     settings = dataclasses.replace(app.extensions["settings"], SHAP_TOP_K=2, SHAP_MAX_EVALS=32, SHAP_BATCH_SIZE=32)
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", tiny_predictor)
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
     monkeypatch.setitem(app.extensions, "settings", settings)  # tasks read the settings of their app
-    return tasks
+    return worker_serving(app, monkeypatch, tiny_predictor)
 
 
 @pytest.fixture

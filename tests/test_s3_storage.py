@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from portal_helpers import FAKE_CLASSES, FAKE_MANIFEST, image_bytes, make_token, make_user
+from portal_helpers import FAKE_CLASSES, FAKE_MANIFEST, image_bytes, make_token, make_user, worker_serving
 from s3_support import bucket_names
 from sqlalchemy import select
 
@@ -162,15 +162,8 @@ def s3_app(tmp_path, s3_bucket):
 @pytest.fixture
 def worker(s3_app, monkeypatch):
     """worker.tasks running in `s3_app`, with the fake predictor."""
-    import worker.celery_app as celery_app
-    import worker.predict as predict
-    import worker.tasks as tasks
-
-    monkeypatch.setattr(celery_app, "_flask_app", s3_app)
-    monkeypatch.setitem(predict._state, "predictor", FakePredictor())
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})
-    return tasks, predict._state["predictor"]
+    predictor = FakePredictor()
+    return worker_serving(s3_app, monkeypatch, predictor), predictor
 
 
 def upload(app, sent_tasks) -> tuple[dict, int, dict]:

@@ -19,7 +19,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from portal_helpers import make_token, make_user
+from portal_helpers import make_token, make_user, worker_serving
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
@@ -168,15 +168,9 @@ def tiny_predictor():
 def worker(app, monkeypatch, tiny_predictor):
     """worker.tasks in `app` with a small real model (Grad-CAM maps, SHAP rows); messages recorded."""
     import worker.batching as batching
-    import worker.celery_app as celery_app
     import worker.explain as explain
-    import worker.predict as predict
-    import worker.tasks as tasks
 
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", tiny_predictor)
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})
+    tasks = worker_serving(app, monkeypatch, tiny_predictor)
     sent: list[tuple] = []
     monkeypatch.setattr(explain, "send", lambda name, *args: sent.append((name, args)))
     monkeypatch.setattr(batching, "send", lambda name, *args, queue: sent.append((name, args)))

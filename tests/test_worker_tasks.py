@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from portal_helpers import FAKE_CLASSES as CLASSES
 from portal_helpers import FAKE_MANIFEST as MANIFEST
-from portal_helpers import image_bytes, make_user
+from portal_helpers import image_bytes, make_user, worker_serving
 
 from webapp.db import db
 from webapp.models import Analysis, Job, ModelVersion
@@ -31,13 +31,9 @@ class FakePredictor:
 @pytest.fixture
 def predictors(app, monkeypatch):
     """This process's predictor state in worker.predict, with a fake predictor; tasks run in `app`."""
-    import worker.celery_app as celery_app
     import worker.predict as predict
 
-    monkeypatch.setattr(celery_app, "_flask_app", app)
-    monkeypatch.setitem(predict._state, "predictor", FakePredictor())
-    monkeypatch.setitem(predict._state, "predictor_error", None)
-    monkeypatch.setattr(predict, "_versioned_predictors", {})  # per-version cache: ids restart in every test's database
+    worker_serving(app, monkeypatch, FakePredictor())
     return predict._state
 
 
